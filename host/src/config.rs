@@ -1,0 +1,251 @@
+//! The daemon's TOML configuration: who this node is, the cluster, users,
+//! and which plugin plays each role. See the README's "Configuration".
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// One node's configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node's name; must be a key of `nodes`.
+    pub node: String,
+    /// Address the HTTP API listens on (ignored with `serve --listen-fd`).
+    pub listen: SocketAddr,
+    /// Where job output directories and task records live.
+    pub data_dir: PathBuf,
+    /// Shared secret for the node-to-node API (at least 16 characters).
+    /// Prefer `cluster_secret_file` in production.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_secret: Option<String>,
+    /// File holding the cluster secret (first line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// Every node of the cluster: name -> `host:port` of its API.
+    pub nodes: BTreeMap<String, String>,
+    /// Users of the public API.
+    #[serde(default)]
+    pub users: Vec<User>,
+    /// The collector role: which plugin, its options and limits.
+    #[serde(default)]
+    pub collector: PluginRole,
+    #[serde(default)]
+    pub coordinator: CoordinatorSettings,
+    /// Directory for compiled plugins, so restarts skip compilation.
+    /// Must be writable only by the daemon: its files are loaded as code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin_cache_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub name: String,
+    /// Argon2 PHC string, as printed by `autocollect hash-password`.
+    pub password_hash: String,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// May start and cancel collections, and read status.
+    Admin,
+    /// May only read status.
+    ReadOnly,
+}
+
+/// Which plugin serves a role, with its options and sandbox limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginRole {
+    /// `builtin:NAME` or a path to a `.wasm` component.
+    #[serde(default = "default_collector")]
+    pub plugin: String,
+    /// Options handed to the plugin (strings; numbers and booleans are
+    /// converted to their text).
+    #[serde(default)]
+    pub options: BTreeMap<String, OptionValue>,
+    /// Wall-clock limit of one run, in seconds.
+    #[serde(default = "default_timeout_secs")]
+    pub timeout_secs: f64,
+    /// Linear-memory cap of one run, in MiB.
+    #[serde(default = "default_memory_limit_mb")]
+    pub memory_limit_mb: u64,
+}
+
+impl Default for PluginRole {
+    fn default() -> Self {
+        PluginRole {
+            plugin: default_collector(),
+            options: BTreeMap::new(),
+            timeout_secs: default_timeout_secs(),
+            memory_limit_mb: default_memory_limit_mb(),
+        }
+    }
+}
+
+impl PluginRole {
+    /// Options as the string pairs the WIT contract carries.
+    pub fn option_pairs(&self) -> Vec<(String, String)> {
+        self.options
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect()
+    }
+}
+
+/// A plugin option value as written in TOML.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum OptionValue {
+    Text(String),
+    Integer(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl std::fmt::Display for OptionValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OptionValue::Text(s) => f.write_str(s),
+            OptionValue::Integer(i) => write!(f, "{i}"),
+            OptionValue::Float(x) => write!(f, "{x}"),
+            OptionValue::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+impl From<&str> for OptionValue {
+    fn from(s: &str) -> Self {
+        OptionValue::Text(s.to_string())
+    }
+}
+
+impl From<i64> for OptionValue {
+    fn from(i: i64) -> Self {
+        OptionValue::Integer(i)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorSettings {
+    /// How many nodes collect at once: 0 means all chosen nodes in
+    /// parallel (the default, as Couchbase), 1 means one node at a time.
+    #[serde(default)]
+    pub collection_concurrency: usize,
+    /// How often a node sends a heartbeat on its job stream, in ms. The
+    /// coordinator gives up on a node after three missed heartbeats.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_interval_ms: u64,
+    /// How long to wait for a node's API when opening a session, in ms.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for CoordinatorSettings {
+    fn default() -> Self {
+        CoordinatorSettings {
+            collection_concurrency: 0,
+            heartbeat_interval_ms: default_heartbeat_ms(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+        }
+    }
+}
+
+fn default_collector() -> String {
+    "builtin:mock-collector".into()
+}
+fn default_timeout_secs() -> f64 {
+    3600.0
+}
+fn default_memory_limit_mb() -> u64 {
+    512
+}
+fn default_heartbeat_ms() -> u64 {
+    2000
+}
+fn default_connect_timeout_ms() -> u64 {
+    5000
+}
+
+impl Config {
+    /// Read, parse and check a config file.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let mut config: Config =
+            toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+        config.resolve_secret(path.parent().unwrap_or(Path::new(".")))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn resolve_secret(&mut self, base: &Path) -> Result<()> {
+        if let Some(file) = &self.cluster_secret_file {
+            if self.cluster_secret.is_some() {
+                bail!("set one of cluster_secret and cluster_secret_file, not both");
+            }
+            let file = base.join(file);
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading cluster_secret_file {}", file.display()))?;
+            self.cluster_secret = Some(text.lines().next().unwrap_or("").trim().to_string());
+        }
+        Ok(())
+    }
+
+    /// Consistency checks that do not need the plugin loaded.
+    pub fn check(&self) -> Result<()> {
+        if !self.nodes.contains_key(&self.node) {
+            bail!(
+                "node {:?} is not listed in [nodes] ({})",
+                self.node,
+                self.nodes.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+        for (name, addr) in &self.nodes {
+            if name.is_empty() || name.contains(',') || name.trim() != name {
+                bail!("node name {name:?}: must be non-empty, without commas or outer spaces");
+            }
+            if addr.contains("://") || !addr.contains(':') {
+                bail!("node {name}: address {addr:?} must be host:port");
+            }
+        }
+        match &self.cluster_secret {
+            None => bail!("cluster_secret (or cluster_secret_file) is required"),
+            Some(s) if s.len() < 16 => bail!("cluster_secret must be at least 16 characters"),
+            Some(_) => {}
+        }
+        let mut seen = std::collections::HashSet::new();
+        for user in &self.users {
+            if !seen.insert(&user.name) {
+                bail!("user {:?} is listed twice", user.name);
+            }
+            argon2::PasswordHash::new(&user.password_hash).map_err(|e| {
+                anyhow::anyhow!(
+                    "user {:?}: password_hash is not a PHC string ({e}); \
+                     make one with `autocollect hash-password`",
+                    user.name
+                )
+            })?;
+        }
+        if !(self.collector.timeout_secs > 0.0) {
+            bail!("collector.timeout_secs must be positive");
+        }
+        if self.collector.memory_limit_mb == 0 {
+            bail!("collector.memory_limit_mb must be positive");
+        }
+        if self.coordinator.heartbeat_interval_ms == 0 {
+            bail!("coordinator.heartbeat_interval_ms must be positive");
+        }
+        Ok(())
+    }
+
+    pub fn secret(&self) -> &str {
+        self.cluster_secret.as_deref().unwrap_or_default()
+    }
+}

@@ -1,0 +1,19 @@
+//! autocollect: a cluster-wide diagnostics collector whose collection and
+//! upload steps are sandboxed WebAssembly components.
+//!
+//! Layers, from the wire inwards (each module knows only the ones below):
+//!
+//! - [`cli`]: the `autocollect` command (a thin layer over the rest).
+//! - [`server`]: wires configuration, plugins, node and coordinator into
+//!   one daemon and serves [`api`].
+//! - [`api`]: axum routers: the public REST API and the node-to-node API.
+//! - [`coordinator`]: one collection task across nodes: sessions, fan-out,
+//!   per-node state, aggregation, cancel, persistence.
+//! - [`node`]: this node's side of a task: the session slot and the job
+//!   that runs the collector plugin.
+//! - [`plugin`]: wasmtime engine, compiled-component cache, sandbox.
+//! - [`protocol`]: the node-to-node wire types.
+//! - [`client`], [`cluster`]: API client and a local-cluster launcher
+//!   (used by the CLI's `demo`, the tests and the benchmarks).
+
+pub mod plugin;

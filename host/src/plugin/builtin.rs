@@ -1,0 +1,22 @@
+//! Plugins compiled from `plugins/` by the build script and embedded in the
+//! binary, so a fresh install needs no extra files.
+
+/// Built-in plugins by name (`builtin:NAME` in the config).
+const BUILTINS: &[(&str, &[u8])] = &[(
+    "mock-collector",
+    include_bytes!(concat!(env!("AUTOCOLLECT_PLUGIN_DIR"), "/mock_collector.wasm")),
+)];
+
+pub fn lookup(name: &str) -> Option<(&'static str, &'static [u8])> {
+    BUILTINS.iter().copied().find(|(n, _)| *n == name)
+}
+
+pub fn names() -> Vec<&'static str> {
+    BUILTINS.iter().map(|(n, _)| *n).collect()
+}
+
+/// Path of a plugin built from `plugins/` but not embedded (test plugins),
+/// e.g. `test_misbehave`. Only meaningful on the machine that built us.
+pub fn build_output(file_stem: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("AUTOCOLLECT_PLUGIN_DIR")).join(format!("{file_stem}.wasm"))
+}

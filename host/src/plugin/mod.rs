@@ -1,0 +1,184 @@
+//! The plugin runtime: one wasmtime engine per daemon, compiled components
+//! cached (in memory, and optionally on disk), and a fresh sandboxed store
+//! for every run.
+//!
+//! - [`PluginHost`] owns the engine and the epoch ticker that drives
+//!   deadlines and cancellation.
+//! - [`source`] resolves `builtin:NAME` or a path to component bytes.
+//! - [`sandbox`] is the per-run store state: WASI context confined to one
+//!   directory, memory limiter, captured stdout/stderr, log/progress sinks.
+//! - [`collector`] binds the `collector` world and runs it.
+
+pub mod builtin;
+pub mod collector;
+pub mod sandbox;
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use wasmtime::component::Component;
+use wasmtime::{Config as EngineConfig, Engine};
+
+pub use sandbox::{PluginEvent, RunLimits};
+
+/// How often the engine's epoch advances. Deadlines and cancellation are
+/// checked (and running plugins yield to the async runtime) at this pace.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// The engine, its epoch ticker and the compiled-component cache.
+pub struct PluginHost {
+    engine: Engine,
+    compiled: std::sync::Mutex<HashMap<[u8; 32], Component>>,
+    disk_cache: Option<PathBuf>,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+/// Where a component's bytes come from.
+#[derive(Debug, Clone)]
+pub enum PluginSource {
+    Builtin(&'static str),
+    File(PathBuf),
+}
+
+impl PluginSource {
+    /// Parse `builtin:NAME` or a file path; `base` resolves relative paths.
+    pub fn parse(spec: &str, base: &Path) -> Result<PluginSource> {
+        match spec.strip_prefix("builtin:") {
+            Some(name) => builtin::lookup(name)
+                .map(|(name, _)| PluginSource::Builtin(name))
+                .with_context(|| {
+                    format!(
+                        "unknown built-in plugin {name:?} (built-ins: {})",
+                        builtin::names().join(", ")
+                    )
+                }),
+            None => Ok(PluginSource::File(base.join(spec))),
+        }
+    }
+
+    fn bytes(&self) -> Result<std::borrow::Cow<'static, [u8]>> {
+        match self {
+            PluginSource::Builtin(name) => Ok(builtin::lookup(name).unwrap().1.into()),
+            PluginSource::File(path) => std::fs::read(path)
+                .map(Into::into)
+                .with_context(|| format!("reading plugin {}", path.display())),
+        }
+    }
+}
+
+impl std::fmt::Display for PluginSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PluginSource::Builtin(name) => write!(f, "builtin:{name}"),
+            PluginSource::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+impl PluginHost {
+    /// A host with an in-memory cache, plus an on-disk one if `disk_cache`
+    /// is given (the directory must be writable only by this daemon).
+    pub fn new(disk_cache: Option<PathBuf>) -> Result<Arc<PluginHost>> {
+        let mut config = EngineConfig::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config)?;
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let (weak, stop) = (engine.weak(), ticker_stop.clone());
+        std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    match weak.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })?;
+
+        Ok(Arc::new(PluginHost {
+            engine,
+            compiled: Default::default(),
+            disk_cache,
+            ticker_stop,
+        }))
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The compiled component for `source`: from memory, else from the disk
+    /// cache, else compiled now (and stored in both).
+    pub fn component(&self, source: &PluginSource) -> Result<Component> {
+        let bytes = source.bytes()?;
+        let key: [u8; 32] = Sha256::digest(&bytes).into();
+        if let Some(c) = self.compiled.lock().unwrap().get(&key) {
+            return Ok(c.clone());
+        }
+        let component = self
+            .load_or_compile(&bytes, &key)
+            .with_context(|| format!("loading plugin {source}"))?;
+        self.compiled.lock().unwrap().insert(key, component.clone());
+        Ok(component)
+    }
+
+    /// Compile `bytes` without consulting or filling any cache (benchmarks).
+    pub fn compile_uncached(&self, bytes: &[u8]) -> Result<Component> {
+        Ok(Component::new(&self.engine, bytes)?)
+    }
+
+    fn load_or_compile(&self, bytes: &[u8], key: &[u8; 32]) -> Result<Component> {
+        let Some(dir) = &self.disk_cache else {
+            return Ok(Component::new(&self.engine, bytes)?);
+        };
+        let path = dir.join(format!("{}.cwasm", self.cache_file_stem(key)));
+        if path.is_file() {
+            // SAFETY: the cache directory is the daemon's own (see config
+            // docs) and files are written atomically by `store_in_cache`
+            // below; wasmtime checks the engine compatibility header.
+            match unsafe { Component::deserialize_file(&self.engine, &path) } {
+                Ok(c) => return Ok(c),
+                Err(e) => tracing::warn!(path = %path.display(), "ignoring bad cache entry: {e:#}"),
+            }
+        }
+        let started = Instant::now();
+        let component = Component::new(&self.engine, bytes)?;
+        tracing::debug!(elapsed = ?started.elapsed(), "compiled plugin");
+        if let Err(e) = store_in_cache(&path, &component) {
+            tracing::warn!(path = %path.display(), "could not cache compiled plugin: {e:#}");
+        }
+        Ok(component)
+    }
+
+    /// File name: hash of the component bytes and of the engine settings,
+    /// so a wasmtime upgrade or config change never loads stale code.
+    fn cache_file_stem(&self, key: &[u8; 32]) -> String {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut h);
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{hex}-{:016x}", h.finish())
+    }
+}
+
+fn store_in_cache(path: &Path, component: &Component) -> Result<()> {
+    let dir = path.parent().unwrap();
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".tmp-{}-{}", std::process::id(), rand::random::<u64>()));
+    std::fs::write(&tmp, component.serialize()?)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+impl Drop for PluginHost {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}

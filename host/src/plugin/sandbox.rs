@@ -1,0 +1,273 @@
+//! Per-run store state: what a plugin may touch, and how it is stopped.
+//!
+//! Every run gets a fresh [`RunState`]: a WASI context whose only
+//! filesystem is the run's output directory, no environment, no sockets,
+//! stdout/stderr captured into a bounded tail; a memory limiter; the log
+//! and progress sinks behind the host imports; and the deadline and cancel
+//! token that the epoch callback checks every [`super::EPOCH_TICK`].
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use tokio::io::AsyncWrite;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use wasmtime::component::ResourceTable;
+use wasmtime::{ResourceLimiter, Store, UpdateDeadline};
+use wasmtime_wasi::cli::AsyncStdoutStream;
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+/// Where the output directory appears inside the guest.
+pub const GUEST_OUTPUT_DIR: &str = "/output";
+/// Bytes of stdout+stderr kept per run.
+const OUTPUT_TAIL_BYTES: usize = 16 * 1024;
+/// Longest log message kept, in bytes.
+const LOG_MESSAGE_MAX: usize = 4096;
+/// Log messages a run may emit before the rest are dropped.
+const LOG_BUDGET: u32 = 10_000;
+/// Longest progress message kept, in bytes.
+const PROGRESS_MESSAGE_MAX: usize = 200;
+
+/// Limits of one run, from the role's configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct RunLimits {
+    pub timeout: Duration,
+    pub memory_bytes: usize,
+}
+
+/// Who a run is for: tags its log lines.
+#[derive(Debug, Clone)]
+pub struct RunLabels {
+    pub plugin: String,
+    pub task_id: String,
+    pub node: String,
+}
+
+/// What a plugin reports while it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PluginEvent {
+    Progress {
+        done: u64,
+        total: u64,
+        message: String,
+    },
+}
+
+/// Why the host stopped a run (raised from the epoch callback, or decided
+/// by the supervisor while the guest was blocked in a host call).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Interrupted {
+    #[error("cancelled")]
+    Cancelled,
+    #[error("deadline exceeded")]
+    Deadline,
+}
+
+/// The store's data for one run.
+pub struct RunState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(super) memory: MemoryCap,
+    labels: RunLabels,
+    log_budget: u32,
+    logs_dropped: u32,
+    progress: Option<watch::Sender<Option<PluginEvent>>>,
+    deadline: Instant,
+    cancel: CancellationToken,
+}
+
+impl WasiView for RunState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Everything needed to set up one run's store.
+pub struct RunSetup<'a> {
+    pub labels: RunLabels,
+    /// Host directory preopened read-write as [`GUEST_OUTPUT_DIR`].
+    pub output_dir: Option<&'a Path>,
+    pub limits: RunLimits,
+    pub progress: Option<watch::Sender<Option<PluginEvent>>>,
+    pub cancel: CancellationToken,
+}
+
+/// A store ready to instantiate a plugin in, and the tail of its output.
+pub fn new_store(
+    engine: &wasmtime::Engine,
+    setup: RunSetup<'_>,
+) -> Result<(Store<RunState>, OutputTail)> {
+    let tail = OutputTail::default();
+    let mut wasi = WasiCtxBuilder::new();
+    wasi.stdout(AsyncStdoutStream::new(4096, tail.clone()))
+        .stderr(AsyncStdoutStream::new(4096, tail.clone()))
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .socket_addr_check(|_, _| Box::pin(async { false }));
+    if let Some(dir) = setup.output_dir {
+        wasi.preopened_dir(dir, GUEST_OUTPUT_DIR, FsPerms::ReadWrite)?;
+    }
+    let state = RunState {
+        wasi: wasi.build(),
+        table: ResourceTable::new(),
+        memory: MemoryCap {
+            limit: setup.limits.memory_bytes,
+            exceeded: false,
+        },
+        labels: setup.labels,
+        log_budget: LOG_BUDGET,
+        logs_dropped: 0,
+        progress: setup.progress,
+        deadline: Instant::now() + setup.limits.timeout,
+        cancel: setup.cancel,
+    };
+    let mut store = Store::new(engine, state);
+    store.limiter(|s| &mut s.memory);
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(|ctx| {
+        let state = ctx.data();
+        if state.cancel.is_cancelled() {
+            return Err(Interrupted::Cancelled.into());
+        }
+        if Instant::now() >= state.deadline {
+            return Err(Interrupted::Deadline.into());
+        }
+        // Let other tasks run, then check again at the next tick.
+        Ok(UpdateDeadline::Yield(1))
+    });
+    Ok((store, tail))
+}
+
+impl RunState {
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    pub fn memory_cap_hit(&self) -> bool {
+        self.memory.exceeded
+    }
+
+    pub(super) fn log(&mut self, level: tracing::Level, message: &str) {
+        if self.log_budget == 0 {
+            self.logs_dropped += 1;
+            return;
+        }
+        self.log_budget -= 1;
+        let message = truncate(message, LOG_MESSAGE_MAX);
+        let l = &self.labels;
+        macro_rules! emit {
+            ($lvl:expr) => {
+                tracing::event!(target: "plugin", $lvl, plugin = %l.plugin, task = %l.task_id, node = %l.node, "{message}")
+            };
+        }
+        match level {
+            tracing::Level::ERROR => emit!(tracing::Level::ERROR),
+            tracing::Level::WARN => emit!(tracing::Level::WARN),
+            tracing::Level::INFO => emit!(tracing::Level::INFO),
+            tracing::Level::DEBUG => emit!(tracing::Level::DEBUG),
+            tracing::Level::TRACE => emit!(tracing::Level::TRACE),
+        }
+    }
+
+    pub(super) fn progress(&mut self, done: u64, total: u64, message: &str) {
+        if let Some(tx) = &self.progress {
+            tx.send_replace(Some(PluginEvent::Progress {
+                done,
+                total,
+                message: truncate(message, PROGRESS_MESSAGE_MAX).to_string(),
+            }));
+        }
+    }
+
+    /// Report (once, at the end of a run) how many log lines were dropped.
+    pub fn finish_logging(&self) {
+        if self.logs_dropped > 0 {
+            let l = &self.labels;
+            tracing::warn!(target: "plugin", plugin = %l.plugin, task = %l.task_id, node = %l.node,
+                "plugin exceeded its log budget of {LOG_BUDGET} lines; {} dropped", self.logs_dropped);
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Caps a run's linear memories (and tables) and remembers whether the cap
+/// was what stopped it, so the failure can say so instead of "unreachable".
+pub struct MemoryCap {
+    limit: usize,
+    exceeded: bool,
+}
+
+impl ResourceLimiter for MemoryCap {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let ok = desired <= self.limit;
+        self.exceeded |= !ok;
+        Ok(ok)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}
+
+/// The last [`OUTPUT_TAIL_BYTES`] a plugin wrote to stdout/stderr. Writes
+/// never fail or block, so a chatty plugin cannot stall on its output.
+#[derive(Clone, Default)]
+pub struct OutputTail(Arc<Mutex<VecDeque<u8>>>);
+
+impl OutputTail {
+    pub fn contents(&self) -> String {
+        let buf = self.0.lock().unwrap();
+        let (a, b) = buf.as_slices();
+        let mut bytes = a.to_vec();
+        bytes.extend_from_slice(b);
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+impl AsyncWrite for OutputTail {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        let mut buf = self.0.lock().unwrap();
+        let keep = &data[data.len().saturating_sub(OUTPUT_TAIL_BYTES)..];
+        buf.extend(keep);
+        let excess = buf.len().saturating_sub(OUTPUT_TAIL_BYTES);
+        buf.drain(..excess);
+        Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}

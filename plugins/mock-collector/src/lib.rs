@@ -1,0 +1,233 @@
+//! The built-in mock collector: what `cbcollect_info_mock` is to Couchbase.
+//!
+//! It writes a real zip named like `cbcollect_info`'s output, holding the
+//! configured output text and, optionally, an incompressible payload of a
+//! given size, so that uploads, memory use and cancel can be exercised
+//! without a Couchbase install.
+//!
+//! Options (all optional):
+//!
+//! | key | meaning | default |
+//! | --- | --- | --- |
+//! | `output` | text written to `output.txt` in the zip (and the failure output) | a line naming node and task |
+//! | `result` | status code; non-zero makes the collection fail with it | `0` |
+//! | `delay-ms` | how long to "collect" before finishing, in milliseconds | `0` |
+//! | `artifact-size` | approximate size of the zip in bytes (random payload) | `0` (just the text) |
+
+wit_bindgen::generate!({
+    path: "../../wit",
+    world: "collector",
+});
+
+use autocollect::plugin::log::{Level, log};
+use autocollect::plugin::progress::report;
+use autocollect::plugin::types::{Failure, OptionError};
+use exports::autocollect::plugin::collect::{
+    Artifact, CollectOutcome, CollectRequest, Guest, Options, PluginError,
+};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::time::{Duration, Instant, SystemTime};
+
+struct MockCollector;
+
+/// Parsed, validated options.
+struct Settings {
+    output: Option<String>,
+    result: i32,
+    delay: Duration,
+    artifact_size: u64,
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> PluginError {
+    PluginError::InvalidOption(OptionError {
+        key: key.to_string(),
+        message: message.into(),
+    })
+}
+
+fn parse<T: std::str::FromStr>(key: &str, value: &str, what: &str) -> Result<T, PluginError> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| invalid(key, format!("must be {what}, got {value:?}")))
+}
+
+impl Settings {
+    fn from_options(options: &Options) -> Result<Self, PluginError> {
+        let mut settings = Settings {
+            output: None,
+            result: 0,
+            delay: Duration::ZERO,
+            artifact_size: 0,
+        };
+        for (key, value) in options {
+            match key.as_str() {
+                "output" => settings.output = Some(value.clone()),
+                "result" => settings.result = parse(key, value, "an integer status code")?,
+                "delay-ms" => {
+                    settings.delay = Duration::from_millis(parse(key, value, "milliseconds")?)
+                }
+                "artifact-size" => settings.artifact_size = parse(key, value, "a size in bytes")?,
+                other => {
+                    return Err(invalid(
+                        other,
+                        "unknown option (known: output, result, delay-ms, artifact-size)",
+                    ));
+                }
+            }
+        }
+        Ok(settings)
+    }
+}
+
+impl Guest for MockCollector {
+    fn validate_options(options: Options) -> Result<(), PluginError> {
+        Settings::from_options(&options).map(|_| ())
+    }
+
+    fn collect(request: CollectRequest) -> Result<CollectOutcome, PluginError> {
+        let settings = Settings::from_options(&request.options)?;
+        let ctx = &request.context;
+        let output = settings.output.clone().unwrap_or_else(|| {
+            format!(
+                "autocollect mock collection of node {} for task {}\n",
+                ctx.node, ctx.task_id
+            )
+        });
+        log(
+            Level::Info,
+            &format!(
+                "mock collection: delay {:?}, artifact {} bytes",
+                settings.delay, settings.artifact_size
+            ),
+        );
+
+        pretend_to_work(settings.delay);
+
+        if settings.result != 0 {
+            return Err(PluginError::Failed(Failure {
+                status_code: settings.result,
+                output,
+            }));
+        }
+
+        let name = format!(
+            "collectinfo-{}-{}.zip",
+            utc_stamp(SystemTime::now()),
+            ctx.node.replace(':', "-")
+        );
+        let path = format!("{}/{}", request.output_dir.trim_end_matches('/'), name);
+        let size = write_zip(&path, &output, settings.artifact_size)
+            .map_err(|e| PluginError::Internal(format!("writing {name}: {e}")))?;
+        Ok(CollectOutcome {
+            artifacts: vec![Artifact {
+                name: name.clone(),
+                size,
+            }],
+            summary: format!("wrote {name} ({size} bytes)"),
+        })
+    }
+}
+
+/// Sleep for `delay` in small steps, reporting progress as we go. Each
+/// sleep is a WASI poll, so the host can cancel us between (or during) them.
+fn pretend_to_work(delay: Duration) {
+    if delay.is_zero() {
+        return;
+    }
+    let start = Instant::now();
+    let total_ms = delay.as_millis() as u64;
+    loop {
+        let elapsed = start.elapsed();
+        if elapsed >= delay {
+            break;
+        }
+        let done_ms = elapsed.as_millis() as u64;
+        report(done_ms, total_ms, "collecting (mock)");
+        std::thread::sleep((delay - elapsed).min(Duration::from_millis(100)));
+    }
+    report(total_ms, total_ms, "collected (mock)");
+}
+
+/// Write a zip holding `output.txt` and, if `artifact_size` asks for more,
+/// `payload.bin` of incompressible bytes, streamed in 64 KiB chunks.
+fn write_zip(path: &str, output: &str, artifact_size: u64) -> std::io::Result<u64> {
+    use zip::write::SimpleFileOptions;
+    let file = File::create(path)?;
+    let mut zip = zip::ZipWriter::new(BufWriter::with_capacity(1 << 16, file));
+    let stored = SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Stored)
+        .large_file(artifact_size >= u32::MAX as u64);
+    zip.start_file("output.txt", stored).map_err(zip_err)?;
+    zip.write_all(output.as_bytes())?;
+
+    // Local header, data descriptor and central directory cost ~200 bytes.
+    let payload = artifact_size.saturating_sub(output.len() as u64 + 256);
+    if payload > 0 {
+        zip.start_file("payload.bin", stored).map_err(zip_err)?;
+        let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+        let mut chunk = vec![0u8; 1 << 16];
+        let mut left = payload;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            rng.fill(&mut chunk[..n]);
+            zip.write_all(&chunk[..n])?;
+            left -= n as u64;
+        }
+    }
+    let mut inner = zip.finish().map_err(zip_err)?;
+    inner.flush()?;
+    let file = inner.into_inner().map_err(|e| e.into_error())?;
+    Ok(file.metadata()?.len())
+}
+
+fn zip_err(e: zip::result::ZipError) -> std::io::Error {
+    std::io::Error::other(e)
+}
+
+/// Fast non-cryptographic bytes: the payload only has to not compress.
+struct XorShift(u64);
+
+impl XorShift {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for word in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            word.copy_from_slice(&self.0.to_le_bytes()[..word.len()]);
+        }
+    }
+}
+
+/// `YYYY-MM-DDTHHMMSS` in UTC, as `cbcollect_info` names its zips.
+fn utc_stamp(now: SystemTime) -> String {
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+export!(MockCollector);
