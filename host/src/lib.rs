@@ -17,3 +17,13 @@
 //!   (used by the CLI's `demo`, the tests and the benchmarks).
 
 pub mod plugin;
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod client;
+pub mod cluster;
+pub mod config;
+pub mod coordinator;
+pub mod node;
+pub mod protocol;
+pub mod server;

@@ -1,0 +1,41 @@
+//! API errors as field-keyed JSON (`{"field": "message"}`, `"_"` for the
+//! request as a whole), the shape Couchbase's REST API uses.
+
+use std::collections::BTreeMap;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub fields: BTreeMap<String, String>,
+}
+
+impl ApiError {
+    pub fn fields(status: StatusCode, fields: BTreeMap<String, String>) -> ApiError {
+        ApiError { status, fields }
+    }
+
+    pub fn field(status: StatusCode, field: &str, message: impl Into<String>) -> ApiError {
+        ApiError::fields(status, BTreeMap::from([(field.to_string(), message.into())]))
+    }
+
+    /// An error about the request as a whole (key `_`).
+    pub fn general(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError::field(status, "_", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, axum::Json(self.fields)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"autocollect\""),
+            );
+        }
+        response
+    }
+}

@@ -1,0 +1,150 @@
+//! The node-to-node API (see [`crate::protocol`]); every request must
+//! carry the cluster secret.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use super::public::{StatusQuery, local_status};
+use super::{ApiError, AppState};
+use crate::auth::has_cluster_secret;
+use crate::node::StartJobError;
+use crate::protocol::{CANCEL_TASK_PATH, LATEST_TASK_PATH, OpenSession, SESSIONS_PATH};
+
+const CANCEL_WAIT: Duration = Duration::from_secs(10);
+
+pub fn router(_state: AppState) -> Router<AppState> {
+    Router::new()
+        .route(SESSIONS_PATH, post(open_session))
+        .route(&format!("{SESSIONS_PATH}/{{task}}/job"), post(start_job))
+        .route(&format!("{SESSIONS_PATH}/{{task}}/cancel"), post(cancel_job))
+        .route(&format!("{SESSIONS_PATH}/{{task}}/close"), post(close_session))
+        .route(LATEST_TASK_PATH, get(latest_task))
+        .route(CANCEL_TASK_PATH, post(cancel_task))
+}
+
+/// A caller that proved it knows the cluster secret.
+pub struct Peer;
+
+impl FromRequestParts<AppState> for Peer {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if has_cluster_secret(header, &state.secret) {
+            Ok(Peer)
+        } else {
+            tracing::warn!(uri = %parts.uri, "node-to-node request with a missing or wrong cluster secret");
+            Err(ApiError::general(
+                StatusCode::UNAUTHORIZED,
+                "Missing or wrong cluster secret",
+            ))
+        }
+    }
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::general(StatusCode::BAD_REQUEST, format!("Malformed body: {e}")))
+}
+
+async fn open_session(State(state): State<AppState>, _: Peer, body: bytes::Bytes) -> Response {
+    let request: OpenSession = match json_body(&body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    match state.node.open_session(request) {
+        Ok(stream) => (
+            [(header::CONTENT_TYPE, "application/x-ndjson")],
+            Body::from_stream(stream),
+        )
+            .into_response(),
+        Err(busy) => (StatusCode::CONFLICT, Json(busy)).into_response(),
+    }
+}
+
+async fn start_job(
+    State(state): State<AppState>,
+    _: Peer,
+    Path(task): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    match state.node.start_job(&task) {
+        Ok(()) => Ok(StatusCode::ACCEPTED),
+        Err(e @ StartJobError::NoSession(_)) => {
+            Err(ApiError::general(StatusCode::NOT_FOUND, e.to_string()))
+        }
+        Err(e @ StartJobError::AlreadyStarted(_)) => {
+            Err(ApiError::general(StatusCode::CONFLICT, e.to_string()))
+        }
+    }
+}
+
+fn no_session(task: &str) -> ApiError {
+    ApiError::general(
+        StatusCode::NOT_FOUND,
+        format!("no session for task {task} on this node"),
+    )
+}
+
+async fn cancel_job(
+    State(state): State<AppState>,
+    _: Peer,
+    Path(task): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if state.node.cancel_job(&task) {
+        Ok(StatusCode::ACCEPTED)
+    } else {
+        Err(no_session(&task))
+    }
+}
+
+async fn close_session(
+    State(state): State<AppState>,
+    _: Peer,
+    Path(task): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if state.node.close_session(&task) {
+        Ok(StatusCode::OK)
+    } else {
+        Err(no_session(&task))
+    }
+}
+
+/// Status asked by another node on behalf of its user: never forwarded
+/// again, so a request cannot loop between nodes.
+async fn latest_task(
+    State(state): State<AppState>,
+    _: Peer,
+    Query(query): Query<StatusQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    local_status(&state, &query).await
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CancelTask {
+    task_id: String,
+}
+
+async fn cancel_task(
+    State(state): State<AppState>,
+    _: Peer,
+    body: bytes::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let request: CancelTask = json_body(&body)?;
+    state
+        .coordinator
+        .cancel_task(&request.task_id, CANCEL_WAIT)
+        .await
+        .map(|t| Json(serde_json::to_value(t).unwrap()))
+        .ok_or_else(|| ApiError::general(StatusCode::NOT_FOUND, "No logs collection task has run yet"))
+}

@@ -1,0 +1,41 @@
+//! HTTP: the public REST API ([`public`]) and the node-to-node API
+//! ([`internal`]), on one listener. Handlers parse and check requests and
+//! call into [`crate::coordinator`] and [`crate::node`]; they hold no
+//! collection logic of their own.
+
+mod error;
+mod internal;
+mod params;
+mod public;
+
+use std::sync::Arc;
+
+use axum::Router;
+
+use crate::auth::Users;
+use crate::coordinator::Coordinator;
+use crate::node::NodeService;
+
+pub use error::ApiError;
+
+pub const START_URI: &str = "/collectLogs/start";
+pub const STATUS_URI: &str = "/collectLogs/status";
+pub const CANCEL_URI: &str = "/collectLogs/cancel";
+pub const HEALTH_URI: &str = "/health";
+
+/// What every handler may reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub node: Arc<NodeService>,
+    pub coordinator: Arc<Coordinator>,
+    pub users: Arc<Users>,
+    pub secret: Arc<str>,
+}
+
+pub type AppRouter = Router;
+
+pub fn router(state: AppState) -> AppRouter {
+    public::router(state.clone())
+        .merge(internal::router(state.clone()))
+        .with_state(state)
+}

@@ -1,0 +1,136 @@
+//! Request parameters from a form-encoded or JSON body, as one flat map,
+//! so each route checks its parameters once whatever the encoding.
+
+use std::collections::BTreeMap;
+
+use axum::http::{HeaderMap, StatusCode, header};
+
+use super::ApiError;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Param {
+    Text(String),
+    /// A JSON array of strings (e.g. `"nodes": ["n1", "n2"]`).
+    List(Vec<String>),
+}
+
+impl Param {
+    /// The values of a list, or of a comma-separated text.
+    pub fn items(&self) -> Vec<String> {
+        match self {
+            Param::Text(s) => s
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+            Param::List(items) => items.iter().map(|s| s.trim().to_string()).collect(),
+        }
+    }
+}
+
+pub type Params = BTreeMap<String, Param>;
+
+/// Parse `body` according to its `Content-Type`: form-encoded (also when
+/// the type is missing) or JSON (an object of strings, numbers, booleans
+/// or arrays of strings).
+pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<Params, ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/x-www-form-urlencoded");
+    let mime = content_type.split(';').next().unwrap_or("").trim();
+    match mime {
+        "application/x-www-form-urlencoded" => parse_form(body),
+        "application/json" => parse_json(body),
+        other => Err(ApiError::general(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "Unsupported content type {other:?}: send application/x-www-form-urlencoded or application/json"
+            ),
+        )),
+    }
+}
+
+fn parse_form(body: &[u8]) -> Result<Params, ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body).map_err(|e| {
+        ApiError::general(StatusCode::BAD_REQUEST, format!("Malformed form body: {e}"))
+    })?;
+    let mut params = Params::new();
+    for (key, value) in pairs {
+        if params.insert(key.clone(), Param::Text(value)).is_some() {
+            return Err(ApiError::field(
+                StatusCode::BAD_REQUEST,
+                &key,
+                "Given more than once",
+            ));
+        }
+    }
+    Ok(params)
+}
+
+fn parse_json(body: &[u8]) -> Result<Params, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Params::new());
+    }
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::general(StatusCode::BAD_REQUEST, format!("Malformed JSON body: {e}"))
+    })?;
+    let serde_json::Value::Object(object) = value else {
+        return Err(ApiError::general(
+            StatusCode::BAD_REQUEST,
+            "The JSON body must be an object",
+        ));
+    };
+    let mut params = Params::new();
+    let mut errors = BTreeMap::new();
+    for (key, value) in object {
+        use serde_json::Value as V;
+        let param = match value {
+            V::String(s) => Param::Text(s),
+            V::Bool(b) => Param::Text(b.to_string()),
+            V::Number(n) => Param::Text(n.to_string()),
+            V::Array(items) => {
+                let strings: Option<Vec<String>> = items
+                    .into_iter()
+                    .map(|i| match i {
+                        V::String(s) => Some(s),
+                        _ => None,
+                    })
+                    .collect();
+                match strings {
+                    Some(s) => Param::List(s),
+                    None => {
+                        errors.insert(key, "Must be an array of strings".to_string());
+                        continue;
+                    }
+                }
+            }
+            _ => {
+                errors.insert(key, "Must be a string, number, boolean or array".to_string());
+                continue;
+            }
+        };
+        params.insert(key, param);
+    }
+    if errors.is_empty() {
+        Ok(params)
+    } else {
+        Err(ApiError::fields(StatusCode::BAD_REQUEST, errors))
+    }
+}
+
+/// Refuse parameters a route does not know (typos surface instead of
+/// being silently ignored).
+pub fn reject_unknown(params: &Params, known: &[&str]) -> Result<(), ApiError> {
+    let unknown: BTreeMap<String, String> = params
+        .keys()
+        .filter(|k| !known.contains(&k.as_str()))
+        .map(|k| (k.clone(), format!("Unknown parameter (known: {})", known.join(", "))))
+        .collect();
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::fields(StatusCode::BAD_REQUEST, unknown))
+    }
+}

@@ -1,0 +1,251 @@
+//! The public REST API (HTTP Basic auth, roles):
+//!
+//! - `POST /collectLogs/start` (admin): `from=allnodes|n1,n2` or `nodes`
+//! - `GET  /collectLogs/status` (any user): the latest task; `?since=V`
+//!   waits (up to `wait` seconds, default 30, at most 60) until its
+//!   version exceeds `V`
+//! - `POST /collectLogs/cancel` (admin)
+//! - `GET  /health` (no auth)
+//!
+//! Any node answers: status and cancel are forwarded to the node that
+//! coordinates the latest task when that is another node.
+
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::params::{self, Param};
+use super::{AppState, CANCEL_URI, HEALTH_URI, START_URI, STATUS_URI};
+use crate::auth::{AuthError, Caller};
+use crate::config::Role;
+use crate::coordinator::{NodeSelection, StartError};
+
+use super::ApiError;
+
+/// How long a cancel request waits for every node to confirm.
+const CANCEL_WAIT: Duration = Duration::from_secs(10);
+const MAX_LONG_POLL: Duration = Duration::from_secs(60);
+const DEFAULT_LONG_POLL: Duration = Duration::from_secs(30);
+
+pub fn router(_state: AppState) -> Router<AppState> {
+    Router::new()
+        .route(START_URI, post(start))
+        .route(STATUS_URI, get(status))
+        .route(CANCEL_URI, post(cancel))
+        .route(HEALTH_URI, get(health))
+}
+
+/// Any authenticated user.
+pub struct Reader;
+/// A user with the `admin` role.
+pub struct Admin(pub Caller);
+
+async fn authenticate(parts: &Parts, state: &AppState) -> Result<Caller, ApiError> {
+    let header = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    state
+        .users
+        .authenticate(header)
+        .await
+        .map_err(|e: AuthError| ApiError::general(StatusCode::UNAUTHORIZED, e.to_string()))
+}
+
+impl FromRequestParts<AppState> for Reader {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        authenticate(parts, state).await.map(|_| Reader)
+    }
+}
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let caller = authenticate(parts, state).await?;
+        if caller.role != Role::Admin {
+            return Err(ApiError::general(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "Forbidden: user {:?} has the read-only role; starting or cancelling a collection needs admin",
+                    caller.user
+                ),
+            ));
+        }
+        Ok(Admin(caller))
+    }
+}
+
+/// The node selection of a start request: `from` (the seed's form:
+/// `allnodes` or a comma list) or `nodes` (`*`, a comma list or an array).
+fn selection(params: &params::Params) -> Result<NodeSelection, ApiError> {
+    params::reject_unknown(params, &["from", "nodes"])?;
+    let (key, value) = match (params.get("from"), params.get("nodes")) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "from",
+                "Give either from or nodes, not both",
+            ));
+        }
+        (Some(v), None) => ("from", v),
+        (None, Some(v)) => ("nodes", v),
+        (None, None) => return Ok(NodeSelection::Named(vec![])),
+    };
+    let all = match (key, value) {
+        ("from", Param::Text(t)) => t.trim() == "allnodes",
+        ("nodes", Param::Text(t)) => t.trim() == "*",
+        _ => false,
+    };
+    Ok(if all {
+        NodeSelection::All
+    } else {
+        NodeSelection::Named(value.items())
+    })
+}
+
+async fn start(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let params = params::parse(&headers, &body)?;
+    let selection = selection(&params)?;
+    match state.coordinator.start(&selection).await {
+        Ok(task) => {
+            tracing::info!(user = %caller.user, task = %task.task_id, "collection requested");
+            Ok(Json(serde_json::to_value(task).unwrap()))
+        }
+        Err(StartError::Invalid(fields)) => Err(ApiError::fields(StatusCode::BAD_REQUEST, fields)),
+        Err(e @ StartError::AlreadyRunning) => {
+            Err(ApiError::general(StatusCode::BAD_REQUEST, e.to_string()))
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StatusQuery {
+    since: Option<u64>,
+    wait: Option<f64>,
+}
+
+impl StatusQuery {
+    fn wait(&self) -> Duration {
+        match self.wait {
+            Some(w) if w.is_finite() && w >= 0.0 => Duration::from_secs_f64(w).min(MAX_LONG_POLL),
+            _ => DEFAULT_LONG_POLL,
+        }
+    }
+}
+
+/// The coordinator of the latest task this node took part in, when that
+/// is another node.
+fn remote_coordinator(state: &AppState) -> Option<String> {
+    state
+        .node
+        .last_task()
+        .map(|t| t.coordinator)
+        .filter(|c| c != state.node.name())
+}
+
+fn no_task() -> ApiError {
+    ApiError::general(StatusCode::NOT_FOUND, "No logs collection task has run yet")
+}
+
+fn coordinator_unreachable(node: &str, e: impl std::fmt::Display) -> ApiError {
+    ApiError::general(
+        StatusCode::BAD_GATEWAY,
+        format!("The coordinating node {node} is unreachable: {e}"),
+    )
+}
+
+async fn status(
+    State(state): State<AppState>,
+    _: Reader,
+    query: Result<Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(|e| {
+        ApiError::general(StatusCode::BAD_REQUEST, format!("Bad query: {}", e.body_text()))
+    })?;
+    if let Some(node) = remote_coordinator(&state) {
+        let mut forwarded = Vec::new();
+        if let Some(since) = query.since {
+            forwarded.push(("since".to_string(), since.to_string()));
+            forwarded.push(("wait".to_string(), query.wait().as_secs_f64().to_string()));
+        }
+        return match state
+            .coordinator
+            .peers()
+            .latest_task(&node, &forwarded, query.wait())
+            .await
+        {
+            Ok(task) => Ok(Json(task)),
+            Err(crate::coordinator::peers::PeerError::Rejected { status, .. })
+                if status == StatusCode::NOT_FOUND =>
+            {
+                Err(no_task())
+            }
+            Err(e) => Err(coordinator_unreachable(&node, e)),
+        };
+    }
+    local_status(&state, &query).await
+}
+
+/// The latest task coordinated here (long-polled if `since` is given).
+pub(super) async fn local_status(
+    state: &AppState,
+    query: &StatusQuery,
+) -> Result<Json<Value>, ApiError> {
+    let task = match query.since {
+        Some(since) => {
+            state
+                .coordinator
+                .wait_for_change(since, query.wait())
+                .await
+        }
+        None => state.coordinator.latest(),
+    };
+    task.map(|t| Json(serde_json::to_value(t).unwrap()))
+        .ok_or_else(no_task)
+}
+
+async fn cancel(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+) -> Result<Json<Value>, ApiError> {
+    tracing::info!(user = %caller.user, "cancel requested");
+    if let Some(node) = remote_coordinator(&state) {
+        let task_id = state.node.last_task().map(|t| t.task_id).unwrap_or_default();
+        return match state.coordinator.peers().cancel_task(&node, &task_id).await {
+            Ok(task) => Ok(Json(task)),
+            Err(e) => {
+                // Best effort: at least stop our own part of the task.
+                state.node.cancel_job(&task_id);
+                Err(coordinator_unreachable(&node, e))
+            }
+        };
+    }
+    state
+        .coordinator
+        .cancel(CANCEL_WAIT)
+        .await
+        .map(|t| Json(serde_json::to_value(t).unwrap()))
+        .ok_or_else(no_task)
+}
+
+async fn health(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({
+        "node": state.node.name(),
+        "status": "ok",
+        "session": state.node.current_task().map(|t| t.task_id),
+        "coordinating": state.coordinator.is_running(),
+    }))
+}

@@ -1,0 +1,321 @@
+//! The `autocollect` command: a thin layer over the library.
+
+use std::io::Write as _;
+use std::os::fd::FromRawFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::client::{ApiClient, ClientError};
+use crate::cluster::LocalCluster;
+use crate::config::{Config, OptionValue};
+use crate::coordinator::task::{NodeState, NodeStatus, TaskState, TaskStatus};
+
+#[derive(Parser)]
+#[command(name = "autocollect", version, about = "Collect diagnostics from every node of a cluster")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Serve {
+        /// The node's TOML configuration.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Serve on this already-listening socket instead of `listen`.
+        #[arg(long)]
+        listen_fd: Option<i32>,
+    },
+    /// Start a collection.
+    Start {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// `all`, or a comma-separated list of node names.
+        #[arg(long, default_value = "all")]
+        nodes: String,
+        /// Follow the task until it ends; exit 1 unless every node collected.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show the latest collection.
+    Status {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Follow the task until it ends.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Cancel the running collection.
+    Cancel {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Hash a password (read from stdin) for a `[[users]]` entry.
+    HashPassword,
+    /// Start a local cluster, collect with the mock plugin, print results.
+    Demo {
+        /// How many nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// How long each mock collection takes, in ms.
+        #[arg(long, default_value_t = 1500)]
+        delay_ms: u64,
+        /// Size of each mock zip, in bytes.
+        #[arg(long, default_value_t = 1 << 20)]
+        artifact_size: u64,
+        /// Where to put the cluster (configs, logs, artifacts).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct ApiArgs {
+    /// Any node's API.
+    #[arg(long, env = "AUTOCOLLECT_URL", default_value = "http://127.0.0.1:9101")]
+    url: String,
+    #[arg(long, short, env = "AUTOCOLLECT_USER", default_value = "admin")]
+    user: String,
+    #[arg(long, short, env = "AUTOCOLLECT_PASSWORD", hide_env_values = true)]
+    password: String,
+}
+
+impl ApiArgs {
+    fn client(&self) -> ApiClient {
+        ApiClient::new(&self.url, &self.user, &self.password)
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(matches!(cli.command, Command::Serve { .. }));
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(daemon: bool) {
+    let default = if daemon { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Serve { config, listen_fd } => serve(&config, listen_fd).await,
+        Command::Start { api, nodes, wait } => {
+            let client = api.client();
+            let task = client.start(&nodes).await.map_err(explain)?;
+            println!("started task {} on {}", task.task_id, client.base());
+            if wait {
+                follow(&client, &task.task_id).await
+            } else {
+                print_task(&task);
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+        Command::Status { api, wait } => {
+            let client = api.client();
+            match client.status().await.map_err(explain)? {
+                None => {
+                    println!("no collection has run yet");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Some(task) if wait && task.status == TaskState::Running => {
+                    follow(&client, &task.task_id).await
+                }
+                Some(task) => {
+                    print_task(&task);
+                    Ok(ExitCode::SUCCESS)
+                }
+            }
+        }
+        Command::Cancel { api } => {
+            match api.client().cancel().await.map_err(explain)? {
+                Some(task) => print_task(&task),
+                None => println!("no collection has run yet"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::HashPassword => {
+            let mut password = String::new();
+            std::io::stdin().read_line(&mut password)?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            anyhow::ensure!(!password.is_empty(), "empty password");
+            println!("{}", crate::auth::hash_password(password));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo {
+            nodes,
+            delay_ms,
+            artifact_size,
+            dir,
+        } => demo(nodes, delay_ms, artifact_size, dir).await,
+    }
+}
+
+async fn serve(config_path: &Path, listen_fd: Option<i32>) -> Result<ExitCode> {
+    let config = Config::load(config_path)?;
+    let listener = match listen_fd {
+        // SAFETY: the caller promises this fd is a listening TCP socket
+        // handed to us (see cluster.rs); we take ownership of it.
+        Some(fd) => unsafe { std::net::TcpListener::from_raw_fd(fd) },
+        None => std::net::TcpListener::bind(config.listen)
+            .with_context(|| format!("listening on {}", config.listen))?,
+    };
+    let dir = config_path.parent().unwrap_or(Path::new("."));
+    crate::server::serve(config, dir, listener).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Follow a task, printing each node's state change, until it ends.
+async fn follow(client: &ApiClient, task_id: &str) -> Result<ExitCode> {
+    let mut seen: std::collections::BTreeMap<String, NodeState> = Default::default();
+    let task = client
+        .wait_until(
+            Duration::from_secs(24 * 3600),
+            |task| {
+                for (node, status) in &task.per_node {
+                    if seen.insert(node.clone(), status.status) != Some(status.status) {
+                        println!("  {node}: {}", state_name(status.status));
+                    }
+                }
+            },
+            |t| t.task_id == task_id && t.status != TaskState::Running,
+        )
+        .await
+        .map_err(explain)?;
+    print_task(&task);
+    let all_collected = task
+        .per_node
+        .values()
+        .all(|n| n.status == NodeState::Collected);
+    Ok(if task.status == TaskState::Completed && all_collected {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn state_name(state: NodeState) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+fn detail(status: &NodeStatus) -> String {
+    match status.status {
+        NodeState::Collected => status.path.clone().unwrap_or_default(),
+        NodeState::Failed => {
+            let output = status.collection_output.as_deref().unwrap_or("").trim();
+            let output = output.lines().last().unwrap_or("");
+            match &status.collection_status_code {
+                Some(code) => format!("status {code}: {output}"),
+                None => output.to_string(),
+            }
+        }
+        _ => status
+            .progress
+            .as_ref()
+            .map(|p| format!("{} ({}/{})", p.message, p.done, p.total))
+            .unwrap_or_default(),
+    }
+}
+
+fn print_task(task: &TaskStatus) {
+    let state = serde_json::to_value(task.status).unwrap();
+    println!(
+        "task {} coordinated by {}, started {} UTC: {} ({}%)",
+        task.task_id,
+        task.node,
+        task.ts,
+        state.as_str().unwrap_or_default(),
+        task.progress
+    );
+    let width = task.per_node.keys().map(String::len).max().unwrap_or(4).max(4);
+    println!("  {:width$}  {:10} DETAIL", "NODE", "STATUS");
+    for (node, status) in &task.per_node {
+        println!(
+            "  {node:width$}  {:10} {}",
+            state_name(status.status),
+            detail(status)
+        );
+    }
+    let _ = std::io::stdout().flush();
+}
+
+/// Turn an API error body into a readable message.
+fn explain(e: ClientError) -> anyhow::Error {
+    match e {
+        ClientError::Api { status, body } => {
+            let fields = body
+                .as_object()
+                .map(|o| {
+                    o.iter()
+                        .map(|(k, v)| match k.as_str() {
+                            "_" => v.as_str().unwrap_or_default().to_string(),
+                            _ => format!("{k}: {}", v.as_str().unwrap_or_default()),
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                })
+                .unwrap_or_else(|| body.to_string());
+            anyhow::anyhow!("{fields} (HTTP {status})")
+        }
+        other => other.into(),
+    }
+}
+
+async fn demo(nodes: usize, delay_ms: u64, artifact_size: u64, dir: Option<PathBuf>) -> Result<ExitCode> {
+    anyhow::ensure!((1..=64).contains(&nodes), "--nodes must be between 1 and 64");
+    let root = match dir {
+        Some(d) => d,
+        None => std::env::temp_dir().join(format!(
+            "autocollect-demo-{}",
+            chrono::Utc::now().format("%Y%m%dT%H%M%S")
+        )),
+    };
+    std::fs::create_dir_all(&root)?;
+    let names: Vec<String> = (1..=nodes).map(|i| format!("n{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    println!("starting {nodes} daemons under {}", root.display());
+    let exe = std::env::current_exe()?;
+    let cluster = LocalCluster::launch(&exe, &root, &names, |config| {
+        let options = &mut config.collector.options;
+        options.insert("delay-ms".into(), OptionValue::Integer(delay_ms as i64));
+        options.insert(
+            "artifact-size".into(),
+            OptionValue::Integer(artifact_size as i64),
+        );
+    })
+    .await?;
+    for node in &cluster.nodes {
+        println!("  {} listening on {}", node.name, node.url());
+    }
+    let client = cluster.admin(names[0]);
+    let task = client.start("all").await.map_err(explain)?;
+    println!("collection {} started via {}", task.task_id, names[0]);
+    let code = follow(&client, &task.task_id).await?;
+    println!(
+        "\nconfigs, logs and artifacts are kept under {}",
+        root.display()
+    );
+    drop(cluster);
+    Ok(code)
+}

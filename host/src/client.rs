@@ -1,0 +1,185 @@
+//! A client for the public API (the CLI, the demo, tests, benchmarks).
+
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+use crate::api::{CANCEL_URI, HEALTH_URI, START_URI, STATUS_URI};
+use crate::coordinator::task::{TaskState, TaskStatus};
+
+/// Long-poll length asked of the server per request.
+const POLL_SECS: f64 = 20.0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error (its JSON body, field-keyed).
+    #[error("{status}: {body}")]
+    Api { status: StatusCode, body: Value },
+    #[error("cannot reach {url}: {message}")]
+    Transport { url: String, message: String },
+    #[error("timed out after {0:?} waiting for the task")]
+    Timeout(Duration),
+}
+
+#[derive(Clone)]
+pub struct ApiClient {
+    base: String,
+    user: String,
+    password: String,
+    http: reqwest::Client,
+}
+
+impl ApiClient {
+    /// `base` is like `http://127.0.0.1:9101`.
+    pub fn new(base: &str, user: &str, password: &str) -> ApiClient {
+        ApiClient {
+            base: base.trim_end_matches('/').to_string(),
+            user: user.to_string(),
+            password: password.to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Any request, any form body; returns status and JSON body (tests use
+    /// this to check error responses exactly).
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<RequestBody>,
+        auth: bool,
+    ) -> Result<(StatusCode, Value), ClientError> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self.http.request(method, &url);
+        if auth {
+            request = request.basic_auth(&self.user, Some(&self.password));
+        }
+        request = match body {
+            Some(RequestBody::Form(pairs)) => request.form(&pairs),
+            Some(RequestBody::Json(v)) => request.json(&v),
+            None => request,
+        };
+        let response = request.send().await.map_err(|e| ClientError::Transport {
+            url: url.clone(),
+            message: error_chain(&e),
+        })?;
+        let status = response.status();
+        let text = response.text().await.map_err(|e| ClientError::Transport {
+            url,
+            message: error_chain(&e),
+        })?;
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok((status, body))
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<RequestBody>) -> Result<Value, ClientError> {
+        let (status, body) = self.request(method, path, body, true).await?;
+        if status.is_success() {
+            Ok(body)
+        } else {
+            Err(ClientError::Api { status, body })
+        }
+    }
+
+    /// Start a collection: `nodes` is `all` or a comma list of names.
+    pub async fn start(&self, nodes: &str) -> Result<TaskStatus, ClientError> {
+        let from = if nodes == "all" { "allnodes" } else { nodes };
+        let body = RequestBody::Form(vec![("from".into(), from.into())]);
+        parse(self.call(Method::POST, START_URI, Some(body)).await?)
+    }
+
+    /// The latest task; `None` if none has run.
+    pub async fn status(&self) -> Result<Option<TaskStatus>, ClientError> {
+        self.status_since(None).await
+    }
+
+    async fn status_since(&self, since: Option<u64>) -> Result<Option<TaskStatus>, ClientError> {
+        let path = match since {
+            Some(v) => format!("{STATUS_URI}?since={v}&wait={POLL_SECS}"),
+            None => STATUS_URI.to_string(),
+        };
+        match self.call(Method::GET, &path, None).await {
+            Ok(v) => parse(v).map(Some),
+            Err(ClientError::Api { status, .. }) if status == StatusCode::NOT_FOUND => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Follow the latest task (long-polling) until `done` says so; each
+    /// change is passed to `on_change` first.
+    pub async fn wait_until(
+        &self,
+        timeout: Duration,
+        mut on_change: impl FnMut(&TaskStatus),
+        done: impl Fn(&TaskStatus) -> bool,
+    ) -> Result<TaskStatus, ClientError> {
+        let started = Instant::now();
+        let mut since = None;
+        loop {
+            if started.elapsed() > timeout {
+                return Err(ClientError::Timeout(timeout));
+            }
+            if let Some(task) = self.status_since(since).await? {
+                if since.is_none_or(|v| task.version > v) {
+                    on_change(&task);
+                }
+                if done(&task) {
+                    return Ok(task);
+                }
+                since = Some(task.version);
+            } else {
+                since = Some(0);
+            }
+        }
+    }
+
+    /// Wait for task `task_id` to end.
+    pub async fn wait_for_end(&self, task_id: &str, timeout: Duration) -> Result<TaskStatus, ClientError> {
+        self.wait_until(timeout, |_| {}, |t| t.task_id == task_id && t.status != TaskState::Running)
+            .await
+    }
+
+    pub async fn cancel(&self) -> Result<Option<TaskStatus>, ClientError> {
+        match self.call(Method::POST, CANCEL_URI, None).await {
+            Ok(v) => parse(v).map(Some),
+            Err(ClientError::Api { status, .. }) if status == StatusCode::NOT_FOUND => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn health(&self) -> Result<Value, ClientError> {
+        let (status, body) = self.request(Method::GET, HEALTH_URI, None, false).await?;
+        if status.is_success() {
+            Ok(body)
+        } else {
+            Err(ClientError::Api { status, body })
+        }
+    }
+}
+
+pub enum RequestBody {
+    Form(Vec<(String, String)>),
+    Json(Value),
+}
+
+fn parse(v: Value) -> Result<TaskStatus, ClientError> {
+    serde_json::from_value(v.clone()).map_err(|e| ClientError::Api {
+        status: StatusCode::OK,
+        body: Value::String(format!("unexpected answer ({e}): {v}")),
+    })
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message = format!("{message}: {s}");
+        source = s.source();
+    }
+    message
+}

@@ -1,0 +1,244 @@
+//! A local cluster of real daemon processes on loopback, for the `demo`
+//! command, the end-to-end tests and the benchmarks.
+//!
+//! Each node's listening socket is bound here (port 0) before any daemon
+//! starts and handed to it as file descriptor 3 (`serve --listen-fd 3`),
+//! so every address is known up front, no port can be taken in between,
+//! and a request sent at once simply waits in the backlog until the
+//! daemon is ready: no polling for readiness. Children are killed when
+//! the cluster is dropped (and, on Linux, if this process dies).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+use crate::client::ApiClient;
+use crate::config::{Config, Role, User};
+
+pub const ADMIN_USER: &str = "admin";
+pub const READER_USER: &str = "reader";
+/// The fd a daemon finds its listening socket on.
+const LISTEN_FD: i32 = 3;
+
+pub struct LocalNode {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl LocalNode {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+pub struct LocalCluster {
+    pub root: PathBuf,
+    pub nodes: Vec<LocalNode>,
+    pub admin_password: String,
+    pub reader_password: String,
+    pub secret: String,
+}
+
+impl LocalCluster {
+    /// Start one daemon per name under `root` (which must exist), using the
+    /// `autocollect` binary `exe`. `customize` may change each node's
+    /// config before it is written (plugin, options, limits...).
+    pub async fn launch(
+        exe: &Path,
+        root: &Path,
+        names: &[&str],
+        mut customize: impl FnMut(&mut Config),
+    ) -> Result<LocalCluster> {
+        let admin_password = random_token();
+        let reader_password = random_token();
+        let secret = random_token();
+        let users = vec![
+            User {
+                name: ADMIN_USER.into(),
+                password_hash: crate::auth::hash_password(&admin_password),
+                role: Role::Admin,
+            },
+            User {
+                name: READER_USER.into(),
+                password_hash: crate::auth::hash_password(&reader_password),
+                role: Role::ReadOnly,
+            },
+        ];
+
+        let listeners: Vec<TcpListener> = names
+            .iter()
+            .map(|_| TcpListener::bind("127.0.0.1:0"))
+            .collect::<std::io::Result<_>>()?;
+        let addrs: Vec<SocketAddr> = listeners
+            .iter()
+            .map(TcpListener::local_addr)
+            .collect::<std::io::Result<_>>()?;
+        let nodes_map: BTreeMap<String, String> = names
+            .iter()
+            .zip(&addrs)
+            .map(|(n, a)| (n.to_string(), a.to_string()))
+            .collect();
+
+        let mut cluster = LocalCluster {
+            root: root.to_path_buf(),
+            nodes: Vec::new(),
+            admin_password,
+            reader_password,
+            secret: secret.clone(),
+        };
+        for ((name, addr), listener) in names.iter().zip(&addrs).zip(&listeners) {
+            let dir = root.join(name);
+            std::fs::create_dir_all(&dir)?;
+            let mut config = Config {
+                node: name.to_string(),
+                listen: *addr,
+                data_dir: dir.join("data"),
+                cluster_secret: Some(secret.clone()),
+                cluster_secret_file: None,
+                nodes: nodes_map.clone(),
+                users: users.clone(),
+                collector: Default::default(),
+                coordinator: Default::default(),
+                plugin_cache_dir: Some(root.join("plugin-cache")),
+            };
+            customize(&mut config);
+            let config_path = dir.join("autocollect.toml");
+            std::fs::write(&config_path, toml::to_string(&config)?)?;
+            let log_path = dir.join("daemon.log");
+            let child = spawn_daemon(exe, &config_path, &log_path, listener)
+                .with_context(|| format!("starting node {name}"))?;
+            cluster.nodes.push(LocalNode {
+                name: name.to_string(),
+                addr: *addr,
+                config_path,
+                log_path,
+                data_dir: config.data_dir.clone(),
+                child: Some(child),
+            });
+        }
+        drop(listeners); // the children hold them now
+        cluster.wait_ready().await?;
+        Ok(cluster)
+    }
+
+    /// One request to each node: it is answered once the daemon serves.
+    async fn wait_ready(&mut self) -> Result<()> {
+        for node in &self.nodes {
+            let client = ApiClient::new(&node.url(), "", "");
+            if let Err(e) = client.health().await {
+                bail!(
+                    "node {} did not start: {e}\n--- its log ---\n{}",
+                    node.name,
+                    std::fs::read_to_string(&node.log_path).unwrap_or_default()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn node(&self, name: &str) -> &LocalNode {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// A client of `node` logged in as the admin user.
+    pub fn admin(&self, node: &str) -> ApiClient {
+        ApiClient::new(&self.node(node).url(), ADMIN_USER, &self.admin_password)
+    }
+
+    /// A client of `node` logged in as the read-only user.
+    pub fn reader(&self, node: &str) -> ApiClient {
+        ApiClient::new(&self.node(node).url(), READER_USER, &self.reader_password)
+    }
+
+    /// Kill one daemon (SIGKILL) and reap it.
+    pub fn kill(&mut self, name: &str) {
+        let node = self.nodes.iter_mut().find(|n| n.name == name).unwrap();
+        if let Some(mut child) = node.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Every node's log, for failure reports.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "--- {} ({}) ---\n{}",
+                    n.name,
+                    n.log_path.display(),
+                    std::fs::read_to_string(&n.log_path).unwrap_or_default()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
+
+fn spawn_daemon(exe: &Path, config: &Path, log: &Path, listener: &TcpListener) -> Result<Child> {
+    let log_file = File::create(log)?;
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new(exe);
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(config)
+        .arg("--listen-fd")
+        .arg(LISTEN_FD.to_string())
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file);
+    // SAFETY: only async-signal-safe calls (dup2, fcntl, prctl) between
+    // fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd == LISTEN_FD {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            } else if libc::dup2(fd, LISTEN_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // If the parent dies, so does the daemon (Linux only). Note
+            // that this follows the spawning *thread*.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    Ok(cmd.spawn()?)
+}
+
+fn random_token() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}

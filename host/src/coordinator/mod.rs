@@ -1,0 +1,349 @@
+//! One collection task across the cluster, coordinated by the node that
+//! received the start request.
+//!
+//! Start: validate the node selection, then open a session on **every**
+//! node of the cluster (not only the chosen ones): the sessions are the
+//! cluster-wide lock. If any node already holds one, every session just
+//! opened is dropped and the start is refused; nothing waits on anything,
+//! so two coordinators starting at once cannot deadlock (at worst both are
+//! refused). Chosen nodes that cannot be reached are marked `failed`; the
+//! others proceed. Then a [`driver`] per chosen node starts its job (at
+//! most `collection_concurrency` at a time) and follows its events.
+//!
+//! Cancel: every driver asks its node to cancel and waits (bounded) for
+//! the node to confirm. The task ends when every driver has.
+
+mod driver;
+pub mod peers;
+mod store;
+pub mod task;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::CoordinatorSettings;
+use crate::protocol::OpenSession;
+use peers::{PeerError, Peers, SessionEvents};
+use store::TaskStore;
+use task::{NodeState, NodeStatus, TaskState, TaskStatus};
+
+/// Which nodes to collect from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeSelection {
+    All,
+    Named(Vec<String>),
+}
+
+/// Why a start was refused. Field errors are keyed like Couchbase's
+/// (`nodes`, `_` for the request as a whole).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid request: {0:?}")]
+    Invalid(BTreeMap<String, String>),
+    #[error("Logs collection task is already started")]
+    AlreadyRunning,
+}
+
+struct RunningTask {
+    task_id: String,
+    cancel: CancellationToken,
+    ended: watch::Receiver<bool>,
+}
+
+pub struct Coordinator {
+    me: String,
+    peers: Peers,
+    settings: CoordinatorSettings,
+    /// Serialises starts on this node (the sessions serialise the cluster).
+    start_lock: tokio::sync::Mutex<()>,
+    running: Mutex<Option<RunningTask>>,
+    /// The latest task (running or finished), for status and long-polls.
+    latest: watch::Sender<Option<TaskStatus>>,
+    store: TaskStore,
+}
+
+/// Everything a task's drivers share.
+struct TaskCtx {
+    coordinator: Arc<Coordinator>,
+    task_id: String,
+    cancel: CancellationToken,
+    slots: Semaphore,
+}
+
+impl Coordinator {
+    pub fn new(
+        me: String,
+        peers: Peers,
+        settings: CoordinatorSettings,
+        data_dir: &std::path::Path,
+    ) -> Arc<Coordinator> {
+        let store = TaskStore::new(data_dir);
+        let latest = store.load();
+        Arc::new(Coordinator {
+            me,
+            peers,
+            settings,
+            start_lock: Default::default(),
+            running: Mutex::new(None),
+            latest: watch::Sender::new(latest),
+            store,
+        })
+    }
+
+    pub fn peers(&self) -> &Peers {
+        &self.peers
+    }
+
+    fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.settings.heartbeat_interval_ms)
+    }
+
+    /// Check a selection against the cluster: Couchbase's messages.
+    pub fn resolve(&self, selection: &NodeSelection) -> Result<Vec<String>, StartError> {
+        let nodes: Vec<String> = match selection {
+            NodeSelection::All => self.peers.names().cloned().collect(),
+            NodeSelection::Named(names) => {
+                let unique: BTreeSet<&String> = names.iter().collect();
+                unique.into_iter().cloned().collect()
+            }
+        };
+        let field = |message: String| {
+            StartError::Invalid(BTreeMap::from([("nodes".to_string(), message)]))
+        };
+        if nodes.is_empty() {
+            return Err(field("Please select at least one node.".into()));
+        }
+        let unknown: Vec<&String> = nodes.iter().filter(|n| !self.peers.contains(n)).collect();
+        if !unknown.is_empty() {
+            return Err(field(format!(
+                "Unknown nodes: {}",
+                serde_json::to_string(&unknown).unwrap()
+            )));
+        }
+        Ok(nodes)
+    }
+
+    /// Start a collection on `selection`; returns the new task's status.
+    pub async fn start(
+        self: &Arc<Self>,
+        selection: &NodeSelection,
+    ) -> Result<TaskStatus, StartError> {
+        let chosen = self.resolve(selection)?;
+        let _serialised = self.start_lock.lock().await;
+        if self.running.lock().unwrap().is_some() {
+            return Err(StartError::AlreadyRunning);
+        }
+
+        let task_id = format!("{:032x}", rand::random::<u128>());
+        let request = OpenSession {
+            task_id: task_id.clone(),
+            coordinator: self.me.clone(),
+        };
+        let opened = futures::future::join_all(self.peers.names().map(|node| {
+            let request = &request;
+            async move { (node.clone(), self.peers.open_session(node, request).await) }
+        }))
+        .await;
+
+        let mut sessions: BTreeMap<String, SessionEvents> = BTreeMap::new();
+        let mut unreachable: BTreeMap<String, String> = BTreeMap::new();
+        for (node, result) in opened {
+            match result {
+                Ok(s) => {
+                    sessions.insert(node, s);
+                }
+                Err(PeerError::Busy(busy)) => {
+                    tracing::info!(%node, busy_with = %busy.task_id, coordinator = %busy.coordinator,
+                        "start refused: a collection is already running");
+                    return Err(StartError::AlreadyRunning); // drops `sessions`
+                }
+                Err(e) => {
+                    tracing::warn!(%node, "cannot open a session: {e}");
+                    unreachable.insert(node, e.to_string());
+                }
+            }
+        }
+
+        let per_node = chosen
+            .iter()
+            .map(|node| {
+                let status = match unreachable.get(node) {
+                    Some(reason) => NodeStatus::failed(None, reason.clone()),
+                    None => NodeStatus::new(NodeState::Starting),
+                };
+                (node.clone(), status)
+            })
+            .collect();
+        let cancel = CancellationToken::new();
+        let (ended_tx, ended_rx) = watch::channel(false);
+        *self.running.lock().unwrap() = Some(RunningTask {
+            task_id: task_id.clone(),
+            cancel: cancel.clone(),
+            ended: ended_rx,
+        });
+        let status = self.publish_new(TaskStatus::new(task_id.clone(), self.me.clone(), per_node));
+        self.store.save(&status);
+        tracing::info!(task = %task_id, nodes = ?chosen, "collection started");
+
+        let slots = match self.settings.collection_concurrency {
+            0 => chosen.len(),
+            n => n,
+        };
+        let ctx = Arc::new(TaskCtx {
+            coordinator: self.clone(),
+            task_id,
+            cancel,
+            slots: Semaphore::new(slots),
+        });
+        tokio::spawn(run_task(ctx, chosen, sessions, ended_tx));
+        Ok(status)
+    }
+
+    /// Cancel the running task, if any, and wait (up to `wait`) for every
+    /// node to confirm. Returns the latest task.
+    pub async fn cancel(&self, wait: Duration) -> Option<TaskStatus> {
+        let running = self
+            .running
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|r| (r.task_id.clone(), r.cancel.clone(), r.ended.clone()));
+        if let Some((task_id, cancel, mut ended)) = running {
+            tracing::info!(task = %task_id, "cancelling collection");
+            cancel.cancel();
+            let _ = tokio::time::timeout(wait, ended.wait_for(|e| *e)).await;
+        }
+        self.latest()
+    }
+
+    /// Cancel only if `task_id` is the running task (forwarded cancels).
+    pub async fn cancel_task(&self, task_id: &str, wait: Duration) -> Option<TaskStatus> {
+        let matches = self
+            .running
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|r| r.task_id == task_id);
+        if matches {
+            self.cancel(wait).await
+        } else {
+            self.latest()
+        }
+    }
+
+    pub fn latest(&self) -> Option<TaskStatus> {
+        self.latest.borrow().clone()
+    }
+
+    /// The latest task once its version exceeds `since`, or as it is after
+    /// `wait` (long-poll; returns at once if it already changed).
+    pub async fn wait_for_change(&self, since: u64, wait: Duration) -> Option<TaskStatus> {
+        let mut rx = self.latest.subscribe();
+        let changed = |t: &Option<TaskStatus>| t.as_ref().is_some_and(|t| t.version > since);
+        let _ = tokio::time::timeout(wait, rx.wait_for(changed)).await;
+        self.latest()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.running.lock().unwrap().is_some()
+    }
+
+    /// Install a new task as the latest, versioned after the previous one.
+    fn publish_new(&self, mut task: TaskStatus) -> TaskStatus {
+        self.latest.send_modify(|latest| {
+            task.version = latest.as_ref().map_or(0, |t| t.version) + 1;
+            *latest = Some(task.clone());
+        });
+        task
+    }
+
+    /// Change the latest task (if it is `task_id`) and bump its version.
+    fn update(&self, task_id: &str, change: impl FnOnce(&mut TaskStatus)) -> Option<TaskStatus> {
+        let mut result = None;
+        self.latest.send_if_modified(|latest| match latest {
+            Some(t) if t.task_id == task_id => {
+                change(t);
+                t.version += 1;
+                result = Some(t.clone());
+                true
+            }
+            _ => false,
+        });
+        result
+    }
+
+    /// Daemon shutdown: cancel a running task and wait (bounded).
+    pub async fn shutdown(&self, grace: Duration) {
+        self.cancel(grace).await;
+    }
+}
+
+/// Drive every chosen node to a final state, then end the task and release
+/// every session (the cluster lock) by dropping them.
+async fn run_task(
+    ctx: Arc<TaskCtx>,
+    chosen: Vec<String>,
+    mut sessions: BTreeMap<String, SessionEvents>,
+    ended: watch::Sender<bool>,
+) {
+    let holders: Vec<String> = sessions.keys().cloned().collect();
+    let mut drivers = Vec::new();
+    for node in &chosen {
+        if let Some(session) = sessions.remove(node) {
+            drivers.push(tokio::spawn(driver::drive(ctx.clone(), node.clone(), session)));
+        }
+    }
+    // Nodes not chosen only hold the lock: keep reading their heartbeats
+    // so their streams never stall, until the task ends.
+    let idle = CancellationToken::new();
+    for (node, mut session) in sessions {
+        let idle = idle.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = idle.cancelled() => {}
+                _ = async { while let Some(Ok(_)) = session.next().await {} } => {
+                    tracing::debug!(%node, "idle session ended early");
+                }
+            }
+        });
+    }
+    let mut streams = Vec::new();
+    for d in drivers {
+        match d.await {
+            Ok(stream) => streams.push(stream),
+            Err(e) => tracing::error!(task = %ctx.task_id, "node driver failed: {e}"),
+        }
+    }
+
+    // Release every node's slot before reporting the end, so that a start
+    // following our "completed" is never refused by a node still holding
+    // this task. (Dropping the streams would release them too, but only
+    // once each node notices the closed connection.)
+    let (coordinator, task_id) = (&ctx.coordinator, &ctx.task_id);
+    futures::future::join_all(holders.iter().map(|node| async move {
+        if let Err(e) = coordinator.peers.close_session(node, task_id).await {
+            tracing::debug!(%node, "closing session: {e}");
+        }
+    }))
+    .await;
+    idle.cancel();
+    drop(streams);
+
+    let state = if ctx.cancel.is_cancelled() {
+        TaskState::Cancelled
+    } else {
+        TaskState::Completed
+    };
+    *coordinator.running.lock().unwrap() = None;
+    if let Some(task) = coordinator.update(&ctx.task_id, |t| {
+        t.finish(state, "the coordinator lost track of this node")
+    }) {
+        coordinator.store.save(&task);
+    }
+    let _ = ended.send(true);
+    tracing::info!(task = %ctx.task_id, status = ?state, "collection ended");
+}

@@ -1,0 +1,57 @@
+//! The latest task, persisted so that a restarted coordinator still shows
+//! what happened (written atomically at the start and end of each task).
+
+use std::path::PathBuf;
+
+use super::task::{TaskState, TaskStatus};
+
+pub struct TaskStore {
+    path: PathBuf,
+}
+
+impl TaskStore {
+    pub fn new(data_dir: &std::path::Path) -> TaskStore {
+        TaskStore {
+            path: data_dir.join("tasks").join("latest.json"),
+        }
+    }
+
+    /// The last saved task. One saved as running was cut short by a
+    /// restart: its node jobs were cancelled when our sessions dropped.
+    pub fn load(&self) -> Option<TaskStatus> {
+        let text = match std::fs::read(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), "cannot read saved task: {e}");
+                return None;
+            }
+        };
+        match serde_json::from_slice::<TaskStatus>(&text) {
+            Ok(mut task) => {
+                if task.status == TaskState::Running {
+                    task.finish(TaskState::Cancelled, "the coordinator restarted");
+                }
+                Some(task)
+            }
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), "ignoring unreadable saved task: {e}");
+                None
+            }
+        }
+    }
+
+    pub fn save(&self, task: &TaskStatus) {
+        if let Err(e) = self.try_save(task) {
+            tracing::warn!(path = %self.path.display(), "cannot save task: {e}");
+        }
+    }
+
+    fn try_save(&self, task: &TaskStatus) -> std::io::Result<()> {
+        let dir = self.path.parent().unwrap();
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join(".latest.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(task)?)?;
+        std::fs::rename(&tmp, &self.path)
+    }
+}

@@ -1,0 +1,190 @@
+//! A collection task's status, in the shape of Couchbase's tasks API
+//! (`type: clusterLogsCollection`, `perNode`, ...), and its transitions.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::NodeEvent;
+
+pub const TASK_TYPE: &str = "clusterLogsCollection";
+/// Seconds a client should wait between polls while a task runs.
+pub const REFRESH_PERIOD_SECS: f64 = 2.0;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum TaskState {
+    Running,
+    Completed,
+    Cancelled,
+}
+
+/// Per-node states, named as Couchbase names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum NodeState {
+    /// Waiting: for the session, or for a collection slot.
+    Starting,
+    /// The collector runs.
+    Started,
+    Collected,
+    Failed,
+    Cancelled,
+}
+
+impl NodeState {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            NodeState::Collected | NodeState::Failed | NodeState::Cancelled
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeProgress {
+    pub done: u64,
+    pub total: u64,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    pub status: NodeState,
+    /// The artifact, on that node's filesystem.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collection_status_code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collection_output: Option<String>,
+    /// Latest progress the plugin reported (not in Couchbase's shape).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<NodeProgress>,
+}
+
+impl NodeStatus {
+    pub fn new(status: NodeState) -> NodeStatus {
+        NodeStatus {
+            status,
+            path: None,
+            collection_status_code: None,
+            collection_output: None,
+            progress: None,
+        }
+    }
+
+    pub fn failed(status_code: Option<String>, output: impl Into<String>) -> NodeStatus {
+        NodeStatus {
+            collection_status_code: status_code,
+            collection_output: Some(output.into()),
+            ..NodeStatus::new(NodeState::Failed)
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskStatus {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub task_id: String,
+    /// The coordinating node.
+    pub node: String,
+    pub status: TaskState,
+    /// Finished nodes x 100 / chosen nodes.
+    pub progress: u32,
+    /// Start time, `YYYY-MM-DD HH:MM:SS` UTC.
+    pub ts: String,
+    pub per_node: BTreeMap<String, NodeStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recommended_refresh_period: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_uri: Option<String>,
+    /// Increases with every change (across tasks); see `?since=` on status.
+    pub version: u64,
+}
+
+impl TaskStatus {
+    pub fn new(task_id: String, coordinator: String, per_node: BTreeMap<String, NodeStatus>) -> Self {
+        let mut task = TaskStatus {
+            kind: TASK_TYPE.into(),
+            task_id,
+            node: coordinator,
+            status: TaskState::Running,
+            progress: 0,
+            ts: chrono::Utc::now().format("%Y-%m-%d %H:%M:%S").to_string(),
+            per_node,
+            recommended_refresh_period: Some(REFRESH_PERIOD_SECS),
+            cancel_uri: Some(crate::api::CANCEL_URI.into()),
+            version: 0,
+        };
+        task.update_progress();
+        task
+    }
+
+    pub fn update_progress(&mut self) {
+        let total = self.per_node.len() as u32;
+        let done = self
+            .per_node
+            .values()
+            .filter(|n| n.status.is_final())
+            .count() as u32;
+        self.progress = (done * 100).checked_div(total).unwrap_or(100);
+    }
+
+    /// The task ended: no more refresh hints, every node in a final state.
+    pub fn finish(&mut self, state: TaskState, unfinished_reason: &str) {
+        self.status = state;
+        self.recommended_refresh_period = None;
+        self.cancel_uri = None;
+        for node in self.per_node.values_mut() {
+            if !node.status.is_final() {
+                *node = match state {
+                    TaskState::Cancelled => NodeStatus::new(NodeState::Cancelled),
+                    _ => NodeStatus::failed(None, unfinished_reason),
+                };
+            }
+        }
+        self.update_progress();
+    }
+
+    /// Apply a node's event; returns the node's new state if it changed.
+    pub fn apply(&mut self, node: &str, event: &NodeEvent) -> Option<NodeState> {
+        let entry = self.per_node.get_mut(node)?;
+        let before = entry.status;
+        match event {
+            NodeEvent::Heartbeat => {}
+            NodeEvent::Started => entry.status = NodeState::Started,
+            NodeEvent::Progress {
+                done,
+                total,
+                message,
+            } => {
+                entry.progress = Some(NodeProgress {
+                    done: *done,
+                    total: *total,
+                    message: message.clone(),
+                })
+            }
+            NodeEvent::Collected { path, .. } => {
+                entry.status = NodeState::Collected;
+                entry.path = Some(path.clone());
+            }
+            NodeEvent::Failed {
+                status_code,
+                output,
+            } => *entry = NodeStatus::failed(status_code.clone(), output.clone()),
+            NodeEvent::Cancelled => entry.status = NodeState::Cancelled,
+        }
+        let after = entry.status;
+        self.update_progress();
+        (after != before).then_some(after)
+    }
+
+    pub fn set_node(&mut self, node: &str, status: NodeStatus) {
+        self.per_node.insert(node.to_string(), status);
+        self.update_progress();
+    }
+}

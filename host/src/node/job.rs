@@ -1,0 +1,175 @@
+//! One job: run the collector into a fresh output directory and report
+//! what happened as [`NodeEvent`]s.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::NodeService;
+use crate::plugin::collector::{Collected, RunError};
+use crate::plugin::sandbox::RunLabels;
+use crate::plugin::PluginEvent;
+use crate::protocol::NodeEvent;
+
+/// Progress is forwarded at most this often.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+/// Output kept in a failure report (the tail: that is where errors are).
+pub const OUTPUT_TAIL: usize = 4096;
+
+pub(super) async fn run(
+    node: Arc<NodeService>,
+    task_id: String,
+    events: mpsc::UnboundedSender<NodeEvent>,
+    cancel: CancellationToken,
+) {
+    let dir = node.jobs_dir.join(&task_id);
+    let event = match prepare_dir(&dir).await {
+        Ok(()) => {
+            tracing::info!(task = %task_id, state = "started", "collector started");
+            let _ = events.send(NodeEvent::Started);
+            collect(&node, &task_id, &dir, &events, cancel).await
+        }
+        Err(e) => NodeEvent::Failed {
+            status_code: None,
+            output: format!("could not create job directory {}: {e}", dir.display()),
+        },
+    };
+    if matches!(event, NodeEvent::Cancelled) {
+        if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+            tracing::warn!(task = %task_id, "removing {}: {e}", dir.display());
+        }
+    }
+    match &event {
+        NodeEvent::Collected { path, .. } => {
+            tracing::info!(task = %task_id, state = "collected", %path, "collection finished")
+        }
+        NodeEvent::Failed {
+            status_code,
+            output,
+        } => tracing::warn!(task = %task_id, state = "failed", status_code = ?status_code, %output, "collection failed"),
+        _ => tracing::info!(task = %task_id, state = "cancelled", "collection cancelled"),
+    }
+    let _ = events.send(event);
+}
+
+async fn prepare_dir(dir: &Path) -> std::io::Result<()> {
+    match tokio::fs::remove_dir_all(dir).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    tokio::fs::create_dir_all(dir).await
+}
+
+async fn collect(
+    node: &NodeService,
+    task_id: &str,
+    dir: &Path,
+    events: &mpsc::UnboundedSender<NodeEvent>,
+    cancel: CancellationToken,
+) -> NodeEvent {
+    let role = &node.collector;
+    let (progress_tx, progress_rx) = watch::channel(None);
+    let forwarder = tokio::spawn(forward_progress(progress_rx, events.clone()));
+    let labels = RunLabels {
+        plugin: role.plugin.source().to_string(),
+        task_id: task_id.to_string(),
+        node: node.name.clone(),
+    };
+    let result = role
+        .plugin
+        .collect(labels, &role.options, dir, role.limits, progress_tx, cancel)
+        .await;
+    forwarder.abort();
+    let _ = forwarder.await;
+    match result {
+        Ok(collected) => match check_artifacts(dir, &collected) {
+            Ok((path, size)) => NodeEvent::Collected {
+                path,
+                size,
+                summary: collected.summary,
+            },
+            Err(output) => NodeEvent::Failed {
+                status_code: None,
+                output,
+            },
+        },
+        Err(RunError::Cancelled) => NodeEvent::Cancelled,
+        Err(RunError::Failed {
+            status_code,
+            output,
+        }) => NodeEvent::Failed {
+            status_code: Some(status_code.to_string()),
+            output: tail(&output, OUTPUT_TAIL),
+        },
+        Err(e) => NodeEvent::Failed {
+            status_code: None,
+            output: tail(&e.to_string(), OUTPUT_TAIL),
+        },
+    }
+}
+
+async fn forward_progress(
+    mut rx: watch::Receiver<Option<PluginEvent>>,
+    events: mpsc::UnboundedSender<NodeEvent>,
+) {
+    while rx.changed().await.is_ok() {
+        let event = rx.borrow_and_update().clone();
+        if let Some(PluginEvent::Progress {
+            done,
+            total,
+            message,
+        }) = event
+        {
+            let _ = events.send(NodeEvent::Progress {
+                done,
+                total,
+                message,
+            });
+        }
+        tokio::time::sleep(PROGRESS_INTERVAL).await;
+    }
+}
+
+/// The plugin says what it wrote; believe only what is on disk: a plain
+/// file name, a regular file (not a link) inside the output directory.
+fn check_artifacts(dir: &Path, collected: &Collected) -> Result<(String, u64), String> {
+    let Some(first) = collected.artifacts.first() else {
+        return Err("the collector reported no artifact".into());
+    };
+    for artifact in &collected.artifacts {
+        let name = &artifact.name;
+        let plain = !name.is_empty()
+            && name != "."
+            && name != ".."
+            && !name.contains('/')
+            && !name.contains('\\');
+        if !plain {
+            return Err(format!(
+                "the collector reported an artifact outside its output directory: {name:?}"
+            ));
+        }
+        match std::fs::symlink_metadata(dir.join(name)) {
+            Ok(m) if m.file_type().is_file() => {}
+            Ok(_) => return Err(format!("artifact {name:?} is not a regular file")),
+            Err(e) => return Err(format!("artifact {name:?} is missing: {e}")),
+        }
+    }
+    let path = dir.join(&first.name);
+    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    Ok((path.display().to_string(), size))
+}
+
+/// The last `max` bytes of `s` (on a character boundary).
+pub fn tail(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    s[start..].to_string()
+}

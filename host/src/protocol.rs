@@ -1,0 +1,93 @@
+//! The node-to-node protocol, shared by [`crate::node`] (server side) and
+//! [`crate::coordinator`] (client side).
+//!
+//! A coordinator opens a **session** on every node of the cluster
+//! (`POST /internal/v1/sessions`). The response is a stream of
+//! newline-delimited JSON [`NodeEvent`]s that stays open for the whole
+//! task. The session is at once:
+//!
+//! - the cluster-wide lock: a node holds one session at a time and answers
+//!   `409` to a second one, so two collections can never overlap;
+//! - the link: when the coordinator's connection goes away, the node
+//!   cancels its job and cleans up; when the node goes away, the
+//!   coordinator sees the stream end (or heartbeats stop);
+//! - the only channel from node to coordinator: nodes never call the
+//!   coordinator, so no request can wait on another in a cycle.
+//!
+//! Commands go the other way as short requests on the session:
+//! `POST /internal/v1/sessions/{task}/job` starts the collector,
+//! `POST /internal/v1/sessions/{task}/cancel` stops it.
+//!
+//! Every internal request carries `Authorization: Bearer <cluster secret>`.
+
+use serde::{Deserialize, Serialize};
+
+pub const SESSIONS_PATH: &str = "/internal/v1/sessions";
+/// The coordinator's view of its latest task (for status on other nodes).
+pub const LATEST_TASK_PATH: &str = "/internal/v1/tasks/latest";
+/// Ask a coordinator to cancel its task (cancel requested on another node).
+pub const CANCEL_TASK_PATH: &str = "/internal/v1/tasks/cancel";
+
+/// Body of `POST /internal/v1/sessions`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OpenSession {
+    pub task_id: String,
+    /// Name of the coordinating node.
+    pub coordinator: String,
+}
+
+/// Body of `POST /internal/v1/sessions/{task}/job`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StartJob {}
+
+/// Answer of a node that already holds a session (HTTP 409).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Busy {
+    pub task_id: String,
+    pub coordinator: String,
+}
+
+/// One line of a session stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "camelCase")]
+pub enum NodeEvent {
+    /// Sent every heartbeat interval so both ends notice a dead peer.
+    Heartbeat,
+    /// The collector plugin is running.
+    Started,
+    /// The plugin reported progress.
+    Progress {
+        done: u64,
+        total: u64,
+        message: String,
+    },
+    /// The collector finished; `path` is the artifact on the node.
+    #[serde(rename_all = "camelCase")]
+    Collected {
+        path: String,
+        size: u64,
+        summary: String,
+    },
+    /// The collector failed. `status_code` is the tool's own status, when
+    /// it got as far as having one; `output` explains.
+    #[serde(rename_all = "camelCase")]
+    Failed {
+        status_code: Option<String>,
+        output: String,
+    },
+    /// The job was cancelled and its output removed.
+    Cancelled,
+}
+
+impl NodeEvent {
+    /// Does this event end the job?
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            NodeEvent::Collected { .. } | NodeEvent::Failed { .. } | NodeEvent::Cancelled
+        )
+    }
+}

@@ -1,0 +1,103 @@
+//! One daemon: load the configured plugins (failing fast on a bad config),
+//! build the node and coordinator, serve the API until SIGTERM/SIGINT,
+//! then cancel whatever runs and clean up.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+
+use crate::api::{self, AppState};
+use crate::auth::Users;
+use crate::config::Config;
+use crate::coordinator::Coordinator;
+use crate::coordinator::peers::Peers;
+use crate::node::{CollectorRole, NodeService};
+use crate::plugin::collector::CollectorPlugin;
+use crate::plugin::{PluginHost, PluginSource, RunLimits};
+
+/// How long shutdown waits for a cancelled job to clean up.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Build the application from `config` (`config_dir` resolves relative
+/// plugin paths). Compiles and checks the collector plugin.
+pub async fn build(config: &Config, config_dir: &Path) -> Result<(AppState, api::AppRouter)> {
+    let plugins = PluginHost::new(config.plugin_cache_dir.clone())?;
+    let source = PluginSource::parse(&config.collector.plugin, config_dir)?;
+    let collector = {
+        let plugins = plugins.clone();
+        tokio::task::spawn_blocking(move || CollectorPlugin::load(&plugins, source)).await??
+    };
+    let options = config.collector.option_pairs();
+    collector
+        .validate_options(&options)
+        .await
+        .map_err(|e| anyhow!("collector plugin {}: {e}", collector.source()))?;
+    tracing::info!(plugin = %collector.source(), "collector loaded");
+
+    let role = CollectorRole {
+        plugin: Arc::new(collector),
+        options,
+        limits: RunLimits {
+            timeout: Duration::from_secs_f64(config.collector.timeout_secs),
+            memory_bytes: (config.collector.memory_limit_mb as usize) << 20,
+        },
+    };
+    let heartbeat = Duration::from_millis(config.coordinator.heartbeat_interval_ms);
+    let node = NodeService::new(
+        config.node.clone(),
+        config.data_dir.clone(),
+        role,
+        heartbeat,
+    );
+    let peers = Peers::new(
+        &config.nodes,
+        config.secret(),
+        Duration::from_millis(config.coordinator.connect_timeout_ms),
+    )?;
+    let coordinator = Coordinator::new(
+        config.node.clone(),
+        peers,
+        config.coordinator.clone(),
+        &config.data_dir,
+    );
+    let state = AppState {
+        node,
+        coordinator,
+        users: Arc::new(Users::new(&config.users)),
+        secret: config.secret().into(),
+    };
+    Ok((state.clone(), api::router(state)))
+}
+
+/// Serve on `listener` until a termination signal.
+pub async fn serve(config: Config, config_dir: &Path, listener: std::net::TcpListener) -> Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
+    let (state, app) = build(&config, config_dir).await?;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    tracing::info!(node = %config.node, addr = %listener.local_addr()?, "listening");
+
+    // Not axum's graceful shutdown: session streams never end by
+    // themselves, so we stop serving, then cancel and clean up.
+    tokio::select! {
+        result = axum::serve(listener, app) => result?,
+        signal = termination() => tracing::info!("{signal}: shutting down"),
+    }
+    state.coordinator.shutdown(SHUTDOWN_GRACE).await;
+    state.node.shutdown(SHUTDOWN_GRACE).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn termination() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
