@@ -109,8 +109,10 @@ fn init_tracing(daemon: bool) {
     let default = if daemon { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }
@@ -192,7 +194,7 @@ async fn follow(client: &ApiClient, task_id: &str) -> Result<ExitCode> {
             |task| {
                 for (node, status) in &task.per_node {
                     if seen.insert(node.clone(), status.status) != Some(status.status) {
-                        println!("  {node}: {}", state_name(status.status));
+                        println!("  {node}: {}", status.status.as_str());
                     }
                 }
             },
@@ -210,13 +212,6 @@ async fn follow(client: &ApiClient, task_id: &str) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
-}
-
-fn state_name(state: NodeState) -> String {
-    serde_json::to_value(state)
-        .ok()
-        .and_then(|v| v.as_str().map(String::from))
-        .unwrap_or_default()
 }
 
 fn detail(status: &NodeStatus) -> String {
@@ -239,13 +234,12 @@ fn detail(status: &NodeStatus) -> String {
 }
 
 fn print_task(task: &TaskStatus) {
-    let state = serde_json::to_value(task.status).unwrap();
     println!(
         "task {} coordinated by {}, started {} UTC: {} ({}%)",
         task.task_id,
         task.node,
         task.ts,
-        state.as_str().unwrap_or_default(),
+        task.status.as_str(),
         task.progress
     );
     let width = task.per_node.keys().map(String::len).max().unwrap_or(4).max(4);
@@ -253,7 +247,7 @@ fn print_task(task: &TaskStatus) {
     for (node, status) in &task.per_node {
         println!(
             "  {node:width$}  {:10} {}",
-            state_name(status.status),
+            status.status.as_str(),
             detail(status)
         );
     }

@@ -21,7 +21,7 @@ pub(super) async fn drive(ctx: Arc<TaskCtx>, node: String, mut session: SessionE
     let set = |status: NodeStatus| {
         let state = status.status;
         coordinator.update(&ctx.task_id, |t| t.set_node(&node, status));
-        tracing::info!(task = %ctx.task_id, %node, state = ?state, "node state");
+        tracing::info!(task = %ctx.task_id, %node, state = state.as_str(), "node state");
     };
 
     let _permit = tokio::select! {
@@ -86,13 +86,10 @@ pub(super) async fn drive(ctx: Arc<TaskCtx>, node: String, mut session: SessionE
             }
             Ok(Some(Ok(NodeEvent::Heartbeat))) => {}
             Ok(Some(Ok(event))) => {
-                let changed = coordinator
-                    .update(&ctx.task_id, |t| {
-                        t.apply(&node, &event);
-                    })
-                    .and_then(|t| Some(t.per_node.get(&node)?.status));
-                if !matches!(event, NodeEvent::Progress { .. }) {
-                    tracing::info!(task = %ctx.task_id, %node, state = ?changed, "node state");
+                let mut changed = None;
+                coordinator.update(&ctx.task_id, |t| changed = t.apply(&node, &event));
+                if let Some(state) = changed {
+                    tracing::info!(task = %ctx.task_id, %node, state = state.as_str(), "node state");
                 }
                 if event.is_final() {
                     break;

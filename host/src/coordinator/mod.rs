@@ -345,5 +345,5 @@ async fn run_task(
         coordinator.store.save(&task);
     }
     let _ = ended.send(true);
-    tracing::info!(task = %ctx.task_id, status = ?state, "collection ended");
+    tracing::info!(task = %ctx.task_id, status = state.as_str(), "collection ended");
 }

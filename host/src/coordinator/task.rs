@@ -19,6 +19,16 @@ pub enum TaskState {
     Cancelled,
 }
 
+impl TaskState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Running => "running",
+            TaskState::Completed => "completed",
+            TaskState::Cancelled => "cancelled",
+        }
+    }
+}
+
 /// Per-node states, named as Couchbase names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -33,6 +43,17 @@ pub enum NodeState {
 }
 
 impl NodeState {
+    /// The state's name as the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Starting => "starting",
+            NodeState::Started => "started",
+            NodeState::Collected => "collected",
+            NodeState::Failed => "failed",
+            NodeState::Cancelled => "cancelled",
+        }
+    }
+
     pub fn is_final(self) -> bool {
         matches!(
             self,
