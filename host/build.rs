@@ -21,8 +21,14 @@ fn main() {
     let target_dir = root.join("target").join("wasm-plugins");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").unwrap());
 
-    println!("cargo:rerun-if-changed={}", plugins.join("Cargo.toml").display());
-    println!("cargo:rerun-if-changed={}", plugins.join("Cargo.lock").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        plugins.join("Cargo.toml").display()
+    );
+    println!(
+        "cargo:rerun-if-changed={}",
+        plugins.join("Cargo.lock").display()
+    );
     println!("cargo:rerun-if-changed={}", root.join("wit").display());
     for entry in std::fs::read_dir(&plugins).expect("read plugins/") {
         let path = entry.unwrap().path();
@@ -67,5 +73,8 @@ fn main() {
         let to = out_dir.join(format!("{name}.wasm"));
         std::fs::copy(&from, &to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
     }
-    println!("cargo:rustc-env=AUTOCOLLECT_PLUGIN_DIR={}", out_dir.display());
+    println!(
+        "cargo:rustc-env=AUTOCOLLECT_PLUGIN_DIR={}",
+        out_dir.display()
+    );
 }

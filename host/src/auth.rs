@@ -63,13 +63,13 @@ impl Users {
         };
         let digest: [u8; 32] = Sha256::digest(password.as_bytes()).into();
         let cached = self.verified.lock().unwrap().get(name).copied();
-        if let Some(known) = cached {
-            if bool::from(known.ct_eq(&digest)) {
-                return Ok(Caller {
-                    user: name.to_string(),
-                    role: *role,
-                });
-            }
+        if let Some(known) = cached
+            && bool::from(known.ct_eq(&digest))
+        {
+            return Ok(Caller {
+                user: name.to_string(),
+                role: *role,
+            });
         }
         let (hash, password) = (hash.clone(), password.to_string());
         let ok = tokio::task::spawn_blocking(move || verify_password(&hash, &password))
@@ -100,7 +100,11 @@ pub fn hash_password(password: &str) -> String {
 
 fn verify_password(hash: &str, password: &str) -> bool {
     PasswordHash::new(hash)
-        .map(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+        .map(|h| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok()
+        })
         .unwrap_or(false)
 }
 
@@ -136,7 +140,12 @@ mod tests {
         let ok = users.authenticate(Some(&basic("ops", "s3cret"))).await;
         assert_eq!(ok.unwrap().role, Role::ReadOnly);
         // Second time from the cache; a wrong password must still fail.
-        assert!(users.authenticate(Some(&basic("ops", "s3cret"))).await.is_ok());
+        assert!(
+            users
+                .authenticate(Some(&basic("ops", "s3cret")))
+                .await
+                .is_ok()
+        );
         assert_eq!(
             users.authenticate(Some(&basic("ops", "nope"))).await,
             Err(AuthError::Invalid)

@@ -15,7 +15,11 @@ use crate::config::{Config, OptionValue};
 use crate::coordinator::task::{NodeState, NodeStatus, TaskState, TaskStatus};
 
 #[derive(Parser)]
-#[command(name = "autocollect", version, about = "Collect diagnostics from every node of a cluster")]
+#[command(
+    name = "autocollect",
+    version,
+    about = "Collect diagnostics from every node of a cluster"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -242,7 +246,13 @@ fn print_task(task: &TaskStatus) {
         task.status.as_str(),
         task.progress
     );
-    let width = task.per_node.keys().map(String::len).max().unwrap_or(4).max(4);
+    let width = task
+        .per_node
+        .keys()
+        .map(String::len)
+        .max()
+        .unwrap_or(4)
+        .max(4);
     println!("  {:width$}  {:10} DETAIL", "NODE", "STATUS");
     for (node, status) in &task.per_node {
         println!(
@@ -276,8 +286,16 @@ fn explain(e: ClientError) -> anyhow::Error {
     }
 }
 
-async fn demo(nodes: usize, delay_ms: u64, artifact_size: u64, dir: Option<PathBuf>) -> Result<ExitCode> {
-    anyhow::ensure!((1..=64).contains(&nodes), "--nodes must be between 1 and 64");
+async fn demo(
+    nodes: usize,
+    delay_ms: u64,
+    artifact_size: u64,
+    dir: Option<PathBuf>,
+) -> Result<ExitCode> {
+    anyhow::ensure!(
+        (1..=64).contains(&nodes),
+        "--nodes must be between 1 and 64"
+    );
     let root = match dir {
         Some(d) => d,
         None => std::env::temp_dir().join(format!(

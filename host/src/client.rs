@@ -77,7 +77,12 @@ impl ApiClient {
         Ok((status, body))
     }
 
-    async fn call(&self, method: Method, path: &str, body: Option<RequestBody>) -> Result<Value, ClientError> {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<RequestBody>,
+    ) -> Result<Value, ClientError> {
         let (status, body) = self.request(method, path, body, true).await?;
         if status.is_success() {
             Ok(body)
@@ -139,9 +144,17 @@ impl ApiClient {
     }
 
     /// Wait for task `task_id` to end.
-    pub async fn wait_for_end(&self, task_id: &str, timeout: Duration) -> Result<TaskStatus, ClientError> {
-        self.wait_until(timeout, |_| {}, |t| t.task_id == task_id && t.status != TaskState::Running)
-            .await
+    pub async fn wait_for_end(
+        &self,
+        task_id: &str,
+        timeout: Duration,
+    ) -> Result<TaskStatus, ClientError> {
+        self.wait_until(
+            timeout,
+            |_| {},
+            |t| t.task_id == task_id && t.status != TaskState::Running,
+        )
+        .await
     }
 
     pub async fn cancel(&self) -> Result<Option<TaskStatus>, ClientError> {
@@ -153,7 +166,18 @@ impl ApiClient {
     }
 
     pub async fn health(&self) -> Result<Value, ClientError> {
-        let (status, body) = self.request(Method::GET, HEALTH_URI, None, false).await?;
+        self.health_query("").await
+    }
+
+    /// Wait (server-side, up to `secs`) until the node holds no session;
+    /// returns its health document (`session` is null when idle).
+    pub async fn wait_idle(&self, secs: f64) -> Result<Value, ClientError> {
+        self.health_query(&format!("?waitIdle={secs}")).await
+    }
+
+    async fn health_query(&self, query: &str) -> Result<Value, ClientError> {
+        let path = format!("{HEALTH_URI}{query}");
+        let (status, body) = self.request(Method::GET, &path, None, false).await?;
         if status.is_success() {
             Ok(body)
         } else {

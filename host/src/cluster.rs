@@ -216,7 +216,10 @@ fn spawn_daemon(exe: &Path, config: &Path, log: &Path, listener: &TcpListener) -
         .arg(config)
         .arg("--listen-fd")
         .arg(LISTEN_FD.to_string())
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
         .stderr(log_file);

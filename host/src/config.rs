@@ -233,7 +233,7 @@ impl Config {
                 )
             })?;
         }
-        if !(self.collector.timeout_secs > 0.0) {
+        if !self.collector.timeout_secs.is_finite() || self.collector.timeout_secs <= 0.0 {
             bail!("collector.timeout_secs must be positive");
         }
         if self.collector.memory_limit_mb == 0 {

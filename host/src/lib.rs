@@ -16,7 +16,6 @@
 //! - [`client`], [`cluster`]: API client and a local-cluster launcher
 //!   (used by the CLI's `demo`, the tests and the benchmarks).
 
-pub mod plugin;
 pub mod api;
 pub mod auth;
 pub mod cli;
@@ -25,5 +24,6 @@ pub mod cluster;
 pub mod config;
 pub mod coordinator;
 pub mod node;
+pub mod plugin;
 pub mod protocol;
 pub mod server;

@@ -72,7 +72,11 @@ pub async fn build(config: &Config, config_dir: &Path) -> Result<(AppState, api:
 }
 
 /// Serve on `listener` until a termination signal.
-pub async fn serve(config: Config, config_dir: &Path, listener: std::net::TcpListener) -> Result<()> {
+pub async fn serve(
+    config: Config,
+    config_dir: &Path,
+    listener: std::net::TcpListener,
+) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     let (state, app) = build(&config, config_dir).await?;

@@ -18,7 +18,10 @@ impl ApiError {
     }
 
     pub fn field(status: StatusCode, field: &str, message: impl Into<String>) -> ApiError {
-        ApiError::fields(status, BTreeMap::from([(field.to_string(), message.into())]))
+        ApiError::fields(
+            status,
+            BTreeMap::from([(field.to_string(), message.into())]),
+        )
     }
 
     /// An error about the request as a whole (key `_`).

@@ -24,8 +24,14 @@ pub fn router(_state: AppState) -> Router<AppState> {
     Router::new()
         .route(SESSIONS_PATH, post(open_session))
         .route(&format!("{SESSIONS_PATH}/{{task}}/job"), post(start_job))
-        .route(&format!("{SESSIONS_PATH}/{{task}}/cancel"), post(cancel_job))
-        .route(&format!("{SESSIONS_PATH}/{{task}}/close"), post(close_session))
+        .route(
+            &format!("{SESSIONS_PATH}/{{task}}/cancel"),
+            post(cancel_job),
+        )
+        .route(
+            &format!("{SESSIONS_PATH}/{{task}}/close"),
+            post(close_session),
+        )
         .route(LATEST_TASK_PATH, get(latest_task))
         .route(CANCEL_TASK_PATH, post(cancel_task))
 }
@@ -146,5 +152,7 @@ async fn cancel_task(
         .cancel_task(&request.task_id, CANCEL_WAIT)
         .await
         .map(|t| Json(serde_json::to_value(t).unwrap()))
-        .ok_or_else(|| ApiError::general(StatusCode::NOT_FOUND, "No logs collection task has run yet"))
+        .ok_or_else(|| {
+            ApiError::general(StatusCode::NOT_FOUND, "No logs collection task has run yet")
+        })
 }

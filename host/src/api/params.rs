@@ -107,7 +107,10 @@ fn parse_json(body: &[u8]) -> Result<Params, ApiError> {
                 }
             }
             _ => {
-                errors.insert(key, "Must be a string, number, boolean or array".to_string());
+                errors.insert(
+                    key,
+                    "Must be a string, number, boolean or array".to_string(),
+                );
                 continue;
             }
         };
@@ -126,7 +129,12 @@ pub fn reject_unknown(params: &Params, known: &[&str]) -> Result<(), ApiError> {
     let unknown: BTreeMap<String, String> = params
         .keys()
         .filter(|k| !known.contains(&k.as_str()))
-        .map(|k| (k.clone(), format!("Unknown parameter (known: {})", known.join(", "))))
+        .map(|k| {
+            (
+                k.clone(),
+                format!("Unknown parameter (known: {})", known.join(", ")),
+            )
+        })
         .collect();
     if unknown.is_empty() {
         Ok(())

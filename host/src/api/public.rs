@@ -5,7 +5,8 @@
 //!   waits (up to `wait` seconds, default 30, at most 60) until its
 //!   version exceeds `V`
 //! - `POST /collectLogs/cancel` (admin)
-//! - `GET  /health` (no auth)
+//! - `GET  /health` (no auth); `?waitIdle=S` first waits up to S seconds
+//!   for the node to hold no session
 //!
 //! Any node answers: status and cancel are forwarded to the node that
 //! coordinates the latest task when that is another node.
@@ -139,10 +140,7 @@ pub struct StatusQuery {
 
 impl StatusQuery {
     fn wait(&self) -> Duration {
-        match self.wait {
-            Some(w) if w.is_finite() && w >= 0.0 => Duration::from_secs_f64(w).min(MAX_LONG_POLL),
-            _ => DEFAULT_LONG_POLL,
-        }
+        clamp_wait(self.wait)
     }
 }
 
@@ -172,9 +170,7 @@ async fn status(
     _: Reader,
     query: Result<Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(query) = query.map_err(|e| {
-        ApiError::general(StatusCode::BAD_REQUEST, format!("Bad query: {}", e.body_text()))
-    })?;
+    let Query(query) = query.map_err(bad_query)?;
     if let Some(node) = remote_coordinator(&state) {
         let mut forwarded = Vec::new();
         if let Some(since) = query.since {
@@ -205,12 +201,7 @@ pub(super) async fn local_status(
     query: &StatusQuery,
 ) -> Result<Json<Value>, ApiError> {
     let task = match query.since {
-        Some(since) => {
-            state
-                .coordinator
-                .wait_for_change(since, query.wait())
-                .await
-        }
+        Some(since) => state.coordinator.wait_for_change(since, query.wait()).await,
         None => state.coordinator.latest(),
     };
     task.map(|t| Json(serde_json::to_value(t).unwrap()))
@@ -223,7 +214,11 @@ async fn cancel(
 ) -> Result<Json<Value>, ApiError> {
     tracing::info!(user = %caller.user, "cancel requested");
     if let Some(node) = remote_coordinator(&state) {
-        let task_id = state.node.last_task().map(|t| t.task_id).unwrap_or_default();
+        let task_id = state
+            .node
+            .last_task()
+            .map(|t| t.task_id)
+            .unwrap_or_default();
         return match state.coordinator.peers().cancel_task(&node, &task_id).await {
             Ok(task) => Ok(Json(task)),
             Err(e) => {
@@ -241,11 +236,40 @@ async fn cancel(
         .ok_or_else(no_task)
 }
 
-async fn health(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HealthQuery {
+    /// Wait up to this many seconds for the node to hold no session.
+    wait_idle: Option<f64>,
+}
+
+async fn health(
+    State(state): State<AppState>,
+    query: Result<Query<HealthQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(bad_query)?;
+    if let Some(wait) = query.wait_idle {
+        state.node.wait_idle(clamp_wait(Some(wait))).await;
+    }
+    Ok(Json(json!({
         "node": state.node.name(),
         "status": "ok",
         "session": state.node.current_task().map(|t| t.task_id),
         "coordinating": state.coordinator.is_running(),
-    }))
+    })))
+}
+
+fn bad_query(e: axum::extract::rejection::QueryRejection) -> ApiError {
+    ApiError::general(
+        StatusCode::BAD_REQUEST,
+        format!("Bad query: {}", e.body_text()),
+    )
+}
+
+/// A client-given wait, bounded; the default when absent or invalid.
+fn clamp_wait(wait: Option<f64>) -> Duration {
+    match wait {
+        Some(w) if w.is_finite() && w >= 0.0 => Duration::from_secs_f64(w).min(MAX_LONG_POLL),
+        _ => DEFAULT_LONG_POLL,
+    }
 }

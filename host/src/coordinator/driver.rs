@@ -16,7 +16,11 @@ const CANCEL_CONFIRM: Duration = Duration::from_secs(5);
 
 /// Returns the session stream so the caller can hold it (the node's slot)
 /// until the whole task ends.
-pub(super) async fn drive(ctx: Arc<TaskCtx>, node: String, mut session: SessionEvents) -> SessionEvents {
+pub(super) async fn drive(
+    ctx: Arc<TaskCtx>,
+    node: String,
+    mut session: SessionEvents,
+) -> SessionEvents {
     let coordinator = &ctx.coordinator;
     let set = |status: NodeStatus| {
         let state = status.status;
@@ -36,7 +40,10 @@ pub(super) async fn drive(ctx: Arc<TaskCtx>, node: String, mut session: SessionE
         return session;
     }
     if let Err(e) = coordinator.peers.start_job(&node, &ctx.task_id).await {
-        set(NodeStatus::failed(None, format!("could not start the job: {e}")));
+        set(NodeStatus::failed(
+            None,
+            format!("could not start the job: {e}"),
+        ));
         return session;
     }
 
@@ -77,7 +84,9 @@ pub(super) async fn drive(ctx: Arc<TaskCtx>, node: String, mut session: SessionE
                 break;
             }
             Ok(None) => {
-                set(lost("the node closed the session".into()));
+                set(lost(
+                    "lost contact with the node: the connection closed".into(),
+                ));
                 break;
             }
             Ok(Some(Err(e))) => {

@@ -111,9 +111,8 @@ impl Coordinator {
                 unique.into_iter().cloned().collect()
             }
         };
-        let field = |message: String| {
-            StartError::Invalid(BTreeMap::from([("nodes".to_string(), message)]))
-        };
+        let field =
+            |message: String| StartError::Invalid(BTreeMap::from([("nodes".to_string(), message)]));
         if nodes.is_empty() {
             return Err(field("Please select at least one node.".into()));
         }
@@ -294,7 +293,11 @@ async fn run_task(
     let mut drivers = Vec::new();
     for node in &chosen {
         if let Some(session) = sessions.remove(node) {
-            drivers.push(tokio::spawn(driver::drive(ctx.clone(), node.clone(), session)));
+            drivers.push(tokio::spawn(driver::drive(
+                ctx.clone(),
+                node.clone(),
+                session,
+            )));
         }
     }
     // Nodes not chosen only hold the lock: keep reading their heartbeats

@@ -128,7 +128,11 @@ pub struct TaskStatus {
 }
 
 impl TaskStatus {
-    pub fn new(task_id: String, coordinator: String, per_node: BTreeMap<String, NodeStatus>) -> Self {
+    pub fn new(
+        task_id: String,
+        coordinator: String,
+        per_node: BTreeMap<String, NodeStatus>,
+    ) -> Self {
         let mut task = TaskStatus {
             kind: TASK_TYPE.into(),
             task_id,

@@ -9,9 +9,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::NodeService;
+use crate::plugin::PluginEvent;
 use crate::plugin::collector::{Collected, RunError};
 use crate::plugin::sandbox::RunLabels;
-use crate::plugin::PluginEvent;
 use crate::protocol::NodeEvent;
 
 /// Progress is forwarded at most this often.
@@ -37,10 +37,10 @@ pub(super) async fn run(
             output: format!("could not create job directory {}: {e}", dir.display()),
         },
     };
-    if matches!(event, NodeEvent::Cancelled) {
-        if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
-            tracing::warn!(task = %task_id, "removing {}: {e}", dir.display());
-        }
+    if matches!(event, NodeEvent::Cancelled)
+        && let Err(e) = tokio::fs::remove_dir_all(&dir).await
+    {
+        tracing::warn!(task = %task_id, "removing {}: {e}", dir.display());
     }
     match &event {
         NodeEvent::Collected { path, .. } => {
@@ -49,7 +49,9 @@ pub(super) async fn run(
         NodeEvent::Failed {
             status_code,
             output,
-        } => tracing::warn!(task = %task_id, state = "failed", status_code = ?status_code, %output, "collection failed"),
+        } => {
+            tracing::warn!(task = %task_id, state = "failed", status_code = ?status_code, %output, "collection failed")
+        }
         _ => tracing::info!(task = %task_id, state = "cancelled", "collection cancelled"),
     }
     let _ = events.send(event);

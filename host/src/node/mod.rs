@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -45,6 +45,8 @@ pub struct NodeService {
     slot: Mutex<Option<Session>>,
     next_session_id: AtomicU64,
     last_task: Mutex<Option<TaskRef>>,
+    /// `true` while no session holds the slot (for `/health?waitIdle=`).
+    idle: watch::Sender<bool>,
 }
 
 struct Session {
@@ -83,6 +85,7 @@ impl NodeService {
             slot: Mutex::new(None),
             next_session_id: AtomicU64::new(1),
             last_task: Mutex::new(None),
+            idle: watch::Sender::new(true),
         })
     }
 
@@ -113,6 +116,7 @@ impl NodeService {
             events: tx,
             job: None,
         });
+        self.idle.send_replace(false);
         Ok(SessionStream::new(self.clone(), id, rx, self.heartbeat))
     }
 
@@ -170,6 +174,14 @@ impl NodeService {
         self.slot.lock().unwrap().as_ref().map(|s| s.task.clone())
     }
 
+    /// Wait (up to `wait`) until no session holds this node; returns
+    /// whether it is idle.
+    pub async fn wait_idle(&self, wait: Duration) -> bool {
+        let mut rx = self.idle.subscribe();
+        let _ = tokio::time::timeout(wait, rx.wait_for(|idle| *idle)).await;
+        *self.idle.borrow()
+    }
+
     /// The task this node most recently joined (running or not).
     pub fn last_task(&self) -> Option<TaskRef> {
         self.last_task.lock().unwrap().clone()
@@ -183,13 +195,19 @@ impl NodeService {
             if let Some(job) = session.job {
                 job.cancel.cancel();
             }
+            self.idle.send_replace(true);
             tracing::info!(task = %session.task.task_id, "session closed");
         }
     }
 
     /// Daemon shutdown: cancel any job and wait (bounded) for its cleanup.
     pub async fn shutdown(&self, grace: Duration) {
-        let job = self.slot.lock().unwrap().as_mut().and_then(|s| s.job.take());
+        let job = self
+            .slot
+            .lock()
+            .unwrap()
+            .as_mut()
+            .and_then(|s| s.job.take());
         if let Some(job) = job {
             job.cancel.cancel();
             let _ = tokio::time::timeout(grace, job.handle).await;

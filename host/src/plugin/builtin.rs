@@ -4,7 +4,10 @@
 /// Built-in plugins by name (`builtin:NAME` in the config).
 const BUILTINS: &[(&str, &[u8])] = &[(
     "mock-collector",
-    include_bytes!(concat!(env!("AUTOCOLLECT_PLUGIN_DIR"), "/mock_collector.wasm")),
+    include_bytes!(concat!(
+        env!("AUTOCOLLECT_PLUGIN_DIR"),
+        "/mock_collector.wasm"
+    )),
 )];
 
 pub fn lookup(name: &str) -> Option<(&'static str, &'static [u8])> {

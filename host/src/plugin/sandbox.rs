@@ -254,7 +254,11 @@ impl OutputTail {
 }
 
 impl AsyncWrite for OutputTail {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         let mut buf = self.0.lock().unwrap();
         let keep = &data[data.len().saturating_sub(OUTPUT_TAIL_BYTES)..];
         buf.extend(keep);

@@ -1,0 +1,103 @@
+//! Shared set-up: a cluster of real `autocollect` daemons on loopback, each
+//! in its own temp dir with pre-bound ephemeral ports, killed when the test
+//! ends (pass or fail; on failure their logs are printed).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use autocollect::client::ApiClient;
+use autocollect::cluster::LocalCluster;
+use autocollect::config::{Config, OptionValue};
+use autocollect::coordinator::task::{NodeState, TaskState, TaskStatus};
+
+/// Upper bound for any wait in a test: a hang fails instead of blocking CI.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+pub struct TestCluster {
+    pub cluster: LocalCluster,
+    // Dropped after `cluster` (fields drop in order): daemons die first.
+    _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for TestCluster {
+    type Target = LocalCluster;
+    fn deref(&self) -> &LocalCluster {
+        &self.cluster
+    }
+}
+
+impl std::ops::DerefMut for TestCluster {
+    fn deref_mut(&mut self) -> &mut LocalCluster {
+        &mut self.cluster
+    }
+}
+
+/// Start daemons named `names`; `customize` edits each node's config.
+pub async fn cluster(names: &[&str], mut customize: impl FnMut(&mut Config)) -> TestCluster {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let exe = Path::new(env!("CARGO_BIN_EXE_autocollect"));
+    // One compiled-plugin cache for the whole test run: only the first
+    // daemon to load a plugin compiles it.
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-cache");
+    let cluster = LocalCluster::launch(exe, dir.path(), names, |config| {
+        config.plugin_cache_dir = Some(cache.clone());
+        config.coordinator.heartbeat_interval_ms = 500;
+        customize(config)
+    })
+    .await
+    .expect("cluster starts");
+    TestCluster { cluster, _dir: dir }
+}
+
+/// The deliberately hostile test plugin, built from plugins/test-misbehave.
+pub fn misbehave_plugin() -> String {
+    autocollect::plugin::builtin::build_output("test_misbehave")
+        .display()
+        .to_string()
+}
+
+pub fn set_option(config: &mut Config, key: &str, value: impl Into<OptionValue>) {
+    config.collector.options.insert(key.into(), value.into());
+}
+
+/// Follow the latest task on `client` until `done` holds for it.
+pub async fn wait_for(client: &ApiClient, done: impl Fn(&TaskStatus) -> bool) -> TaskStatus {
+    client
+        .wait_until(PATIENCE, |_| {}, done)
+        .await
+        .expect("task reaches the expected state")
+}
+
+pub async fn wait_for_end(client: &ApiClient, task_id: &str) -> TaskStatus {
+    client
+        .wait_for_end(task_id, PATIENCE)
+        .await
+        .expect("task ends")
+}
+
+/// Every chosen node is in `state`.
+pub fn all_nodes(task: &TaskStatus, state: NodeState) -> bool {
+    task.per_node.values().all(|n| n.status == state)
+}
+
+pub fn assert_ended(task: &TaskStatus, state: TaskState) {
+    assert_eq!(task.status, state, "task: {task:#?}");
+    assert_eq!(task.progress, 100);
+    assert!(task.recommended_refresh_period.is_none());
+    assert!(task.cancel_uri.is_none());
+}
+
+/// The job directory of `task_id` on a node.
+pub fn job_dir(cluster: &LocalCluster, node: &str, task_id: &str) -> PathBuf {
+    cluster.node(node).data_dir.join("jobs").join(task_id)
+}
+
+/// Read one member of a zip file.
+pub fn zip_member(path: &Path, member: &str) -> String {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut archive = zip::ZipArchive::new(file).expect("a valid zip");
+    let mut entry = archive.by_name(member).expect("member present");
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut entry, &mut text).unwrap();
+    text
+}
