@@ -107,3 +107,53 @@ async fn an_unreachable_node_fails_and_the_others_proceed() {
     assert_eq!(task.per_node["n2"].status, NodeState::Collected);
     assert_eq!(task.per_node["n3"].status, NodeState::Failed);
 }
+
+/// When each node's mock collection ran: (started, finished) in Unix ms.
+fn run_interval(path: &str) -> (u128, u128) {
+    let run = zip_member(Path::new(path), "mock-run.txt");
+    let field = |key: &str| -> u128 {
+        run.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.strip_prefix('='))
+            .expect("field present")
+            .parse()
+            .unwrap()
+    };
+    (field("started_unix_ms"), field("finished_unix_ms"))
+}
+
+async fn collection_intervals(concurrency: usize) -> Vec<(u128, u128)> {
+    let c = cluster(&["n1", "n2", "n3"], |config| {
+        config.coordinator.collection_concurrency = concurrency;
+        set_option(config, "delay-ms", 300i64);
+    })
+    .await;
+    let admin = c.admin("n1");
+    let started = admin.start("all").await.unwrap();
+    let task = wait_for_end(&admin, &started.task_id).await;
+    assert!(all_nodes(&task, NodeState::Collected), "{task:#?}");
+    let mut intervals: Vec<(u128, u128)> = task
+        .per_node
+        .values()
+        .map(|n| run_interval(n.path.as_deref().unwrap()))
+        .collect();
+    intervals.sort();
+    intervals
+}
+
+#[tokio::test]
+async fn nodes_collect_in_parallel_by_default() {
+    let intervals = collection_intervals(0).await;
+    // Every collection started before any finished.
+    let last_start = intervals.iter().map(|i| i.0).max().unwrap();
+    let first_end = intervals.iter().map(|i| i.1).min().unwrap();
+    assert!(last_start < first_end, "{intervals:?}");
+}
+
+#[tokio::test]
+async fn collection_concurrency_one_collects_one_node_at_a_time() {
+    let intervals = collection_intervals(1).await;
+    for pair in intervals.windows(2) {
+        assert!(pair[0].1 <= pair[1].0, "overlap: {intervals:?}");
+    }
+}

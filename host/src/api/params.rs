@@ -142,3 +142,54 @@ pub fn reject_unknown(params: &Params, known: &[&str]) -> Result<(), ApiError> {
         Err(ApiError::fields(StatusCode::BAD_REQUEST, unknown))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(content_type: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_str(content_type).unwrap(),
+        );
+        h
+    }
+
+    #[test]
+    fn form_and_json_give_the_same_params() {
+        let form = parse(
+            &headers("application/x-www-form-urlencoded; charset=utf-8"),
+            b"from=n1%2Cn2&x=1",
+        )
+        .unwrap();
+        let json = parse(
+            &headers("application/json"),
+            br#"{"from": "n1,n2", "x": 1}"#,
+        )
+        .unwrap();
+        assert_eq!(form, json);
+        assert_eq!(form["from"].items(), vec!["n1", "n2"]);
+    }
+
+    #[test]
+    fn lists_trim_and_skip_empty_items() {
+        assert_eq!(Param::Text(" a, ,b ,".into()).items(), vec!["a", "b"]);
+        assert_eq!(Param::List(vec![" a ".into()]).items(), vec!["a"]);
+    }
+
+    #[test]
+    fn a_repeated_form_field_is_an_error() {
+        let e = parse(&HeaderMap::new(), b"from=a&from=b").unwrap_err();
+        assert_eq!(e.fields["from"], "Given more than once");
+    }
+
+    #[test]
+    fn json_must_be_an_object_of_scalars_or_string_arrays() {
+        let e = parse(&headers("application/json"), b"[1]").unwrap_err();
+        assert_eq!(e.fields["_"], "The JSON body must be an object");
+        let e = parse(&headers("application/json"), br#"{"a": {"b": 1}}"#).unwrap_err();
+        assert_eq!(e.fields["a"], "Must be a string, number, boolean or array");
+    }
+}

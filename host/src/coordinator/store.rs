@@ -55,3 +55,23 @@ impl TaskStore {
         std::fs::rename(&tmp, &self.path)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coordinator::task::{NodeState, NodeStatus};
+
+    #[test]
+    fn a_task_saved_while_running_loads_as_cancelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TaskStore::new(dir.path());
+        assert_eq!(store.load(), None);
+        let per_node = [("a".to_string(), NodeStatus::new(NodeState::Started))].into();
+        let task = TaskStatus::new("t".into(), "a".into(), per_node);
+        store.save(&task);
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.status, TaskState::Cancelled);
+        assert_eq!(loaded.per_node["a"].status, NodeState::Cancelled);
+        assert_eq!(loaded.task_id, "t");
+    }
+}

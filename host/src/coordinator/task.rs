@@ -121,7 +121,7 @@ pub struct TaskStatus {
     pub per_node: BTreeMap<String, NodeStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recommended_refresh_period: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "cancelURI", default, skip_serializing_if = "Option::is_none")]
     pub cancel_uri: Option<String>,
     /// Increases with every change (across tasks); see `?since=` on status.
     pub version: u64,
@@ -211,5 +211,78 @@ impl TaskStatus {
     pub fn set_node(&mut self, node: &str, status: NodeStatus) {
         self.per_node.insert(node.to_string(), status);
         self.update_progress();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(nodes: &[&str]) -> TaskStatus {
+        let per_node = nodes
+            .iter()
+            .map(|n| (n.to_string(), NodeStatus::new(NodeState::Starting)))
+            .collect();
+        TaskStatus::new("t".into(), "n1".into(), per_node)
+    }
+
+    #[test]
+    fn progress_counts_finished_nodes() {
+        let mut t = task(&["a", "b", "c"]);
+        assert_eq!(t.progress, 0);
+        assert_eq!(t.apply("a", &NodeEvent::Started), Some(NodeState::Started));
+        assert_eq!(t.apply("a", &NodeEvent::Heartbeat), None);
+        let collected = NodeEvent::Collected {
+            path: "/p".into(),
+            size: 1,
+            summary: String::new(),
+        };
+        assert_eq!(t.apply("a", &collected), Some(NodeState::Collected));
+        assert_eq!(t.progress, 33);
+        let failed = NodeEvent::Failed {
+            status_code: Some("2".into()),
+            output: "boom".into(),
+        };
+        t.apply("b", &failed);
+        assert_eq!(t.progress, 66);
+        assert_eq!(t.per_node["b"].collection_status_code.as_deref(), Some("2"));
+        assert_eq!(t.apply("ghost", &NodeEvent::Started), None);
+    }
+
+    #[test]
+    fn finishing_settles_every_unfinished_node() {
+        let mut t = task(&["a", "b"]);
+        t.apply("a", &NodeEvent::Cancelled);
+        t.finish(TaskState::Cancelled, "unused");
+        assert!(
+            t.per_node
+                .values()
+                .all(|n| n.status == NodeState::Cancelled)
+        );
+        assert_eq!((t.progress, t.cancel_uri.clone()), (100, None));
+
+        let mut t = task(&["a"]);
+        t.finish(TaskState::Completed, "lost");
+        assert_eq!(t.per_node["a"], NodeStatus::failed(None, "lost"));
+    }
+
+    #[test]
+    fn the_json_has_couchbase_field_names() {
+        let mut t = task(&["a"]);
+        t.apply(
+            "a",
+            &NodeEvent::Failed {
+                status_code: Some("1".into()),
+                output: "x".into(),
+            },
+        );
+        let v = serde_json::to_value(&t).unwrap();
+        assert_eq!(v["type"], "clusterLogsCollection");
+        assert_eq!(v["status"], "running");
+        assert_eq!(v["perNode"]["a"]["status"], "failed");
+        assert_eq!(v["perNode"]["a"]["collectionStatusCode"], "1");
+        assert_eq!(v["perNode"]["a"]["collectionOutput"], "x");
+        assert_eq!(v["recommendedRefreshPeriod"], 2.0);
+        assert_eq!(v["cancelURI"], "/collectLogs/cancel");
     }
 }

@@ -13,6 +13,10 @@
 //! | `result` | status code; non-zero makes the collection fail with it | `0` |
 //! | `delay-ms` | how long to "collect" before finishing, in milliseconds | `0` |
 //! | `artifact-size` | approximate size of the zip in bytes (random payload) | `0` (just the text) |
+//!
+//! Besides `output.txt` (and `payload.bin`), the zip holds `mock-run.txt`:
+//! node, task, and when the run started and finished (Unix ms), so tests
+//! can check how collections were scheduled.
 
 wit_bindgen::generate!({
     path: "../../wit",
@@ -88,6 +92,7 @@ impl Guest for MockCollector {
 
     fn collect(request: CollectRequest) -> Result<CollectOutcome, PluginError> {
         let settings = Settings::from_options(&request.options)?;
+        let started = unix_ms(SystemTime::now());
         let ctx = &request.context;
         let output = settings.output.clone().unwrap_or_else(|| {
             format!(
@@ -118,7 +123,13 @@ impl Guest for MockCollector {
             ctx.node.replace(':', "-")
         );
         let path = format!("{}/{}", request.output_dir.trim_end_matches('/'), name);
-        let size = write_zip(&path, &output, settings.artifact_size)
+        let run = format!(
+            "node={}\ntask={}\nstarted_unix_ms={started}\nfinished_unix_ms={}\n",
+            ctx.node,
+            ctx.task_id,
+            unix_ms(SystemTime::now())
+        );
+        let size = write_zip(&path, &output, &run, settings.artifact_size)
             .map_err(|e| PluginError::Internal(format!("writing {name}: {e}")))?;
         Ok(CollectOutcome {
             artifacts: vec![Artifact {
@@ -152,7 +163,7 @@ fn pretend_to_work(delay: Duration) {
 
 /// Write a zip holding `output.txt` and, if `artifact_size` asks for more,
 /// `payload.bin` of incompressible bytes, streamed in 64 KiB chunks.
-fn write_zip(path: &str, output: &str, artifact_size: u64) -> std::io::Result<u64> {
+fn write_zip(path: &str, output: &str, run: &str, artifact_size: u64) -> std::io::Result<u64> {
     use zip::write::SimpleFileOptions;
     let file = File::create(path)?;
     let mut zip = zip::ZipWriter::new(BufWriter::with_capacity(1 << 16, file));
@@ -161,9 +172,11 @@ fn write_zip(path: &str, output: &str, artifact_size: u64) -> std::io::Result<u6
         .large_file(artifact_size >= u32::MAX as u64);
     zip.start_file("output.txt", stored).map_err(zip_err)?;
     zip.write_all(output.as_bytes())?;
+    zip.start_file("mock-run.txt", stored).map_err(zip_err)?;
+    zip.write_all(run.as_bytes())?;
 
-    // Local header, data descriptor and central directory cost ~200 bytes.
-    let payload = artifact_size.saturating_sub(output.len() as u64 + 256);
+    // Headers, data descriptors and central directory cost ~100 bytes a file.
+    let payload = artifact_size.saturating_sub((output.len() + run.len()) as u64 + 384);
     if payload > 0 {
         zip.start_file("payload.bin", stored).map_err(zip_err)?;
         let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
@@ -198,6 +211,12 @@ impl XorShift {
             word.copy_from_slice(&self.0.to_le_bytes()[..word.len()]);
         }
     }
+}
+
+fn unix_ms(t: SystemTime) -> u128 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
 }
 
 /// `YYYY-MM-DDTHHMMSS` in UTC, as `cbcollect_info` names its zips.
