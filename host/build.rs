@@ -10,9 +10,15 @@ use std::env;
 use std::path::PathBuf;
 use std::process::Command;
 
-/// Components copied to OUT_DIR. The first ones are embedded in the binary;
-/// `test_misbehave` is only exposed to tests and benchmarks by path.
-const PLUGINS: &[&str] = &["mock_collector", "test_misbehave"];
+/// Components copied to OUT_DIR. `http_uploader` and `mock_collector` are
+/// embedded in the binary; the `test_*` ones are only exposed to tests and
+/// benchmarks by path.
+const PLUGINS: &[&str] = &[
+    "http_uploader",
+    "mock_collector",
+    "test_hostile_uploader",
+    "test_misbehave",
+];
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::client::{ApiClient, ClientError};
+use crate::client::{ApiClient, ClientError, StartOptions};
 use crate::cluster::LocalCluster;
 use crate::config::{Config, OptionValue};
 use crate::coordinator::task::{NodeState, NodeStatus, TaskState, TaskStatus};
@@ -43,7 +43,20 @@ enum Command {
         /// `all`, or a comma-separated list of node names.
         #[arg(long, default_value = "all")]
         nodes: String,
-        /// Follow the task until it ends; exit 1 unless every node collected.
+        /// Upload each node's zip to this host (`https://` is assumed).
+        #[arg(long)]
+        upload_host: Option<String>,
+        /// Customer name (required with --upload-host).
+        #[arg(long)]
+        customer: Option<String>,
+        /// Ticket number.
+        #[arg(long)]
+        ticket: Option<String>,
+        /// Skip checking that the upload host answers before starting.
+        #[arg(long)]
+        bypass_reachability_checks: bool,
+        /// Follow the task until it ends; exit 1 unless every node collected
+        /// (and uploaded, when uploading).
         #[arg(long)]
         wait: bool,
     },
@@ -124,9 +137,24 @@ fn init_tracing(daemon: bool) {
 async fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Serve { config, listen_fd } => serve(&config, listen_fd).await,
-        Command::Start { api, nodes, wait } => {
+        Command::Start {
+            api,
+            nodes,
+            upload_host,
+            customer,
+            ticket,
+            bypass_reachability_checks,
+            wait,
+        } => {
             let client = api.client();
-            let task = client.start(&nodes).await.map_err(explain)?;
+            let options = StartOptions {
+                nodes,
+                upload_host,
+                customer,
+                ticket,
+                bypass_reachability_checks,
+            };
+            let task = client.start_with(&options).await.map_err(explain)?;
             println!("started task {} on {}", task.task_id, client.base());
             if wait {
                 follow(&client, &task.task_id).await
@@ -207,11 +235,11 @@ async fn follow(client: &ApiClient, task_id: &str) -> Result<ExitCode> {
         .await
         .map_err(explain)?;
     print_task(&task);
-    let all_collected = task
+    let all_done = task
         .per_node
         .values()
-        .all(|n| n.status == NodeState::Collected);
-    Ok(if task.status == TaskState::Completed && all_collected {
+        .all(|n| matches!(n.status, NodeState::Collected | NodeState::Uploaded));
+    Ok(if task.status == TaskState::Completed && all_done {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -221,6 +249,16 @@ async fn follow(client: &ApiClient, task_id: &str) -> Result<ExitCode> {
 fn detail(status: &NodeStatus) -> String {
     match status.status {
         NodeState::Collected => status.path.clone().unwrap_or_default(),
+        NodeState::Uploaded => status.url.clone().unwrap_or_default(),
+        NodeState::FailedUpload => {
+            let output = status.upload_output.as_deref().unwrap_or("").trim();
+            let output = output.lines().last().unwrap_or("");
+            let url = status.url.as_deref().unwrap_or("");
+            match &status.upload_status_code {
+                Some(code) => format!("{url}: HTTP {code}: {output}"),
+                None => format!("{url}: {output}"),
+            }
+        }
         NodeState::Failed => {
             let output = status.collection_output.as_deref().unwrap_or("").trim();
             let output = output.lines().last().unwrap_or("");

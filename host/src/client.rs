@@ -93,8 +93,29 @@ impl ApiClient {
 
     /// Start a collection: `nodes` is `all` or a comma list of names.
     pub async fn start(&self, nodes: &str) -> Result<TaskStatus, ClientError> {
-        let from = if nodes == "all" { "allnodes" } else { nodes };
-        let body = RequestBody::Form(vec![("from".into(), from.into())]);
+        self.start_with(&StartOptions::nodes(nodes)).await
+    }
+
+    /// Start a collection, uploading if `options` name a destination.
+    pub async fn start_with(&self, options: &StartOptions) -> Result<TaskStatus, ClientError> {
+        let from = if options.nodes == "all" {
+            "allnodes"
+        } else {
+            &options.nodes
+        };
+        let mut form = vec![("from".to_string(), from.to_string())];
+        let mut add = |key: &str, value: &Option<String>| {
+            if let Some(v) = value {
+                form.push((key.to_string(), v.clone()));
+            }
+        };
+        add("upload_host", &options.upload_host);
+        add("customer", &options.customer);
+        add("ticket", &options.ticket);
+        if options.bypass_reachability_checks {
+            form.push(("bypassReachabilityChecks".into(), "true".into()));
+        }
+        let body = RequestBody::Form(form);
         parse(self.call(Method::POST, START_URI, Some(body)).await?)
     }
 
@@ -186,6 +207,26 @@ impl ApiClient {
     }
 }
 
+/// What to collect and where to upload it.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// `all` or a comma list of node names.
+    pub nodes: String,
+    pub upload_host: Option<String>,
+    pub customer: Option<String>,
+    pub ticket: Option<String>,
+    pub bypass_reachability_checks: bool,
+}
+
+impl StartOptions {
+    pub fn nodes(nodes: &str) -> StartOptions {
+        StartOptions {
+            nodes: nodes.to_string(),
+            ..Default::default()
+        }
+    }
+}
+
 pub enum RequestBody {
     Form(Vec<(String, String)>),
     Json(Value),
@@ -198,7 +239,8 @@ fn parse(v: Value) -> Result<TaskStatus, ClientError> {
     })
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error with its causes (`a: b: c`): reqwest's own message omits them.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut message = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

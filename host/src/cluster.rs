@@ -112,6 +112,8 @@ impl LocalCluster {
                 nodes: nodes_map.clone(),
                 users: users.clone(),
                 collector: Default::default(),
+                uploader: crate::config::PluginRole::uploader(),
+                upload: Default::default(),
                 coordinator: Default::default(),
                 plugin_cache_dir: Some(root.join("plugin-cache")),
             };

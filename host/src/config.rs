@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+pub use crate::upload::UploadPolicy;
+
 /// One node's configuration file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,6 +34,12 @@ pub struct Config {
     /// The collector role: which plugin, its options and limits.
     #[serde(default)]
     pub collector: PluginRole,
+    /// The uploader role (default `builtin:http-uploader`).
+    #[serde(default = "PluginRole::uploader")]
+    pub uploader: PluginRole,
+    /// Where uploads may go.
+    #[serde(default)]
+    pub upload: UploadPolicy,
     #[serde(default)]
     pub coordinator: CoordinatorSettings,
     /// Directory for compiled plugins, so restarts skip compilation.
@@ -59,11 +67,11 @@ pub enum Role {
 }
 
 /// Which plugin serves a role, with its options and sandbox limits.
+/// In TOML, a role's section must name its `plugin` if it is present.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginRole {
     /// `builtin:NAME` or a path to a `.wasm` component.
-    #[serde(default = "default_collector")]
     pub plugin: String,
     /// Options handed to the plugin (strings; numbers and booleans are
     /// converted to their text).
@@ -78,9 +86,10 @@ pub struct PluginRole {
 }
 
 impl Default for PluginRole {
+    /// The collector role's defaults.
     fn default() -> Self {
         PluginRole {
-            plugin: default_collector(),
+            plugin: "builtin:mock-collector".into(),
             options: BTreeMap::new(),
             timeout_secs: default_timeout_secs(),
             memory_limit_mb: default_memory_limit_mb(),
@@ -89,6 +98,17 @@ impl Default for PluginRole {
 }
 
 impl PluginRole {
+    /// The uploader role's defaults: uploads of many GiB take hours on a
+    /// slow link; memory stays small because the body streams.
+    pub fn uploader() -> Self {
+        PluginRole {
+            plugin: "builtin:http-uploader".into(),
+            options: BTreeMap::new(),
+            timeout_secs: 4.0 * 3600.0,
+            memory_limit_mb: 128,
+        }
+    }
+
     /// Options as the string pairs the WIT contract carries.
     pub fn option_pairs(&self) -> Vec<(String, String)> {
         self.options
@@ -138,6 +158,10 @@ pub struct CoordinatorSettings {
     /// parallel (the default, as Couchbase), 1 means one node at a time.
     #[serde(default)]
     pub collection_concurrency: usize,
+    /// How many nodes upload at once across the cluster (default 1, as
+    /// Couchbase: uploads share the customer's uplink); 0 means no limit.
+    #[serde(default = "default_upload_concurrency")]
+    pub upload_concurrency: usize,
     /// How often a node sends a heartbeat on its job stream, in ms. The
     /// coordinator gives up on a node after three missed heartbeats.
     #[serde(default = "default_heartbeat_ms")]
@@ -151,14 +175,15 @@ impl Default for CoordinatorSettings {
     fn default() -> Self {
         CoordinatorSettings {
             collection_concurrency: 0,
+            upload_concurrency: default_upload_concurrency(),
             heartbeat_interval_ms: default_heartbeat_ms(),
             connect_timeout_ms: default_connect_timeout_ms(),
         }
     }
 }
 
-fn default_collector() -> String {
-    "builtin:mock-collector".into()
+fn default_upload_concurrency() -> usize {
+    1
 }
 fn default_timeout_secs() -> f64 {
     3600.0
@@ -233,11 +258,13 @@ impl Config {
                 )
             })?;
         }
-        if !self.collector.timeout_secs.is_finite() || self.collector.timeout_secs <= 0.0 {
-            bail!("collector.timeout_secs must be positive");
-        }
-        if self.collector.memory_limit_mb == 0 {
-            bail!("collector.memory_limit_mb must be positive");
+        for (name, role) in [("collector", &self.collector), ("uploader", &self.uploader)] {
+            if !role.timeout_secs.is_finite() || role.timeout_secs <= 0.0 {
+                bail!("{name}.timeout_secs must be positive");
+            }
+            if role.memory_limit_mb == 0 {
+                bail!("{name}.memory_limit_mb must be positive");
+            }
         }
         if self.coordinator.heartbeat_interval_ms == 0 {
             bail!("coordinator.heartbeat_interval_ms must be positive");

@@ -13,6 +13,7 @@
 //!   that runs the collector plugin.
 //! - [`plugin`]: wasmtime engine, compiled-component cache, sandbox.
 //! - [`protocol`]: the node-to-node wire types.
+//! - [`upload`]: upload destinations: validation, policy, preflight.
 //! - [`client`], [`cluster`]: API client and a local-cluster launcher
 //!   (used by the CLI's `demo`, the tests and the benchmarks).
 
@@ -27,3 +28,4 @@ pub mod node;
 pub mod plugin;
 pub mod protocol;
 pub mod server;
+pub mod upload;

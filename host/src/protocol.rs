@@ -16,7 +16,10 @@
 //!
 //! Commands go the other way as short requests on the session:
 //! `POST /internal/v1/sessions/{task}/job` starts the collector,
-//! `POST /internal/v1/sessions/{task}/cancel` stops it.
+//! `POST /internal/v1/sessions/{task}/upload` uploads what it collected
+//! (the coordinator sends it when a cluster-wide upload slot is free),
+//! `POST /internal/v1/sessions/{task}/cancel` stops whatever runs, and
+//! `POST /internal/v1/sessions/{task}/close` ends the session.
 //!
 //! Every internal request carries `Authorization: Bearer <cluster secret>`.
 
@@ -41,6 +44,14 @@ pub struct OpenSession {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StartJob {}
+
+/// Body of `POST /internal/v1/sessions/{task}/upload`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StartUpload {
+    /// `https://HOST/CUSTOMER/[TICKET/]`; the node appends the file name.
+    pub base_url: String,
+}
 
 /// Answer of a node that already holds a session (HTTP 409).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -78,16 +89,37 @@ pub enum NodeEvent {
         status_code: Option<String>,
         output: String,
     },
+    /// The uploader started sending the artifact to `url`.
+    UploadStarted { url: String },
+    /// The artifact is stored at `url`.
+    #[serde(rename_all = "camelCase")]
+    Uploaded { url: String, bytes_sent: u64 },
+    /// The upload failed: `status_code` is the HTTP status when the server
+    /// answered, `output` its answer or the reason.
+    #[serde(rename_all = "camelCase")]
+    UploadFailed {
+        url: String,
+        status_code: Option<String>,
+        output: String,
+    },
     /// The job was cancelled and its output removed.
     Cancelled,
 }
 
 impl NodeEvent {
-    /// Does this event end the job?
-    pub fn is_final(&self) -> bool {
+    /// Does this event end the collection phase?
+    pub fn ends_collection(&self) -> bool {
         matches!(
             self,
             NodeEvent::Collected { .. } | NodeEvent::Failed { .. } | NodeEvent::Cancelled
+        )
+    }
+
+    /// Does this event end the upload phase?
+    pub fn ends_upload(&self) -> bool {
+        matches!(
+            self,
+            NodeEvent::Uploaded { .. } | NodeEvent::UploadFailed { .. } | NodeEvent::Cancelled
         )
     }
 }

@@ -10,11 +10,12 @@ use anyhow::{Context, Result, anyhow};
 
 use crate::api::{self, AppState};
 use crate::auth::Users;
-use crate::config::Config;
+use crate::config::{Config, PluginRole};
 use crate::coordinator::Coordinator;
 use crate::coordinator::peers::Peers;
-use crate::node::{CollectorRole, NodeService};
+use crate::node::{NodeService, Role, Roles};
 use crate::plugin::collector::CollectorPlugin;
+use crate::plugin::uploader::UploaderPlugin;
 use crate::plugin::{PluginHost, PluginSource, RunLimits};
 
 /// How long shutdown waits for a cancelled job to clean up.
@@ -24,31 +25,44 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// plugin paths). Compiles and checks the collector plugin.
 pub async fn build(config: &Config, config_dir: &Path) -> Result<(AppState, api::AppRouter)> {
     let plugins = PluginHost::new(config.plugin_cache_dir.clone())?;
-    let source = PluginSource::parse(&config.collector.plugin, config_dir)?;
-    let collector = {
-        let plugins = plugins.clone();
-        tokio::task::spawn_blocking(move || CollectorPlugin::load(&plugins, source)).await??
-    };
-    let options = config.collector.option_pairs();
+    let collector = load_role(
+        &plugins,
+        &config.collector,
+        config_dir,
+        "collector",
+        CollectorPlugin::load,
+    )
+    .await?;
     collector
-        .validate_options(&options)
+        .plugin
+        .validate_options(&collector.options)
         .await
-        .map_err(|e| anyhow!("collector plugin {}: {e}", collector.source()))?;
-    tracing::info!(plugin = %collector.source(), "collector loaded");
+        .map_err(|e| anyhow!("collector plugin {}: {e}", collector.plugin.source()))?;
+    let uploader = load_role(
+        &plugins,
+        &config.uploader,
+        config_dir,
+        "uploader",
+        UploaderPlugin::load,
+    )
+    .await?;
+    uploader
+        .plugin
+        .validate_options(&uploader.options)
+        .await
+        .map_err(|e| anyhow!("uploader plugin {}: {e}", uploader.plugin.source()))?;
+    tracing::info!(collector = %collector.plugin.source(), uploader = %uploader.plugin.source(), "plugins loaded");
 
-    let role = CollectorRole {
-        plugin: Arc::new(collector),
-        options,
-        limits: RunLimits {
-            timeout: Duration::from_secs_f64(config.collector.timeout_secs),
-            memory_bytes: (config.collector.memory_limit_mb as usize) << 20,
-        },
+    let roles = Roles {
+        collector,
+        uploader,
+        upload_policy: config.upload.clone(),
     };
     let heartbeat = Duration::from_millis(config.coordinator.heartbeat_interval_ms);
     let node = NodeService::new(
         config.node.clone(),
         config.data_dir.clone(),
-        role,
+        roles,
         heartbeat,
     );
     let peers = Peers::new(
@@ -60,6 +74,7 @@ pub async fn build(config: &Config, config_dir: &Path) -> Result<(AppState, api:
         config.node.clone(),
         peers,
         config.coordinator.clone(),
+        config.upload.clone(),
         &config.data_dir,
     );
     let state = AppState {
@@ -69,6 +84,28 @@ pub async fn build(config: &Config, config_dir: &Path) -> Result<(AppState, api:
         secret: config.secret().into(),
     };
     Ok((state.clone(), api::router(state)))
+}
+
+/// Compile (off the async runtime) and configure one role's plugin.
+async fn load_role<P: Send + Sync + 'static>(
+    plugins: &Arc<PluginHost>,
+    config: &PluginRole,
+    config_dir: &Path,
+    role: &str,
+    load: fn(&Arc<PluginHost>, PluginSource) -> Result<P>,
+) -> Result<Role<P>> {
+    let source = PluginSource::parse(&config.plugin, config_dir)
+        .with_context(|| format!("[{role}] plugin"))?;
+    let plugins = plugins.clone();
+    let plugin = tokio::task::spawn_blocking(move || load(&plugins, source)).await??;
+    Ok(Role {
+        plugin: Arc::new(plugin),
+        options: config.option_pairs(),
+        limits: RunLimits {
+            timeout: Duration::from_secs_f64(config.timeout_secs),
+            memory_bytes: (config.memory_limit_mb as usize) << 20,
+        },
+    })
 }
 
 /// Serve on `listener` until a termination signal.

@@ -71,7 +71,7 @@ async fn a_second_start_anywhere_in_the_cluster_is_refused_and_the_first_is_unaf
     let still = c.admin("n1").status().await.unwrap().unwrap();
     assert_eq!(still.task_id, first.task_id);
     assert_eq!(still.status, TaskState::Running);
-    assert!(still.per_node.values().all(|n| !n.status.is_final()));
+    assert!(still.per_node.values().all(|n| !n.status.is_finished()));
 
     // Cancel through a node other than the coordinator: it is forwarded.
     let task = c.admin("n3").cancel().await.unwrap().unwrap();
@@ -115,7 +115,7 @@ async fn a_node_that_dies_mid_collection_is_reported_failed() {
     wait_for(&admin, |t| all_nodes(t, NodeState::Started)).await;
 
     c.kill("n2");
-    let task = wait_for(&admin, |t| t.per_node["n2"].status.is_final()).await;
+    let task = wait_for(&admin, |t| t.per_node["n2"].status.is_finished()).await;
     let n2 = &task.per_node["n2"];
     assert_eq!(n2.status, NodeState::Failed);
     assert!(

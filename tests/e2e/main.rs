@@ -1,8 +1,11 @@
 //! End-to-end tests: real `autocollect` daemons on loopback, real plugins
-//! compiled from `plugins/`, driven through the public HTTP API.
+//! compiled from `plugins/`, driven through the public HTTP API; uploads
+//! go to a real HTTP server in the test process.
 
 mod api_errors;
 mod cancel;
 mod collect;
 mod sandbox;
 mod support;
+mod upload;
+mod upload_server;

@@ -16,7 +16,10 @@ use super::public::{StatusQuery, local_status};
 use super::{ApiError, AppState};
 use crate::auth::has_cluster_secret;
 use crate::node::StartJobError;
-use crate::protocol::{CANCEL_TASK_PATH, LATEST_TASK_PATH, OpenSession, SESSIONS_PATH};
+use crate::protocol::{
+    CANCEL_TASK_PATH, LATEST_TASK_PATH, OpenSession, SESSIONS_PATH, StartUpload,
+};
+use crate::upload::Destination;
 
 const CANCEL_WAIT: Duration = Duration::from_secs(10);
 
@@ -24,6 +27,10 @@ pub fn router(_state: AppState) -> Router<AppState> {
     Router::new()
         .route(SESSIONS_PATH, post(open_session))
         .route(&format!("{SESSIONS_PATH}/{{task}}/job"), post(start_job))
+        .route(
+            &format!("{SESSIONS_PATH}/{{task}}/upload"),
+            post(start_upload),
+        )
         .route(
             &format!("{SESSIONS_PATH}/{{task}}/cancel"),
             post(cancel_job),
@@ -78,20 +85,40 @@ async fn open_session(State(state): State<AppState>, _: Peer, body: bytes::Bytes
     }
 }
 
+fn job_error(e: StartJobError) -> ApiError {
+    let status = match e {
+        StartJobError::NoSession(_) => StatusCode::NOT_FOUND,
+        StartJobError::AlreadyStarted(_)
+        | StartJobError::NothingToUpload(_)
+        | StartJobError::Busy(_) => StatusCode::CONFLICT,
+    };
+    ApiError::general(status, e.to_string())
+}
+
 async fn start_job(
     State(state): State<AppState>,
     _: Peer,
     Path(task): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    match state.node.start_job(&task) {
-        Ok(()) => Ok(StatusCode::ACCEPTED),
-        Err(e @ StartJobError::NoSession(_)) => {
-            Err(ApiError::general(StatusCode::NOT_FOUND, e.to_string()))
-        }
-        Err(e @ StartJobError::AlreadyStarted(_)) => {
-            Err(ApiError::general(StatusCode::CONFLICT, e.to_string()))
-        }
-    }
+    state.node.start_job(&task).map_err(job_error)?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+async fn start_upload(
+    State(state): State<AppState>,
+    _: Peer,
+    Path(task): Path<String>,
+    body: bytes::Bytes,
+) -> Result<StatusCode, ApiError> {
+    let request: StartUpload = json_body(&body)?;
+    let destination = Destination {
+        base_url: request.base_url,
+    };
+    state
+        .node
+        .start_upload(&task, destination)
+        .map_err(job_error)?;
+    Ok(StatusCode::ACCEPTED)
 }
 
 fn no_session(task: &str) -> ApiError {

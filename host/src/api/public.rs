@@ -1,6 +1,8 @@
 //! The public REST API (HTTP Basic auth, roles):
 //!
-//! - `POST /collectLogs/start` (admin): `from=allnodes|n1,n2` or `nodes`
+//! - `POST /collectLogs/start` (admin): `from=allnodes|n1,n2` or `nodes`;
+//!   to upload: `upload=true`, `upload_host` (or `uploadHost`), `customer`,
+//!   `ticket`, `bypassReachabilityChecks`
 //! - `GET  /collectLogs/status` (any user): the latest task; `?since=V`
 //!   waits (up to `wait` seconds, default 30, at most 60) until its
 //!   version exceeds `V`
@@ -26,7 +28,9 @@ use super::params::{self, Param};
 use super::{AppState, CANCEL_URI, HEALTH_URI, START_URI, STATUS_URI};
 use crate::auth::{AuthError, Caller};
 use crate::config::Role;
-use crate::coordinator::{NodeSelection, StartError};
+use crate::coordinator::{NodeSelection, StartError, StartRequest};
+use crate::upload::Destination;
+use std::collections::BTreeMap;
 
 use super::ApiError;
 
@@ -84,10 +88,99 @@ impl FromRequestParts<AppState> for Admin {
     }
 }
 
+const START_PARAMS: &[&str] = &[
+    "from",
+    "nodes",
+    "upload",
+    "upload_host",
+    "uploadHost",
+    "customer",
+    "ticket",
+    "bypassReachabilityChecks",
+];
+
+/// Check a start request; every problem is reported at once, keyed by
+/// field, as ns_server does.
+fn start_request(state: &AppState, params: &params::Params) -> Result<StartRequest, ApiError> {
+    params::reject_unknown(params, START_PARAMS)?;
+    let selection = selection(params)?;
+    let mut errors = BTreeMap::new();
+    if let Err(StartError::Invalid(fields)) = state.coordinator.resolve(&selection) {
+        errors.extend(fields);
+    }
+    let mut text = |key: &str| match params.get(key) {
+        None => None,
+        Some(Param::Text(t)) => Some(t.clone()),
+        Some(Param::List(_)) => {
+            errors.insert(key.to_string(), "Must be a string".to_string());
+            None
+        }
+    };
+    let upload = text("upload");
+    let bypass = text("bypassReachabilityChecks");
+    let customer = text("customer");
+    let ticket = text("ticket");
+    let host = match (text("upload_host"), text("uploadHost")) {
+        (Some(_), Some(_)) => {
+            errors.insert(
+                "uploadHost".into(),
+                "Give either upload_host or uploadHost, not both".into(),
+            );
+            None
+        }
+        (a, b) => a.or(b),
+    };
+    let mut flag = |key: &str, value: Option<String>| match value.as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => {
+            errors.insert(key.to_string(), "must be true or false".to_string());
+            false
+        }
+    };
+    let upload_flag = upload.is_some().then(|| flag("upload", upload.clone()));
+    let bypass_reachability_checks = flag("bypassReachabilityChecks", bypass);
+    let destination =
+        match Destination::from_request(host.as_deref(), customer.as_deref(), ticket.as_deref()) {
+            Ok(d) => d,
+            Err(fields) => {
+                errors.extend(fields);
+                None
+            }
+        };
+    match (upload_flag, &destination) {
+        (Some(true), None) if !errors.contains_key("uploadHost") => {
+            errors.insert(
+                "uploadHost".into(),
+                "upload host must be given if upload is true".into(),
+            );
+        }
+        (Some(false), Some(_)) => {
+            errors.insert(
+                "upload".into(),
+                "is false, but an upload host was given".into(),
+            );
+        }
+        _ => {}
+    }
+    if let Some(d) = &destination
+        && let Err(StartError::Invalid(fields)) = state.coordinator.check_destination(d)
+    {
+        errors.extend(fields);
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::fields(StatusCode::BAD_REQUEST, errors));
+    }
+    Ok(StartRequest {
+        selection,
+        upload: destination,
+        bypass_reachability_checks,
+    })
+}
+
 /// The node selection of a start request: `from` (the seed's form:
 /// `allnodes` or a comma list) or `nodes` (`*`, a comma list or an array).
 fn selection(params: &params::Params) -> Result<NodeSelection, ApiError> {
-    params::reject_unknown(params, &["from", "nodes"])?;
     let (key, value) = match (params.get("from"), params.get("nodes")) {
         (Some(_), Some(_)) => {
             return Err(ApiError::field(
@@ -119,14 +212,14 @@ async fn start(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let params = params::parse(&headers, &body)?;
-    let selection = selection(&params)?;
-    match state.coordinator.start(&selection).await {
+    let request = start_request(&state, &params)?;
+    match state.coordinator.start(&request).await {
         Ok(task) => {
             tracing::info!(user = %caller.user, task = %task.task_id, "collection requested");
             Ok(Json(serde_json::to_value(task).unwrap()))
         }
         Err(StartError::Invalid(fields)) => Err(ApiError::fields(StatusCode::BAD_REQUEST, fields)),
-        Err(e @ StartError::AlreadyRunning) => {
+        Err(e @ (StartError::AlreadyRunning | StartError::Unreachable(_))) => {
             Err(ApiError::general(StatusCode::BAD_REQUEST, e.to_string()))
         }
     }

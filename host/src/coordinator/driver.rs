@@ -1,18 +1,27 @@
 //! One chosen node of a task: wait for a collection slot, start the job,
-//! follow the node's events to a final state, cancel when asked.
+//! follow the node's events until it has collected; then, if the task
+//! uploads, wait for an upload slot, start the upload and follow it.
+//! Cancel is honoured in every phase.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
 use super::TaskCtx;
-use super::peers::SessionEvents;
+use super::peers::{PeerError, SessionEvents};
 use super::task::{NodeState, NodeStatus};
 use crate::protocol::NodeEvent;
 
 /// How long a node has to confirm a cancel before we stop waiting.
 const CANCEL_CONFIRM: Duration = Duration::from_secs(5);
+
+/// A node's driver for one task.
+struct Driver {
+    ctx: Arc<TaskCtx>,
+    node: String,
+}
 
 /// Returns the session stream so the caller can hold it (the node's slot)
 /// until the whole task ends.
@@ -21,90 +30,182 @@ pub(super) async fn drive(
     node: String,
     mut session: SessionEvents,
 ) -> SessionEvents {
-    let coordinator = &ctx.coordinator;
-    let set = |status: NodeStatus| {
-        let state = status.status;
-        coordinator.update(&ctx.task_id, |t| t.set_node(&node, status));
-        tracing::info!(task = %ctx.task_id, %node, state = state.as_str(), "node state");
-    };
-
-    let _permit = tokio::select! {
-        permit = ctx.slots.acquire() => permit.expect("semaphore never closed"),
-        _ = ctx.cancel.cancelled() => {
-            set(NodeStatus::new(NodeState::Cancelled));
-            return session;
-        }
-    };
-    if ctx.cancel.is_cancelled() {
-        set(NodeStatus::new(NodeState::Cancelled));
-        return session;
-    }
-    if let Err(e) = coordinator.peers.start_job(&node, &ctx.task_id).await {
-        set(NodeStatus::failed(
-            None,
-            format!("could not start the job: {e}"),
-        ));
-        return session;
-    }
-
-    // A live node sends a heartbeat every interval; three missed is dead.
-    let liveness = coordinator.heartbeat() * 3;
-    let mut cancel_deadline: Option<Instant> = None;
-    loop {
-        let wait = match cancel_deadline {
-            Some(d) => d.saturating_duration_since(Instant::now()),
-            None => liveness,
-        };
-        let next = tokio::select! {
-            next = tokio::time::timeout(wait, session.next()) => next,
-            _ = ctx.cancel.cancelled(), if cancel_deadline.is_none() => {
-                if let Err(e) = coordinator.peers.cancel_job(&node, &ctx.task_id).await {
-                    tracing::warn!(task = %ctx.task_id, %node, "cancel request failed: {e}");
-                }
-                cancel_deadline = Some(Instant::now() + CANCEL_CONFIRM);
-                continue;
-            }
-        };
-        let lost = |why: String| match cancel_deadline {
-            // We were cancelling anyway: the node is gone or slow, and its
-            // job dies with the session when we drop it.
-            Some(_) => NodeStatus::new(NodeState::Cancelled),
-            None => NodeStatus::failed(None, why),
-        };
-        match next {
-            Err(_) if cancel_deadline.is_some() => {
-                tracing::warn!(task = %ctx.task_id, %node, "node did not confirm the cancel in time");
-                set(lost(String::new()));
-                break;
-            }
-            Err(_) => {
-                set(lost(format!(
-                    "lost contact with the node: no heartbeat for {liveness:?}"
-                )));
-                break;
-            }
-            Ok(None) => {
-                set(lost(
-                    "lost contact with the node: the connection closed".into(),
-                ));
-                break;
-            }
-            Ok(Some(Err(e))) => {
-                set(lost(format!("lost contact with the node: {e}")));
-                break;
-            }
-            Ok(Some(Ok(NodeEvent::Heartbeat))) => {}
-            Ok(Some(Ok(event))) => {
-                let mut changed = None;
-                coordinator.update(&ctx.task_id, |t| changed = t.apply(&node, &event));
-                if let Some(state) = changed {
-                    tracing::info!(task = %ctx.task_id, %node, state = state.as_str(), "node state");
-                }
-                if event.is_final() {
-                    break;
-                }
-            }
-        }
-    }
+    let driver = Driver { ctx, node };
+    driver.run(&mut session).await;
     session
+}
+
+impl Driver {
+    async fn run(&self, session: &mut SessionEvents) {
+        let ctx = &self.ctx;
+        let peers = &ctx.coordinator.peers;
+
+        let Some(permit) = self.slot(&ctx.collect_slots).await else {
+            return;
+        };
+        let started = peers.start_job(&self.node, &ctx.task_id).await;
+        if let Some(state) = self.command_failed(started, "could not start the job") {
+            return self.set(NodeStatus::failed(None, state));
+        }
+        if self.follow(session, NodeEvent::ends_collection).await != Some(NodeState::Collected) {
+            return;
+        }
+        drop(permit);
+
+        let Some(destination) = &ctx.upload else {
+            return;
+        };
+        self.set_state(NodeState::StartingUpload);
+        let Some(_permit) = self.slot(&ctx.upload_slots).await else {
+            return;
+        };
+        let started = peers
+            .start_upload(&self.node, &ctx.task_id, &destination.base_url)
+            .await;
+        if let Some(reason) = self.command_failed(started, "could not start the upload") {
+            self.update(NodeEvent::UploadFailed {
+                url: destination.base_url.clone(),
+                status_code: None,
+                output: reason,
+            });
+            return;
+        }
+        self.follow(session, NodeEvent::ends_upload).await;
+    }
+
+    /// Wait for a slot of `slots`, unless the task is cancelled first:
+    /// then the node drops what it holds (a collected artifact waiting for
+    /// its upload), is marked cancelled, and `None` is returned.
+    async fn slot<'a>(&self, slots: &'a Semaphore) -> Option<SemaphorePermit<'a>> {
+        let ctx = &self.ctx;
+        let permit = tokio::select! {
+            permit = slots.acquire() => permit.ok(),
+            _ = ctx.cancel.cancelled() => None,
+        };
+        if permit.is_none() || ctx.cancel.is_cancelled() {
+            if let Err(e) = ctx
+                .coordinator
+                .peers
+                .cancel_job(&self.node, &ctx.task_id)
+                .await
+            {
+                tracing::warn!(task = %ctx.task_id, node = %self.node, "cancel request failed: {e}");
+            }
+            self.set_state(NodeState::Cancelled);
+            return None;
+        }
+        permit
+    }
+
+    /// A command's error as a reason, or `None` if it was accepted.
+    fn command_failed(&self, result: Result<(), PeerError>, what: &str) -> Option<String> {
+        result.err().map(|e| format!("{what}: {e}"))
+    }
+
+    /// Apply the node's events until `ends_phase` says the phase is over
+    /// (or contact is lost, or a cancel is confirmed). Returns the node's
+    /// state after the phase.
+    async fn follow(
+        &self,
+        session: &mut SessionEvents,
+        ends_phase: fn(&NodeEvent) -> bool,
+    ) -> Option<NodeState> {
+        let ctx = &self.ctx;
+        // A live node sends a heartbeat every interval; three missed is dead.
+        let liveness = ctx.coordinator.heartbeat() * 3;
+        let mut cancel_deadline: Option<Instant> = None;
+        loop {
+            let wait = match cancel_deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()),
+                None => liveness,
+            };
+            let next = tokio::select! {
+                next = tokio::time::timeout(wait, session.next()) => next,
+                _ = ctx.cancel.cancelled(), if cancel_deadline.is_none() => {
+                    if let Err(e) = ctx.coordinator.peers.cancel_job(&self.node, &ctx.task_id).await {
+                        tracing::warn!(task = %ctx.task_id, node = %self.node, "cancel request failed: {e}");
+                    }
+                    cancel_deadline = Some(Instant::now() + CANCEL_CONFIRM);
+                    continue;
+                }
+            };
+            let lost = match next {
+                Ok(Some(Ok(NodeEvent::Heartbeat))) => continue,
+                Ok(Some(Ok(event))) => {
+                    let state = self.update(event.clone());
+                    if ends_phase(&event) {
+                        return state;
+                    }
+                    continue;
+                }
+                Err(_) if cancel_deadline.is_some() => {
+                    tracing::warn!(task = %ctx.task_id, node = %self.node, "node did not confirm the cancel in time");
+                    String::new()
+                }
+                Err(_) => format!("lost contact with the node: no heartbeat for {liveness:?}"),
+                Ok(None) => "lost contact with the node: the connection closed".into(),
+                Ok(Some(Err(e))) => format!("lost contact with the node: {e}"),
+            };
+            return Some(self.lost(lost, cancel_deadline.is_some()));
+        }
+    }
+
+    /// The node is gone. If we were cancelling anyway, its job dies with
+    /// the session when we drop it: it counts as cancelled.
+    fn lost(&self, why: String, cancelling: bool) -> NodeState {
+        if cancelling {
+            self.set_state(NodeState::Cancelled);
+            return NodeState::Cancelled;
+        }
+        let uploading = self
+            .ctx
+            .coordinator
+            .latest()
+            .and_then(|t| Some(t.per_node.get(&self.node)?.status))
+            .is_some_and(|s| matches!(s, NodeState::StartingUpload | NodeState::StartedUpload));
+        if uploading {
+            let url = self.ctx.upload.as_ref().map(|d| d.base_url.clone());
+            self.update(NodeEvent::UploadFailed {
+                url: url.unwrap_or_default(),
+                status_code: None,
+                output: why,
+            });
+            NodeState::FailedUpload
+        } else {
+            self.set(NodeStatus::failed(None, why));
+            NodeState::Failed
+        }
+    }
+
+    /// Apply an event to the task; log and return the node's new state.
+    fn update(&self, event: NodeEvent) -> Option<NodeState> {
+        let mut changed = None;
+        let task = self
+            .ctx
+            .coordinator
+            .update(&self.ctx.task_id, |t| changed = t.apply(&self.node, &event));
+        if let Some(state) = changed {
+            self.log(state);
+        }
+        task.and_then(|t| Some(t.per_node.get(&self.node)?.status))
+    }
+
+    fn set(&self, status: NodeStatus) {
+        let state = status.status;
+        self.ctx
+            .coordinator
+            .update(&self.ctx.task_id, |t| t.set_node(&self.node, status));
+        self.log(state);
+    }
+
+    fn set_state(&self, state: NodeState) {
+        self.ctx
+            .coordinator
+            .update(&self.ctx.task_id, |t| t.set_state(&self.node, state));
+        self.log(state);
+    }
+
+    fn log(&self, state: NodeState) {
+        tracing::info!(task = %self.ctx.task_id, node = %self.node, state = state.as_str(), "node state");
+    }
 }

@@ -8,7 +8,12 @@
 //! so two coordinators starting at once cannot deadlock (at worst both are
 //! refused). Chosen nodes that cannot be reached are marked `failed`; the
 //! others proceed. Then a [`driver`] per chosen node starts its job (at
-//! most `collection_concurrency` at a time) and follows its events.
+//! most `collection_concurrency` at a time) and follows its events; when
+//! the task uploads, each collected node then waits for one of
+//! `upload_concurrency` cluster-wide upload slots and uploads.
+//!
+//! An upload destination is checked against this node's policy and, unless
+//! `bypassReachabilityChecks`, reached with a `HEAD` before anything starts.
 //!
 //! Cancel: every driver asks its node to cancel and waits (bounded) for
 //! the node to confirm. The task ends when every driver has.
@@ -27,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::CoordinatorSettings;
 use crate::protocol::OpenSession;
+use crate::upload::{self, Destination, UploadPolicy};
 use peers::{PeerError, Peers, SessionEvents};
 use store::TaskStore;
 use task::{NodeState, NodeStatus, TaskState, TaskStatus};
@@ -38,12 +44,25 @@ pub enum NodeSelection {
     Named(Vec<String>),
 }
 
+/// A validated request to start a collection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartRequest {
+    pub selection: NodeSelection,
+    /// Where to upload each node's artifact, if anywhere.
+    pub upload: Option<Destination>,
+    /// Skip the upload host preflight.
+    pub bypass_reachability_checks: bool,
+}
+
 /// Why a start was refused. Field errors are keyed like Couchbase's
-/// (`nodes`, `_` for the request as a whole).
+/// (`nodes`, `uploadHost`, `_` for the request as a whole).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StartError {
     #[error("invalid request: {0:?}")]
     Invalid(BTreeMap<String, String>),
+    /// The upload host did not answer the preflight (ns_server's message).
+    #[error("{0}")]
+    Unreachable(String),
     #[error("Logs collection task is already started")]
     AlreadyRunning,
 }
@@ -58,6 +77,7 @@ pub struct Coordinator {
     me: String,
     peers: Peers,
     settings: CoordinatorSettings,
+    upload_policy: UploadPolicy,
     /// Serialises starts on this node (the sessions serialise the cluster).
     start_lock: tokio::sync::Mutex<()>,
     running: Mutex<Option<RunningTask>>,
@@ -71,7 +91,9 @@ struct TaskCtx {
     coordinator: Arc<Coordinator>,
     task_id: String,
     cancel: CancellationToken,
-    slots: Semaphore,
+    upload: Option<Destination>,
+    collect_slots: Semaphore,
+    upload_slots: Semaphore,
 }
 
 impl Coordinator {
@@ -79,6 +101,7 @@ impl Coordinator {
         me: String,
         peers: Peers,
         settings: CoordinatorSettings,
+        upload_policy: UploadPolicy,
         data_dir: &std::path::Path,
     ) -> Arc<Coordinator> {
         let store = TaskStore::new(data_dir);
@@ -87,6 +110,7 @@ impl Coordinator {
             me,
             peers,
             settings,
+            upload_policy,
             start_lock: Default::default(),
             running: Mutex::new(None),
             latest: watch::Sender::new(latest),
@@ -126,25 +150,38 @@ impl Coordinator {
         Ok(nodes)
     }
 
-    /// Start a collection on `selection`; returns the new task's status.
-    pub async fn start(
-        self: &Arc<Self>,
-        selection: &NodeSelection,
-    ) -> Result<TaskStatus, StartError> {
-        let chosen = self.resolve(selection)?;
+    /// Check an upload destination against this cluster's policy.
+    pub fn check_destination(&self, destination: &Destination) -> Result<(), StartError> {
+        destination
+            .check(&self.upload_policy)
+            .map(drop)
+            .map_err(|e| StartError::Invalid(BTreeMap::from([("uploadHost".to_string(), e)])))
+    }
+
+    /// Start a collection; returns the new task's status.
+    pub async fn start(self: &Arc<Self>, request: &StartRequest) -> Result<TaskStatus, StartError> {
+        let chosen = self.resolve(&request.selection)?;
+        if let Some(destination) = &request.upload {
+            self.check_destination(destination)?;
+            if !request.bypass_reachability_checks {
+                upload::preflight(destination)
+                    .await
+                    .map_err(StartError::Unreachable)?;
+            }
+        }
         let _serialised = self.start_lock.lock().await;
         if self.running.lock().unwrap().is_some() {
             return Err(StartError::AlreadyRunning);
         }
 
         let task_id = format!("{:032x}", rand::random::<u128>());
-        let request = OpenSession {
+        let open = OpenSession {
             task_id: task_id.clone(),
             coordinator: self.me.clone(),
         };
         let opened = futures::future::join_all(self.peers.names().map(|node| {
-            let request = &request;
-            async move { (node.clone(), self.peers.open_session(node, request).await) }
+            let open = &open;
+            async move { (node.clone(), self.peers.open_session(node, open).await) }
         }))
         .await;
 
@@ -186,17 +223,17 @@ impl Coordinator {
         });
         let status = self.publish_new(TaskStatus::new(task_id.clone(), self.me.clone(), per_node));
         self.store.save(&status);
-        tracing::info!(task = %task_id, nodes = ?chosen, "collection started");
+        tracing::info!(task = %task_id, nodes = ?chosen,
+            upload = request.upload.as_ref().map(|d| d.base_url.as_str()), "collection started");
 
-        let slots = match self.settings.collection_concurrency {
-            0 => chosen.len(),
-            n => n,
-        };
+        let slots = |limit: usize| Semaphore::new(if limit == 0 { chosen.len() } else { limit });
         let ctx = Arc::new(TaskCtx {
             coordinator: self.clone(),
             task_id,
             cancel,
-            slots: Semaphore::new(slots),
+            upload: request.upload.clone(),
+            collect_slots: slots(self.settings.collection_concurrency),
+            upload_slots: slots(self.settings.upload_concurrency),
         });
         tokio::spawn(run_task(ctx, chosen, sessions, ended_tx));
         Ok(status)

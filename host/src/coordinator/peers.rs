@@ -10,6 +10,7 @@ use tokio_util::io::StreamReader;
 
 use crate::protocol::{
     Busy, CANCEL_TASK_PATH, LATEST_TASK_PATH, NodeEvent, OpenSession, SESSIONS_PATH, StartJob,
+    StartUpload,
 };
 
 /// Longest event line accepted from a node.
@@ -121,6 +122,22 @@ impl Peers {
     pub async fn start_job(&self, node: &str, task_id: &str) -> Result<(), PeerError> {
         let path = format!("{SESSIONS_PATH}/{task_id}/job");
         self.command(self.post(node, &path).json(&StartJob {}))
+            .await
+            .map(drop)
+    }
+
+    /// Upload what the node collected to `base_url` + its file name.
+    pub async fn start_upload(
+        &self,
+        node: &str,
+        task_id: &str,
+        base_url: &str,
+    ) -> Result<(), PeerError> {
+        let path = format!("{SESSIONS_PATH}/{task_id}/upload");
+        let body = StartUpload {
+            base_url: base_url.to_string(),
+        };
+        self.command(self.post(node, &path).json(&body))
             .await
             .map(drop)
     }

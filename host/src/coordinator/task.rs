@@ -39,6 +39,12 @@ pub enum NodeState {
     Started,
     Collected,
     Failed,
+    /// Collected; waiting for a cluster-wide upload slot.
+    StartingUpload,
+    /// The uploader is sending the artifact (`url` set).
+    StartedUpload,
+    Uploaded,
+    FailedUpload,
     Cancelled,
 }
 
@@ -50,14 +56,24 @@ impl NodeState {
             NodeState::Started => "started",
             NodeState::Collected => "collected",
             NodeState::Failed => "failed",
+            NodeState::StartingUpload => "startingUpload",
+            NodeState::StartedUpload => "startedUpload",
+            NodeState::Uploaded => "uploaded",
+            NodeState::FailedUpload => "failedUpload",
             NodeState::Cancelled => "cancelled",
         }
     }
 
-    pub fn is_final(self) -> bool {
+    /// Counted as finished in the task's progress (as Couchbase counts:
+    /// a collected node is done even if its upload is still to come).
+    pub fn is_finished(self) -> bool {
         matches!(
             self,
-            NodeState::Collected | NodeState::Failed | NodeState::Cancelled
+            NodeState::Collected
+                | NodeState::Failed
+                | NodeState::Uploaded
+                | NodeState::FailedUpload
+                | NodeState::Cancelled
         )
     }
 }
@@ -80,6 +96,13 @@ pub struct NodeStatus {
     pub collection_status_code: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub collection_output: Option<String>,
+    /// Where the artifact is (being) uploaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_status_code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_output: Option<String>,
     /// Latest progress the plugin reported (not in Couchbase's shape).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<NodeProgress>,
@@ -92,6 +115,9 @@ impl NodeStatus {
             path: None,
             collection_status_code: None,
             collection_output: None,
+            url: None,
+            upload_status_code: None,
+            upload_output: None,
             progress: None,
         }
     }
@@ -154,7 +180,7 @@ impl TaskStatus {
         let done = self
             .per_node
             .values()
-            .filter(|n| n.status.is_final())
+            .filter(|n| n.status.is_finished())
             .count() as u32;
         self.progress = (done * 100).checked_div(total).unwrap_or(100);
     }
@@ -165,7 +191,7 @@ impl TaskStatus {
         self.recommended_refresh_period = None;
         self.cancel_uri = None;
         for node in self.per_node.values_mut() {
-            if !node.status.is_final() {
+            if !node.status.is_finished() {
                 *node = match state {
                     TaskState::Cancelled => NodeStatus::new(NodeState::Cancelled),
                     _ => NodeStatus::failed(None, unfinished_reason),
@@ -201,6 +227,25 @@ impl TaskStatus {
                 status_code,
                 output,
             } => *entry = NodeStatus::failed(status_code.clone(), output.clone()),
+            NodeEvent::UploadStarted { url } => {
+                entry.status = NodeState::StartedUpload;
+                entry.url = Some(url.clone());
+                entry.progress = None;
+            }
+            NodeEvent::Uploaded { url, .. } => {
+                entry.status = NodeState::Uploaded;
+                entry.url = Some(url.clone());
+            }
+            NodeEvent::UploadFailed {
+                url,
+                status_code,
+                output,
+            } => {
+                entry.status = NodeState::FailedUpload;
+                entry.url = Some(url.clone());
+                entry.upload_status_code = status_code.clone();
+                entry.upload_output = Some(output.clone());
+            }
             NodeEvent::Cancelled => entry.status = NodeState::Cancelled,
         }
         let after = entry.status;
@@ -211,6 +256,14 @@ impl TaskStatus {
     pub fn set_node(&mut self, node: &str, status: NodeStatus) {
         self.per_node.insert(node.to_string(), status);
         self.update_progress();
+    }
+
+    /// Change only a node's state, keeping what it reported so far.
+    pub fn set_state(&mut self, node: &str, state: NodeState) {
+        if let Some(entry) = self.per_node.get_mut(node) {
+            entry.status = state;
+            self.update_progress();
+        }
     }
 }
 

@@ -1,7 +1,8 @@
-//! One job: run the collector into a fresh output directory and report
-//! what happened as [`NodeEvent`]s.
+//! The jobs of a session: run the collector into a fresh output
+//! directory, later upload what it produced; report what happened as
+//! [`NodeEvent`]s. A cancelled job's directory is removed.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,17 +10,19 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::NodeService;
-use crate::plugin::PluginEvent;
 use crate::plugin::collector::{Collected, RunError};
 use crate::plugin::sandbox::RunLabels;
+use crate::plugin::uploader::{Receipt, UploadFailure, UploadJob};
+use crate::plugin::{PluginEvent, PluginSource};
 use crate::protocol::NodeEvent;
+use crate::upload::Destination;
 
 /// Progress is forwarded at most this often.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 /// Output kept in a failure report (the tail: that is where errors are).
 pub const OUTPUT_TAIL: usize = 4096;
 
-pub(super) async fn run(
+pub(super) async fn collect(
     node: Arc<NodeService>,
     task_id: String,
     events: mpsc::UnboundedSender<NodeEvent>,
@@ -30,21 +33,17 @@ pub(super) async fn run(
         Ok(()) => {
             tracing::info!(task = %task_id, state = "started", "collector started");
             let _ = events.send(NodeEvent::Started);
-            collect(&node, &task_id, &dir, &events, cancel).await
+            run_collector(&node, &task_id, &dir, &events, cancel).await
         }
         Err(e) => NodeEvent::Failed {
             status_code: None,
             output: format!("could not create job directory {}: {e}", dir.display()),
         },
     };
-    if matches!(event, NodeEvent::Cancelled)
-        && let Err(e) = tokio::fs::remove_dir_all(&dir).await
-    {
-        tracing::warn!(task = %task_id, "removing {}: {e}", dir.display());
-    }
     match &event {
-        NodeEvent::Collected { path, .. } => {
-            tracing::info!(task = %task_id, state = "collected", %path, "collection finished")
+        NodeEvent::Collected { path, size, .. } => {
+            tracing::info!(task = %task_id, state = "collected", %path, "collection finished");
+            node.record_artifact(&task_id, path.into(), *size);
         }
         NodeEvent::Failed {
             status_code,
@@ -52,11 +51,138 @@ pub(super) async fn run(
         } => {
             tracing::warn!(task = %task_id, state = "failed", status_code = ?status_code, %output, "collection failed")
         }
-        _ => tracing::info!(task = %task_id, state = "cancelled", "collection cancelled"),
+        _ => {
+            remove_dir(&dir).await;
+            tracing::info!(task = %task_id, state = "cancelled", "collection cancelled");
+        }
     }
     let _ = events.send(event);
 }
 
+/// What to upload where.
+pub(super) struct UploadOrder {
+    pub task_id: String,
+    pub artifact: PathBuf,
+    pub size: u64,
+    pub destination: Destination,
+}
+
+pub(super) async fn upload(
+    node: Arc<NodeService>,
+    order: UploadOrder,
+    events: mpsc::UnboundedSender<NodeEvent>,
+    cancel: CancellationToken,
+) {
+    let task_id = &order.task_id;
+    let file = order
+        .artifact
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let url = order.destination.url_for(&file);
+    let _ = events.send(NodeEvent::UploadStarted { url: url.clone() });
+    tracing::info!(task = %task_id, state = "startedUpload", %url, "upload started");
+
+    // This node's own policy applies too, whoever coordinates.
+    let event = match order.destination.check(&node.roles.upload_policy) {
+        Err(reason) => NodeEvent::UploadFailed {
+            url: url.clone(),
+            status_code: None,
+            output: format!("refused by node {}: {reason}", node.name),
+        },
+        Ok(origin) => {
+            let role = &node.roles.uploader;
+            let (progress_tx, progress_rx) = watch::channel(None);
+            let forwarder = tokio::spawn(forward_progress(progress_rx, events.clone()));
+            let result = role
+                .plugin
+                .upload(UploadJob {
+                    labels: labels(&node, role.plugin.source(), task_id),
+                    options: &role.options,
+                    artifact: &order.artifact,
+                    artifact_size: order.size,
+                    url: &url,
+                    origin,
+                    limits: role.limits,
+                    progress: progress_tx,
+                    cancel,
+                })
+                .await;
+            forwarder.abort();
+            let _ = forwarder.await;
+            upload_event(url.clone(), result)
+        }
+    };
+    match &event {
+        NodeEvent::Uploaded { bytes_sent, .. } => {
+            tracing::info!(task = %task_id, state = "uploaded", %url, bytes_sent, "upload finished")
+        }
+        NodeEvent::UploadFailed {
+            status_code,
+            output,
+            ..
+        } => {
+            tracing::warn!(task = %task_id, state = "failedUpload", %url, status_code = ?status_code, %output, "upload failed")
+        }
+        _ => {
+            remove_dir(&node.jobs_dir.join(task_id)).await;
+            tracing::info!(task = %task_id, state = "cancelled", "upload cancelled");
+        }
+    }
+    let _ = events.send(event);
+}
+
+fn upload_event(url: String, result: Result<Receipt, UploadFailure>) -> NodeEvent {
+    let failure = match result {
+        Ok(receipt) => {
+            return NodeEvent::Uploaded {
+                url,
+                bytes_sent: receipt.bytes_sent,
+            };
+        }
+        Err(UploadFailure {
+            error: RunError::Cancelled,
+            ..
+        }) => return NodeEvent::Cancelled,
+        Err(failure) => failure,
+    };
+    let (status_code, mut output) = match failure.error {
+        RunError::Failed {
+            status_code,
+            output,
+        } => (Some(status_code.to_string()), output),
+        other => (None, other.to_string()),
+    };
+    if !failure.refused.is_empty() {
+        output = format!(
+            "{output}\nthe host refused requests outside the upload destination: {}",
+            failure.refused.join(", ")
+        );
+    }
+    NodeEvent::UploadFailed {
+        url,
+        status_code,
+        output: tail(&output, OUTPUT_TAIL),
+    }
+}
+
+/// Remove a job directory (cancelled work), logging what goes wrong.
+pub(super) async fn remove_dir(dir: &Path) {
+    match tokio::fs::remove_dir_all(dir).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            tracing::warn!("removing {}: {e}", dir.display())
+        }
+        _ => {}
+    }
+}
+
+fn labels(node: &NodeService, plugin: &PluginSource, task_id: &str) -> RunLabels {
+    RunLabels {
+        plugin: plugin.to_string(),
+        task_id: task_id.to_string(),
+        node: node.name.clone(),
+    }
+}
 async fn prepare_dir(dir: &Path) -> std::io::Result<()> {
     match tokio::fs::remove_dir_all(dir).await {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -65,21 +191,17 @@ async fn prepare_dir(dir: &Path) -> std::io::Result<()> {
     tokio::fs::create_dir_all(dir).await
 }
 
-async fn collect(
+async fn run_collector(
     node: &NodeService,
     task_id: &str,
     dir: &Path,
     events: &mpsc::UnboundedSender<NodeEvent>,
     cancel: CancellationToken,
 ) -> NodeEvent {
-    let role = &node.collector;
+    let role = &node.roles.collector;
     let (progress_tx, progress_rx) = watch::channel(None);
     let forwarder = tokio::spawn(forward_progress(progress_rx, events.clone()));
-    let labels = RunLabels {
-        plugin: role.plugin.source().to_string(),
-        task_id: task_id.to_string(),
-        node: node.name.clone(),
-    };
+    let labels = labels(node, role.plugin.source(), task_id);
     let result = role
         .plugin
         .collect(labels, &role.options, dir, role.limits, progress_tx, cancel)

@@ -1,9 +1,11 @@
 //! This node's side of a collection: the session slot (the cluster-wide
 //! lock, see [`crate::protocol`]) and the job that runs the collector.
 //!
-//! A node holds at most one session. A session may carry one job. The
-//! session ends when its stream is dropped — the coordinator closed it,
-//! or its connection died — and a job still running is then cancelled.
+//! A node holds at most one session. A session runs at most one job at a
+//! time: first the collector, then (when the coordinator says so) the
+//! uploader on what it collected. The session ends when its stream is
+//! dropped — the coordinator closed it, or its connection died — and a
+//! job still running is then cancelled.
 
 mod job;
 mod stream;
@@ -19,15 +21,31 @@ use tokio_util::sync::CancellationToken;
 
 use crate::plugin::RunLimits;
 use crate::plugin::collector::CollectorPlugin;
+use crate::plugin::uploader::UploaderPlugin;
 use crate::protocol::{Busy, NodeEvent, OpenSession};
+use crate::upload::{Destination, UploadPolicy};
 
 pub use stream::SessionStream;
 
-/// How this node runs its collector.
-pub struct CollectorRole {
-    pub plugin: Arc<CollectorPlugin>,
+/// How this node runs the plugin of one role.
+pub struct Role<P> {
+    pub plugin: Arc<P>,
     pub options: Vec<(String, String)>,
     pub limits: RunLimits,
+}
+
+/// The plugins this node runs, and where it lets data go.
+pub struct Roles {
+    pub collector: Role<CollectorPlugin>,
+    pub uploader: Role<UploaderPlugin>,
+    pub upload_policy: UploadPolicy,
+}
+
+/// What a job collected.
+#[derive(Debug, Clone)]
+struct Artifact {
+    path: PathBuf,
+    size: u64,
 }
 
 /// The task this node most recently took part in, and who coordinated it.
@@ -40,7 +58,7 @@ pub struct TaskRef {
 pub struct NodeService {
     name: String,
     jobs_dir: PathBuf,
-    collector: CollectorRole,
+    roles: Roles,
     heartbeat: Duration,
     slot: Mutex<Option<Session>>,
     next_session_id: AtomicU64,
@@ -54,11 +72,29 @@ struct Session {
     task: TaskRef,
     events: mpsc::UnboundedSender<NodeEvent>,
     job: Option<Job>,
+    /// Set when the collector succeeded: what the upload sends.
+    artifact: Option<Artifact>,
+    /// Some job ran in this session (a job may run only once per phase).
+    collected_once: bool,
+    /// The coordinator let go, and the job is stopping: the slot stays
+    /// taken until it has (so cleanup never overlaps the next task), but
+    /// the session takes no more commands.
+    closing: bool,
 }
 
 struct Job {
     cancel: CancellationToken,
     handle: JoinHandle<()>,
+}
+
+fn session_of<'a>(
+    slot: &'a mut Option<Session>,
+    task_id: &str,
+) -> Result<&'a mut Session, StartJobError> {
+    match slot.as_mut() {
+        Some(s) if s.task.task_id == task_id && !s.closing => Ok(s),
+        _ => Err(StartJobError::NoSession(task_id.to_string())),
+    }
 }
 
 /// Why a job could not start.
@@ -68,19 +104,23 @@ pub enum StartJobError {
     NoSession(String),
     #[error("the job of task {0} has already started")]
     AlreadyStarted(String),
+    #[error("task {0} has nothing collected to upload")]
+    NothingToUpload(String),
+    #[error("a job of task {0} is still running")]
+    Busy(String),
 }
 
 impl NodeService {
     pub fn new(
         name: String,
         data_dir: PathBuf,
-        collector: CollectorRole,
+        roles: Roles,
         heartbeat: Duration,
     ) -> Arc<NodeService> {
         Arc::new(NodeService {
             name,
             jobs_dir: data_dir.join("jobs"),
-            collector,
+            roles,
             heartbeat,
             slot: Mutex::new(None),
             next_session_id: AtomicU64::new(1),
@@ -115,6 +155,9 @@ impl NodeService {
             task,
             events: tx,
             job: None,
+            artifact: None,
+            collected_once: false,
+            closing: false,
         });
         self.idle.send_replace(false);
         Ok(SessionStream::new(self.clone(), id, rx, self.heartbeat))
@@ -123,15 +166,13 @@ impl NodeService {
     /// Start the collector for the session of `task_id`.
     pub fn start_job(self: &Arc<Self>, task_id: &str) -> Result<(), StartJobError> {
         let mut slot = self.slot.lock().unwrap();
-        let session = match slot.as_mut() {
-            Some(s) if s.task.task_id == task_id => s,
-            _ => return Err(StartJobError::NoSession(task_id.to_string())),
-        };
-        if session.job.is_some() {
+        let session = session_of(&mut slot, task_id)?;
+        if session.collected_once {
             return Err(StartJobError::AlreadyStarted(task_id.to_string()));
         }
+        session.collected_once = true;
         let cancel = CancellationToken::new();
-        let handle = tokio::spawn(job::run(
+        let handle = tokio::spawn(job::collect(
             self.clone(),
             task_id.to_string(),
             session.events.clone(),
@@ -141,28 +182,81 @@ impl NodeService {
         Ok(())
     }
 
-    /// Cancel the job of `task_id`, if this node runs it. Returns whether
-    /// there was a session for that task.
-    pub fn cancel_job(&self, task_id: &str) -> bool {
-        let slot = self.slot.lock().unwrap();
-        match slot.as_ref() {
-            Some(s) if s.task.task_id == task_id => {
-                if let Some(job) = &s.job {
-                    job.cancel.cancel();
-                } else {
-                    // Nothing running yet: confirm at once.
-                    let _ = s.events.send(NodeEvent::Cancelled);
-                }
-                true
-            }
-            _ => false,
+    /// Upload what the session of `task_id` collected to `destination`.
+    pub fn start_upload(
+        self: &Arc<Self>,
+        task_id: &str,
+        destination: Destination,
+    ) -> Result<(), StartJobError> {
+        let mut slot = self.slot.lock().unwrap();
+        let session = session_of(&mut slot, task_id)?;
+        if session
+            .job
+            .as_ref()
+            .is_some_and(|j| !j.handle.is_finished())
+        {
+            return Err(StartJobError::Busy(task_id.to_string()));
+        }
+        let Some(artifact) = session.artifact.take() else {
+            return Err(StartJobError::NothingToUpload(task_id.to_string()));
+        };
+        let cancel = CancellationToken::new();
+        let handle = tokio::spawn(job::upload(
+            self.clone(),
+            job::UploadOrder {
+                task_id: task_id.to_string(),
+                artifact: artifact.path,
+                size: artifact.size,
+                destination,
+            },
+            session.events.clone(),
+            cancel.clone(),
+        ));
+        session.job = Some(Job { cancel, handle });
+        Ok(())
+    }
+
+    /// The collector of `task_id` produced `path`: keep it for the upload.
+    fn record_artifact(&self, task_id: &str, path: PathBuf, size: u64) {
+        if let Some(s) = self.slot.lock().unwrap().as_mut()
+            && s.task.task_id == task_id
+        {
+            s.artifact = Some(Artifact { path, size });
         }
     }
 
+    /// Cancel the job of `task_id`, if this node runs it. Returns whether
+    /// there was a session for that task.
+    pub fn cancel_job(&self, task_id: &str) -> bool {
+        let mut slot = self.slot.lock().unwrap();
+        let Ok(s) = session_of(&mut slot, task_id) else {
+            return false;
+        };
+        match &s.job {
+            Some(job) if !job.handle.is_finished() => job.cancel.cancel(),
+            // Nothing running (not started yet, or collected and waiting
+            // to upload): remove what there is, confirm. This cleanup is
+            // the session's job now, so closing waits for it.
+            _ => {
+                let dir = self.jobs_dir.join(task_id);
+                let events = s.events.clone();
+                let handle = tokio::spawn(async move {
+                    job::remove_dir(&dir).await;
+                    let _ = events.send(NodeEvent::Cancelled);
+                });
+                s.job = Some(Job {
+                    cancel: CancellationToken::new(),
+                    handle,
+                });
+            }
+        }
+        true
+    }
+
     /// End the session of `task_id` (the coordinator is done with it).
-    pub fn close_session(&self, task_id: &str) -> bool {
+    pub fn close_session(self: &Arc<Self>, task_id: &str) -> bool {
         let id = match self.slot.lock().unwrap().as_ref() {
-            Some(s) if s.task.task_id == task_id => s.id,
+            Some(s) if s.task.task_id == task_id && !s.closing => s.id,
             _ => return false,
         };
         self.release(id);
@@ -187,14 +281,35 @@ impl NodeService {
         self.last_task.lock().unwrap().clone()
     }
 
-    /// Release the slot if session `id` still holds it; cancel its job.
-    fn release(&self, id: u64) {
+    /// End session `id` if it still holds the slot. A job still running
+    /// is cancelled, and the slot is freed once the job has stopped and
+    /// cleaned up, not before.
+    fn release(self: &Arc<Self>, id: u64) {
+        let mut slot = self.slot.lock().unwrap();
+        let Some(session) = slot.as_mut().filter(|s| s.id == id && !s.closing) else {
+            return;
+        };
+        match session.job.take() {
+            Some(job) if !job.handle.is_finished() => {
+                session.closing = true;
+                job.cancel.cancel();
+                let node = self.clone();
+                tokio::spawn(async move {
+                    let _ = job.handle.await;
+                    node.free_slot(id);
+                });
+            }
+            _ => {
+                drop(slot);
+                self.free_slot(id);
+            }
+        }
+    }
+
+    fn free_slot(&self, id: u64) {
         let mut slot = self.slot.lock().unwrap();
         if slot.as_ref().is_some_and(|s| s.id == id) {
             let session = slot.take().unwrap();
-            if let Some(job) = session.job {
-                job.cancel.cancel();
-            }
             self.idle.send_replace(true);
             tracing::info!(task = %session.task.task_id, "session closed");
         }

@@ -2,13 +2,22 @@
 //! binary, so a fresh install needs no extra files.
 
 /// Built-in plugins by name (`builtin:NAME` in the config).
-const BUILTINS: &[(&str, &[u8])] = &[(
-    "mock-collector",
-    include_bytes!(concat!(
-        env!("AUTOCOLLECT_PLUGIN_DIR"),
-        "/mock_collector.wasm"
-    )),
-)];
+const BUILTINS: &[(&str, &[u8])] = &[
+    (
+        "http-uploader",
+        include_bytes!(concat!(
+            env!("AUTOCOLLECT_PLUGIN_DIR"),
+            "/http_uploader.wasm"
+        )),
+    ),
+    (
+        "mock-collector",
+        include_bytes!(concat!(
+            env!("AUTOCOLLECT_PLUGIN_DIR"),
+            "/mock_collector.wasm"
+        )),
+    ),
+];
 
 pub fn lookup(name: &str) -> Option<(&'static str, &'static [u8])> {
     BUILTINS.iter().copied().find(|(n, _)| *n == name)

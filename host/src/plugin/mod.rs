@@ -7,11 +7,14 @@
 //! - [`source`] resolves `builtin:NAME` or a path to component bytes.
 //! - [`sandbox`] is the per-run store state: WASI context confined to one
 //!   directory, memory limiter, captured stdout/stderr, log/progress sinks.
-//! - [`collector`] binds the `collector` world and runs it.
+//! - [`collector`] and [`uploader`] bind their worlds and run them; what
+//!   they share (linker, supervision, error classification) is in `run`.
 
 pub mod builtin;
 pub mod collector;
+mod run;
 pub mod sandbox;
+pub mod uploader;
 
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};

@@ -1,10 +1,13 @@
 //! Per-run store state: what a plugin may touch, and how it is stopped.
 //!
 //! Every run gets a fresh [`RunState`]: a WASI context whose only
-//! filesystem is the run's output directory, no environment, no sockets,
-//! stdout/stderr captured into a bounded tail; a memory limiter; the log
-//! and progress sinks behind the host imports; and the deadline and cancel
-//! token that the epoch callback checks every [`super::EPOCH_TICK`].
+//! filesystem is the run's output directory (collectors) or its artifact's
+//! directory, read-only (uploaders), no environment, no sockets,
+//! stdout/stderr captured into a bounded tail; outgoing HTTP allowed only
+//! to one origin (uploaders; checked in `send_request`); a memory limiter;
+//! the log and progress sinks behind the host imports; and the deadline
+//! and cancel token that the epoch callback checks every
+//! [`super::EPOCH_TICK`].
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -21,9 +24,19 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::cli::AsyncStdoutStream;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{
+    Error as HttpError, RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks,
+    WasiHttpView,
+};
+
+use crate::upload::Origin;
 
 /// Where the output directory appears inside the guest.
 pub const GUEST_OUTPUT_DIR: &str = "/output";
+/// Where an uploader finds its artifact's directory (read-only).
+pub const GUEST_ARTIFACT_DIR: &str = "/artifact";
+/// Refused requests remembered per run (for the failure report).
+const REFUSALS_KEPT: usize = 8;
 /// Bytes of stdout+stderr kept per run.
 const OUTPUT_TAIL_BYTES: usize = 16 * 1024;
 /// Longest log message kept, in bytes.
@@ -79,6 +92,18 @@ pub struct RunState {
     progress: Option<watch::Sender<Option<PluginEvent>>>,
     deadline: Instant,
     cancel: CancellationToken,
+    http: WasiHttpCtx,
+    outbound: OutboundPolicy,
+}
+
+impl WasiHttpView for RunState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.outbound,
+        }
+    }
 }
 
 impl WasiView for RunState {
@@ -95,6 +120,10 @@ pub struct RunSetup<'a> {
     pub labels: RunLabels,
     /// Host directory preopened read-write as [`GUEST_OUTPUT_DIR`].
     pub output_dir: Option<&'a Path>,
+    /// Host directory preopened read-only as [`GUEST_ARTIFACT_DIR`].
+    pub artifact_dir: Option<&'a Path>,
+    /// The only origin outgoing HTTP requests may go to (none: no HTTP).
+    pub http_origin: Option<Origin>,
     pub limits: RunLimits,
     pub progress: Option<watch::Sender<Option<PluginEvent>>>,
     pub cancel: CancellationToken,
@@ -116,6 +145,14 @@ pub fn new_store(
     if let Some(dir) = setup.output_dir {
         wasi.preopened_dir(dir, GUEST_OUTPUT_DIR, FsPerms::ReadWrite)?;
     }
+    if let Some(dir) = setup.artifact_dir {
+        wasi.preopened_dir(dir, GUEST_ARTIFACT_DIR, FsPerms::ReadOnly)?;
+    }
+    let outbound = OutboundPolicy {
+        allowed: setup.http_origin,
+        refused: Vec::new(),
+        plugin: setup.labels.plugin.clone(),
+    };
     let state = RunState {
         wasi: wasi.build(),
         table: ResourceTable::new(),
@@ -129,6 +166,8 @@ pub fn new_store(
         progress: setup.progress,
         deadline: Instant::now() + setup.limits.timeout,
         cancel: setup.cancel,
+        http: WasiHttpCtx::new(),
+        outbound,
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.memory);
@@ -152,8 +191,17 @@ impl RunState {
         self.deadline
     }
 
+    pub fn labels(&self) -> &RunLabels {
+        &self.labels
+    }
+
     pub fn memory_cap_hit(&self) -> bool {
         self.memory.exceeded
+    }
+
+    /// Outgoing requests the host refused during this run.
+    pub fn refused_requests(&self) -> &[String] {
+        &self.outbound.refused
     }
 
     pub(super) fn log(&mut self, level: tracing::Level, message: &str) {
@@ -207,6 +255,53 @@ fn truncate(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+/// The host's side of `wasi:http/outgoing-handler`: a request goes out
+/// only if its scheme, host and port are the allowed origin. Everything
+/// else is refused with `HTTP-request-denied`, logged and remembered.
+pub struct OutboundPolicy {
+    allowed: Option<Origin>,
+    refused: Vec<String>,
+    plugin: String,
+}
+
+type ResponseFuture = Box<
+    dyn Future<
+            Output = wasmtime_wasi_http::Result<(
+                http::Response<WasiBody>,
+                Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+            )>,
+        > + Send,
+>;
+
+impl WasiHttpHooks for OutboundPolicy {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        _: Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+    ) -> ResponseFuture {
+        let origin = Origin::of_uri(request.uri());
+        let permitted = matches!((&self.allowed, &origin), (Some(a), Ok(o)) if a == o);
+        if !permitted {
+            let target = format!("{} {}", request.method(), request.uri());
+            tracing::warn!(plugin = %self.plugin, %target, allowed = ?self.allowed.as_ref().map(|o| o.to_string()),
+                "refused an outgoing request: not the upload destination");
+            if self.refused.len() < REFUSALS_KEPT {
+                self.refused.push(target);
+            }
+            return Box::new(async { Err(HttpError::HttpRequestDenied) });
+        }
+        Box::new(async move {
+            use http_body_util::BodyExt;
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            Ok((
+                response.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn Future<Output = _> + Send>,
+            ))
+        })
+    }
 }
 
 /// Caps a run's linear memories (and tables) and remembers whether the cap

@@ -1,0 +1,188 @@
+//! The `uploader` world: load a component that exports `upload` and run it
+//! with the artifact's directory read-only and outgoing HTTP confined to
+//! the destination's origin.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::run::{RunError, classify, finish, linker, new_run_store, store_deadline, supervise};
+use super::sandbox::{GUEST_ARTIFACT_DIR, PluginEvent, RunLabels, RunLimits, RunSetup};
+use super::{PluginHost, PluginSource};
+use crate::upload::Origin;
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "uploader",
+        exports: { default: async },
+        with: {
+            "autocollect:plugin/types": crate::plugin::collector::bindings::autocollect::plugin::types,
+            "autocollect:plugin/log": crate::plugin::collector::bindings::autocollect::plugin::log,
+            "autocollect:plugin/progress": crate::plugin::collector::bindings::autocollect::plugin::progress,
+            "wasi:http": wasmtime_wasi_http::p2::bindings::http,
+            "wasi:io": wasmtime_wasi::p2::bindings::io,
+            "wasi:clocks": wasmtime_wasi::p2::bindings::clocks,
+        },
+    });
+}
+
+use bindings::UploaderPre;
+use bindings::exports::autocollect::plugin::upload::UploadRequest;
+
+/// What the plugin reports of a successful upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    pub url: String,
+    pub status: u16,
+    pub bytes_sent: u64,
+    pub attempts: u32,
+}
+
+/// One upload to run.
+pub struct UploadJob<'a> {
+    pub labels: RunLabels,
+    pub options: &'a [(String, String)],
+    /// The artifact on the host; its directory is shown read-only.
+    pub artifact: &'a Path,
+    pub artifact_size: u64,
+    /// The destination URL; its origin is the only one allowed.
+    pub url: &'a str,
+    pub origin: Origin,
+    pub limits: RunLimits,
+    pub progress: watch::Sender<Option<PluginEvent>>,
+    pub cancel: CancellationToken,
+}
+
+/// How an upload ended badly, with the requests the host refused (if the
+/// plugin tried to reach anything but the destination).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadFailure {
+    pub error: RunError,
+    pub refused: Vec<String>,
+}
+
+/// A compiled uploader, ready to be instantiated for each run.
+pub struct UploaderPlugin {
+    host: Arc<PluginHost>,
+    source: PluginSource,
+    pre: UploaderPre<super::sandbox::RunState>,
+}
+
+impl UploaderPlugin {
+    pub fn load(host: &Arc<PluginHost>, source: PluginSource) -> Result<UploaderPlugin> {
+        let component = host.component(&source)?;
+        let pre = linker(host.engine(), true)?
+            .instantiate_pre(&component)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("plugin {source} needs imports the sandbox does not offer"))?;
+        let pre = UploaderPre::new(pre)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("plugin {source} does not export the uploader world"))?;
+        Ok(UploaderPlugin {
+            host: host.clone(),
+            source,
+            pre,
+        })
+    }
+
+    pub fn source(&self) -> &PluginSource {
+        &self.source
+    }
+
+    pub async fn validate_options(&self, options: &[(String, String)]) -> Result<(), RunError> {
+        let limits = RunLimits {
+            timeout: Duration::from_secs(10),
+            memory_bytes: 64 << 20,
+        };
+        let cancel = CancellationToken::new();
+        let (mut store, tail) = new_run_store(
+            &self.host,
+            RunSetup {
+                labels: RunLabels {
+                    plugin: self.source.to_string(),
+                    task_id: "-".into(),
+                    node: "-".into(),
+                },
+                output_dir: None,
+                artifact_dir: None,
+                http_origin: None,
+                limits,
+                progress: None,
+                cancel: cancel.clone(),
+            },
+        )?;
+        let instance = self.pre.instantiate_async(&mut store).await;
+        let instance = instance.map_err(|e| classify(&store, &tail, limits, e))?;
+        let options = options.to_vec();
+        let call = instance
+            .autocollect_plugin_upload()
+            .call_validate_options(&mut store, &options);
+        let result = supervise(call, &cancel, store_deadline(limits)).await;
+        finish(&store, &tail, limits, result)?.map_err(RunError::from)
+    }
+
+    /// Upload one artifact.
+    pub async fn upload(&self, job: UploadJob<'_>) -> Result<Receipt, UploadFailure> {
+        let no_refusals = |error| UploadFailure {
+            error,
+            refused: vec![],
+        };
+        let (dir, file) = match (job.artifact.parent(), job.artifact.file_name()) {
+            (Some(d), Some(f)) => (d, f.to_string_lossy().into_owned()),
+            _ => {
+                return Err(no_refusals(RunError::Host(format!(
+                    "not a file path: {}",
+                    job.artifact.display()
+                ))));
+            }
+        };
+        let limits = job.limits;
+        let (mut store, tail) = new_run_store(
+            &self.host,
+            RunSetup {
+                labels: job.labels,
+                output_dir: None,
+                artifact_dir: Some(dir),
+                http_origin: Some(job.origin),
+                limits,
+                progress: Some(job.progress),
+                cancel: job.cancel.clone(),
+            },
+        )
+        .map_err(no_refusals)?;
+        let request = UploadRequest {
+            context: super::collector::bindings::autocollect::plugin::types::JobContext {
+                task_id: store.data().labels().task_id.clone(),
+                node: store.data().labels().node.clone(),
+            },
+            options: job.options.to_vec(),
+            artifact_path: format!("{GUEST_ARTIFACT_DIR}/{file}"),
+            artifact_size: job.artifact_size,
+            url: job.url.to_string(),
+        };
+        let instance = self.pre.instantiate_async(&mut store).await;
+        let instance = instance
+            .map_err(|e| classify(&store, &tail, limits, e))
+            .map_err(no_refusals)?;
+        let call = instance
+            .autocollect_plugin_upload()
+            .call_upload(&mut store, &request);
+        let result = supervise(call, &job.cancel, store_deadline(limits)).await;
+        let outcome = finish(&store, &tail, limits, result).and_then(|r| r.map_err(RunError::from));
+        let refused = store.data().refused_requests().to_vec();
+        match outcome {
+            Ok(r) => Ok(Receipt {
+                url: r.url,
+                status: r.status,
+                bytes_sent: r.bytes_sent,
+                attempts: r.attempts,
+            }),
+            Err(error) => Err(UploadFailure { error, refused }),
+        }
+    }
+}

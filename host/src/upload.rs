@@ -1,0 +1,312 @@
+//! Where collected data may be sent: the upload destination of a task
+//! (Couchbase's rules for upload host, customer and ticket), the
+//! operator's policy, and the reachability preflight.
+//!
+//! The URL of an artifact is `https://HOST/quote_plus(CUSTOMER)/` +
+//! `quote_plus(TICKET)/` (if a ticket is given) + `quote_plus(FILE)`. The
+//! plugin that uploads it may only talk to that URL's origin: see
+//! [`Origin`] and `plugin::sandbox`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How long the preflight waits for the upload host.
+pub const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The operator's limits on upload destinations (`[upload]` in the config).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UploadPolicy {
+    /// Hosts uploads may go to (`host` or `host:port`). Empty: any host.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Allow plain `http://` upload hosts (tests on loopback; never for
+    /// real customer data).
+    #[serde(default)]
+    pub allow_http: bool,
+}
+
+/// A task's upload destination, validated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Destination {
+    /// `https://HOST/CUSTOMER/[TICKET/]`, ending with a slash.
+    pub base_url: String,
+}
+
+impl Destination {
+    /// Validate upload host, customer and ticket as ns_server does; every
+    /// problem is reported, keyed by field. `None` everywhere: no upload.
+    pub fn from_request(
+        upload_host: Option<&str>,
+        customer: Option<&str>,
+        ticket: Option<&str>,
+    ) -> Result<Option<Destination>, BTreeMap<String, String>> {
+        let mut errors = BTreeMap::new();
+        let ticket = ticket.map(str::trim).unwrap_or("");
+        let (host, customer) = match (upload_host, customer) {
+            (None, None) if ticket.is_empty() => return Ok(None),
+            (None, None) => {
+                errors.insert("customer".into(), MISSING_CUSTOMER.into());
+                errors.insert("uploadHost".into(), MISSING_UPLOAD.into());
+                return Err(errors);
+            }
+            (None, Some(_)) => {
+                errors.insert("uploadHost".into(), MISSING_UPLOAD.into());
+                return Err(errors);
+            }
+            (Some(_), None) => {
+                errors.insert("customer".into(), MISSING_CUSTOMER.into());
+                return Err(errors);
+            }
+            (Some(h), Some(c)) => (h.trim(), c.trim()),
+        };
+        let valid_customer = customer.len() <= 50
+            && customer
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._ -".contains(c));
+        if !valid_customer {
+            errors.insert(
+                "customer".into(),
+                "must contain only [A-Za-z0-9._ -] and be no longer than 50 characters".into(),
+            );
+        }
+        if ticket.len() > 7 || !ticket.chars().all(|c| c.is_ascii_digit()) {
+            errors.insert(
+                "ticket".into(),
+                "must contain only [0-9] and be no longer than 7 characters".into(),
+            );
+        }
+        if customer.is_empty() {
+            errors.insert("customer".into(), "cannot be empty".into());
+        }
+        if host.is_empty() {
+            errors.insert("uploadHost".into(), "cannot be empty".into());
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let scheme = if host.starts_with("http://") || host.starts_with("https://") {
+            ""
+        } else {
+            "https://"
+        };
+        let slash = if host.ends_with('/') { "" } else { "/" };
+        let mut base_url = format!("{scheme}{host}{slash}{}/", quote_plus(customer));
+        if !ticket.is_empty() {
+            base_url.push_str(&quote_plus(ticket));
+            base_url.push('/');
+        }
+        Ok(Some(Destination { base_url }))
+    }
+
+    /// The URL of `file` at this destination.
+    pub fn url_for(&self, file: &str) -> String {
+        format!("{}{}", self.base_url, quote_plus(file))
+    }
+
+    /// Check the destination against `policy`; the message is keyed
+    /// `uploadHost`.
+    pub fn check(&self, policy: &UploadPolicy) -> Result<Origin, String> {
+        let origin =
+            Origin::of(&self.base_url).map_err(|e| format!("is not a valid URL host ({e})"))?;
+        if origin.scheme == "http" && !policy.allow_http {
+            return Err(
+                "http:// upload hosts are refused by this cluster's configuration (allow_http)"
+                    .into(),
+            );
+        }
+        if !policy.allowed_hosts.is_empty()
+            && !policy.allowed_hosts.iter().any(|h| origin.matches_host(h))
+        {
+            return Err(format!(
+                "upload host {} is not allowed by this cluster's configuration (allowed_hosts)",
+                origin.authority()
+            ));
+        }
+        Ok(origin)
+    }
+}
+
+const MISSING_CUSTOMER: &str = "customer must be given if upload host or ticket is given";
+const MISSING_UPLOAD: &str = "upload host must be given if customer or ticket is given";
+
+/// Scheme, host and port of a URL: what an upload plugin may talk to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub scheme: String,
+    pub host: String,
+    pub port: u16,
+}
+
+impl Origin {
+    pub fn of(url: &str) -> Result<Origin, String> {
+        let uri: http::Uri = url.parse().map_err(|e| format!("{e}"))?;
+        Origin::of_uri(&uri)
+    }
+
+    pub fn of_uri(uri: &http::Uri) -> Result<Origin, String> {
+        let scheme = uri.scheme_str().ok_or("no scheme")?.to_ascii_lowercase();
+        let default_port = match scheme.as_str() {
+            "https" => 443,
+            "http" => 80,
+            other => return Err(format!("unsupported scheme {other:?}")),
+        };
+        let authority = uri.authority().ok_or("no host")?;
+        Ok(Origin {
+            scheme,
+            host: authority.host().to_ascii_lowercase(),
+            port: authority.port_u16().unwrap_or(default_port),
+        })
+    }
+
+    pub fn authority(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    /// Does an `allowed_hosts` entry (`host` or `host:port`) cover us?
+    fn matches_host(&self, entry: &str) -> bool {
+        let entry = entry.trim().to_ascii_lowercase();
+        match entry.rsplit_once(':') {
+            Some((host, port)) if port.parse::<u16>().is_ok() => {
+                host == self.host && port.parse() == Ok(self.port)
+            }
+            _ => entry == self.host,
+        }
+    }
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}:{}", self.scheme, self.host, self.port)
+    }
+}
+
+/// Python's / mochiweb's `quote_plus`: unreserved bytes as they are, space
+/// as `+`, everything else `%XX`.
+pub fn quote_plus(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_' | b'~' => {
+                out.push(b as char)
+            }
+            b' ' => out.push('+'),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// Can the upload host be reached? A `HEAD` of the base URL; any HTTP
+/// answer counts (the real PUT decides), only transport failures do not.
+/// The error is ns_server's message.
+pub async fn preflight(destination: &Destination) -> Result<(), String> {
+    let url = &destination.base_url;
+    let client = reqwest::Client::builder()
+        .timeout(PREFLIGHT_TIMEOUT)
+        .build()
+        .map_err(|e| e.to_string())?;
+    match client.head(url).send().await {
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!(
+            "Unable to access '{url}' : {}",
+            crate::client::error_chain(&e)
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dest(host: &str, customer: &str, ticket: Option<&str>) -> Destination {
+        Destination::from_request(Some(host), Some(customer), ticket)
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn urls_are_built_as_couchbase_builds_them() {
+        let d = dest("uploads.example.com", "Example inc.", Some("12345"));
+        assert_eq!(
+            d.base_url,
+            "https://uploads.example.com/Example+inc./12345/"
+        );
+        assert_eq!(
+            d.url_for("collectinfo-2026-n1.zip"),
+            "https://uploads.example.com/Example+inc./12345/collectinfo-2026-n1.zip"
+        );
+        assert_eq!(
+            dest("http://h:8080/", "a", None).base_url,
+            "http://h:8080/a/"
+        );
+        assert_eq!(dest(" h ", " a ", Some(" ")).base_url, "https://h/a/");
+    }
+
+    #[test]
+    fn every_rule_has_its_message() {
+        let err = |h: Option<&str>, c: Option<&str>, t: Option<&str>| {
+            Destination::from_request(h, c, t).unwrap_err()
+        };
+        assert_eq!(Destination::from_request(None, None, None), Ok(None));
+        assert_eq!(Destination::from_request(None, None, Some("")), Ok(None));
+        assert_eq!(
+            err(Some("h"), Some("bad/name"), None)["customer"],
+            "must contain only [A-Za-z0-9._ -] and be no longer than 50 characters"
+        );
+        assert!(err(Some("h"), Some(&"x".repeat(51)), None).contains_key("customer"));
+        assert_eq!(
+            err(Some("h"), Some("a"), Some("12345678"))["ticket"],
+            "must contain only [0-9] and be no longer than 7 characters"
+        );
+        assert!(err(Some("h"), Some("a"), Some("12a")).contains_key("ticket"));
+        assert_eq!(err(Some("h"), None, None)["customer"], MISSING_CUSTOMER);
+        assert_eq!(err(None, Some("a"), None)["uploadHost"], MISSING_UPLOAD);
+        let both = err(None, None, Some("1"));
+        assert_eq!(
+            (both["customer"].as_str(), both["uploadHost"].as_str()),
+            (MISSING_CUSTOMER, MISSING_UPLOAD)
+        );
+        assert_eq!(
+            err(Some(" "), Some("a"), None)["uploadHost"],
+            "cannot be empty"
+        );
+        assert_eq!(
+            err(Some("h"), Some(""), None)["customer"],
+            "cannot be empty"
+        );
+    }
+
+    #[test]
+    fn the_policy_limits_scheme_and_hosts() {
+        let open = UploadPolicy::default();
+        let https = dest("uploads.example.com", "a", None);
+        assert_eq!(
+            https.check(&open).unwrap().to_string(),
+            "https://uploads.example.com:443"
+        );
+        assert!(dest("http://127.0.0.1:9", "a", None).check(&open).is_err());
+        let strict = UploadPolicy {
+            allowed_hosts: vec!["uploads.example.com".into(), "127.0.0.1:9".into()],
+            allow_http: true,
+        };
+        assert!(https.check(&strict).is_ok());
+        assert!(dest("http://127.0.0.1:9", "a", None).check(&strict).is_ok());
+        assert!(
+            dest("http://127.0.0.1:10", "a", None)
+                .check(&strict)
+                .is_err()
+        );
+        assert!(dest("evil.example.com", "a", None).check(&strict).is_err());
+    }
+
+    #[test]
+    fn quote_plus_matches_python() {
+        assert_eq!(quote_plus("Example inc."), "Example+inc.");
+        assert_eq!(quote_plus("a/b&c=d"), "a%2Fb%26c%3Dd");
+        assert_eq!(quote_plus("~_-."), "~_-.");
+    }
+}

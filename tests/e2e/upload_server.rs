@@ -1,0 +1,123 @@
+//! A real HTTP server standing in for the support upload host. It records
+//! each PUT (path, body SHA-256, size), streaming bodies so large uploads
+//! cost no memory, and answers from a script: a queue of responses, then
+//! 200 for the rest.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode};
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+
+/// How the server answers one PUT.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    Status(u16, &'static str),
+    /// Read the body, then never answer (cancel tests).
+    Hang,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub path: String,
+    pub sha256: String,
+    pub size: u64,
+}
+
+#[derive(Default)]
+struct Shared {
+    script: Mutex<VecDeque<Reply>>,
+    received: Mutex<Vec<Received>>,
+}
+
+pub struct UploadServer {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl UploadServer {
+    pub async fn start() -> UploadServer {
+        let shared = Arc::new(Shared::default());
+        let app = Router::new().fallback(handle).with_state(shared.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        UploadServer { addr, shared, task }
+    }
+
+    /// `http://127.0.0.1:PORT` (what a user passes as upload host).
+    pub fn host(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Answer the next PUTs with these, in order; then 200.
+    pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
+        self.shared.script.lock().unwrap().extend(replies);
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.shared.received.lock().unwrap().clone()
+    }
+}
+
+impl Drop for UploadServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> (StatusCode, String) {
+    if request.method() != Method::PUT {
+        // HEAD (the preflight) and anything else: the host is up.
+        return (StatusCode::OK, String::new());
+    }
+    let path = request.uri().path().to_string();
+    let mut body = Body::into_data_stream(request.into_body());
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    while let Some(chunk) = body.next().await {
+        let Ok(chunk) = chunk else {
+            return (StatusCode::BAD_REQUEST, "body interrupted".into());
+        };
+        size += chunk.len() as u64;
+        hasher.update(&chunk);
+    }
+    let sha256 = hex(&hasher.finalize());
+    shared
+        .received
+        .lock()
+        .unwrap()
+        .push(Received { path, sha256, size });
+    let reply = shared.script.lock().unwrap().pop_front();
+    match reply {
+        None => (StatusCode::OK, String::new()),
+        Some(Reply::Status(code, body)) => (StatusCode::from_u16(code).unwrap(), body.into()),
+        Some(Reply::Hang) => futures::future::pending().await,
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 of a file, streamed.
+pub fn sha256_file(path: &std::path::Path) -> String {
+    let mut file = std::fs::File::open(path).unwrap();
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).unwrap();
+    hex(&hasher.finalize())
+}
+
+/// A loopback port nothing listens on.
+pub fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
