@@ -169,10 +169,8 @@ async fn cancel_during_an_upload_stops_it() {
     let admin = c.admin("n1");
     let started = admin.start_with(&upload_to(&server.host())).await.unwrap();
     // The body has arrived and the server sits on it: the upload runs.
-    wait_for(&admin, |t| {
-        t.per_node["n1"].status == NodeState::StartedUpload && !server.received().is_empty()
-    })
-    .await;
+    server.wait_received(1).await;
+    wait_for(&admin, |t| t.per_node["n1"].status == NodeState::StartedUpload).await;
 
     let task = admin.cancel().await.unwrap().unwrap();
     assert_eq!(task.task_id, started.task_id);

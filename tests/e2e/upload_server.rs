@@ -33,6 +33,8 @@ pub struct Received {
 struct Shared {
     script: Mutex<VecDeque<Reply>>,
     received: Mutex<Vec<Received>>,
+    /// How many PUT bodies have arrived, for waiting on them.
+    count: tokio::sync::watch::Sender<usize>,
 }
 
 pub struct UploadServer {
@@ -66,6 +68,16 @@ impl UploadServer {
     pub fn received(&self) -> Vec<Received> {
         self.shared.received.lock().unwrap().clone()
     }
+
+    /// Wait until `n` PUT bodies have arrived in full.
+    pub async fn wait_received(&self, n: usize) {
+        let mut count = self.shared.count.subscribe();
+        let arrived = count.wait_for(|c| *c >= n);
+        tokio::time::timeout(crate::support::PATIENCE, arrived)
+            .await
+            .expect("uploads arrive in time")
+            .unwrap();
+    }
 }
 
 impl Drop for UploadServer {
@@ -96,6 +108,7 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> (StatusC
         .lock()
         .unwrap()
         .push(Received { path, sha256, size });
+    shared.count.send_modify(|c| *c += 1);
     let reply = shared.script.lock().unwrap().pop_front();
     match reply {
         None => (StatusCode::OK, String::new()),

@@ -88,9 +88,9 @@ async fn open_session(State(state): State<AppState>, _: Peer, body: bytes::Bytes
 fn job_error(e: StartJobError) -> ApiError {
     let status = match e {
         StartJobError::NoSession(_) => StatusCode::NOT_FOUND,
-        StartJobError::AlreadyStarted(_)
-        | StartJobError::NothingToUpload(_)
-        | StartJobError::Busy(_) => StatusCode::CONFLICT,
+        StartJobError::AlreadyStarted(_) | StartJobError::NothingToUpload(_) => {
+            StatusCode::CONFLICT
+        }
     };
     ApiError::general(status, e.to_string())
 }

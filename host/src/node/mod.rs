@@ -106,8 +106,6 @@ pub enum StartJobError {
     AlreadyStarted(String),
     #[error("task {0} has nothing collected to upload")]
     NothingToUpload(String),
-    #[error("a job of task {0} is still running")]
-    Busy(String),
 }
 
 impl NodeService {
@@ -190,18 +188,14 @@ impl NodeService {
     ) -> Result<(), StartJobError> {
         let mut slot = self.slot.lock().unwrap();
         let session = session_of(&mut slot, task_id)?;
-        if session
-            .job
-            .as_ref()
-            .is_some_and(|j| !j.handle.is_finished())
-        {
-            return Err(StartJobError::Busy(task_id.to_string()));
-        }
+        // The artifact is recorded just before the collector's job sends
+        // `collected` and ends: once it is here, that job is finishing.
         let Some(artifact) = session.artifact.take() else {
             return Err(StartJobError::NothingToUpload(task_id.to_string()));
         };
+        let collector = session.job.take().map(|j| j.handle);
         let cancel = CancellationToken::new();
-        let handle = tokio::spawn(job::upload(
+        let upload = job::upload(
             self.clone(),
             job::UploadOrder {
                 task_id: task_id.to_string(),
@@ -211,7 +205,13 @@ impl NodeService {
             },
             session.events.clone(),
             cancel.clone(),
-        ));
+        );
+        let handle = tokio::spawn(async move {
+            if let Some(collector) = collector {
+                let _ = collector.await;
+            }
+            upload.await
+        });
         session.job = Some(Job { cancel, handle });
         Ok(())
     }
