@@ -266,6 +266,9 @@ impl Config {
                 bail!("{name}.memory_limit_mb must be positive");
             }
         }
+        if let Err(e) = self.upload.proxy() {
+            bail!("upload.proxy {e}");
+        }
         if self.coordinator.heartbeat_interval_ms == 0 {
             bail!("coordinator.heartbeat_interval_ms must be positive");
         }

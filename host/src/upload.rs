@@ -26,6 +26,76 @@ pub struct UploadPolicy {
     /// real customer data).
     #[serde(default)]
     pub allow_http: bool,
+    /// An HTTP proxy every upload (and its preflight) goes through:
+    /// `http://[user:password@]host:port`. Uploads tunnel with `CONNECT`,
+    /// so the proxy must allow it to the upload host's port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<String>,
+}
+
+impl UploadPolicy {
+    /// The configured proxy, parsed (checked when the config is loaded).
+    pub fn proxy(&self) -> Result<Option<Proxy>, String> {
+        self.proxy.as_deref().map(Proxy::parse).transpose()
+    }
+}
+
+/// An HTTP proxy for uploads.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Proxy {
+    /// `http://host:port`, without credentials.
+    pub url: String,
+    /// `host:port`, to connect to.
+    pub authority: String,
+    /// `Proxy-Authorization` value, when the URL has credentials.
+    pub authorization: Option<String>,
+}
+
+impl std::fmt::Debug for Proxy {
+    /// Never prints the credentials.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Proxy({})", self.url)
+    }
+}
+
+impl Proxy {
+    pub fn parse(url: &str) -> Result<Proxy, String> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or("must be an http:// URL (http://[user:password@]host:port)")?;
+        let rest = rest.trim_end_matches('/');
+        if rest.contains('/') {
+            return Err("must be http://[user:password@]host:port, without a path".into());
+        }
+        let (credentials, host_port) = match rest.rsplit_once('@') {
+            Some((c, h)) => (Some(c), h),
+            None => (None, rest),
+        };
+        let authority: http::uri::Authority = host_port
+            .parse()
+            .map_err(|e| format!("bad proxy address {host_port:?}: {e}"))?;
+        if authority.host().is_empty() {
+            return Err("has no host".into());
+        }
+        let authority = format!(
+            "{}:{}",
+            authority.host().to_ascii_lowercase(),
+            authority.port_u16().unwrap_or(80)
+        );
+        let authorization = credentials.map(|c| {
+            use base64::Engine;
+            let plain = percent_decode(c);
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(plain)
+            )
+        });
+        Ok(Proxy {
+            url: format!("http://{authority}"),
+            authority,
+            authorization,
+        })
+    }
 }
 
 /// A task's upload destination, validated.
@@ -184,6 +254,30 @@ impl std::fmt::Display for Origin {
     }
 }
 
+/// `%XX` escapes to bytes (for credentials in a URL); anything malformed
+/// is kept as it is.
+fn percent_decode(s: &str) -> Vec<u8> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
 /// Python's / mochiweb's `quote_plus`: unreserved bytes as they are, space
 /// as `+`, everything else `%XX`.
 pub fn quote_plus(s: &str) -> String {
@@ -203,12 +297,22 @@ pub fn quote_plus(s: &str) -> String {
 /// Can the upload host be reached? A `HEAD` of the base URL; any HTTP
 /// answer counts (the real PUT decides), only transport failures do not.
 /// The error is ns_server's message.
-pub async fn preflight(destination: &Destination) -> Result<(), String> {
+pub async fn preflight(destination: &Destination, proxy: Option<&Proxy>) -> Result<(), String> {
     let url = &destination.base_url;
-    let client = reqwest::Client::builder()
-        .timeout(PREFLIGHT_TIMEOUT)
-        .build()
-        .map_err(|e| e.to_string())?;
+    // The uploads' route exactly: the configured proxy or none, never the
+    // environment's.
+    let builder = reqwest::Client::builder().timeout(PREFLIGHT_TIMEOUT);
+    let builder = match proxy {
+        None => builder.no_proxy(),
+        Some(p) => {
+            let mut rp = reqwest::Proxy::all(&p.url).map_err(|e| e.to_string())?;
+            if let Some(auth) = &p.authorization {
+                rp = rp.custom_http_auth(auth.parse().map_err(|_| "bad proxy credentials")?);
+            }
+            builder.proxy(rp)
+        }
+    };
+    let client = builder.build().map_err(|e| e.to_string())?;
     match client.head(url).send().await {
         Ok(_) => Ok(()),
         Err(e) => Err(format!(
@@ -226,6 +330,29 @@ mod tests {
         Destination::from_request(Some(host), Some(customer), ticket)
             .unwrap()
             .unwrap()
+    }
+
+    #[test]
+    fn proxies_are_http_urls_with_optional_credentials() {
+        let p = Proxy::parse("http://proxy.corp:3128").unwrap();
+        assert_eq!(p.authority, "proxy.corp:3128");
+        assert_eq!(p.authorization, None);
+        let p = Proxy::parse("http://u:p%40ss@Proxy.corp/").unwrap();
+        assert_eq!(p.authority, "proxy.corp:80");
+        assert_eq!(p.url, "http://proxy.corp:80");
+        assert_eq!(p.authorization.as_deref(), Some("Basic dTpwQHNz"));
+        assert!(
+            !format!("{p:?}").contains("u:p"),
+            "credentials never printed"
+        );
+        for bad in [
+            "proxy:3128",
+            "https://proxy:3128",
+            "http://proxy:3128/path",
+            "http://",
+        ] {
+            assert!(Proxy::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -292,6 +419,7 @@ mod tests {
         let strict = UploadPolicy {
             allowed_hosts: vec!["uploads.example.com".into(), "127.0.0.1:9".into()],
             allow_http: true,
+            proxy: None,
         };
         assert!(https.check(&strict).is_ok());
         assert!(dest("http://127.0.0.1:9", "a", None).check(&strict).is_ok());

@@ -1,10 +1,12 @@
 //! End-to-end tests: real `autocollect` daemons on loopback, real plugins
 //! compiled from `plugins/`, driven through the public HTTP API; uploads
-//! go to a real HTTP server in the test process.
+//! go to a real HTTP server in the test process, directly or through a
+//! real proxy.
 
 mod api_errors;
 mod cancel;
 mod collect;
+mod proxy_server;
 mod sandbox;
 mod support;
 mod upload;

@@ -9,6 +9,7 @@ use autocollect::coordinator::task::{NodeState, NodeStatus, TaskState, TaskStatu
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
+use crate::proxy_server::ProxyServer;
 use crate::support::*;
 use crate::upload_server::{Reply, UploadServer, closed_port, sha256_file};
 
@@ -162,6 +163,54 @@ async fn the_host_refuses_a_plugin_that_sends_data_elsewhere() {
 }
 
 #[tokio::test]
+async fn uploads_and_the_preflight_go_through_the_configured_proxy() {
+    let server = UploadServer::start().await;
+    let proxy = ProxyServer::start().await;
+    let c = cluster(&["n1", "n2"], |config| {
+        uploads_over_http(config);
+        config.upload.proxy = Some(proxy.url());
+    })
+    .await;
+    let task = upload_and_wait(&c.admin("n1"), &upload_to(&server.host())).await;
+
+    for node in ["n1", "n2"] {
+        assert_eq!(task.per_node[node].status, NodeState::Uploaded, "{task:?}");
+    }
+    assert_eq!(server.received().len(), 2);
+    let requests = proxy.requests();
+    let preflight = format!("HEAD {}/Example+inc./12345/", server.host());
+    let tunnel = format!("CONNECT {}", server.addr);
+    assert_eq!(requests[0], preflight, "{requests:?}");
+    assert_eq!(requests[1..], [tunnel.clone(), tunnel], "{requests:?}");
+}
+
+#[tokio::test]
+async fn a_proxy_that_refuses_the_tunnel_fails_the_upload_with_its_answer() {
+    let server = UploadServer::start().await;
+    let proxy = ProxyServer::refusing_tunnels().await;
+    let c = cluster(&["n1"], |config| {
+        uploads_over_http(config);
+        config.upload.proxy = Some(proxy.url());
+        config
+            .uploader
+            .options
+            .insert("attempts".into(), 1i64.into());
+    })
+    .await;
+    let task = upload_and_wait(&c.admin("n1"), &upload_to(&server.host())).await;
+
+    let n1 = &task.per_node["n1"];
+    assert_eq!(n1.status, NodeState::FailedUpload);
+    let want = format!(
+        "upload proxy {} refused a tunnel to {}: HTTP/1.1 403 Forbidden",
+        proxy.url(),
+        server.addr
+    );
+    assert!(output(n1).contains(&want), "{n1:?}");
+    assert!(server.received().is_empty(), "nothing bypassed the proxy");
+}
+
+#[tokio::test]
 async fn cancel_during_an_upload_stops_it() {
     let server = UploadServer::start().await;
     server.script([Reply::Hang]);
@@ -170,7 +219,10 @@ async fn cancel_during_an_upload_stops_it() {
     let started = admin.start_with(&upload_to(&server.host())).await.unwrap();
     // The body has arrived and the server sits on it: the upload runs.
     server.wait_received(1).await;
-    wait_for(&admin, |t| t.per_node["n1"].status == NodeState::StartedUpload).await;
+    wait_for(&admin, |t| {
+        t.per_node["n1"].status == NodeState::StartedUpload
+    })
+    .await;
 
     let task = admin.cancel().await.unwrap().unwrap();
     assert_eq!(task.task_id, started.task_id);

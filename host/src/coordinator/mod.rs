@@ -164,7 +164,8 @@ impl Coordinator {
         if let Some(destination) = &request.upload {
             self.check_destination(destination)?;
             if !request.bypass_reachability_checks {
-                upload::preflight(destination)
+                let proxy = self.upload_policy.proxy().ok().flatten();
+                upload::preflight(destination, proxy.as_ref())
                     .await
                     .map_err(StartError::Unreachable)?;
             }

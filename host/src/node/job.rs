@@ -103,6 +103,7 @@ pub(super) async fn upload(
                     artifact_size: order.size,
                     url: &url,
                     origin,
+                    proxy: node.roles.upload_policy.proxy().ok().flatten(),
                     limits: role.limits,
                     progress: progress_tx,
                     cancel,

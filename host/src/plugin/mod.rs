@@ -12,6 +12,7 @@
 
 pub mod builtin;
 pub mod collector;
+mod proxy;
 mod run;
 pub mod sandbox;
 pub mod uploader;

@@ -29,7 +29,7 @@ use wasmtime_wasi_http::{
     WasiHttpView,
 };
 
-use crate::upload::Origin;
+use crate::upload::{Origin, Proxy};
 
 /// Where the output directory appears inside the guest.
 pub const GUEST_OUTPUT_DIR: &str = "/output";
@@ -124,6 +124,8 @@ pub struct RunSetup<'a> {
     pub artifact_dir: Option<&'a Path>,
     /// The only origin outgoing HTTP requests may go to (none: no HTTP).
     pub http_origin: Option<Origin>,
+    /// The operator's upload proxy, if any: allowed requests go through it.
+    pub http_proxy: Option<Proxy>,
     pub limits: RunLimits,
     pub progress: Option<watch::Sender<Option<PluginEvent>>>,
     pub cancel: CancellationToken,
@@ -150,6 +152,7 @@ pub fn new_store(
     }
     let outbound = OutboundPolicy {
         allowed: setup.http_origin,
+        proxy: setup.http_proxy,
         refused: Vec::new(),
         plugin: setup.labels.plugin.clone(),
     };
@@ -260,8 +263,10 @@ fn truncate(s: &str, max: usize) -> &str {
 /// The host's side of `wasi:http/outgoing-handler`: a request goes out
 /// only if its scheme, host and port are the allowed origin. Everything
 /// else is refused with `HTTP-request-denied`, logged and remembered.
+/// Allowed requests go through the operator's proxy when there is one.
 pub struct OutboundPolicy {
     allowed: Option<Origin>,
+    proxy: Option<Proxy>,
     refused: Vec<String>,
     plugin: String,
 }
@@ -292,6 +297,9 @@ impl WasiHttpHooks for OutboundPolicy {
                 self.refused.push(target);
             }
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
+        }
+        if let Some(proxy) = self.proxy.clone() {
+            return Box::new(async move { super::proxy::send(&proxy, request, options).await });
         }
         Box::new(async move {
             use http_body_util::BodyExt;

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::run::{RunError, classify, finish, linker, new_run_store, store_deadline, supervise};
 use super::sandbox::{GUEST_ARTIFACT_DIR, PluginEvent, RunLabels, RunLimits, RunSetup};
 use super::{PluginHost, PluginSource};
-use crate::upload::Origin;
+use crate::upload::{Origin, Proxy};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -53,6 +53,8 @@ pub struct UploadJob<'a> {
     /// The destination URL; its origin is the only one allowed.
     pub url: &'a str,
     pub origin: Origin,
+    /// The operator's upload proxy, if any.
+    pub proxy: Option<Proxy>,
     pub limits: RunLimits,
     pub progress: watch::Sender<Option<PluginEvent>>,
     pub cancel: CancellationToken,
@@ -111,6 +113,7 @@ impl UploaderPlugin {
                 output_dir: None,
                 artifact_dir: None,
                 http_origin: None,
+                http_proxy: None,
                 limits,
                 progress: None,
                 cancel: cancel.clone(),
@@ -149,6 +152,7 @@ impl UploaderPlugin {
                 output_dir: None,
                 artifact_dir: Some(dir),
                 http_origin: Some(job.origin),
+                http_proxy: job.proxy,
                 limits,
                 progress: Some(job.progress),
                 cancel: job.cancel.clone(),

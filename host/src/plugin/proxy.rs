@@ -1,0 +1,167 @@
+//! Sending an uploader's request through the operator's HTTP proxy: a
+//! `CONNECT` tunnel to the destination, TLS inside it for `https`, then
+//! the request itself over HTTP/1.1. The origin check has already been
+//! made by [`super::sandbox::OutboundPolicy`]; this only carries the bytes.
+
+use std::future::Future;
+use std::time::Duration;
+
+use http::uri::Scheme;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use wasmtime_wasi_http::io::TokioIo;
+use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody};
+
+use crate::upload::Proxy;
+
+/// Longest proxy answer to `CONNECT` we read.
+const CONNECT_ANSWER_MAX: usize = 16 * 1024;
+/// What `wasi:http` defaults to when the guest sets no timeout.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
+trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
+
+pub type Sent = (
+    http::Response<WasiBody>,
+    Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+);
+
+/// Send `request` through `proxy`.
+pub async fn send(
+    proxy: &Proxy,
+    mut request: http::Request<WasiBody>,
+    options: Option<RequestOptions>,
+) -> Result<Sent, HttpError> {
+    let uri = request.uri();
+    let tls = uri.scheme() == Some(&Scheme::HTTPS);
+    let authority = uri.authority().ok_or(HttpError::HttpRequestUriInvalid)?;
+    let host = authority.host().to_string();
+    let target = format!(
+        "{host}:{}",
+        authority.port_u16().unwrap_or(if tls { 443 } else { 80 })
+    );
+    let connect_timeout = options
+        .and_then(|o| o.connect_timeout)
+        .unwrap_or(DEFAULT_TIMEOUT);
+    let first_byte_timeout = options
+        .and_then(|o| o.first_byte_timeout)
+        .unwrap_or(DEFAULT_TIMEOUT);
+
+    let stream = tokio::time::timeout(connect_timeout, tunnel(proxy, &target))
+        .await
+        .map_err(|_| HttpError::ConnectionTimeout)??;
+    let stream: Box<dyn Stream> = if tls {
+        Box::new(tls_client(stream, &host).await?)
+    } else {
+        Box::new(stream)
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+
+    // Origin-form on the wire: the tunnel already leads to the host.
+    *request.uri_mut() = http::Uri::builder()
+        .path_and_query(
+            request
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string(),
+        )
+        .build()
+        .map_err(|_| HttpError::HttpRequestUriInvalid)?;
+
+    // Drive the connection while waiting for the answer.
+    let mut conn = Box::pin(conn);
+    let mut conn_done = false;
+    let answer = tokio::time::timeout(first_byte_timeout, sender.send_request(request));
+    tokio::pin!(answer);
+    let response = loop {
+        tokio::select! {
+            r = &mut answer => break r.map_err(|_| HttpError::ConnectionReadTimeout)??,
+            r = &mut conn, if !conn_done => {
+                conn_done = true;
+                r?;
+            }
+        }
+    };
+    let io = async move {
+        if !conn_done {
+            conn.await?;
+        }
+        Ok(())
+    };
+    Ok((
+        response.map(|body| body.map_err(HttpError::from).boxed_unsync()),
+        Box::new(io),
+    ))
+}
+
+/// Open a TCP connection to the proxy and ask it for a tunnel to `target`.
+async fn tunnel(proxy: &Proxy, target: &str) -> Result<TcpStream, HttpError> {
+    let mut stream = TcpStream::connect(&proxy.authority)
+        .await
+        .map_err(HttpError::Connect)?;
+    let mut head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+    if let Some(auth) = &proxy.authorization {
+        head.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream
+        .write_all(head.as_bytes())
+        .await
+        .map_err(HttpError::Connect)?;
+
+    // The proxy says nothing more until we speak, so reading past the end
+    // of its answer cannot swallow the destination's bytes.
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await.map_err(HttpError::Connect)?;
+        if n == 0 || answer.len() + n > CONNECT_ANSWER_MAX {
+            return Err(refused(proxy, target, "no valid answer to CONNECT"));
+        }
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let status_line = String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let status = status_line.split_whitespace().nth(1).unwrap_or_default();
+    if !status.starts_with('2') || status.len() != 3 {
+        return Err(refused(proxy, target, &status_line));
+    }
+    Ok(stream)
+}
+
+fn refused(proxy: &Proxy, target: &str, what: &str) -> HttpError {
+    HttpError::InternalError(Some(format!(
+        "upload proxy {} refused a tunnel to {target}: {what}",
+        proxy.url
+    )))
+}
+
+/// TLS to `host` over `stream`, verified against the webpki roots, as
+/// `wasi:http`'s direct connections are.
+async fn tls_client(
+    stream: TcpStream,
+    host: &str,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, HttpError> {
+    use rustls::pki_types::ServerName;
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.into(),
+    };
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = match host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+        Ok(ip) => ServerName::from(ip),
+        Err(_) => ServerName::try_from(host.to_string()).map_err(HttpError::from)?,
+    };
+    connector
+        .connect(name, stream)
+        .await
+        .map_err(HttpError::Tls)
+}
