@@ -3,13 +3,15 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::run::{classify, finish, linker, new_run_store, store_deadline, supervise};
+use super::run::{
+    VALIDATION_LIMITS, classify, finish, link, new_run_store, store_deadline, supervise,
+    validation_store,
+};
 use super::sandbox::{GUEST_OUTPUT_DIR, PluginEvent, RunLabels, RunLimits, RunSetup, RunState};
 use super::{PluginHost, PluginSource};
 
@@ -74,12 +76,7 @@ impl CollectorPlugin {
     /// clear message if the component imports something the sandbox does
     /// not offer or does not export the `collector` world.
     pub fn load(host: &Arc<PluginHost>, source: PluginSource) -> Result<CollectorPlugin> {
-        let component = host.component(&source)?;
-        let pre = linker(host.engine(), false)?
-            .instantiate_pre(&component)
-            .map_err(anyhow::Error::from)
-            .with_context(|| format!("plugin {source} needs imports the sandbox does not offer"))?;
-        let pre = CollectorPre::new(pre)
+        let pre = CollectorPre::new(link(host, &source, false)?)
             .map_err(anyhow::Error::from)
             .with_context(|| format!("plugin {source} does not export the collector world"))?;
         Ok(CollectorPlugin {
@@ -95,29 +92,8 @@ impl CollectorPlugin {
 
     /// Ask the plugin whether `options` are acceptable (no filesystem).
     pub async fn validate_options(&self, options: &[(String, String)]) -> Result<(), RunError> {
-        let labels = RunLabels {
-            plugin: self.source.to_string(),
-            task_id: "-".into(),
-            node: "-".into(),
-        };
-        let limits = RunLimits {
-            timeout: Duration::from_secs(10),
-            memory_bytes: 64 << 20,
-        };
-        let cancel = CancellationToken::new();
-        let (mut store, tail) = new_run_store(
-            &self.host,
-            RunSetup {
-                labels,
-                output_dir: None,
-                artifact_dir: None,
-                http_origin: None,
-                http_proxy: None,
-                limits,
-                progress: None,
-                cancel: cancel.clone(),
-            },
-        )?;
+        let limits = VALIDATION_LIMITS;
+        let (mut store, tail, cancel) = validation_store(&self.host, &self.source)?;
         let instance = self.pre.instantiate_async(&mut store).await;
         let instance = instance.map_err(|e| classify(&store, &tail, limits, e))?;
         let options = options.to_vec();

@@ -10,9 +10,14 @@ use tokio_util::sync::CancellationToken;
 use wasmtime::Store;
 use wasmtime::component::{HasSelf, Linker};
 
-use super::PluginHost;
+use anyhow::Context as _;
+use wasmtime::component::InstancePre;
+
 use super::collector::bindings::autocollect::plugin::{log, progress, types};
-use super::sandbox::{Interrupted, OutputTail, RunLimits, RunSetup, RunState, new_store};
+use super::sandbox::{
+    Interrupted, OutputTail, RunLabels, RunLimits, RunSetup, RunState, new_store,
+};
+use super::{PluginHost, PluginSource};
 
 /// The imports a plugin may use: WASI preview 2 (confined by the run's
 /// `WasiCtx`), our `log` and `progress`, and, for uploaders only,
@@ -27,6 +32,53 @@ pub(super) fn linker(engine: &wasmtime::Engine, http: bool) -> Result<Linker<Run
     log::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
     progress::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
     Ok(linker)
+}
+
+/// Compile (or fetch from cache) `source` and link it against the
+/// sandbox's imports, failing with a clear message if it needs more.
+pub(super) fn link(
+    host: &PluginHost,
+    source: &PluginSource,
+    http: bool,
+) -> Result<InstancePre<RunState>> {
+    let component = host.component(source)?;
+    linker(host.engine(), http)?
+        .instantiate_pre(&component)
+        .map_err(anyhow::Error::from)
+        .with_context(|| format!("plugin {source} needs imports the sandbox does not offer"))
+}
+
+/// Limits of a `validate-options` call.
+pub(super) const VALIDATION_LIMITS: RunLimits = RunLimits {
+    timeout: Duration::from_secs(10),
+    memory_bytes: 64 << 20,
+};
+
+/// A store for a `validate-options` call: no filesystem, no network, the
+/// [`VALIDATION_LIMITS`], and its cancel token.
+pub(super) fn validation_store(
+    host: &PluginHost,
+    source: &PluginSource,
+) -> Result<(Store<RunState>, OutputTail, CancellationToken), RunError> {
+    let cancel = CancellationToken::new();
+    let (store, tail) = new_run_store(
+        host,
+        RunSetup {
+            labels: RunLabels {
+                plugin: source.to_string(),
+                task_id: "-".into(),
+                node: "-".into(),
+            },
+            output_dir: None,
+            artifact_dir: None,
+            http_origin: None,
+            http_proxy: None,
+            limits: VALIDATION_LIMITS,
+            progress: None,
+            cancel: cancel.clone(),
+        },
+    )?;
+    Ok((store, tail, cancel))
 }
 
 /// Why a plugin run did not succeed.

@@ -4,13 +4,15 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::run::{RunError, classify, finish, linker, new_run_store, store_deadline, supervise};
+use super::run::{
+    RunError, VALIDATION_LIMITS, classify, finish, link, new_run_store, store_deadline, supervise,
+    validation_store,
+};
 use super::sandbox::{GUEST_ARTIFACT_DIR, PluginEvent, RunLabels, RunLimits, RunSetup};
 use super::{PluginHost, PluginSource};
 use crate::upload::{Origin, Proxy};
@@ -77,12 +79,7 @@ pub struct UploaderPlugin {
 
 impl UploaderPlugin {
     pub fn load(host: &Arc<PluginHost>, source: PluginSource) -> Result<UploaderPlugin> {
-        let component = host.component(&source)?;
-        let pre = linker(host.engine(), true)?
-            .instantiate_pre(&component)
-            .map_err(anyhow::Error::from)
-            .with_context(|| format!("plugin {source} needs imports the sandbox does not offer"))?;
-        let pre = UploaderPre::new(pre)
+        let pre = UploaderPre::new(link(host, &source, true)?)
             .map_err(anyhow::Error::from)
             .with_context(|| format!("plugin {source} does not export the uploader world"))?;
         Ok(UploaderPlugin {
@@ -96,29 +93,11 @@ impl UploaderPlugin {
         &self.source
     }
 
+    /// Ask the plugin whether `options` are acceptable (no filesystem, no
+    /// network).
     pub async fn validate_options(&self, options: &[(String, String)]) -> Result<(), RunError> {
-        let limits = RunLimits {
-            timeout: Duration::from_secs(10),
-            memory_bytes: 64 << 20,
-        };
-        let cancel = CancellationToken::new();
-        let (mut store, tail) = new_run_store(
-            &self.host,
-            RunSetup {
-                labels: RunLabels {
-                    plugin: self.source.to_string(),
-                    task_id: "-".into(),
-                    node: "-".into(),
-                },
-                output_dir: None,
-                artifact_dir: None,
-                http_origin: None,
-                http_proxy: None,
-                limits,
-                progress: None,
-                cancel: cancel.clone(),
-            },
-        )?;
+        let limits = VALIDATION_LIMITS;
+        let (mut store, tail, cancel) = validation_store(&self.host, &self.source)?;
         let instance = self.pre.instantiate_async(&mut store).await;
         let instance = instance.map_err(|e| classify(&store, &tail, limits, e))?;
         let options = options.to_vec();
