@@ -123,6 +123,13 @@ pub async fn serve(
 
     // Not axum's graceful shutdown: session streams never end by
     // themselves, so we stop serving, then cancel and clean up.
+    // No Nagle: session events and long-poll answers are small writes that
+    // must leave at once, not wait for the peer's delayed ACK (~40 ms).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY: {e}");
+        }
+    });
     tokio::select! {
         result = axum::serve(listener, app) => result?,
         signal = termination() => tracing::info!("{signal}: shutting down"),

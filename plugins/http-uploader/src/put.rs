@@ -196,9 +196,9 @@ impl BodyStream {
         let mut chunk = vec![0u8; chunk_size];
         let mut sent = 0u64;
         loop {
-            let n = file
-                .read(&mut chunk)
-                .map_err(|e| format!("reading the artifact: {e}"))?;
+            // Fill the chunk: one file read returns at most 64 KiB in WASI,
+            // and each body write and progress report has a cost of its own.
+            let n = fill(file, &mut chunk).map_err(|e| format!("reading the artifact: {e}"))?;
             if n == 0 {
                 break;
             }
@@ -228,6 +228,20 @@ impl BodyStream {
         }
         Ok(())
     }
+}
+
+/// Read into `buf` until it is full or the file ends; the bytes read.
+fn fill(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }
 
 fn stream_error(e: StreamError) -> String {

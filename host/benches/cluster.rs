@@ -1,0 +1,89 @@
+//! Coordinator overhead: a minimal collection (the built-in mock writing a
+//! few-hundred-byte zip) on local clusters of real daemons, timed from the
+//! start request to the task's end with every node `collected`. Also the
+//! daemons' memory at idle and at peak.
+//!
+//! `cargo bench -p autocollect --bench cluster`
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use autocollect::cluster::LocalCluster;
+use autocollect::coordinator::task::{NodeState, TaskState};
+use common::*;
+
+fn main() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        println!("cluster on {}", machine());
+        bench(3, 50, Duration::from_millis(50)).await?;
+        bench(32, 20, Duration::from_millis(200)).await
+    })
+}
+
+async fn bench(size: usize, runs: usize, target: Duration) -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let names: Vec<String> = (1..=size).map(|i| format!("n{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let cluster = LocalCluster::launch(&daemon_exe(), tmp.path(), &names, |_| {}).await?;
+    let admin = cluster.admin("n1");
+    let pids: Vec<u32> = cluster.nodes.iter().filter_map(|n| n.pid()).collect();
+    let rss = |field| {
+        pids.iter()
+            .map(|&p| proc_status_bytes(p, field).unwrap_or(0))
+            .collect::<Vec<_>>()
+    };
+    let idle = rss("VmRSS");
+
+    let mut samples = Vec::with_capacity(runs);
+    for run in 0..runs + 2 {
+        let t = Instant::now();
+        let started = admin.start("all").await?;
+        let task = admin
+            .wait_for_end(&started.task_id, Duration::from_secs(60))
+            .await?;
+        let elapsed = t.elapsed();
+        anyhow::ensure!(task.status == TaskState::Completed, "{task:?}");
+        anyhow::ensure!(
+            task.per_node
+                .values()
+                .all(|n| n.status == NodeState::Collected),
+            "{task:?}"
+        );
+        if run >= 2 {
+            samples.push(elapsed);
+        }
+        // Not timed: every node lets go of the cluster lock before the next.
+        for node in &cluster.nodes {
+            cluster.admin(&node.name).wait_idle(10.0).await?;
+        }
+    }
+    let s = Samples::new(samples);
+    let peak = rss("VmHWM");
+    println!(
+        "{size:>2} nodes: start -> all collected  n={} median {}  p90 {}  min {}  (target < {}: {})",
+        s.len(),
+        fmt_duration(s.median()),
+        fmt_duration(s.percentile(90.0)),
+        fmt_duration(s.min()),
+        fmt_duration(target),
+        if s.median() < target {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+    println!(
+        "          RSS coordinator idle {}  peak {};  other nodes idle max {}  peak max {};  all {} daemons at peak {}",
+        mib(idle[0]),
+        mib(peak[0]),
+        mib(idle[1..].iter().copied().max().unwrap_or(0)),
+        mib(peak[1..].iter().copied().max().unwrap_or(0)),
+        size,
+        mib(peak.iter().sum()),
+    );
+    Ok(())
+}

@@ -1,0 +1,191 @@
+//! Plugin start cost: compiling a component cold, loading it from the
+//! on-disk cache, and, with the compiled component cached in memory (the
+//! daemon's steady state), a fresh sandboxed instance plus one call.
+//! Then the mock collector writing a 64 MiB zip against `zip -0` storing
+//! a 64 MiB file.
+//!
+//! `cargo bench -p autocollect --bench plugin_start`
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use autocollect::plugin::collector::CollectorPlugin;
+use autocollect::plugin::sandbox::RunLabels;
+use autocollect::plugin::{PluginHost, PluginSource, RunLimits, builtin};
+use common::*;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+const CALLS: usize = 2000;
+const ZIP_BYTES: u64 = 64 << 20;
+
+fn main() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
+    println!("plugin_start on {}", machine());
+    let tmp = tempfile::tempdir()?;
+    let mock = PluginSource::Builtin("mock-collector");
+    let (_, mock_bytes) = builtin::lookup("mock-collector").unwrap();
+
+    // Cold: what the first start of a daemon pays without a disk cache.
+    let host = PluginHost::new(None)?;
+    let cold = time_n(0, 3, || {
+        host.compile_uncached(mock_bytes).unwrap();
+    });
+    row("compile mock-collector (cold)", &cold);
+
+    // Disk cache: what a daemon restart pays.
+    let cache = tmp.path().join("cache");
+    PluginHost::new(Some(cache.clone()))?.component(&mock)?;
+    let mut samples = Vec::new();
+    for _ in 0..20 {
+        let host = PluginHost::new(Some(cache.clone()))?;
+        let t = Instant::now();
+        host.component(&mock)?;
+        samples.push(t.elapsed());
+    }
+    row(
+        "load mock-collector from disk cache",
+        &Samples::new(samples),
+    );
+
+    // Steady state: instantiate + one no-op collect per run.
+    let noop = CollectorPlugin::load(
+        &host,
+        PluginSource::File(builtin::build_output("test_misbehave")),
+    )?;
+    let options = [("mode".to_string(), "noop".to_string())];
+    let out = tmp.path().join("noop");
+    std::fs::create_dir_all(&out)?;
+    let per_call = collect_n(&noop, &options, &out, CALLS + 100, 100).await;
+    row("instantiate + no-op collect (cached)", &per_call);
+    println!(
+        "  target: median <= 1 ms -> {}",
+        if per_call.median() <= Duration::from_millis(1) {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+
+    mock_zip_vs_zip(&host, tmp.path()).await
+}
+
+/// Time `n` collect runs of `plugin` (the first `warmup` not recorded).
+async fn collect_n(
+    plugin: &CollectorPlugin,
+    options: &[(String, String)],
+    out: &Path,
+    n: usize,
+    warmup: usize,
+) -> Samples {
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n {
+        let (tx, _rx) = watch::channel(None);
+        let t = Instant::now();
+        plugin
+            .collect(
+                labels(),
+                options,
+                out,
+                limits(),
+                tx,
+                CancellationToken::new(),
+            )
+            .await
+            .expect("collect");
+        if i >= warmup {
+            samples.push(t.elapsed());
+        }
+    }
+    Samples::new(samples)
+}
+
+/// The mock's 64 MiB stored zip (it also generates the bytes) against
+/// `zip -0` storing an existing 64 MiB file: what a user would otherwise run.
+async fn mock_zip_vs_zip(host: &Arc<PluginHost>, tmp: &Path) -> anyhow::Result<()> {
+    let mock = CollectorPlugin::load(host, PluginSource::Builtin("mock-collector"))?;
+    let options = [("artifact-size".to_string(), ZIP_BYTES.to_string())];
+    let mut samples = Vec::new();
+    for _ in 0..5 {
+        let out = tmp.join("mock-zip");
+        std::fs::create_dir_all(&out)?;
+        let (tx, _rx) = watch::channel(None);
+        let t = Instant::now();
+        mock.collect(
+            labels(),
+            &options,
+            &out,
+            limits(),
+            tx,
+            CancellationToken::new(),
+        )
+        .await
+        .expect("mock collect");
+        samples.push(t.elapsed());
+        std::fs::remove_dir_all(&out)?;
+    }
+    let mock_zip = Samples::new(samples);
+
+    let dir = tmp.join("zip-input");
+    std::fs::create_dir_all(&dir)?;
+    let payload = dir.join("payload.bin");
+    let mut bytes = vec![0u8; ZIP_BYTES as usize];
+    rand::fill(&mut bytes[..]);
+    std::fs::write(&payload, &bytes)?;
+    drop(bytes);
+    let archive = tmp.join("zip-output.zip");
+    let zip = time_n(1, 5, || {
+        let _ = std::fs::remove_file(&archive);
+        let status = Command::new("zip")
+            .args(["-0", "-q"])
+            .arg(&archive)
+            .arg("payload.bin")
+            .current_dir(&dir)
+            .status()
+            .expect("run zip (installed by .ci/setup)");
+        assert!(status.success());
+    });
+    row("mock-collector: 64 MiB zip (generate + store)", &mock_zip);
+    row("zip -0: store a 64 MiB file", &zip);
+    println!(
+        "  ratio mock/zip (median): {:.2}x",
+        mock_zip.median().as_secs_f64() / zip.median().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn row(what: &str, s: &Samples) {
+    println!(
+        "{what:<48} n={:<5} median {:>10}  p90 {:>10}  p99 {:>10}  min {:>10}",
+        s.len(),
+        fmt_duration(s.median()),
+        fmt_duration(s.percentile(90.0)),
+        fmt_duration(s.percentile(99.0)),
+        fmt_duration(s.min()),
+    );
+}
+
+fn labels() -> RunLabels {
+    RunLabels {
+        plugin: "bench".into(),
+        task_id: "bench".into(),
+        node: "bench".into(),
+    }
+}
+
+fn limits() -> RunLimits {
+    RunLimits {
+        timeout: Duration::from_secs(120),
+        memory_bytes: 256 << 20,
+    }
+}
