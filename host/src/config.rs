@@ -35,7 +35,10 @@ pub struct Config {
     #[serde(default)]
     pub collector: PluginRole,
     /// The uploader role (default `builtin:http-uploader`).
-    #[serde(default = "PluginRole::uploader")]
+    #[serde(
+        default = "PluginRole::uploader",
+        deserialize_with = "uploader_section"
+    )]
     pub uploader: PluginRole,
     /// Where uploads may go.
     #[serde(default)]
@@ -116,6 +119,28 @@ impl PluginRole {
             .map(|(k, v)| (k.clone(), v.to_string()))
             .collect()
     }
+}
+
+/// An `[uploader]` section: limits it leaves out take the uploader's
+/// defaults ([`PluginRole::uploader`]), not the collector's.
+fn uploader_section<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PluginRole, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Section {
+        plugin: String,
+        #[serde(default)]
+        options: BTreeMap<String, OptionValue>,
+        timeout_secs: Option<f64>,
+        memory_limit_mb: Option<u64>,
+    }
+    let section = Section::deserialize(d)?;
+    let defaults = PluginRole::uploader();
+    Ok(PluginRole {
+        plugin: section.plugin,
+        options: section.options,
+        timeout_secs: section.timeout_secs.unwrap_or(defaults.timeout_secs),
+        memory_limit_mb: section.memory_limit_mb.unwrap_or(defaults.memory_limit_mb),
+    })
 }
 
 /// A plugin option value as written in TOML.
@@ -277,5 +302,65 @@ impl Config {
 
     pub fn secret(&self) -> &str {
         self.cluster_secret.as_deref().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+        node = "n1"
+        listen = "127.0.0.1:9101"
+        data_dir = "/tmp/autocollect-test"
+        cluster_secret = "0123456789abcdef"
+        [nodes]
+        n1 = "127.0.0.1:9101"
+    "#;
+
+    fn parse(extra: &str) -> Config {
+        toml::from_str(&format!("{BASE}\n{extra}")).expect("parses")
+    }
+
+    #[test]
+    fn each_role_section_falls_back_to_its_own_defaults() {
+        let c = parse(
+            r#"
+            [collector]
+            plugin = "collector.wasm"
+            [uploader]
+            plugin = "uploader.wasm"
+            [uploader.options]
+            attempts = 5
+            "#,
+        );
+        assert_eq!(
+            (c.collector.timeout_secs, c.collector.memory_limit_mb),
+            (3600.0, 512)
+        );
+        let uploader = PluginRole::uploader();
+        assert_eq!(c.uploader.plugin, "uploader.wasm");
+        assert_eq!(
+            (c.uploader.timeout_secs, c.uploader.memory_limit_mb),
+            (uploader.timeout_secs, uploader.memory_limit_mb)
+        );
+        assert_eq!(c.uploader.option_pairs(), [("attempts".into(), "5".into())]);
+
+        let c = parse("[uploader]\nplugin = \"u.wasm\"\ntimeout_secs = 60\n");
+        assert_eq!(c.uploader.timeout_secs, 60.0);
+        assert!(
+            toml::from_str::<Config>(&format!("{BASE}\n[uploader]\nplugin = \"u\"\nbogus = 1"))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_bad_upload_proxy_is_refused_at_load() {
+        let c = parse("[upload]\nproxy = \"socks5://proxy:1080\"\n");
+        let e = c.check().unwrap_err().to_string();
+        assert!(e.starts_with("upload.proxy must be an http:// URL"), "{e}");
+        parse("[upload]\nproxy = \"http://proxy:3128\"\n")
+            .check()
+            .unwrap();
     }
 }

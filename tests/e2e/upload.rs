@@ -325,6 +325,10 @@ async fn upload_parameters_are_validated_with_couchbases_rules() {
             vec![("upload_host", "uploads.example.com"), ("customer", "a")],
             json!({"uploadHost": "upload host uploads.example.com:443 is not allowed by this cluster's configuration (allowed_hosts)"}),
         ),
+        (
+            vec![("upload_host", h), ("uploadHost", h), ("customer", "a")],
+            json!({"uploadHost": "Give either upload_host or uploadHost, not both"}),
+        ),
         // Several problems at once are reported together.
         (
             vec![
@@ -351,6 +355,25 @@ async fn upload_parameters_are_validated_with_couchbases_rules() {
             "{pairs:?}"
         );
     }
+    // JSON: a field of the wrong type says so, whatever else it implies.
+    let (status, body) = admin
+        .request(
+            Method::POST,
+            "/collectLogs/start",
+            Some(RequestBody::Json(
+                json!({"nodes": "*", "uploadHost": h, "customer": ["a", "b"]}),
+            )),
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::BAD_REQUEST,
+            json!({"customer": "Must be a string"})
+        )
+    );
     assert!(server.received().is_empty());
     assert_eq!(admin.status().await.unwrap(), None, "nothing started");
 }

@@ -144,7 +144,11 @@ fn start_request(state: &AppState, params: &params::Params) -> Result<StartReque
         match Destination::from_request(host.as_deref(), customer.as_deref(), ticket.as_deref()) {
             Ok(d) => d,
             Err(fields) => {
-                errors.extend(fields);
+                // A field already wrong in form (a list, given twice)
+                // keeps that message: it is the one to fix first.
+                for (key, message) in fields {
+                    errors.entry(key).or_insert(message);
+                }
                 None
             }
         };

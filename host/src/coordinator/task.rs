@@ -64,8 +64,11 @@ impl NodeState {
         }
     }
 
-    /// Counted as finished in the task's progress (as Couchbase counts:
-    /// a collected node is done even if its upload is still to come).
+    /// Counted as finished in the task's progress, as Couchbase counts:
+    /// `collected`, `failed`, `uploaded`, `failedUpload` (and `cancelled`).
+    /// A node waiting for or running its upload is not finished, so in a
+    /// task with uploads, progress falls back as collections hand over to
+    /// uploads, then rises as uploads end.
     pub fn is_finished(self) -> bool {
         matches!(
             self,
@@ -246,7 +249,11 @@ impl TaskStatus {
                 entry.upload_status_code = status_code.clone();
                 entry.upload_output = Some(output.clone());
             }
-            NodeEvent::Cancelled => entry.status = NodeState::Cancelled,
+            NodeEvent::Cancelled => {
+                // A cancelled job's directory is removed: no artifact left.
+                entry.status = NodeState::Cancelled;
+                entry.path = None;
+            }
         }
         let after = entry.status;
         self.update_progress();
@@ -262,6 +269,9 @@ impl TaskStatus {
     pub fn set_state(&mut self, node: &str, state: NodeState) {
         if let Some(entry) = self.per_node.get_mut(node) {
             entry.status = state;
+            if state == NodeState::Cancelled {
+                entry.path = None; // the node removes a cancelled job's files
+            }
             self.update_progress();
         }
     }
@@ -305,7 +315,17 @@ mod tests {
     #[test]
     fn finishing_settles_every_unfinished_node() {
         let mut t = task(&["a", "b"]);
+        let collected = NodeEvent::Collected {
+            path: "/p".into(),
+            size: 1,
+            summary: String::new(),
+        };
+        t.apply("a", &collected);
         t.apply("a", &NodeEvent::Cancelled);
+        assert_eq!(t.per_node["a"].path, None, "its artifact was removed");
+        t.apply("b", &collected);
+        t.set_state("b", NodeState::Cancelled);
+        assert_eq!(t.per_node["b"].path, None, "its artifact was removed");
         t.finish(TaskState::Cancelled, "unused");
         assert!(
             t.per_node
