@@ -13,6 +13,7 @@ use crate::client::{ApiClient, ClientError, StartOptions};
 use crate::cluster::LocalCluster;
 use crate::config::{Config, OptionValue};
 use crate::coordinator::task::{NodeState, NodeStatus, TaskState, TaskStatus};
+use crate::upload_sink::UploadSink;
 
 #[derive(Parser)]
 #[command(
@@ -89,6 +90,9 @@ enum Command {
         /// Where to put the cluster (configs, logs, artifacts).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Only collect: do not upload to the demo's local upload host.
+        #[arg(long)]
+        no_upload: bool,
     },
 }
 
@@ -199,7 +203,8 @@ async fn run(command: Command) -> Result<ExitCode> {
             delay_ms,
             artifact_size,
             dir,
-        } => demo(nodes, delay_ms, artifact_size, dir).await,
+            no_upload,
+        } => demo(nodes, delay_ms, artifact_size, dir, !no_upload).await,
     }
 }
 
@@ -329,6 +334,7 @@ async fn demo(
     delay_ms: u64,
     artifact_size: u64,
     dir: Option<PathBuf>,
+    upload: bool,
 ) -> Result<ExitCode> {
     anyhow::ensure!(
         (1..=64).contains(&nodes),
@@ -346,7 +352,14 @@ async fn demo(
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     println!("starting {nodes} daemons under {}", root.display());
     let exe = std::env::current_exe()?;
+    // A local support upload host: plain HTTP on loopback, which the
+    // demo's nodes are configured to allow.
+    let sink = match upload {
+        true => Some(UploadSink::start(&root.join("upload-host")).await?),
+        false => None,
+    };
     let cluster = LocalCluster::launch(&exe, &root, &names, |config| {
+        config.upload.allow_http = true;
         let options = &mut config.collector.options;
         options.insert("delay-ms".into(), OptionValue::Integer(delay_ms as i64));
         options.insert(
@@ -359,11 +372,27 @@ async fn demo(
         println!("  {} listening on {}", node.name, node.url());
     }
     let client = cluster.admin(names[0]);
-    let task = client.start("all").await.map_err(explain)?;
+    let options = StartOptions {
+        nodes: "all".into(),
+        upload_host: sink.as_ref().map(UploadSink::host),
+        customer: sink.as_ref().map(|_| "Demo Customer".into()),
+        ticket: sink.as_ref().map(|_| "1234".into()),
+        bypass_reachability_checks: false,
+    };
+    if let Some(sink) = &sink {
+        println!("  upload host listening on {}", sink.host());
+    }
+    let task = client.start_with(&options).await.map_err(explain)?;
     println!("collection {} started via {}", task.task_id, names[0]);
     let code = follow(&client, &task.task_id).await?;
+    if let Some(sink) = &sink {
+        println!(
+            "\nthe upload host stored the zips under {}",
+            sink.dir.display()
+        );
+    }
     println!(
-        "\nconfigs, logs and artifacts are kept under {}",
+        "configs, logs and artifacts are kept under {}",
         root.display()
     );
     drop(cluster);

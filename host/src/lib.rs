@@ -29,3 +29,4 @@ pub mod plugin;
 pub mod protocol;
 pub mod server;
 pub mod upload;
+pub mod upload_sink;

@@ -6,6 +6,7 @@
 mod api_errors;
 mod cancel;
 mod collect;
+mod demo;
 mod proxy_server;
 mod sandbox;
 mod support;
