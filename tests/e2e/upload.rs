@@ -69,6 +69,9 @@ async fn every_node_uploads_its_zip_byte_identical_to_couchbases_url() {
         let got = received.iter().find(|r| r.path == path).expect("received");
         assert_eq!(got.sha256, sha256_file(artifact), "{node}: bytes differ");
         assert!(got.size > 300_000 - 1024, "{got:?}");
+        // The last progress report is kept: every byte sent.
+        let progress = status.progress.as_ref().expect("upload progress");
+        assert_eq!((progress.done, progress.total), (got.size, got.size));
     }
 }
 

@@ -92,8 +92,7 @@ pub(super) async fn upload(
         },
         Ok(origin) => {
             let role = &node.roles.uploader;
-            let (progress_tx, progress_rx) = watch::channel(None);
-            let forwarder = tokio::spawn(forward_progress(progress_rx, events.clone()));
+            let (forwarder, progress_tx) = ProgressForwarder::start(&events);
             let result = role
                 .plugin
                 .upload(UploadJob {
@@ -109,8 +108,7 @@ pub(super) async fn upload(
                     cancel,
                 })
                 .await;
-            forwarder.abort();
-            let _ = forwarder.await;
+            forwarder.finish().await;
             upload_event(url.clone(), result)
         }
     };
@@ -200,15 +198,13 @@ async fn run_collector(
     cancel: CancellationToken,
 ) -> NodeEvent {
     let role = &node.roles.collector;
-    let (progress_tx, progress_rx) = watch::channel(None);
-    let forwarder = tokio::spawn(forward_progress(progress_rx, events.clone()));
+    let (forwarder, progress_tx) = ProgressForwarder::start(events);
     let labels = labels(node, role.plugin.source(), task_id);
     let result = role
         .plugin
         .collect(labels, &role.options, dir, role.limits, progress_tx, cancel)
         .await;
-    forwarder.abort();
-    let _ = forwarder.await;
+    forwarder.finish().await;
     match result {
         Ok(collected) => match check_artifacts(dir, &collected) {
             Ok((path, size)) => NodeEvent::Collected {
@@ -236,23 +232,61 @@ async fn run_collector(
     }
 }
 
+/// Forwards a run's progress to the session, at most every
+/// [`PROGRESS_INTERVAL`], and the last report when the run ends, so the
+/// final state (e.g. every byte sent) is never lost to the throttle.
+struct ProgressForwarder {
+    task: tokio::task::JoinHandle<()>,
+    latest: watch::Receiver<Option<PluginEvent>>,
+    events: mpsc::UnboundedSender<NodeEvent>,
+}
+
+impl ProgressForwarder {
+    /// The forwarder, and the sender the plugin run reports into.
+    fn start(
+        events: &mpsc::UnboundedSender<NodeEvent>,
+    ) -> (ProgressForwarder, watch::Sender<Option<PluginEvent>>) {
+        let (tx, rx) = watch::channel(None);
+        let task = tokio::spawn(forward_progress(rx.clone(), events.clone()));
+        let forwarder = ProgressForwarder {
+            task,
+            latest: rx,
+            events: events.clone(),
+        };
+        (forwarder, tx)
+    }
+
+    /// The run is over: stop throttling and send its last report.
+    async fn finish(self) {
+        self.task.abort();
+        let _ = self.task.await;
+        if let Some(event) = progress_event(self.latest.borrow().clone()) {
+            let _ = self.events.send(event);
+        }
+    }
+}
+
+fn progress_event(event: Option<PluginEvent>) -> Option<NodeEvent> {
+    match event? {
+        PluginEvent::Progress {
+            done,
+            total,
+            message,
+        } => Some(NodeEvent::Progress {
+            done,
+            total,
+            message,
+        }),
+    }
+}
+
 async fn forward_progress(
     mut rx: watch::Receiver<Option<PluginEvent>>,
     events: mpsc::UnboundedSender<NodeEvent>,
 ) {
     while rx.changed().await.is_ok() {
-        let event = rx.borrow_and_update().clone();
-        if let Some(PluginEvent::Progress {
-            done,
-            total,
-            message,
-        }) = event
-        {
-            let _ = events.send(NodeEvent::Progress {
-                done,
-                total,
-                message,
-            });
+        if let Some(event) = progress_event(rx.borrow_and_update().clone()) {
+            let _ = events.send(event);
         }
         tokio::time::sleep(PROGRESS_INTERVAL).await;
     }
