@@ -2,6 +2,7 @@
 //! Couchbase's URL; retries, refusals, validation, preflight, containment.
 
 use std::path::Path;
+use std::time::Duration;
 
 use autocollect::client::{ApiClient, RequestBody, StartOptions};
 use autocollect::config::Config;
@@ -163,6 +164,28 @@ async fn the_host_refuses_a_plugin_that_sends_data_elsewhere() {
         "data reached the other host"
     );
     assert!(server.received().is_empty());
+}
+
+#[tokio::test]
+async fn nodes_upload_one_at_a_time_by_default() {
+    let server = UploadServer::start().await;
+    // Each upload takes a while: uploads that overlapped would show it.
+    server.script([Reply::Slow(Duration::from_millis(200)); 3]);
+    let c = cluster(&["n1", "n2", "n3"], uploads_over_http).await;
+    let task = upload_and_wait(&c.admin("n1"), &upload_to(&server.host())).await;
+
+    assert!(
+        task.per_node
+            .values()
+            .all(|n| n.status == NodeState::Uploaded),
+        "{task:?}"
+    );
+    let mut intervals = server.intervals();
+    assert_eq!(intervals.len(), 3);
+    intervals.sort();
+    for pair in intervals.windows(2) {
+        assert!(pair[0].1 <= pair[1].0, "uploads overlapped: {intervals:?}");
+    }
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use axum::Router;
 use axum::body::Body;
@@ -15,9 +16,11 @@ use futures::StreamExt;
 use sha2::{Digest, Sha256};
 
 /// How the server answers one PUT.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub enum Reply {
     Status(u16, &'static str),
+    /// Read the body, wait this long, then answer 200.
+    Slow(std::time::Duration),
     /// Read the body, then never answer (cancel tests).
     Hang,
 }
@@ -35,6 +38,8 @@ struct Shared {
     received: Mutex<Vec<Received>>,
     /// How many PUT bodies have arrived, for waiting on them.
     count: tokio::sync::watch::Sender<usize>,
+    /// When each answered PUT arrived and was answered.
+    intervals: Mutex<Vec<(Instant, Instant)>>,
 }
 
 pub struct UploadServer {
@@ -65,6 +70,11 @@ impl UploadServer {
         self.shared.script.lock().unwrap().extend(replies);
     }
 
+    /// (arrival, answer) of each answered PUT, in answer order.
+    pub fn intervals(&self) -> Vec<(Instant, Instant)> {
+        self.shared.intervals.lock().unwrap().clone()
+    }
+
     pub fn received(&self) -> Vec<Received> {
         self.shared.received.lock().unwrap().clone()
     }
@@ -91,6 +101,7 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> (StatusC
         // HEAD (the preflight) and anything else: the host is up.
         return (StatusCode::OK, String::new());
     }
+    let arrived = Instant::now();
     let path = request.uri().path().to_string();
     let mut body = Body::into_data_stream(request.into_body());
     let mut hasher = Sha256::new();
@@ -110,11 +121,21 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> (StatusC
         .push(Received { path, sha256, size });
     shared.count.send_modify(|c| *c += 1);
     let reply = shared.script.lock().unwrap().pop_front();
-    match reply {
+    let answer = match reply {
         None => (StatusCode::OK, String::new()),
         Some(Reply::Status(code, body)) => (StatusCode::from_u16(code).unwrap(), body.into()),
+        Some(Reply::Slow(delay)) => {
+            tokio::time::sleep(delay).await;
+            (StatusCode::OK, String::new())
+        }
         Some(Reply::Hang) => futures::future::pending().await,
-    }
+    };
+    shared
+        .intervals
+        .lock()
+        .unwrap()
+        .push((arrived, Instant::now()));
+    answer
 }
 
 pub fn hex(bytes: &[u8]) -> String {
