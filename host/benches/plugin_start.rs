@@ -13,7 +13,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use autocollect::plugin::collector::CollectorPlugin;
+use autocollect::plugin::collector::{CollectJob, CollectorPlugin};
+use autocollect::plugin::exec::ExecPolicy;
 use autocollect::plugin::sandbox::RunLabels;
 use autocollect::plugin::{PluginHost, PluginSource, RunLimits, builtin};
 use common::*;
@@ -93,14 +94,16 @@ async fn collect_n(
         let (tx, _rx) = watch::channel(None);
         let t = Instant::now();
         plugin
-            .collect(
-                labels(),
+            .collect(CollectJob {
+                labels: labels(),
                 options,
-                out,
-                limits(),
-                tx,
-                CancellationToken::new(),
-            )
+                output_dir: out,
+                limits: limits(),
+                exec: Arc::new(ExecPolicy::default()),
+                parameters: Vec::new(),
+                progress: tx,
+                cancel: CancellationToken::new(),
+            })
             .await
             .expect("collect");
         if i >= warmup {
@@ -121,14 +124,16 @@ async fn mock_zip_vs_zip(host: &Arc<PluginHost>, tmp: &Path) -> anyhow::Result<(
         std::fs::create_dir_all(&out)?;
         let (tx, _rx) = watch::channel(None);
         let t = Instant::now();
-        mock.collect(
-            labels(),
-            &options,
-            &out,
-            limits(),
-            tx,
-            CancellationToken::new(),
-        )
+        mock.collect(CollectJob {
+            labels: labels(),
+            options: &options,
+            output_dir: &out,
+            limits: limits(),
+            exec: Arc::new(ExecPolicy::default()),
+            parameters: Vec::new(),
+            progress: tx,
+            cancel: CancellationToken::new(),
+        })
         .await
         .expect("mock collect");
         samples.push(t.elapsed());

@@ -86,6 +86,20 @@ pub struct PluginRole {
     /// Linear-memory cap of one run, in MiB.
     #[serde(default = "default_memory_limit_mb")]
     pub memory_limit_mb: u64,
+    /// Programs (absolute paths) the plugin may start through `exec`
+    /// (collectors only). Empty: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exec_allow: Vec<String>,
+    /// Environment every started program gets (nothing else is inherited).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub exec_env: BTreeMap<String, String>,
+    /// After a run, how long its programs get to exit once their stdin is
+    /// closed, and again after SIGTERM, before SIGKILL. In seconds.
+    #[serde(
+        default = "default_exec_grace_secs",
+        skip_serializing_if = "is_default_exec_grace"
+    )]
+    pub exec_grace_secs: f64,
 }
 
 impl Default for PluginRole {
@@ -96,6 +110,9 @@ impl Default for PluginRole {
             options: BTreeMap::new(),
             timeout_secs: default_timeout_secs(),
             memory_limit_mb: default_memory_limit_mb(),
+            exec_allow: Vec::new(),
+            exec_env: BTreeMap::new(),
+            exec_grace_secs: default_exec_grace_secs(),
         }
     }
 }
@@ -109,6 +126,9 @@ impl PluginRole {
             options: BTreeMap::new(),
             timeout_secs: 4.0 * 3600.0,
             memory_limit_mb: 128,
+            exec_allow: Vec::new(),
+            exec_env: BTreeMap::new(),
+            exec_grace_secs: default_exec_grace_secs(),
         }
     }
 
@@ -140,6 +160,7 @@ fn uploader_section<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PluginRole
         options: section.options,
         timeout_secs: section.timeout_secs.unwrap_or(defaults.timeout_secs),
         memory_limit_mb: section.memory_limit_mb.unwrap_or(defaults.memory_limit_mb),
+        ..defaults
     })
 }
 
@@ -209,6 +230,12 @@ impl Default for CoordinatorSettings {
 
 fn default_upload_concurrency() -> usize {
     1
+}
+fn default_exec_grace_secs() -> f64 {
+    10.0
+}
+fn is_default_exec_grace(secs: &f64) -> bool {
+    *secs == default_exec_grace_secs()
 }
 fn default_timeout_secs() -> f64 {
     3600.0
@@ -289,6 +316,12 @@ impl Config {
             }
             if role.memory_limit_mb == 0 {
                 bail!("{name}.memory_limit_mb must be positive");
+            }
+            if let Some(p) = role.exec_allow.iter().find(|p| !Path::new(p).is_absolute()) {
+                bail!("{name}.exec_allow: {p:?} must be an absolute path");
+            }
+            if !role.exec_grace_secs.is_finite() || role.exec_grace_secs < 0.0 {
+                bail!("{name}.exec_grace_secs must be zero or positive");
             }
         }
         if let Err(e) = self.upload.proxy() {

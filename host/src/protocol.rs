@@ -43,7 +43,61 @@ pub struct OpenSession {
 /// Body of `POST /internal/v1/sessions/{task}/job`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct StartJob {}
+pub struct StartJob {
+    #[serde(default)]
+    pub parameters: CollectParameters,
+}
+
+/// What the start request asks of every node's collection (Couchbase's
+/// options). The coordinator fills in the salt, so it is the same on
+/// every node.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CollectParameters {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_redaction_level: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_redaction_salt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tmp_dir: Option<String>,
+    /// Where each node keeps its zip (instead of `data_dir/jobs/TASK/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_dir: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_regexp: Option<String>,
+}
+
+impl std::fmt::Debug for CollectParameters {
+    /// Never prints the salt.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CollectParameters")
+            .field("log_redaction_level", &self.log_redaction_level)
+            .field(
+                "log_redaction_salt",
+                &self.log_redaction_salt.as_ref().map(|_| "<secret>"),
+            )
+            .field("tmp_dir", &self.tmp_dir)
+            .field("log_dir", &self.log_dir)
+            .field("task_regexp", &self.task_regexp)
+            .finish()
+    }
+}
+
+impl CollectParameters {
+    /// As the collector's `task.parameters()` (WIT keys). `log_dir` is
+    /// the node's business, not the plugin's.
+    pub fn plugin_parameters(&self) -> Vec<(String, String)> {
+        [
+            ("log-redaction-level", &self.log_redaction_level),
+            ("log-redaction-salt", &self.log_redaction_salt),
+            ("tmp-dir", &self.tmp_dir),
+            ("task-regexp", &self.task_regexp),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.clone())))
+        .collect()
+    }
+}
 
 /// Body of `POST /internal/v1/sessions/{task}/upload`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

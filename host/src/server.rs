@@ -15,6 +15,7 @@ use crate::coordinator::Coordinator;
 use crate::coordinator::peers::Peers;
 use crate::node::{NodeService, Role, Roles};
 use crate::plugin::collector::CollectorPlugin;
+use crate::plugin::exec::ExecPolicy;
 use crate::plugin::uploader::UploaderPlugin;
 use crate::plugin::{PluginHost, PluginSource, RunLimits};
 
@@ -105,6 +106,15 @@ async fn load_role<P: Send + Sync + 'static>(
             timeout: Duration::from_secs_f64(config.timeout_secs),
             memory_bytes: (config.memory_limit_mb as usize) << 20,
         },
+        exec: Arc::new(ExecPolicy {
+            allowed: config.exec_allow.clone(),
+            env: config
+                .exec_env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            grace: Duration::from_secs_f64(config.exec_grace_secs),
+        }),
     })
 }
 

@@ -5,6 +5,7 @@
 
 mod api_errors;
 mod cancel;
+mod cbcollect;
 mod collect;
 mod demo;
 mod proxy_server;

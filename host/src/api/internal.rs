@@ -17,7 +17,7 @@ use super::{ApiError, AppState};
 use crate::auth::has_cluster_secret;
 use crate::node::StartJobError;
 use crate::protocol::{
-    CANCEL_TASK_PATH, LATEST_TASK_PATH, OpenSession, SESSIONS_PATH, StartUpload,
+    CANCEL_TASK_PATH, LATEST_TASK_PATH, OpenSession, SESSIONS_PATH, StartJob, StartUpload,
 };
 use crate::upload::Destination;
 
@@ -99,8 +99,13 @@ async fn start_job(
     State(state): State<AppState>,
     _: Peer,
     Path(task): Path<String>,
+    body: bytes::Bytes,
 ) -> Result<StatusCode, ApiError> {
-    state.node.start_job(&task).map_err(job_error)?;
+    let request: StartJob = json_body(&body)?;
+    state
+        .node
+        .start_job(&task, request.parameters)
+        .map_err(job_error)?;
     Ok(StatusCode::ACCEPTED)
 }
 

@@ -29,6 +29,7 @@ use super::{AppState, CANCEL_URI, HEALTH_URI, START_URI, STATUS_URI};
 use crate::auth::{AuthError, Caller};
 use crate::config::Role;
 use crate::coordinator::{NodeSelection, StartError, StartRequest};
+use crate::protocol::CollectParameters;
 use crate::upload::Destination;
 use std::collections::BTreeMap;
 
@@ -97,6 +98,11 @@ const START_PARAMS: &[&str] = &[
     "customer",
     "ticket",
     "bypassReachabilityChecks",
+    "logRedactionLevel",
+    "logRedactionSalt",
+    "tmpDir",
+    "logDir",
+    "taskRegexp",
 ];
 
 /// Check a start request; every problem is reported at once, keyed by
@@ -120,6 +126,13 @@ fn start_request(state: &AppState, params: &params::Params) -> Result<StartReque
     let bypass = text("bypassReachabilityChecks");
     let customer = text("customer");
     let ticket = text("ticket");
+    let collect = CollectParameters {
+        log_redaction_level: text("logRedactionLevel"),
+        log_redaction_salt: text("logRedactionSalt"),
+        tmp_dir: text("tmpDir"),
+        log_dir: text("logDir"),
+        task_regexp: text("taskRegexp"),
+    };
     let host = match (text("upload_host"), text("uploadHost")) {
         (Some(_), Some(_)) => {
             errors.insert(
@@ -172,6 +185,7 @@ fn start_request(state: &AppState, params: &params::Params) -> Result<StartReque
     {
         errors.extend(fields);
     }
+    check_collect_parameters(&collect, &mut errors);
     if !errors.is_empty() {
         return Err(ApiError::fields(StatusCode::BAD_REQUEST, errors));
     }
@@ -179,7 +193,44 @@ fn start_request(state: &AppState, params: &params::Params) -> Result<StartReque
         selection,
         upload: destination,
         bypass_reachability_checks,
+        collect,
     })
+}
+
+/// ns_server's checks of the collection options.
+fn check_collect_parameters(p: &CollectParameters, errors: &mut BTreeMap<String, String>) {
+    let mut error = |key: &str, message: &str| {
+        errors
+            .entry(key.to_string())
+            .or_insert_with(|| message.to_string());
+    };
+    match p.log_redaction_level.as_deref() {
+        None | Some("none") | Some("partial") => {}
+        Some(_) => error(
+            "logRedactionLevel",
+            "The value must be one of the following: [none,partial]",
+        ),
+    }
+    if p.log_redaction_salt.is_some() && p.log_redaction_level.as_deref() != Some("partial") {
+        error(
+            "logRedactionSalt",
+            "logRedactionSalt is only used with logRedactionLevel=partial",
+        );
+    }
+    if p.log_redaction_salt.as_deref() == Some("") {
+        error("logRedactionSalt", "cannot be empty");
+    }
+    for (key, value) in [("tmpDir", &p.tmp_dir), ("logDir", &p.log_dir)] {
+        if value
+            .as_deref()
+            .is_some_and(|v| !std::path::Path::new(v).is_absolute())
+        {
+            error(key, "Must be an absolute path");
+        }
+    }
+    if p.task_regexp.as_deref() == Some("") {
+        error("taskRegexp", "cannot be empty");
+    }
 }
 
 /// The node selection of a start request: `from` (the seed's form:

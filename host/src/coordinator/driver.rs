@@ -43,7 +43,9 @@ impl Driver {
         let Some(permit) = self.slot(&ctx.collect_slots).await else {
             return;
         };
-        let started = peers.start_job(&self.node, &ctx.task_id).await;
+        let started = peers
+            .start_job(&self.node, &ctx.task_id, &ctx.collect)
+            .await;
         if let Some(state) = self.command_failed(started, "could not start the job") {
             return self.set(NodeStatus::failed(None, state));
         }

@@ -31,7 +31,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::CoordinatorSettings;
-use crate::protocol::OpenSession;
+use crate::protocol::{CollectParameters, OpenSession};
 use crate::upload::{self, Destination, UploadPolicy};
 use peers::{PeerError, Peers, SessionEvents};
 use store::TaskStore;
@@ -52,6 +52,18 @@ pub struct StartRequest {
     pub upload: Option<Destination>,
     /// Skip the upload host preflight.
     pub bypass_reachability_checks: bool,
+    /// What every node's collector is asked for (redaction, directories).
+    pub collect: CollectParameters,
+}
+
+/// `parameters` with a salt for partial redaction: the one asked for, or
+/// a random one for this task, the same on every node (as ns_server does).
+fn with_salt(parameters: &CollectParameters) -> CollectParameters {
+    let mut p = parameters.clone();
+    if p.log_redaction_level.as_deref() == Some("partial") && p.log_redaction_salt.is_none() {
+        p.log_redaction_salt = Some(format!("{:032x}", rand::random::<u128>()));
+    }
+    p
 }
 
 /// Why a start was refused. Field errors are keyed like Couchbase's
@@ -92,6 +104,8 @@ struct TaskCtx {
     task_id: String,
     cancel: CancellationToken,
     upload: Option<Destination>,
+    /// With the salt filled in when redaction is partial.
+    collect: CollectParameters,
     collect_slots: Semaphore,
     upload_slots: Semaphore,
 }
@@ -233,6 +247,7 @@ impl Coordinator {
             task_id,
             cancel,
             upload: request.upload.clone(),
+            collect: with_salt(&request.collect),
             collect_slots: slots(self.settings.collection_concurrency),
             upload_slots: slots(self.settings.upload_concurrency),
         });

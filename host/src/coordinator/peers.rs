@@ -9,8 +9,8 @@ use tokio_util::codec::{FramedRead, LinesCodec};
 use tokio_util::io::StreamReader;
 
 use crate::protocol::{
-    Busy, CANCEL_TASK_PATH, LATEST_TASK_PATH, NodeEvent, OpenSession, SESSIONS_PATH, StartJob,
-    StartUpload,
+    Busy, CANCEL_TASK_PATH, CollectParameters, LATEST_TASK_PATH, NodeEvent, OpenSession,
+    SESSIONS_PATH, StartJob, StartUpload,
 };
 
 /// Longest event line accepted from a node.
@@ -119,9 +119,17 @@ impl Peers {
         })
     }
 
-    pub async fn start_job(&self, node: &str, task_id: &str) -> Result<(), PeerError> {
+    pub async fn start_job(
+        &self,
+        node: &str,
+        task_id: &str,
+        parameters: &CollectParameters,
+    ) -> Result<(), PeerError> {
         let path = format!("{SESSIONS_PATH}/{task_id}/job");
-        self.command(self.post(node, &path).json(&StartJob {}))
+        let body = StartJob {
+            parameters: parameters.clone(),
+        };
+        self.command(self.post(node, &path).json(&body))
             .await
             .map(drop)
     }

@@ -10,11 +10,11 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::NodeService;
-use crate::plugin::collector::{Collected, RunError};
+use crate::plugin::collector::{CollectJob, Collected, RunError};
 use crate::plugin::sandbox::RunLabels;
 use crate::plugin::uploader::{Receipt, UploadFailure, UploadJob};
 use crate::plugin::{PluginEvent, PluginSource};
-use crate::protocol::NodeEvent;
+use crate::protocol::{CollectParameters, NodeEvent};
 use crate::upload::Destination;
 
 /// Progress is forwarded at most this often.
@@ -25,6 +25,7 @@ pub const OUTPUT_TAIL: usize = 4096;
 pub(super) async fn collect(
     node: Arc<NodeService>,
     task_id: String,
+    parameters: CollectParameters,
     events: mpsc::UnboundedSender<NodeEvent>,
     cancel: CancellationToken,
 ) {
@@ -33,7 +34,28 @@ pub(super) async fn collect(
         Ok(()) => {
             tracing::info!(task = %task_id, state = "started", "collector started");
             let _ = events.send(NodeEvent::Started);
-            run_collector(&node, &task_id, &dir, &events, cancel).await
+            let event = run_collector(&node, &task_id, &dir, &parameters, &events, cancel).await;
+            match (event, &parameters.log_dir) {
+                (
+                    NodeEvent::Collected {
+                        path,
+                        size,
+                        summary,
+                    },
+                    Some(log_dir),
+                ) => match move_into(Path::new(&path), Path::new(log_dir)).await {
+                    Ok(path) => NodeEvent::Collected {
+                        path,
+                        size,
+                        summary,
+                    },
+                    Err(e) => NodeEvent::Failed {
+                        status_code: None,
+                        output: format!("could not move {path} into logDir {log_dir}: {e}"),
+                    },
+                },
+                (event, _) => event,
+            }
         }
         Err(e) => NodeEvent::Failed {
             status_code: None,
@@ -190,10 +212,23 @@ async fn prepare_dir(dir: &Path) -> std::io::Result<()> {
     tokio::fs::create_dir_all(dir).await
 }
 
+/// Move `file` into `dir` (created if missing), across filesystems too;
+/// the new path.
+async fn move_into(file: &Path, dir: &Path) -> std::io::Result<String> {
+    tokio::fs::create_dir_all(dir).await?;
+    let to = dir.join(file.file_name().unwrap_or_default());
+    if tokio::fs::rename(file, &to).await.is_err() {
+        tokio::fs::copy(file, &to).await?;
+        tokio::fs::remove_file(file).await?;
+    }
+    Ok(to.display().to_string())
+}
+
 async fn run_collector(
     node: &NodeService,
     task_id: &str,
     dir: &Path,
+    parameters: &CollectParameters,
     events: &mpsc::UnboundedSender<NodeEvent>,
     cancel: CancellationToken,
 ) -> NodeEvent {
@@ -202,7 +237,16 @@ async fn run_collector(
     let labels = labels(node, role.plugin.source(), task_id);
     let result = role
         .plugin
-        .collect(labels, &role.options, dir, role.limits, progress_tx, cancel)
+        .collect(CollectJob {
+            labels,
+            options: &role.options,
+            output_dir: dir,
+            limits: role.limits,
+            exec: role.exec.clone(),
+            parameters: parameters.plugin_parameters(),
+            progress: progress_tx,
+            cancel,
+        })
         .await;
     forwarder.finish().await;
     match result {

@@ -21,8 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::plugin::RunLimits;
 use crate::plugin::collector::CollectorPlugin;
+use crate::plugin::exec::ExecPolicy;
 use crate::plugin::uploader::UploaderPlugin;
-use crate::protocol::{Busy, NodeEvent, OpenSession};
+use crate::protocol::{Busy, CollectParameters, NodeEvent, OpenSession};
 use crate::upload::{Destination, UploadPolicy};
 
 pub use stream::SessionStream;
@@ -32,6 +33,8 @@ pub struct Role<P> {
     pub plugin: Arc<P>,
     pub options: Vec<(String, String)>,
     pub limits: RunLimits,
+    /// Programs the plugin may start (collectors).
+    pub exec: Arc<ExecPolicy>,
 }
 
 /// The plugins this node runs, and where it lets data go.
@@ -162,7 +165,11 @@ impl NodeService {
     }
 
     /// Start the collector for the session of `task_id`.
-    pub fn start_job(self: &Arc<Self>, task_id: &str) -> Result<(), StartJobError> {
+    pub fn start_job(
+        self: &Arc<Self>,
+        task_id: &str,
+        parameters: CollectParameters,
+    ) -> Result<(), StartJobError> {
         let mut slot = self.slot.lock().unwrap();
         let session = session_of(&mut slot, task_id)?;
         if session.collected_once {
@@ -173,6 +180,7 @@ impl NodeService {
         let handle = tokio::spawn(job::collect(
             self.clone(),
             task_id.to_string(),
+            parameters,
             session.events.clone(),
             cancel.clone(),
         ));

@@ -4,6 +4,10 @@
 /// Built-in plugins by name (`builtin:NAME` in the config).
 const BUILTINS: &[(&str, &[u8])] = &[
     (
+        "cbcollect",
+        include_bytes!(concat!(env!("AUTOCOLLECT_PLUGIN_DIR"), "/cbcollect.wasm")),
+    ),
+    (
         "http-uploader",
         include_bytes!(concat!(
             env!("AUTOCOLLECT_PLUGIN_DIR"),

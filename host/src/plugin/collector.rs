@@ -8,12 +8,14 @@ use anyhow::{Context, Result};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::exec::{ExecPolicy, Exit, Process, SpawnError, Stream};
 use super::run::{
-    VALIDATION_LIMITS, classify, finish, link, new_run_store, store_deadline, supervise,
+    VALIDATION_LIMITS, World, classify, finish, link, new_run_store, store_deadline, supervise,
     validation_store,
 };
 use super::sandbox::{GUEST_OUTPUT_DIR, PluginEvent, RunLabels, RunLimits, RunSetup, RunState};
 use super::{PluginHost, PluginSource};
+use wasmtime::component::Resource;
 
 pub use super::run::RunError;
 
@@ -21,12 +23,14 @@ pub(super) mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "collector",
+        imports: { "autocollect:plugin/exec": async | trappable },
         exports: { default: async },
+        with: { "autocollect:plugin/exec.process": crate::plugin::exec::Process },
     });
 }
 
 use bindings::CollectorPre;
-use bindings::autocollect::plugin::{log, progress, types};
+use bindings::autocollect::plugin::{exec, log, progress, task, types};
 use bindings::exports::autocollect::plugin::collect::CollectRequest;
 
 impl types::Host for RunState {}
@@ -50,6 +54,81 @@ impl progress::Host for RunState {
     }
 }
 
+impl task::Host for RunState {
+    fn parameters(&mut self) -> Vec<(String, String)> {
+        self.task_parameters.clone()
+    }
+}
+
+impl exec::Host for RunState {
+    async fn spawn(
+        &mut self,
+        command: exec::Command,
+    ) -> wasmtime::Result<Result<Resource<Process>, exec::ExecError>> {
+        let plugin = self.labels().plugin.clone();
+        let spawned = self
+            .exec
+            .spawn(&command.program, &command.args, &command.env, &plugin);
+        Ok(match spawned {
+            Ok(process) => Ok(self.table().push(process)?),
+            Err(SpawnError::Denied(m)) => Err(exec::ExecError::Denied(m)),
+            Err(SpawnError::Failed(m)) => Err(exec::ExecError::Failed(m)),
+        })
+    }
+}
+
+impl exec::HostProcess for RunState {
+    async fn pid(&mut self, process: Resource<Process>) -> wasmtime::Result<u32> {
+        Ok(self.table().get(&process)?.pid())
+    }
+
+    async fn write_stdin(
+        &mut self,
+        process: Resource<Process>,
+        data: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), String>> {
+        Ok(self.table().get_mut(&process)?.write_stdin(&data).await)
+    }
+
+    async fn close_stdin(&mut self, process: Resource<Process>) -> wasmtime::Result<()> {
+        self.table().get_mut(&process)?.close_stdin();
+        Ok(())
+    }
+
+    async fn read_line(
+        &mut self,
+        process: Resource<Process>,
+    ) -> wasmtime::Result<Option<exec::OutputLine>> {
+        let line = self.table().get_mut(&process)?.read_line().await;
+        Ok(line.map(|l| exec::OutputLine {
+            stream: match l.stream {
+                Stream::Stdout => exec::OutputStream::Stdout,
+                Stream::Stderr => exec::OutputStream::Stderr,
+            },
+            text: l.text,
+        }))
+    }
+
+    async fn wait(&mut self, process: Resource<Process>) -> wasmtime::Result<exec::ExitStatus> {
+        let exit = self.table().get_mut(&process)?.wait().await;
+        Ok(match exit.map_err(wasmtime::Error::msg)? {
+            Exit::Code(code) => exec::ExitStatus::Exited(code),
+            Exit::Signal(signal) => exec::ExitStatus::Signaled(signal),
+        })
+    }
+
+    async fn kill(&mut self, process: Resource<Process>) -> wasmtime::Result<()> {
+        self.table().get_mut(&process)?.kill();
+        Ok(())
+    }
+
+    async fn drop(&mut self, process: Resource<Process>) -> wasmtime::Result<()> {
+        // Closes its stdin; the group is stopped when the run ends.
+        self.table().delete(process)?;
+        Ok(())
+    }
+}
+
 /// A file a collector produced, as the plugin described it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Artifact {
@@ -64,6 +143,24 @@ pub struct Collected {
     pub summary: String,
 }
 
+/// One collection to run.
+pub struct CollectJob<'a> {
+    pub labels: RunLabels,
+    /// From the node's configuration.
+    pub options: &'a [(String, String)],
+    /// Host directory for the output (must exist); also where programs
+    /// the plugin starts run.
+    pub output_dir: &'a Path,
+    pub limits: RunLimits,
+    /// Programs the plugin may start.
+    pub exec: Arc<ExecPolicy>,
+    /// The start request's parameters (`task.parameters()`).
+    pub parameters: Vec<(String, String)>,
+    pub progress: watch::Sender<Option<PluginEvent>>,
+    /// Stops the run at once.
+    pub cancel: CancellationToken,
+}
+
 /// A compiled collector, ready to be instantiated for each run.
 pub struct CollectorPlugin {
     host: Arc<PluginHost>,
@@ -76,7 +173,7 @@ impl CollectorPlugin {
     /// clear message if the component imports something the sandbox does
     /// not offer or does not export the `collector` world.
     pub fn load(host: &Arc<PluginHost>, source: PluginSource) -> Result<CollectorPlugin> {
-        let pre = CollectorPre::new(link(host, &source, false)?)
+        let pre = CollectorPre::new(link(host, &source, World::Collector)?)
             .map_err(anyhow::Error::from)
             .with_context(|| format!("plugin {source} does not export the collector world"))?;
         Ok(CollectorPlugin {
@@ -106,15 +203,17 @@ impl CollectorPlugin {
 
     /// Run one collection into `output_dir` (host path, which must exist).
     /// Progress goes to `progress`; `cancel` stops the run at once.
-    pub async fn collect(
-        &self,
-        labels: RunLabels,
-        options: &[(String, String)],
-        output_dir: &Path,
-        limits: RunLimits,
-        progress: watch::Sender<Option<PluginEvent>>,
-        cancel: CancellationToken,
-    ) -> Result<Collected, RunError> {
+    pub async fn collect(&self, job: CollectJob<'_>) -> Result<Collected, RunError> {
+        let CollectJob {
+            labels,
+            options,
+            output_dir,
+            limits,
+            exec,
+            parameters,
+            progress,
+            cancel,
+        } = job;
         let request = CollectRequest {
             context: types::JobContext {
                 task_id: labels.task_id.clone(),
@@ -123,6 +222,8 @@ impl CollectorPlugin {
             options: options.to_vec(),
             output_dir: GUEST_OUTPUT_DIR.to_string(),
         };
+        let plugin = labels.plugin.clone();
+        let grace = exec.grace;
         let (mut store, tail) = new_run_store(
             &self.host,
             RunSetup {
@@ -131,18 +232,29 @@ impl CollectorPlugin {
                 artifact_dir: None,
                 http_origin: None,
                 http_proxy: None,
+                exec: Some(exec),
+                task_parameters: parameters,
                 limits,
                 progress: Some(progress),
                 cancel: cancel.clone(),
             },
         )?;
-        let instance = self.pre.instantiate_async(&mut store).await;
-        let instance = instance.map_err(|e| classify(&store, &tail, limits, e))?;
-        let call = instance
-            .autocollect_plugin_collect()
-            .call_collect(&mut store, &request);
-        let result = supervise(call, &cancel, store_deadline(limits)).await;
-        let outcome = finish(&store, &tail, limits, result)?.map_err(RunError::from)?;
+        let groups = store.data().exec.groups.clone();
+        let outcome = async {
+            let instance = self.pre.instantiate_async(&mut store).await;
+            let instance = instance.map_err(|e| classify(&store, &tail, limits, e))?;
+            let call = instance
+                .autocollect_plugin_collect()
+                .call_collect(&mut store, &request);
+            let result = supervise(call, &cancel, store_deadline(limits)).await;
+            finish(&store, &tail, limits, result)?.map_err(RunError::from)
+        }
+        .await;
+        // However the run ended: the store (and every child's stdin) goes,
+        // then whatever the plugin started is stopped before we return.
+        drop(store);
+        groups.terminate(grace, &plugin).await;
+        let outcome = outcome?;
         Ok(Collected {
             artifacts: outcome
                 .artifacts

@@ -12,6 +12,7 @@
 
 pub mod builtin;
 pub mod collector;
+pub mod exec;
 mod proxy;
 mod run;
 pub mod sandbox;

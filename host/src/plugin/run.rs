@@ -13,20 +13,32 @@ use wasmtime::component::{HasSelf, Linker};
 use anyhow::Context as _;
 use wasmtime::component::InstancePre;
 
-use super::collector::bindings::autocollect::plugin::{log, progress, types};
+use super::collector::bindings::autocollect::plugin::{exec, log, progress, task, types};
 use super::sandbox::{
     Interrupted, OutputTail, RunLabels, RunLimits, RunSetup, RunState, new_store,
 };
 use super::{PluginHost, PluginSource};
 
+/// Which world a plugin is loaded as: it decides the capabilities linked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum World {
+    /// `exec` (confined by the run's exec policy), no HTTP.
+    Collector,
+    /// `wasi:http` (confined by the run's outbound policy), no `exec`.
+    Uploader,
+}
+
 /// The imports a plugin may use: WASI preview 2 (confined by the run's
-/// `WasiCtx`), our `log` and `progress`, and, for uploaders only,
-/// `wasi:http` (confined by the run's outbound policy).
-pub(super) fn linker(engine: &wasmtime::Engine, http: bool) -> Result<Linker<RunState>> {
+/// `WasiCtx`), our `log` and `progress`, and its world's capability.
+pub(super) fn linker(engine: &wasmtime::Engine, world: World) -> Result<Linker<RunState>> {
     let mut linker = Linker::<RunState>::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-    if http {
-        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    match world {
+        World::Collector => {
+            exec::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+            task::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+        }
+        World::Uploader => wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?,
     }
     types::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
     log::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
@@ -39,10 +51,10 @@ pub(super) fn linker(engine: &wasmtime::Engine, http: bool) -> Result<Linker<Run
 pub(super) fn link(
     host: &PluginHost,
     source: &PluginSource,
-    http: bool,
+    world: World,
 ) -> Result<InstancePre<RunState>> {
     let component = host.component(source)?;
-    linker(host.engine(), http)?
+    linker(host.engine(), world)?
         .instantiate_pre(&component)
         .map_err(anyhow::Error::from)
         .with_context(|| format!("plugin {source} needs imports the sandbox does not offer"))
@@ -73,6 +85,8 @@ pub(super) fn validation_store(
             artifact_dir: None,
             http_origin: None,
             http_proxy: None,
+            exec: None,
+            task_parameters: Vec::new(),
             limits: VALIDATION_LIMITS,
             progress: None,
             cancel: cancel.clone(),

@@ -29,6 +29,7 @@ use wasmtime_wasi_http::{
     WasiHttpView,
 };
 
+use super::exec::{ExecCtx, ExecPolicy, ProcessGroups};
 use crate::upload::{Origin, Proxy};
 
 /// Where the output directory appears inside the guest.
@@ -94,6 +95,8 @@ pub struct RunState {
     cancel: CancellationToken,
     http: WasiHttpCtx,
     outbound: OutboundPolicy,
+    pub(super) exec: ExecCtx,
+    pub(super) task_parameters: Vec<(String, String)>,
 }
 
 impl WasiHttpView for RunState {
@@ -126,6 +129,10 @@ pub struct RunSetup<'a> {
     pub http_origin: Option<Origin>,
     /// The operator's upload proxy, if any: allowed requests go through it.
     pub http_proxy: Option<Proxy>,
+    /// Programs the run may start (collectors); they run in `output_dir`.
+    pub exec: Option<Arc<ExecPolicy>>,
+    /// The start request's parameters (collectors' `task.parameters()`).
+    pub task_parameters: Vec<(String, String)>,
     pub limits: RunLimits,
     pub progress: Option<watch::Sender<Option<PluginEvent>>>,
     pub cancel: CancellationToken,
@@ -160,6 +167,11 @@ pub fn new_store(
         refused: Vec::new(),
         plugin: setup.labels.plugin.clone(),
     };
+    let exec = ExecCtx {
+        policy: setup.exec.unwrap_or_default(),
+        cwd: setup.output_dir.map(Path::to_path_buf),
+        groups: ProcessGroups::default(),
+    };
     let state = RunState {
         wasi: wasi.build(),
         table: ResourceTable::new(),
@@ -175,6 +187,8 @@ pub fn new_store(
         cancel: setup.cancel,
         http: WasiHttpCtx::new(),
         outbound,
+        exec,
+        task_parameters: setup.task_parameters,
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.memory);
@@ -196,6 +210,10 @@ pub fn new_store(
 impl RunState {
     pub fn deadline(&self) -> Instant {
         self.deadline
+    }
+
+    pub(super) fn table(&mut self) -> &mut ResourceTable {
+        &mut self.table
     }
 
     pub fn labels(&self) -> &RunLabels {

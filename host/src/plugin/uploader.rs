@@ -10,8 +10,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::run::{
-    RunError, VALIDATION_LIMITS, classify, finish, link, new_run_store, store_deadline, supervise,
-    validation_store,
+    RunError, VALIDATION_LIMITS, World, classify, finish, link, new_run_store, store_deadline,
+    supervise, validation_store,
 };
 use super::sandbox::{GUEST_ARTIFACT_DIR, PluginEvent, RunLabels, RunLimits, RunSetup};
 use super::{PluginHost, PluginSource};
@@ -79,7 +79,7 @@ pub struct UploaderPlugin {
 
 impl UploaderPlugin {
     pub fn load(host: &Arc<PluginHost>, source: PluginSource) -> Result<UploaderPlugin> {
-        let pre = UploaderPre::new(link(host, &source, true)?)
+        let pre = UploaderPre::new(link(host, &source, World::Uploader)?)
             .map_err(anyhow::Error::from)
             .with_context(|| format!("plugin {source} does not export the uploader world"))?;
         Ok(UploaderPlugin {
@@ -132,6 +132,8 @@ impl UploaderPlugin {
                 artifact_dir: Some(dir),
                 http_origin: Some(job.origin),
                 http_proxy: job.proxy,
+                exec: None,
+                task_parameters: Vec::new(),
                 limits,
                 progress: Some(job.progress),
                 cancel: job.cancel.clone(),
