@@ -93,6 +93,10 @@ pub struct PluginRole {
     /// Environment every started program gets (nothing else is inherited).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub exec_env: BTreeMap<String, String>,
+    /// Names of environment variables the plugin itself may set for the
+    /// programs it starts. Empty: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exec_env_allow: Vec<String>,
     /// After a run, how long its programs get to exit once their stdin is
     /// closed, and again after SIGTERM, before SIGKILL. In seconds.
     #[serde(
@@ -112,6 +116,7 @@ impl Default for PluginRole {
             memory_limit_mb: default_memory_limit_mb(),
             exec_allow: Vec::new(),
             exec_env: BTreeMap::new(),
+            exec_env_allow: Vec::new(),
             exec_grace_secs: default_exec_grace_secs(),
         }
     }
@@ -128,6 +133,7 @@ impl PluginRole {
             memory_limit_mb: 128,
             exec_allow: Vec::new(),
             exec_env: BTreeMap::new(),
+            exec_env_allow: Vec::new(),
             exec_grace_secs: default_exec_grace_secs(),
         }
     }

@@ -113,6 +113,7 @@ async fn load_role<P: Send + Sync + 'static>(
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            env_allowed: config.exec_env_allow.clone(),
             grace: Duration::from_secs_f64(config.exec_grace_secs),
         }),
     })

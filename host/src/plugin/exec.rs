@@ -34,12 +34,25 @@ pub struct ExecPolicy {
     pub allowed: Vec<String>,
     /// Environment every child gets.
     pub env: Vec<(String, String)>,
+    /// Names of the variables the plugin itself may set (others are
+    /// refused: `LD_PRELOAD=./lib.so` would run the plugin's own code).
+    pub env_allowed: Vec<String>,
     /// How long a child gets after its stdin closes, and again after
     /// SIGTERM, before the next step.
     pub grace: Duration,
 }
 
 impl ExecPolicy {
+    /// Why the plugin may not set these variables, if it may not.
+    pub fn check_env(&self, env: &[(String, String)]) -> Result<(), String> {
+        match env.iter().find(|(k, _)| !self.env_allowed.contains(k)) {
+            None => Ok(()),
+            Some((k, _)) => Err(format!(
+                "the plugin may not set environment variable {k} (exec_env_allow)"
+            )),
+        }
+    }
+
     /// Why `program` may not run, if it may not.
     pub fn check(&self, program: &str) -> Result<(), String> {
         if !Path::new(program).is_absolute() {
@@ -112,7 +125,11 @@ impl ExecCtx {
         env: &[(String, String)],
         plugin: &str,
     ) -> Result<Process, SpawnError> {
-        if let Err(reason) = self.policy.check(program) {
+        if let Err(reason) = self
+            .policy
+            .check(program)
+            .and_then(|()| self.policy.check_env(env))
+        {
             tracing::warn!(%plugin, %program, "refused to start a program: {reason}");
             return Err(SpawnError::Denied(reason));
         }
@@ -336,6 +353,19 @@ mod tests {
                 .unwrap_err()
                 .contains("exec_allow is empty")
         );
+    }
+
+    #[test]
+    fn the_plugin_sets_only_the_variables_the_operator_allows() {
+        let policy = ExecPolicy {
+            env_allowed: vec!["CB_DEBUG".into()],
+            ..Default::default()
+        };
+        let var = |k: &str| vec![(k.to_string(), "1".to_string())];
+        assert!(policy.check_env(&var("CB_DEBUG")).is_ok());
+        let refused = policy.check_env(&var("LD_PRELOAD")).unwrap_err();
+        assert!(refused.contains("LD_PRELOAD"), "{refused}");
+        assert!(ExecPolicy::default().check_env(&[]).is_ok());
     }
 
     #[tokio::test]

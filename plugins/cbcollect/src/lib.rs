@@ -15,7 +15,7 @@
 //! | `program` | absolute path of `cbcollect_info` | required |
 //! | `initargs` | `--initargs=PATH` (the node's `initargs` file) | none |
 //! | `extra-args` | more arguments, separated by spaces, appended last | none |
-//! | `env.NAME` | environment variable `NAME` for the program | none |
+//! | `env.NAME` | environment variable `NAME` for the program (the operator must also list `NAME` in `exec_env_allow`, or grant it in `exec_env` instead) | none |
 //!
 //! From the start request (`task.parameters()`): `log-redaction-level`,
 //! `log-redaction-salt`, `tmp-dir`, `task-regexp`.
