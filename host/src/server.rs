@@ -146,7 +146,10 @@ pub async fn serve(
         signal = termination() => tracing::info!("{signal}: shutting down"),
     }
     state.coordinator.shutdown(SHUTDOWN_GRACE).await;
-    state.node.shutdown(SHUTDOWN_GRACE).await;
+    // The job's programs get their two grace periods (stdin closed, then
+    // SIGTERM) before SIGKILL: never exit in the middle of that.
+    let exec_stop = Duration::from_secs_f64(2.0 * config.collector.exec_grace_secs + 5.0);
+    state.node.shutdown(SHUTDOWN_GRACE.max(exec_stop)).await;
     tracing::info!("stopped");
     Ok(())
 }
