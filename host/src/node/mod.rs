@@ -325,15 +325,13 @@ impl NodeService {
 
     /// Daemon shutdown: cancel any job and wait (bounded) for its cleanup.
     pub async fn shutdown(&self, grace: Duration) {
-        let job = self
-            .slot
-            .lock()
-            .unwrap()
-            .as_mut()
-            .and_then(|s| s.job.take());
-        if let Some(job) = job {
+        if let Some(session) = self.slot.lock().unwrap().as_ref()
+            && let Some(job) = &session.job
+        {
             job.cancel.cancel();
-            let _ = tokio::time::timeout(grace, job.handle).await;
         }
+        // A session gives up the slot only once its job has stopped and
+        // cleaned up (including one already closing), so idle means done.
+        self.wait_idle(grace).await;
     }
 }

@@ -15,7 +15,7 @@
 //! | `program` | absolute path of `cbcollect_info` | required |
 //! | `initargs` | `--initargs=PATH` (the node's `initargs` file) | none |
 //! | `extra-args` | more arguments, separated by spaces, appended last | none |
-//! | `env.NAME` | environment variable `NAME` for the program (the operator must also list `NAME` in `exec_env_allow`, or grant it in `exec_env` instead) | none |
+//! | `env.NAME` | environment variable `NAME` for the program (the operator must also list `NAME` in `exec_env_allow`; to give the program a variable without it, use `exec_env`) | none |
 //!
 //! From the start request (`task.parameters()`): `log-redaction-level`,
 //! `log-redaction-salt`, `tmp-dir`, `task-regexp`.
@@ -200,7 +200,7 @@ impl Guest for Cbcollect {
         }
 
         let name = match task.partial_salt {
-            Some(_) => zip.replace(".zip", "-redacted.zip"),
+            Some(_) => format!("{}-redacted.zip", zip.strip_suffix(".zip").unwrap_or(&zip)),
             None => zip,
         };
         let path = format!("{}/{name}", request.output_dir.trim_end_matches('/'));
