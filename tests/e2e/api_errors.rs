@@ -184,3 +184,31 @@ async fn the_node_to_node_api_requires_the_cluster_secret() {
     let health = c.admin("n1").health().await.unwrap();
     assert_eq!(health["session"], json!(null));
 }
+
+#[tokio::test]
+async fn unknown_routes_and_methods_get_json_errors() {
+    let c = cluster(&["n1"], |_| {}).await;
+    let admin = c.admin("n1");
+    let (status, body) = admin
+        .request(Method::GET, "/collectLogs/nope", None, true)
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::NOT_FOUND,
+            json!({"_": "Not found: GET /collectLogs/nope"})
+        )
+    );
+    let (status, body) = admin
+        .request(Method::DELETE, "/collectLogs/status", None, true)
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            json!({"_": "Method DELETE is not allowed on /collectLogs/status"})
+        )
+    );
+}

@@ -37,5 +37,22 @@ pub type AppRouter = Router;
 pub fn router(state: AppState) -> AppRouter {
     public::router(state.clone())
         .merge(internal::router(state.clone()))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+}
+
+/// Unknown routes get a JSON error like every other one.
+async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> error::ApiError {
+    error::ApiError::general(
+        axum::http::StatusCode::NOT_FOUND,
+        format!("Not found: {method} {}", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> error::ApiError {
+    error::ApiError::general(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        format!("Method {method} is not allowed on {}", uri.path()),
+    )
 }
