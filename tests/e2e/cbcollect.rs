@@ -323,3 +323,40 @@ async fn collection_options_are_validated_with_couchbases_messages() {
     }
     assert_eq!(admin.status().await.unwrap(), None, "nothing started");
 }
+
+#[tokio::test]
+async fn a_collector_that_ignores_the_redaction_request_fails_instead_of_leaking() {
+    let c = cluster(&["n1", "n2"], |config| {
+        if config.node == "n2" {
+            // Returns at once without reading the request's parameters.
+            config.collector.plugin = autocollect::plugin::builtin::build_output("test_misbehave")
+                .display()
+                .to_string();
+            config.collector.options.clear();
+            config
+                .collector
+                .options
+                .insert("mode".into(), "noop".into());
+        }
+    })
+    .await;
+    let admin = c.admin("n1");
+    let started = start(
+        &admin,
+        json!({"nodes": "*", "logRedactionLevel": "partial"}),
+    )
+    .await;
+    let task = wait_for_end(&admin, &started.task_id).await;
+
+    // The mock reads the parameters and names its zip as redacted.
+    let n1 = &task.per_node["n1"];
+    assert_eq!(n1.status, NodeState::Collected, "{n1:?}");
+    assert!(n1.path.as_deref().unwrap().ends_with("-n1-redacted.zip"));
+    let n2 = &task.per_node["n2"];
+    assert_eq!(n2.status, NodeState::Failed);
+    let output = n2.collection_output.as_deref().unwrap();
+    assert!(
+        output.contains("ignored logRedactionLevel=partial"),
+        "{output}"
+    );
+}

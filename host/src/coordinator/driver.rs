@@ -14,8 +14,10 @@ use super::peers::{PeerError, SessionEvents};
 use super::task::{NodeState, NodeStatus};
 use crate::protocol::NodeEvent;
 
-/// How long a node has to confirm a cancel before we stop waiting.
-const CANCEL_CONFIRM: Duration = Duration::from_secs(5);
+/// How long a node has to confirm a cancel before we stop waiting. A node
+/// confirms once its job has stopped, including the programs it started,
+/// which get two `exec_grace_secs` (10 s each by default) before SIGKILL.
+const CANCEL_CONFIRM: Duration = Duration::from_secs(30);
 
 /// A node's driver for one task.
 struct Driver {

@@ -56,6 +56,7 @@ impl progress::Host for RunState {
 
 impl task::Host for RunState {
     fn parameters(&mut self) -> Vec<(String, String)> {
+        self.parameters_read = true;
         self.task_parameters.clone()
     }
 }
@@ -224,6 +225,9 @@ impl CollectorPlugin {
         };
         let plugin = labels.plugin.clone();
         let grace = exec.grace;
+        let redaction_asked = parameters
+            .iter()
+            .any(|(k, v)| k == "log-redaction-level" && v == "partial");
         let (mut store, tail) = new_run_store(
             &self.host,
             RunSetup {
@@ -250,11 +254,19 @@ impl CollectorPlugin {
             finish(&store, &tail, limits, result)?.map_err(RunError::from)
         }
         .await;
+        let parameters_read = store.data().parameters_read;
         // However the run ended: the store (and every child's stdin) goes,
         // then whatever the plugin started is stopped before we return.
         drop(store);
         groups.terminate(grace, &plugin).await;
         let outcome = outcome?;
+        if redaction_asked && !parameters_read {
+            return Err(RunError::Host(
+                "the collector ignored logRedactionLevel=partial (it never read the \
+                 request's parameters): its output may hold unredacted data"
+                    .into(),
+            ));
+        }
         Ok(Collected {
             artifacts: outcome
                 .artifacts

@@ -97,6 +97,8 @@ pub struct RunState {
     outbound: OutboundPolicy,
     pub(super) exec: ExecCtx,
     pub(super) task_parameters: Vec<(String, String)>,
+    /// Whether the plugin asked for them (redaction is refused otherwise).
+    pub(super) parameters_read: bool,
 }
 
 impl WasiHttpView for RunState {
@@ -189,6 +191,7 @@ pub fn new_store(
         outbound,
         exec,
         task_parameters: setup.task_parameters,
+        parameters_read: false,
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.memory);

@@ -15,8 +15,12 @@
 //! | `artifact-size` | approximate size of the zip in bytes (random payload) | `0` (just the text) |
 //!
 //! Besides `output.txt` (and `payload.bin`), the zip holds `mock-run.txt`:
-//! node, task, and when the run started and finished (Unix ms), so tests
-//! can check how collections were scheduled.
+//! node, task, the redaction asked for, and when the run started and
+//! finished (Unix ms), so tests can check how collections were scheduled.
+//!
+//! With `logRedactionLevel=partial` in the start request, the zip is named
+//! `...-redacted.zip` like `cbcollect_info`'s (the mock has no user data
+//! to redact).
 
 wit_bindgen::generate!({
     path: "../../wit",
@@ -25,6 +29,7 @@ wit_bindgen::generate!({
 
 use autocollect::plugin::log::{Level, log};
 use autocollect::plugin::progress::report;
+use autocollect::plugin::task::parameters;
 use autocollect::plugin::types::{Failure, OptionError};
 use exports::autocollect::plugin::collect::{
     Artifact, CollectOutcome, CollectRequest, Guest, Options, PluginError,
@@ -117,12 +122,22 @@ impl Guest for MockCollector {
             }));
         }
 
+        // The mock holds no user data, so "partial redaction" changes only
+        // the name, as cbcollect_info names its redacted zip.
+        let partial = parameters()
+            .iter()
+            .any(|(k, v)| k == "log-redaction-level" && v == "partial");
         let name = collectinfo_name::zip_name(&ctx.node, SystemTime::now());
+        let name = match partial {
+            true => format!("{}-redacted.zip", name.trim_end_matches(".zip")),
+            false => name,
+        };
         let path = format!("{}/{}", request.output_dir.trim_end_matches('/'), name);
         let run = format!(
-            "node={}\ntask={}\nstarted_unix_ms={started}\nfinished_unix_ms={}\n",
+            "node={}\ntask={}\nredaction={}\nstarted_unix_ms={started}\nfinished_unix_ms={}\n",
             ctx.node,
             ctx.task_id,
+            if partial { "partial" } else { "none" },
             unix_ms(SystemTime::now())
         );
         let size = write_zip(&path, &output, &run, settings.artifact_size)
