@@ -158,8 +158,12 @@ async fn partial_redaction_uploads_the_redacted_zip_with_one_secret_salt() {
     })
     .await;
     let admin = c.admin("n2");
+    // The zips are kept in a shared logDir, which holds other files too.
+    let logs = tempfile::tempdir().unwrap();
+    std::fs::write(logs.path().join("unrelated.log"), "not for upload").unwrap();
     let params = json!({"nodes": "*", "logRedactionLevel": "partial",
-        "uploadHost": server.host(), "customer": "acme"});
+        "uploadHost": server.host(), "customer": "acme",
+        "logDir": logs.path().display().to_string()});
     let started = start(&admin, params).await;
     let task = wait_for_end(&admin, &started.task_id).await;
 
@@ -168,7 +172,11 @@ async fn partial_redaction_uploads_the_redacted_zip_with_one_secret_salt() {
     for node in ["n1", "n2"] {
         let status = &task.per_node[node];
         assert_eq!(status.status, NodeState::Uploaded, "{status:?}");
-        assert!(status.path.as_deref().unwrap().ends_with("-redacted.zip"));
+        let path = Path::new(status.path.as_deref().unwrap());
+        assert!(path.to_str().unwrap().ends_with("-redacted.zip"));
+        assert_eq!(path.parent().unwrap(), logs.path());
+        // Uploaded from a link of its own, removed afterwards.
+        assert!(!job_dir(&c, node, &task.task_id).join("upload").exists());
         let url = status.url.as_deref().unwrap();
         assert!(url.ends_with(&format!("-{node}-redacted.zip")), "{url}");
         assert!(

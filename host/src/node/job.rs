@@ -113,6 +113,9 @@ pub(super) async fn upload(
             output: format!("refused by node {}: {reason}", node.name),
         },
         Ok(origin) => {
+            // The uploader sees its artifact's directory: if the zip was
+            // moved into a shared logDir, show it a directory of its own.
+            let staged = stage(&order.artifact, &node.jobs_dir.join(task_id)).await;
             let role = &node.roles.uploader;
             let (forwarder, progress_tx) = ProgressForwarder::start(&events);
             let result = role
@@ -120,7 +123,7 @@ pub(super) async fn upload(
                 .upload(UploadJob {
                     labels: labels(&node, role.plugin.source(), task_id),
                     options: &role.options,
-                    artifact: &order.artifact,
+                    artifact: staged.path(),
                     artifact_size: order.size,
                     url: &url,
                     origin,
@@ -131,6 +134,7 @@ pub(super) async fn upload(
                 })
                 .await;
             forwarder.finish().await;
+            staged.remove().await;
             upload_event(url.clone(), result)
         }
     };
@@ -210,6 +214,54 @@ async fn prepare_dir(dir: &Path) -> std::io::Result<()> {
         _ => {}
     }
     tokio::fs::create_dir_all(dir).await
+}
+
+/// The artifact as the uploader will see it.
+enum Staged {
+    /// Already alone in the job's directory.
+    InPlace(PathBuf),
+    /// Hard-linked into `job_dir/upload/` for the upload.
+    Linked(PathBuf),
+}
+
+impl Staged {
+    fn path(&self) -> &Path {
+        match self {
+            Staged::InPlace(p) | Staged::Linked(p) => p,
+        }
+    }
+
+    async fn remove(self) {
+        if let Staged::Linked(path) = self
+            && let Some(dir) = path.parent()
+        {
+            remove_dir(dir).await;
+        }
+    }
+}
+
+/// Stage `artifact` for an upload from `job_dir`: as is when it lives
+/// there, else hard-linked into `job_dir/upload/` (no copy). If the link
+/// fails (another filesystem), the uploader sees the artifact's own
+/// directory, which the log says.
+async fn stage(artifact: &Path, job_dir: &Path) -> Staged {
+    if artifact.parent() == Some(job_dir) {
+        return Staged::InPlace(artifact.to_path_buf());
+    }
+    let dir = job_dir.join("upload");
+    let linked = dir.join(artifact.file_name().unwrap_or_default());
+    let link = async {
+        tokio::fs::create_dir_all(&dir).await?;
+        tokio::fs::hard_link(artifact, &linked).await
+    };
+    match link.await {
+        Ok(()) => Staged::Linked(linked),
+        Err(e) => {
+            tracing::warn!(artifact = %artifact.display(),
+                "could not link the artifact into the job directory ({e}): the uploader sees its whole directory");
+            Staged::InPlace(artifact.to_path_buf())
+        }
+    }
 }
 
 /// Move `file` into `dir` (created if missing), across filesystems too;
