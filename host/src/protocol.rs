@@ -105,6 +105,10 @@ impl CollectParameters {
 pub struct StartUpload {
     /// `https://HOST/CUSTOMER/[TICKET/]`; the node appends the file name.
     pub base_url: String,
+    /// The start request's `uploadProxy` (`http://[user:pass@]host:port`);
+    /// without it the node uses its own `[upload] proxy`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<String>,
 }
 
 /// Answer of a node that already holds a session (HTTP 409).

@@ -49,6 +49,8 @@ pub struct Proxy {
     pub authority: String,
     /// `Proxy-Authorization` value, when the URL has credentials.
     pub authorization: Option<String>,
+    /// The URL as given, credentials included: to hand it to other nodes.
+    pub given: String,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -94,6 +96,7 @@ impl Proxy {
             url: format!("http://{authority}"),
             authority,
             authorization,
+            given: url.to_string(),
         })
     }
 }

@@ -7,6 +7,7 @@ mod api_errors;
 mod cancel;
 mod cbcollect;
 mod collect;
+mod couchbase;
 mod demo;
 mod proxy_server;
 mod sandbox;

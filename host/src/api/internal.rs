@@ -19,7 +19,7 @@ use crate::node::StartJobError;
 use crate::protocol::{
     CANCEL_TASK_PATH, LATEST_TASK_PATH, OpenSession, SESSIONS_PATH, StartJob, StartUpload,
 };
-use crate::upload::Destination;
+use crate::upload::{Destination, Proxy};
 
 const CANCEL_WAIT: Duration = Duration::from_secs(10);
 
@@ -119,9 +119,13 @@ async fn start_upload(
     let destination = Destination {
         base_url: request.base_url,
     };
+    let proxy = match request.proxy.as_deref().map(Proxy::parse).transpose() {
+        Ok(p) => p,
+        Err(e) => return Err(ApiError::field(StatusCode::BAD_REQUEST, "proxy", e)),
+    };
     state
         .node
-        .start_upload(&task, destination)
+        .start_upload(&task, destination, proxy)
         .map_err(job_error)?;
     Ok(StatusCode::ACCEPTED)
 }

@@ -3,6 +3,7 @@
 //! call into [`crate::coordinator`] and [`crate::node`]; they hold no
 //! collection logic of their own.
 
+mod couchbase;
 mod error;
 mod internal;
 mod params;
@@ -36,6 +37,7 @@ pub type AppRouter = Router;
 
 pub fn router(state: AppState) -> AppRouter {
     public::router(state.clone())
+        .merge(couchbase::router())
         .merge(internal::router(state.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -28,6 +28,7 @@ use super::params::{self, Param};
 use super::{AppState, CANCEL_URI, HEALTH_URI, START_URI, STATUS_URI};
 use crate::auth::{AuthError, Caller};
 use crate::config::Role;
+use crate::coordinator::task::TaskStatus;
 use crate::coordinator::{NodeSelection, StartError, StartRequest};
 use crate::protocol::CollectParameters;
 use crate::upload::Destination;
@@ -107,8 +108,12 @@ const START_PARAMS: &[&str] = &[
 
 /// Check a start request; every problem is reported at once, keyed by
 /// field, as ns_server does.
-fn start_request(state: &AppState, params: &params::Params) -> Result<StartRequest, ApiError> {
-    params::reject_unknown(params, START_PARAMS)?;
+fn start_request(
+    state: &AppState,
+    params: &params::Params,
+    known: &[&str],
+) -> Result<StartRequest, ApiError> {
+    params::reject_unknown(params, known)?;
     let selection = selection(params)?;
     let mut errors = BTreeMap::new();
     if let Err(StartError::Invalid(fields)) = state.coordinator.resolve(&selection) {
@@ -126,6 +131,7 @@ fn start_request(state: &AppState, params: &params::Params) -> Result<StartReque
     let bypass = text("bypassReachabilityChecks");
     let customer = text("customer");
     let ticket = text("ticket");
+    let proxy = text("uploadProxy");
     let collect = CollectParameters {
         log_redaction_level: text("logRedactionLevel"),
         log_redaction_salt: text("logRedactionSalt"),
@@ -186,12 +192,36 @@ fn start_request(state: &AppState, params: &params::Params) -> Result<StartReque
         errors.extend(fields);
     }
     check_collect_parameters(&collect, &mut errors);
+    let upload_proxy = match proxy.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(p) => {
+            // ns_server takes host:port; a URL is fine too.
+            let url = match p.contains("://") {
+                true => p.to_string(),
+                false => format!("http://{p}"),
+            };
+            match crate::upload::Proxy::parse(&url) {
+                Ok(proxy) => Some(proxy),
+                Err(e) => {
+                    errors.insert("uploadProxy".into(), format!("The proxy {e}"));
+                    None
+                }
+            }
+        }
+    };
+    if upload_proxy.is_some() && destination.is_none() && !errors.contains_key("uploadHost") {
+        errors.insert(
+            "uploadProxy".into(),
+            "uploadProxy is only used with uploadHost".into(),
+        );
+    }
     if !errors.is_empty() {
         return Err(ApiError::fields(StatusCode::BAD_REQUEST, errors));
     }
     Ok(StartRequest {
         selection,
         upload: destination,
+        upload_proxy,
         bypass_reachability_checks,
         collect,
     })
@@ -267,11 +297,22 @@ async fn start(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let params = params::parse(&headers, &body)?;
-    let request = start_request(&state, &params)?;
+    let task = start_task(&state, &caller, &params, START_PARAMS).await?;
+    Ok(Json(serde_json::to_value(task).unwrap()))
+}
+
+/// Check `params` (the route's `known` ones) and start the collection.
+pub(super) async fn start_task(
+    state: &AppState,
+    caller: &Caller,
+    params: &params::Params,
+    known: &[&str],
+) -> Result<TaskStatus, ApiError> {
+    let request = start_request(state, params, known)?;
     match state.coordinator.start(&request).await {
         Ok(task) => {
             tracing::info!(user = %caller.user, task = %task.task_id, "collection requested");
-            Ok(Json(serde_json::to_value(task).unwrap()))
+            Ok(task)
         }
         Err(StartError::Invalid(fields)) => Err(ApiError::fields(StatusCode::BAD_REQUEST, fields)),
         Err(e @ (StartError::AlreadyRunning | StartError::Unreachable(_))) => {
@@ -280,7 +321,7 @@ async fn start(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 pub struct StatusQuery {
     since: Option<u64>,
     wait: Option<f64>,
@@ -319,7 +360,16 @@ async fn status(
     query: Result<Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(query) = query.map_err(bad_query)?;
-    if let Some(node) = remote_coordinator(&state) {
+    latest_task(&state, &query).await
+}
+
+/// The latest task, from its coordinator wherever that is (long-polled
+/// if `query.since` is given).
+pub(super) async fn latest_task(
+    state: &AppState,
+    query: &StatusQuery,
+) -> Result<Json<Value>, ApiError> {
+    if let Some(node) = remote_coordinator(state) {
         let mut forwarded = Vec::new();
         if let Some(since) = query.since {
             forwarded.push(("since".to_string(), since.to_string()));
@@ -340,7 +390,7 @@ async fn status(
             Err(e) => Err(coordinator_unreachable(&node, e)),
         };
     }
-    local_status(&state, &query).await
+    local_status(state, query).await
 }
 
 /// The latest task coordinated here (long-polled if `since` is given).
@@ -360,8 +410,17 @@ async fn cancel(
     State(state): State<AppState>,
     Admin(caller): Admin,
 ) -> Result<Json<Value>, ApiError> {
+    cancel_task(&state, &caller).await
+}
+
+/// Cancel the running collection, wherever it is coordinated; the latest
+/// task as the coordinator reports it.
+pub(super) async fn cancel_task(
+    state: &AppState,
+    caller: &Caller,
+) -> Result<Json<Value>, ApiError> {
     tracing::info!(user = %caller.user, "cancel requested");
-    if let Some(node) = remote_coordinator(&state) {
+    if let Some(node) = remote_coordinator(state) {
         let task_id = state
             .node
             .last_task()

@@ -64,7 +64,12 @@ impl Driver {
             return;
         };
         let started = peers
-            .start_upload(&self.node, &ctx.task_id, &destination.base_url)
+            .start_upload(
+                &self.node,
+                &ctx.task_id,
+                &destination.base_url,
+                ctx.upload_proxy.as_ref(),
+            )
             .await;
         if let Some(reason) = self.command_failed(started, "could not start the upload") {
             self.update(NodeEvent::UploadFailed {

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::CoordinatorSettings;
 use crate::protocol::{CollectParameters, OpenSession};
-use crate::upload::{self, Destination, UploadPolicy};
+use crate::upload::{self, Destination, Proxy, UploadPolicy};
 use peers::{PeerError, Peers, SessionEvents};
 use store::TaskStore;
 use task::{NodeState, NodeStatus, TaskState, TaskStatus};
@@ -50,6 +50,8 @@ pub struct StartRequest {
     pub selection: NodeSelection,
     /// Where to upload each node's artifact, if anywhere.
     pub upload: Option<Destination>,
+    /// The proxy this request asks uploads to use (else `[upload] proxy`).
+    pub upload_proxy: Option<Proxy>,
     /// Skip the upload host preflight.
     pub bypass_reachability_checks: bool,
     /// What every node's collector is asked for (redaction, directories).
@@ -104,6 +106,7 @@ struct TaskCtx {
     task_id: String,
     cancel: CancellationToken,
     upload: Option<Destination>,
+    upload_proxy: Option<Proxy>,
     /// With the salt filled in when redaction is partial.
     collect: CollectParameters,
     collect_slots: Semaphore,
@@ -178,7 +181,10 @@ impl Coordinator {
         if let Some(destination) = &request.upload {
             self.check_destination(destination)?;
             if !request.bypass_reachability_checks {
-                let proxy = self.upload_policy.proxy().ok().flatten();
+                let proxy = match &request.upload_proxy {
+                    Some(p) => Some(p.clone()),
+                    None => self.upload_policy.proxy().ok().flatten(),
+                };
                 upload::preflight(destination, proxy.as_ref())
                     .await
                     .map_err(StartError::Unreachable)?;
@@ -247,6 +253,7 @@ impl Coordinator {
             task_id,
             cancel,
             upload: request.upload.clone(),
+            upload_proxy: request.upload_proxy.clone(),
             collect: with_salt(&request.collect),
             collect_slots: slots(self.settings.collection_concurrency),
             upload_slots: slots(self.settings.upload_concurrency),

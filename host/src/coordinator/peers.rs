@@ -12,6 +12,7 @@ use crate::protocol::{
     Busy, CANCEL_TASK_PATH, CollectParameters, LATEST_TASK_PATH, NodeEvent, OpenSession,
     SESSIONS_PATH, StartJob, StartUpload,
 };
+use crate::upload::Proxy;
 
 /// Longest event line accepted from a node.
 const MAX_EVENT_LINE: usize = 1 << 20;
@@ -140,10 +141,12 @@ impl Peers {
         node: &str,
         task_id: &str,
         base_url: &str,
+        proxy: Option<&Proxy>,
     ) -> Result<(), PeerError> {
         let path = format!("{SESSIONS_PATH}/{task_id}/upload");
         let body = StartUpload {
             base_url: base_url.to_string(),
+            proxy: proxy.map(|p| p.given.clone()),
         };
         self.command(self.post(node, &path).json(&body))
             .await

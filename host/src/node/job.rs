@@ -15,7 +15,7 @@ use crate::plugin::sandbox::RunLabels;
 use crate::plugin::uploader::{Receipt, UploadFailure, UploadJob};
 use crate::plugin::{PluginEvent, PluginSource};
 use crate::protocol::{CollectParameters, NodeEvent};
-use crate::upload::Destination;
+use crate::upload::{Destination, Proxy};
 
 /// Progress is forwarded at most this often.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
@@ -87,6 +87,8 @@ pub(super) struct UploadOrder {
     pub artifact: PathBuf,
     pub size: u64,
     pub destination: Destination,
+    /// The request's proxy; else this node's `[upload] proxy`.
+    pub proxy: Option<Proxy>,
 }
 
 pub(super) async fn upload(
@@ -127,7 +129,10 @@ pub(super) async fn upload(
                     artifact_size: order.size,
                     url: &url,
                     origin,
-                    proxy: node.roles.upload_policy.proxy().ok().flatten(),
+                    proxy: order
+                        .proxy
+                        .clone()
+                        .or_else(|| node.roles.upload_policy.proxy().ok().flatten()),
                     limits: role.limits,
                     progress: progress_tx,
                     cancel,

@@ -24,7 +24,7 @@ use crate::plugin::collector::CollectorPlugin;
 use crate::plugin::exec::ExecPolicy;
 use crate::plugin::uploader::UploaderPlugin;
 use crate::protocol::{Busy, CollectParameters, NodeEvent, OpenSession};
-use crate::upload::{Destination, UploadPolicy};
+use crate::upload::{Destination, Proxy, UploadPolicy};
 
 pub use stream::SessionStream;
 
@@ -193,6 +193,7 @@ impl NodeService {
         self: &Arc<Self>,
         task_id: &str,
         destination: Destination,
+        proxy: Option<Proxy>,
     ) -> Result<(), StartJobError> {
         let mut slot = self.slot.lock().unwrap();
         let session = session_of(&mut slot, task_id)?;
@@ -210,6 +211,7 @@ impl NodeService {
                 artifact: artifact.path,
                 size: artifact.size,
                 destination,
+                proxy,
             },
             session.events.clone(),
             cancel.clone(),

@@ -1,0 +1,210 @@
+//! Couchbase's own routes: `/controller/startLogsCollection`,
+//! `/controller/cancelLogsCollection` and the task list
+//! `/pools/default/tasks`, answered as ns_server answers them.
+
+use autocollect::client::{ApiClient, RequestBody};
+use autocollect::coordinator::task::{NodeState, TaskState};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::proxy_server::ProxyServer;
+use crate::support::*;
+use crate::upload_server::UploadServer;
+
+async fn post_form(admin: &ApiClient, path: &str, pairs: &[(&str, &str)]) -> (StatusCode, Value) {
+    let form = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    admin
+        .request(Method::POST, path, Some(RequestBody::Form(form)), true)
+        .await
+        .unwrap()
+}
+
+async fn start(admin: &ApiClient, pairs: &[(&str, &str)]) -> (StatusCode, Value) {
+    post_form(admin, "/controller/startLogsCollection", pairs).await
+}
+
+async fn tasks(client: &ApiClient) -> Value {
+    let (status, body) = client
+        .request(Method::GET, "/pools/default/tasks", None, true)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body
+}
+
+#[tokio::test]
+async fn a_collection_started_by_the_controller_route_shows_in_the_task_list() {
+    let server = UploadServer::start().await;
+    let c = cluster(&["n1", "n2"], |config| {
+        config.upload.allow_http = true;
+    })
+    .await;
+    let admin = c.admin("n1");
+    assert_eq!(tasks(&c.reader("n1")).await, json!([]), "no task yet");
+
+    let host = server.host();
+    let (status, body) = start(
+        &admin,
+        &[
+            ("nodes", "*"),
+            ("uploadHost", &host),
+            ("customer", "Example inc."),
+            ("ticket", "12345"),
+        ],
+    )
+    .await;
+    assert_eq!((status, body), (StatusCode::OK, json!([])));
+    let task = wait_for(&admin, |t| t.status != TaskState::Running).await;
+    assert_ended(&task, TaskState::Completed);
+
+    // Any node answers, with Couchbase's fields only.
+    let list = tasks(&c.reader("n2")).await;
+    let mut per_node = serde_json::Map::new();
+    for node in ["n1", "n2"] {
+        let status = &task.per_node[node];
+        assert_eq!(status.status, NodeState::Uploaded);
+        per_node.insert(
+            node.into(),
+            json!({"status": "uploaded", "path": status.path, "url": status.url}),
+        );
+    }
+    assert_eq!(
+        list,
+        json!([{
+            "type": "clusterLogsCollection",
+            "node": "n1",
+            "status": "completed",
+            "progress": 100,
+            "ts": task.ts,
+            "perNode": per_node,
+        }])
+    );
+}
+
+#[tokio::test]
+async fn a_running_collection_is_listed_with_the_controller_cancel_route_and_cancelled_by_it() {
+    let c = cluster(&["n1", "n2"], |config| {
+        set_option(config, "delay-ms", 60_000i64);
+    })
+    .await;
+    let admin = c.admin("n2");
+    let (status, _) = start(&admin, &[("nodes", "n1")]).await;
+    assert_eq!(status, StatusCode::OK);
+    wait_for(&admin, |t| all_nodes(t, NodeState::Started)).await;
+
+    let list = tasks(&c.reader("n1")).await;
+    assert_eq!(
+        list[0]["cancelURI"],
+        json!("/controller/cancelLogsCollection")
+    );
+    assert_eq!(list[0]["status"], json!("running"));
+    assert_eq!(list[0]["perNode"], json!({"n1": {"status": "started"}}));
+    assert!(list[0]["recommendedRefreshPeriod"].is_number(), "{list}");
+
+    let (status, body) = post_form(&c.admin("n1"), "/controller/cancelLogsCollection", &[]).await;
+    assert_eq!((status, body), (StatusCode::OK, json!([])));
+    let list = tasks(&c.reader("n1")).await;
+    assert_eq!(list[0]["status"], json!("cancelled"), "{list}");
+    assert_eq!(list[0].get("cancelURI"), None);
+    // Nothing running: still 200 [].
+    let (status, body) = post_form(&admin, "/controller/cancelLogsCollection", &[]).await;
+    assert_eq!((status, body), (StatusCode::OK, json!([])));
+}
+
+#[tokio::test]
+async fn the_controller_route_takes_an_upload_proxy_per_request() {
+    let server = UploadServer::start().await;
+    let proxy = ProxyServer::start().await;
+    let c = cluster(&["n1"], |config| {
+        config.upload.allow_http = true;
+    })
+    .await;
+    let admin = c.admin("n1");
+    let host = server.host();
+    let proxy_address = proxy.addr.to_string();
+    let (status, body) = start(
+        &admin,
+        &[
+            ("nodes", "*"),
+            ("uploadHost", &host),
+            ("customer", "acme"),
+            ("uploadProxy", &proxy_address),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let task = wait_for(&admin, |t| t.status != TaskState::Running).await;
+    assert_eq!(task.per_node["n1"].status, NodeState::Uploaded);
+    let requests = proxy.requests();
+    assert_eq!(requests[0], format!("HEAD {host}/acme/"), "{requests:?}");
+    assert_eq!(
+        requests[1],
+        format!("CONNECT {}", server.addr),
+        "{requests:?}"
+    );
+    assert_eq!(server.received().len(), 1);
+}
+
+#[tokio::test]
+async fn the_controller_route_answers_errors_as_ns_server_does() {
+    let c = cluster(&["n1"], |config| {
+        set_option(config, "delay-ms", 60_000i64);
+    })
+    .await;
+    let admin = c.admin("n1");
+    let cases: Vec<(Vec<(&str, &str)>, Value)> = vec![
+        (
+            vec![("nodes", "ghost")],
+            json!({"nodes": "Unknown nodes: [\"ghost\"]"}),
+        ),
+        (vec![], json!({"nodes": "Please select at least one node."})),
+        (
+            vec![("nodes", "*"), ("bypassReachabilityChecks", "maybe")],
+            json!({"bypassReachabilityChecks": "must be true or false"}),
+        ),
+        (
+            vec![("nodes", "*"), ("uploadProxy", "proxy:3128")],
+            json!({"uploadProxy": "uploadProxy is only used with uploadHost"}),
+        ),
+        (
+            vec![
+                ("nodes", "*"),
+                ("uploadHost", "uploads.example.com"),
+                ("customer", "a"),
+                ("uploadProxy", "socks5://proxy:1080"),
+                ("bypassReachabilityChecks", "true"),
+            ],
+            json!({"uploadProxy": "The proxy must be an http:// URL (http://[user:password@]host:port)"}),
+        ),
+        (
+            vec![("from", "allnodes")],
+            json!({"from": "Unknown parameter (known: nodes, uploadHost, customer, ticket, uploadProxy, logDir, tmpDir, logRedactionLevel, logRedactionSalt, bypassReachabilityChecks, taskRegexp)"}),
+        ),
+    ];
+    for (pairs, want) in cases {
+        let (status, body) = start(&admin, &pairs).await;
+        assert_eq!(
+            (status, &body),
+            (StatusCode::BAD_REQUEST, &want),
+            "{pairs:?}"
+        );
+    }
+
+    let (status, _) = start(&admin, &[("nodes", "*")]).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = start(&admin, &[("nodes", "*")]).await;
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::BAD_REQUEST,
+            json!({"_": "Logs collection task is already started"})
+        )
+    );
+    // A read-only user may list tasks but not start.
+    let (status, _) = start(&c.reader("n1"), &[("nodes", "*")]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    admin.cancel().await.unwrap();
+}
