@@ -83,6 +83,9 @@ pub async fn build(config: &Config, config_dir: &Path) -> Result<(AppState, api:
         coordinator,
         users: Arc::new(Users::new(&config.users)),
         secret: config.secret().into(),
+        audit: Arc::new(api::audit::AuditLog::new(
+            &config.data_dir.join("audit.log"),
+        )),
     };
     Ok((state.clone(), api::router(state)))
 }

@@ -208,3 +208,64 @@ async fn the_controller_route_answers_errors_as_ns_server_does() {
     assert_eq!(status, StatusCode::FORBIDDEN);
     admin.cancel().await.unwrap();
 }
+
+#[tokio::test]
+async fn starts_and_cancels_are_audited_without_their_secrets() {
+    let c = cluster(&["n1"], |config| {
+        set_option(config, "delay-ms", 60_000i64);
+    })
+    .await;
+    let admin = c.admin("n1");
+    let (status, _) = start(
+        &admin,
+        &[
+            ("nodes", "*"),
+            ("uploadProxy", "http://ops:s3cret@proxy:3128"),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = start(
+        &admin,
+        &[
+            ("nodes", "*"),
+            ("logRedactionLevel", "partial"),
+            ("logRedactionSalt", "pepper"),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let task = admin.cancel().await.unwrap().unwrap();
+
+    let log = std::fs::read_to_string(c.node("n1").data_dir.join("audit.log")).unwrap();
+    assert!(!log.contains("s3cret") && !log.contains("pepper"), "{log}");
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{log}");
+    let pick = |l: &Value| {
+        json!({"user": l["user"], "action": l["action"], "route": l["route"],
+               "result": l["result"], "params": l["params"], "taskId": l["taskId"]})
+    };
+    assert_eq!(
+        lines.iter().map(pick).collect::<Vec<_>>(),
+        [
+            json!({"user": "admin", "action": "start",
+                   "route": "/controller/startLogsCollection", "result": "refused",
+                   "params": {"nodes": "*", "uploadProxy": "http://*****@proxy:3128"},
+                   "taskId": null}),
+            json!({"user": "admin", "action": "start",
+                   "route": "/controller/startLogsCollection", "result": "accepted",
+                   "params": {"nodes": "*", "logRedactionLevel": "partial",
+                              "logRedactionSalt": "*****"},
+                   "taskId": task.task_id}),
+            json!({"user": "admin", "action": "cancel", "route": "/collectLogs/cancel",
+                   "result": "accepted", "params": null, "taskId": task.task_id}),
+        ]
+    );
+    assert!(
+        lines[0]["error"].as_str().unwrap().starts_with("400 "),
+        "{log}"
+    );
+}

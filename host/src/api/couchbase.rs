@@ -72,7 +72,7 @@ async fn start(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let params = params::parse(&headers, &body)?;
-    start_task(&state, &caller, &params, START_PARAMS).await?;
+    start_task(&state, &caller, START_LOGS_URI, &params, START_PARAMS).await?;
     Ok(Json(json!([])))
 }
 
@@ -82,7 +82,7 @@ async fn cancel(
     State(state): State<AppState>,
     Admin(caller): Admin,
 ) -> Result<Json<Value>, ApiError> {
-    match cancel_task(&state, &caller).await {
+    match cancel_task(&state, &caller, CANCEL_LOGS_URI).await {
         Ok(_) => Ok(Json(json!([]))),
         Err(e) if e.status == StatusCode::NOT_FOUND => Ok(Json(json!([]))),
         Err(e) => Err(e),

@@ -24,6 +24,15 @@ impl ApiError {
         )
     }
 
+    /// The error as its JSON body says it (for the audit log).
+    pub fn summary(&self) -> String {
+        format!(
+            "{} {}",
+            self.status.as_u16(),
+            serde_json::to_string(&self.fields).unwrap_or_default()
+        )
+    }
+
     /// An error about the request as a whole (key `_`).
     pub fn general(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError::field(status, "_", message)

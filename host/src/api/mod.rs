@@ -3,6 +3,7 @@
 //! call into [`crate::coordinator`] and [`crate::node`]; they hold no
 //! collection logic of their own.
 
+pub mod audit;
 mod couchbase;
 mod error;
 mod internal;
@@ -31,6 +32,8 @@ pub struct AppState {
     pub coordinator: Arc<Coordinator>,
     pub users: Arc<Users>,
     pub secret: Arc<str>,
+    /// Who started or cancelled what (`data_dir/audit.log`).
+    pub audit: Arc<audit::AuditLog>,
 }
 
 pub type AppRouter = Router;

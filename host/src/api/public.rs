@@ -24,6 +24,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::audit::Entry;
 use super::params::{self, Param};
 use super::{AppState, CANCEL_URI, HEALTH_URI, START_URI, STATUS_URI};
 use crate::auth::{AuthError, Caller};
@@ -297,7 +298,7 @@ async fn start(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let params = params::parse(&headers, &body)?;
-    let task = start_task(&state, &caller, &params, START_PARAMS).await?;
+    let task = start_task(&state, &caller, START_URI, &params, START_PARAMS).await?;
     Ok(Json(serde_json::to_value(task).unwrap()))
 }
 
@@ -305,20 +306,35 @@ async fn start(
 pub(super) async fn start_task(
     state: &AppState,
     caller: &Caller,
+    route: &str,
     params: &params::Params,
     known: &[&str],
 ) -> Result<TaskStatus, ApiError> {
-    let request = start_request(state, params, known)?;
-    match state.coordinator.start(&request).await {
-        Ok(task) => {
-            tracing::info!(user = %caller.user, task = %task.task_id, "collection requested");
-            Ok(task)
-        }
-        Err(StartError::Invalid(fields)) => Err(ApiError::fields(StatusCode::BAD_REQUEST, fields)),
-        Err(e @ (StartError::AlreadyRunning | StartError::Unreachable(_))) => {
-            Err(ApiError::general(StatusCode::BAD_REQUEST, e.to_string()))
+    let started = async {
+        let request = start_request(state, params, known)?;
+        match state.coordinator.start(&request).await {
+            Ok(task) => Ok(task),
+            Err(StartError::Invalid(fields)) => {
+                Err(ApiError::fields(StatusCode::BAD_REQUEST, fields))
+            }
+            Err(e @ (StartError::AlreadyRunning | StartError::Unreachable(_))) => {
+                Err(ApiError::general(StatusCode::BAD_REQUEST, e.to_string()))
+            }
         }
     }
+    .await;
+    state.audit.record(Entry {
+        user: &caller.user,
+        action: "start",
+        route,
+        params: Some(params),
+        task_id: started.as_ref().ok().map(|t| t.task_id.as_str()),
+        outcome: started.as_ref().map(drop).map_err(ApiError::summary),
+    });
+    if let Ok(task) = &started {
+        tracing::info!(user = %caller.user, task = %task.task_id, "collection requested");
+    }
+    started
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -410,16 +426,34 @@ async fn cancel(
     State(state): State<AppState>,
     Admin(caller): Admin,
 ) -> Result<Json<Value>, ApiError> {
-    cancel_task(&state, &caller).await
+    cancel_task(&state, &caller, CANCEL_URI).await
 }
 
 /// Cancel the running collection, wherever it is coordinated; the latest
-/// task as the coordinator reports it.
+/// task as the coordinator reports it. Audited.
 pub(super) async fn cancel_task(
     state: &AppState,
     caller: &Caller,
+    route: &str,
 ) -> Result<Json<Value>, ApiError> {
     tracing::info!(user = %caller.user, "cancel requested");
+    let cancelled = cancel_anywhere(state).await;
+    let task_id = cancelled
+        .as_ref()
+        .ok()
+        .and_then(|Json(t)| t.get("taskId")?.as_str().map(String::from));
+    state.audit.record(Entry {
+        user: &caller.user,
+        action: "cancel",
+        route,
+        params: None,
+        task_id: task_id.as_deref(),
+        outcome: cancelled.as_ref().map(drop).map_err(ApiError::summary),
+    });
+    cancelled
+}
+
+async fn cancel_anywhere(state: &AppState) -> Result<Json<Value>, ApiError> {
     if let Some(node) = remote_coordinator(state) {
         let task_id = state
             .node

@@ -1,0 +1,140 @@
+//! The audit log: one JSON line per start or cancel request, on the node
+//! that received it, saying who asked for what and what came of it.
+//! Secrets never reach it: the redaction salt is masked, and so are
+//! credentials in a proxy URL.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde_json::{Map, Value, json};
+
+use super::params::{Param, Params};
+
+/// Parameters whose values are secrets.
+const SECRET_PARAMS: &[&str] = &["logRedactionSalt"];
+/// Parameters that may hold `user:password@` in a URL.
+const URL_PARAMS: &[&str] = &["uploadProxy", "uploadHost", "upload_host"];
+const MASK: &str = "*****";
+
+pub struct AuditLog {
+    path: PathBuf,
+    file: Mutex<Option<std::fs::File>>,
+}
+
+/// One audited request.
+pub struct Entry<'a> {
+    pub user: &'a str,
+    /// `start` or `cancel`.
+    pub action: &'a str,
+    pub route: &'a str,
+    pub params: Option<&'a Params>,
+    /// The task it started or cancelled, if any.
+    pub task_id: Option<&'a str>,
+    /// `Ok(())`, or the error the caller got.
+    pub outcome: Result<(), String>,
+}
+
+impl AuditLog {
+    /// Appends to `path` (created with its directory on first use).
+    pub fn new(path: &Path) -> AuditLog {
+        AuditLog {
+            path: path.to_path_buf(),
+            file: Mutex::new(None),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Record `entry`; a failure to write is logged, never fatal.
+    pub fn record(&self, entry: Entry<'_>) {
+        let mut line = json!({
+            "ts": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "user": entry.user,
+            "action": entry.action,
+            "route": entry.route,
+            "result": if entry.outcome.is_ok() { "accepted" } else { "refused" },
+        });
+        if let Some(params) = entry.params {
+            line["params"] = Value::Object(masked(params));
+        }
+        if let Some(id) = entry.task_id {
+            line["taskId"] = id.into();
+        }
+        if let Err(e) = &entry.outcome {
+            line["error"] = e.as_str().into();
+        }
+        if let Err(e) = self.append(&line) {
+            tracing::error!(path = %self.path.display(), "could not write the audit log: {e}");
+        }
+    }
+
+    fn append(&self, line: &Value) -> std::io::Result<()> {
+        let mut file = self.file.lock().unwrap();
+        if file.is_none() {
+            if let Some(dir) = self.path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            *file = Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.path)?,
+            );
+        }
+        let mut bytes = serde_json::to_vec(line)?;
+        bytes.push(b'\n');
+        let f = file.as_mut().expect("opened above");
+        f.write_all(&bytes)?;
+        f.flush()
+    }
+}
+
+/// The request's parameters with secrets masked.
+fn masked(params: &Params) -> Map<String, Value> {
+    params
+        .iter()
+        .map(|(key, value)| {
+            let value = match value {
+                Param::Text(t) => Value::from(mask(key, t)),
+                Param::List(items) => items.iter().map(|i| mask(key, i)).collect(),
+            };
+            (key.clone(), value)
+        })
+        .collect()
+}
+
+fn mask(key: &str, value: &str) -> String {
+    if SECRET_PARAMS.contains(&key) {
+        return MASK.into();
+    }
+    if URL_PARAMS.contains(&key)
+        && let Some((scheme_and_userinfo, rest)) = value.rsplit_once('@')
+    {
+        let scheme = scheme_and_userinfo
+            .split_once("://")
+            .map(|(s, _)| format!("{s}://"))
+            .unwrap_or_default();
+        return format!("{scheme}{MASK}@{rest}");
+    }
+    value.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_masked() {
+        assert_eq!(mask("logRedactionSalt", "pepper"), MASK);
+        assert_eq!(
+            mask("uploadProxy", "http://user:pw@proxy:3128"),
+            "http://*****@proxy:3128"
+        );
+        assert_eq!(mask("uploadProxy", "u:p@proxy:3128"), "*****@proxy:3128");
+        assert_eq!(mask("uploadProxy", "proxy:3128"), "proxy:3128");
+        assert_eq!(mask("customer", "a@b"), "a@b");
+    }
+}
