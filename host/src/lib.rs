@@ -28,5 +28,6 @@ pub mod node;
 pub mod plugin;
 pub mod protocol;
 pub mod server;
+pub mod settings;
 pub mod upload;
 pub mod upload_sink;

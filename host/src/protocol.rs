@@ -30,6 +30,8 @@ pub const SESSIONS_PATH: &str = "/internal/v1/sessions";
 pub const LATEST_TASK_PATH: &str = "/internal/v1/tasks/latest";
 /// Ask a coordinator to cancel its task (cancel requested on another node).
 pub const CANCEL_TASK_PATH: &str = "/internal/v1/tasks/cancel";
+/// Replace a node's cluster settings (`settings::ClusterSettings`).
+pub const SETTINGS_PATH: &str = "/internal/v1/settings";
 
 /// Body of `POST /internal/v1/sessions`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -86,6 +86,7 @@ pub async fn build(config: &Config, config_dir: &Path) -> Result<(AppState, api:
         audit: Arc::new(api::audit::AuditLog::new(
             &config.data_dir.join("audit.log"),
         )),
+        settings: Arc::new(crate::settings::SettingsStore::open(&config.data_dir)),
     };
     Ok((state.clone(), api::router(state)))
 }

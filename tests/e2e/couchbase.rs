@@ -269,3 +269,57 @@ async fn starts_and_cancels_are_audited_without_their_secrets() {
         "{log}"
     );
 }
+
+#[tokio::test]
+async fn the_default_redaction_level_is_set_once_for_the_whole_cluster() {
+    let c = cluster(&["n1", "n2"], |_| {}).await;
+    let get = |node: &str| {
+        let reader = c.reader(node);
+        async move {
+            reader
+                .request(Method::GET, "/settings/logRedaction", None, true)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        get("n1").await,
+        (StatusCode::OK, json!({"logRedactionLevel": "none"}))
+    );
+    let set = |client: ApiClient, level: &'static str| async move {
+        post_form(
+            &client,
+            "/settings/logRedaction",
+            &[("logRedactionLevel", level)],
+        )
+        .await
+    };
+    assert_eq!(
+        set(c.admin("n2"), "secret").await,
+        (
+            StatusCode::BAD_REQUEST,
+            json!({"logRedactionLevel": "The value must be one of the following: [none,partial]"})
+        )
+    );
+    assert_eq!(
+        set(c.reader("n2"), "partial").await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        set(c.admin("n2"), "partial").await,
+        (StatusCode::OK, json!({"logRedactionLevel": "partial"}))
+    );
+    // Every node has it, and a start that does not say uses it.
+    assert_eq!(
+        get("n1").await,
+        (StatusCode::OK, json!({"logRedactionLevel": "partial"}))
+    );
+    let admin = c.admin("n1");
+    let (status, _) = start(&admin, &[("nodes", "*")]).await;
+    assert_eq!(status, StatusCode::OK);
+    let task = wait_for(&admin, |t| t.status != TaskState::Running).await;
+    for node in ["n1", "n2"] {
+        let path = task.per_node[node].path.as_deref().unwrap();
+        assert!(path.ends_with("-redacted.zip"), "{node}: {path}");
+    }
+}

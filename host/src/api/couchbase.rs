@@ -11,13 +11,17 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use serde_json::{Map, Value, json};
 
+use super::audit::Entry;
 use super::error::ApiError;
+use super::params::Param;
 use super::public::{Admin, Reader, StatusQuery, cancel_task, latest_task, start_task};
 use super::{AppState, params};
+use crate::settings::{BAD_REDACTION_LEVEL, ClusterSettings, REDACTION_LEVELS};
 
 pub const START_LOGS_URI: &str = "/controller/startLogsCollection";
 pub const CANCEL_LOGS_URI: &str = "/controller/cancelLogsCollection";
 pub const TASKS_URI: &str = "/pools/default/tasks";
+pub const LOG_REDACTION_URI: &str = "/settings/logRedaction";
 
 /// The parameters of `POST /controller/startLogsCollection`.
 const START_PARAMS: &[&str] = &[
@@ -62,6 +66,88 @@ pub fn router() -> Router<AppState> {
         .route(START_LOGS_URI, post(start))
         .route(CANCEL_LOGS_URI, post(cancel))
         .route(TASKS_URI, get(tasks))
+        .route(
+            LOG_REDACTION_URI,
+            get(log_redaction).post(set_log_redaction),
+        )
+}
+
+/// The cluster's default redaction level, as this node has it.
+async fn log_redaction(State(state): State<AppState>, _: Reader) -> Json<Value> {
+    Json(json!({"logRedactionLevel": state.settings.get().log_redaction_level}))
+}
+
+/// Change the default redaction level on every node. Nodes that cannot
+/// be reached are named in a 502 (the others have the new level).
+async fn set_log_redaction(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let params = params::parse(&headers, &body)?;
+    let result = apply_log_redaction(&state, &params).await;
+    state.audit.record(Entry {
+        user: &caller.user,
+        action: "settings",
+        route: LOG_REDACTION_URI,
+        params: Some(&params),
+        task_id: None,
+        outcome: result.as_ref().map(drop).map_err(ApiError::summary),
+    });
+    result
+}
+
+async fn apply_log_redaction(
+    state: &AppState,
+    params: &params::Params,
+) -> Result<Json<Value>, ApiError> {
+    params::reject_unknown(params, &["logRedactionLevel"])?;
+    let level = match params.get("logRedactionLevel") {
+        Some(Param::Text(t)) if REDACTION_LEVELS.contains(&t.as_str()) => t.clone(),
+        None => {
+            return Err(ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "logRedactionLevel",
+                "The value must be supplied",
+            ));
+        }
+        Some(_) => {
+            return Err(ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "logRedactionLevel",
+                BAD_REDACTION_LEVEL,
+            ));
+        }
+    };
+    let settings = ClusterSettings {
+        log_redaction_level: level.clone(),
+    };
+    state.settings.set(settings.clone()).map_err(|e| {
+        ApiError::general(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("saving the settings: {e}"),
+        )
+    })?;
+    let peers = state.coordinator.peers();
+    let others: Vec<&String> = peers.names().filter(|n| *n != state.node.name()).collect();
+    let pushes = others.iter().map(|n| peers.push_settings(n, &settings));
+    let failed: Vec<String> = futures::future::join_all(pushes)
+        .await
+        .into_iter()
+        .zip(&others)
+        .filter_map(|(r, n)| r.err().map(|e| format!("{n}: {e}")))
+        .collect();
+    if !failed.is_empty() {
+        return Err(ApiError::general(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "Saved, but these nodes were not updated: {}",
+                failed.join("; ")
+            ),
+        ));
+    }
+    Ok(Json(json!({"logRedactionLevel": level})))
 }
 
 /// `200 []` once the collection has started, as ns_server answers.

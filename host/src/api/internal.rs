@@ -17,8 +17,10 @@ use super::{ApiError, AppState};
 use crate::auth::has_cluster_secret;
 use crate::node::StartJobError;
 use crate::protocol::{
-    CANCEL_TASK_PATH, LATEST_TASK_PATH, OpenSession, SESSIONS_PATH, StartJob, StartUpload,
+    CANCEL_TASK_PATH, LATEST_TASK_PATH, OpenSession, SESSIONS_PATH, SETTINGS_PATH, StartJob,
+    StartUpload,
 };
+use crate::settings::ClusterSettings;
 use crate::upload::{Destination, Proxy};
 
 const CANCEL_WAIT: Duration = Duration::from_secs(10);
@@ -41,6 +43,23 @@ pub fn router(_state: AppState) -> Router<AppState> {
         )
         .route(LATEST_TASK_PATH, get(latest_task))
         .route(CANCEL_TASK_PATH, post(cancel_task))
+        .route(SETTINGS_PATH, post(set_settings))
+}
+
+/// Another node changed the cluster settings: keep our copy in step.
+async fn set_settings(
+    State(state): State<AppState>,
+    _: Peer,
+    body: bytes::Bytes,
+) -> Result<StatusCode, ApiError> {
+    let settings: ClusterSettings = json_body(&body)?;
+    state.settings.set(settings).map_err(|e| {
+        ApiError::general(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("saving the settings: {e}"),
+        )
+    })?;
+    Ok(StatusCode::OK)
 }
 
 /// A caller that proved it knows the cluster secret.

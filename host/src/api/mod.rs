@@ -34,6 +34,8 @@ pub struct AppState {
     pub secret: Arc<str>,
     /// Who started or cancelled what (`data_dir/audit.log`).
     pub audit: Arc<audit::AuditLog>,
+    /// This node's copy of the cluster settings.
+    pub settings: Arc<crate::settings::SettingsStore>,
 }
 
 pub type AppRouter = Router;

@@ -32,6 +32,7 @@ use crate::config::Role;
 use crate::coordinator::task::TaskStatus;
 use crate::coordinator::{NodeSelection, StartError, StartRequest};
 use crate::protocol::CollectParameters;
+use crate::settings::BAD_REDACTION_LEVEL;
 use crate::upload::Destination;
 use std::collections::BTreeMap;
 
@@ -134,7 +135,9 @@ fn start_request(
     let ticket = text("ticket");
     let proxy = text("uploadProxy");
     let collect = CollectParameters {
-        log_redaction_level: text("logRedactionLevel"),
+        // Unsaid: the cluster's default (`/settings/logRedaction`).
+        log_redaction_level: text("logRedactionLevel")
+            .or_else(|| Some(state.settings.get().log_redaction_level)),
         log_redaction_salt: text("logRedactionSalt"),
         tmp_dir: text("tmpDir"),
         log_dir: text("logDir"),
@@ -237,10 +240,7 @@ fn check_collect_parameters(p: &CollectParameters, errors: &mut BTreeMap<String,
     };
     match p.log_redaction_level.as_deref() {
         None | Some("none") | Some("partial") => {}
-        Some(_) => error(
-            "logRedactionLevel",
-            "The value must be one of the following: [none,partial]",
-        ),
+        Some(_) => error("logRedactionLevel", BAD_REDACTION_LEVEL),
     }
     if p.log_redaction_salt.is_some() && p.log_redaction_level.as_deref() != Some("partial") {
         error(

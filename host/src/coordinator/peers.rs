@@ -10,7 +10,7 @@ use tokio_util::io::StreamReader;
 
 use crate::protocol::{
     Busy, CANCEL_TASK_PATH, CollectParameters, LATEST_TASK_PATH, NodeEvent, OpenSession,
-    SESSIONS_PATH, StartJob, StartUpload,
+    SESSIONS_PATH, SETTINGS_PATH, StartJob, StartUpload,
 };
 use crate::upload::Proxy;
 
@@ -198,6 +198,17 @@ impl Peers {
             )
             .await?;
         response.json().await.map_err(unreachable)
+    }
+
+    /// Give `node` the cluster's new settings.
+    pub async fn push_settings(
+        &self,
+        node: &str,
+        settings: &crate::settings::ClusterSettings,
+    ) -> Result<(), PeerError> {
+        self.command(self.post(node, SETTINGS_PATH).json(settings))
+            .await
+            .map(drop)
     }
 
     async fn command(
