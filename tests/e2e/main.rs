@@ -8,6 +8,7 @@ mod cancel;
 mod cbcollect;
 mod collect;
 mod couchbase;
+mod couchbase_cli;
 mod demo;
 mod proxy_server;
 mod sandbox;

@@ -1,5 +1,7 @@
 //! The `autocollect` command: a thin layer over the library.
 
+mod couchbase;
+
 use std::io::Write as _;
 use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
@@ -74,6 +76,12 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// couchbase-cli's `collect-logs-start`, against Couchbase's routes.
+    CollectLogsStart(couchbase::StartArgs),
+    /// couchbase-cli's `collect-logs-status`.
+    CollectLogsStatus(couchbase::Connection),
+    /// couchbase-cli's `collect-logs-stop`.
+    CollectLogsStop(couchbase::Connection),
     /// Hash a password (read from stdin) for a `[[users]]` entry.
     HashPassword,
     /// Start a local cluster, collect with the mock plugin, print results.
@@ -190,6 +198,9 @@ async fn run(command: Command) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::CollectLogsStart(args) => Ok(couchbase::start(args).await),
+        Command::CollectLogsStatus(c) => Ok(couchbase::status(c).await),
+        Command::CollectLogsStop(c) => Ok(couchbase::stop(c).await),
         Command::HashPassword => {
             let mut password = String::new();
             std::io::stdin().read_line(&mut password)?;
@@ -280,7 +291,7 @@ fn detail(status: &NodeStatus) -> String {
     }
 }
 
-fn print_task(task: &TaskStatus) {
+pub(super) fn print_task(task: &TaskStatus) {
     println!(
         "task {} coordinated by {}, started {} UTC: {} ({}%)",
         task.task_id,

@@ -1,0 +1,134 @@
+//! The couchbase-cli style commands of the `autocollect` binary, run as a
+//! user runs them against a live cluster: output and exit codes.
+
+use crate::support::*;
+use crate::upload_server::UploadServer;
+
+struct Run {
+    code: i32,
+    stdout: String,
+}
+
+/// Run `autocollect ARGS -c NODE -u admin -p PASSWORD`.
+async fn cli(c: &TestCluster, node: &str, args: &[&str]) -> Run {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_autocollect"))
+        .args(args)
+        .args(["-c", &c.node(node).addr.to_string(), "-u", "admin", "-p"])
+        .arg(&c.admin_password)
+        .env_remove("AUTOCOLLECT_URL")
+        .output()
+        .await
+        .expect("run the CLI");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+    }
+}
+
+#[tokio::test]
+async fn start_with_wait_follows_the_collection_to_its_end_then_status_shows_it() {
+    let server = UploadServer::start().await;
+    let c = cluster(&["n1", "n2"], |config| config.upload.allow_http = true).await;
+    let host = server.host();
+    let run = cli(
+        &c,
+        "n1",
+        &[
+            "collect-logs-start",
+            "--all-nodes",
+            "--upload",
+            "--upload-host",
+            &host,
+            "--customer",
+            "acme",
+            "--ticket",
+            "42",
+            "--wait",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stdout);
+    assert!(
+        run.stdout.ends_with("SUCCESS: Log collection completed\n"),
+        "{}",
+        run.stdout
+    );
+    for node in ["n1", "n2"] {
+        let row = format!("  {node}    uploaded   {host}/acme/42/collectinfo-");
+        assert!(run.stdout.contains(&row), "{row:?} in\n{}", run.stdout);
+    }
+    assert_eq!(server.received().len(), 2);
+
+    let run = cli(&c, "n2", &["collect-logs-status"]).await;
+    assert_eq!(run.code, 0);
+    assert!(
+        run.stdout
+            .starts_with("Status: completed\nProgress: 100%\n"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("  Node: n1\n    status: uploaded\n"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[tokio::test]
+async fn start_status_and_stop_print_success_and_errors_like_couchbase_cli() {
+    let c = cluster(&["n1"], |config| {
+        set_option(config, "delay-ms", 60_000i64);
+    })
+    .await;
+    let run = cli(&c, "n1", &["collect-logs-status"]).await;
+    assert_eq!(
+        (run.code, run.stdout.as_str()),
+        (0, "No log collection tasks were found\n")
+    );
+    let run = cli(&c, "n1", &["collect-logs-start"]).await;
+    assert_eq!(
+        (run.code, run.stdout.as_str()),
+        (1, "ERROR: Please provide either --all-nodes or --nodes\n")
+    );
+    let run = cli(&c, "n1", &["collect-logs-start", "--nodes", "ghost"]).await;
+    assert_eq!(
+        (run.code, run.stdout.as_str()),
+        (1, "ERROR: nodes - Unknown nodes: [\"ghost\"]\n")
+    );
+    let run = cli(&c, "n1", &["collect-logs-start", "--all-nodes", "--upload"]).await;
+    assert_eq!(
+        (run.code, run.stdout.as_str()),
+        (
+            1,
+            "ERROR: --upload-host is required when --upload is specified\n"
+        )
+    );
+
+    let run = cli(&c, "n1", &["collect-logs-start", "--nodes", "n1"]).await;
+    assert_eq!(
+        (run.code, run.stdout.as_str()),
+        (0, "SUCCESS: Log collection started\n")
+    );
+    let run = cli(&c, "n1", &["collect-logs-start", "--all-nodes"]).await;
+    assert_eq!(
+        (run.code, run.stdout.as_str()),
+        (1, "ERROR: Logs collection task is already started\n")
+    );
+    let run = cli(&c, "n1", &["collect-logs-status"]).await;
+    assert!(
+        run.stdout.starts_with("Status: running\n"),
+        "{}",
+        run.stdout
+    );
+    let run = cli(&c, "n1", &["collect-logs-stop"]).await;
+    assert_eq!(
+        (run.code, run.stdout.as_str()),
+        (0, "SUCCESS: Log collection stopped\n")
+    );
+    let run = cli(&c, "n1", &["collect-logs-status"]).await;
+    assert!(
+        run.stdout.starts_with("Status: cancelled\n"),
+        "{}",
+        run.stdout
+    );
+}
