@@ -24,6 +24,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod coordinator;
+pub mod files;
 pub mod node;
 pub mod plugin;
 pub mod protocol;

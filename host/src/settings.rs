@@ -59,12 +59,7 @@ impl SettingsStore {
     /// Replace the settings and save them (atomically).
     pub fn set(&self, settings: ClusterSettings) -> std::io::Result<()> {
         let mut current = self.current.lock().unwrap();
-        let tmp = self.path.with_extension("json.tmp");
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&settings)?)?;
-        std::fs::rename(&tmp, &self.path)?;
+        crate::files::write_atomically(&self.path, &serde_json::to_vec_pretty(&settings)?)?;
         *current = settings;
         Ok(())
     }

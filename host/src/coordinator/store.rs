@@ -48,11 +48,7 @@ impl TaskStore {
     }
 
     fn try_save(&self, task: &TaskStatus) -> std::io::Result<()> {
-        let dir = self.path.parent().unwrap();
-        std::fs::create_dir_all(dir)?;
-        let tmp = dir.join(".latest.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(task)?)?;
-        std::fs::rename(&tmp, &self.path)
+        crate::files::write_atomically(&self.path, &serde_json::to_vec_pretty(task)?)
     }
 }
 

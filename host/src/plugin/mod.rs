@@ -174,15 +174,7 @@ impl PluginHost {
 }
 
 fn store_in_cache(path: &Path, component: &Component) -> Result<()> {
-    let dir = path.parent().unwrap();
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".tmp-{}-{}",
-        std::process::id(),
-        rand::random::<u64>()
-    ));
-    std::fs::write(&tmp, component.serialize()?)?;
-    std::fs::rename(&tmp, path)?;
+    crate::files::write_atomically(path, &component.serialize()?)?;
     Ok(())
 }
 
