@@ -323,3 +323,41 @@ async fn the_default_redaction_level_is_set_once_for_the_whole_cluster() {
         assert!(path.ends_with("-redacted.zip"), "{node}: {path}");
     }
 }
+
+#[tokio::test]
+async fn pools_answer_what_couchbase_cli_reads_and_its_node_names_are_accepted() {
+    let c = cluster(&["n1", "n2"], |_| {}).await;
+    let reader = c.reader("n2");
+    let (status, pools) = reader
+        .request(Method::GET, "/pools", None, true)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        pools["pools"],
+        json!([{"name": "default", "uri": "/pools/default"}])
+    );
+    let version = pools["implementationVersion"].as_str().unwrap();
+    assert!(version.starts_with("8.0.0-autocollect-"), "{version}");
+    assert_eq!(pools["isEnterprise"], json!(true));
+
+    let (_, pool) = reader
+        .request(Method::GET, "/pools/default", None, true)
+        .await
+        .unwrap();
+    let expected: Vec<Value> = ["n1", "n2"]
+        .iter()
+        .map(|n| {
+            json!({"otpNode": format!("{n}@127.0.0.1"),
+                   "hostname": c.node(n).addr.to_string(), "ports": {}})
+        })
+        .collect();
+    assert_eq!(pool["nodes"], json!(expected));
+
+    // couchbase-cli sends the otpNode names it found there.
+    let admin = c.admin("n1");
+    let (status, body) = start(&admin, &[("nodes", "n2@127.0.0.1")]).await;
+    assert_eq!((status, body), (StatusCode::OK, json!([])));
+    let task = wait_for(&admin, |t| t.status != TaskState::Running).await;
+    assert_eq!(task.per_node.keys().collect::<Vec<_>>(), ["n2"]);
+}

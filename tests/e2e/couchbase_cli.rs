@@ -62,13 +62,19 @@ async fn start_with_wait_follows_the_collection_to_its_end_then_status_shows_it(
     let run = cli(&c, "n2", &["collect-logs-status"]).await;
     assert_eq!(run.code, 0);
     assert!(
-        run.stdout
-            .starts_with("Status: completed\nProgress: 100%\n"),
+        run.stdout.starts_with("Status: completed\nDetails:\n"),
         "{}",
         run.stdout
     );
     assert!(
-        run.stdout.contains("  Node: n1\n    status: uploaded\n"),
+        run.stdout
+            .contains("\tNode: n1\n\tStatus: uploaded\n\t path : "),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains(&format!("\t url : {host}/acme/42/collectinfo-")),
         "{}",
         run.stdout
     );
@@ -88,7 +94,7 @@ async fn start_status_and_stop_print_success_and_errors_like_couchbase_cli() {
     let run = cli(&c, "n1", &["collect-logs-start"]).await;
     assert_eq!(
         (run.code, run.stdout.as_str()),
-        (1, "ERROR: Please provide either --all-nodes or --nodes\n")
+        (1, "ERROR: Must specify either --all-nodes or --nodes\n")
     );
     let run = cli(&c, "n1", &["collect-logs-start", "--nodes", "ghost"]).await;
     assert_eq!(

@@ -22,6 +22,13 @@ pub const START_LOGS_URI: &str = "/controller/startLogsCollection";
 pub const CANCEL_LOGS_URI: &str = "/controller/cancelLogsCollection";
 pub const TASKS_URI: &str = "/pools/default/tasks";
 pub const LOG_REDACTION_URI: &str = "/settings/logRedaction";
+pub const POOLS_URI: &str = "/pools";
+pub const POOL_URI: &str = "/pools/default";
+
+/// The Couchbase Server version whose log collection API these routes
+/// follow; `/pools` reports it (couchbase-cli compares major.minor with
+/// its own and warns on a mismatch).
+const COUCHBASE_API_VERSION: &str = "8.0.0";
 
 /// The parameters of `POST /controller/startLogsCollection`.
 const START_PARAMS: &[&str] = &[
@@ -66,6 +73,8 @@ pub fn router() -> Router<AppState> {
         .route(START_LOGS_URI, post(start))
         .route(CANCEL_LOGS_URI, post(cancel))
         .route(TASKS_URI, get(tasks))
+        .route(POOLS_URI, get(pools))
+        .route(POOL_URI, get(pool))
         .route(
             LOG_REDACTION_URI,
             get(log_redaction).post(set_log_redaction),
@@ -150,6 +159,67 @@ async fn apply_log_redaction(
     Ok(Json(json!({"logRedactionLevel": level})))
 }
 
+/// What couchbase-cli reads before its commands: a non-empty pool list
+/// (the cluster is initialised) and a version.
+async fn pools(_: Reader) -> Json<Value> {
+    Json(json!({
+        "pools": [{"name": "default", "uri": POOL_URI}],
+        "implementationVersion": format!(
+            "{COUCHBASE_API_VERSION}-autocollect-{}",
+            env!("CARGO_PKG_VERSION")
+        ),
+        "isEnterprise": true,
+    }))
+}
+
+/// The cluster's nodes, for couchbase-cli's `--nodes HOST:PORT`: each
+/// with its Couchbase-style name (`otpNode`) and API address.
+async fn pool(State(state): State<AppState>, _: Reader) -> Json<Value> {
+    let peers = state.coordinator.peers();
+    let nodes: Vec<Value> = peers
+        .names()
+        .map(|name| {
+            let hostname = peers.address(name).unwrap_or_default();
+            json!({"otpNode": otp_name(name, hostname), "hostname": hostname, "ports": {}})
+        })
+        .collect();
+    Json(json!({"name": "default", "nodes": nodes}))
+}
+
+/// A node's name as Couchbase shows it, `NAME@HOST`: the configured name
+/// when it already has that form, else the name at its address's host.
+fn otp_name(name: &str, address: &str) -> String {
+    if name.contains('@') {
+        return name.to_string();
+    }
+    let host = address
+        .rsplit_once(':')
+        .map_or(address, |(h, _)| h)
+        .trim_matches(['[', ']']);
+    format!("{name}@{host}")
+}
+
+/// The request's `nodes` with Couchbase-style names (`NAME@HOST`, as
+/// `/pools/default` shows them) turned back into configured names.
+fn configured_names(state: &AppState, params: &mut params::Params) {
+    let Some(Param::Text(nodes)) = params.get("nodes") else {
+        return;
+    };
+    let peers = state.coordinator.peers();
+    let names: Vec<String> = nodes
+        .split(',')
+        .map(|n| {
+            let n = n.trim();
+            peers
+                .names()
+                .find(|name| otp_name(name, peers.address(name).unwrap_or_default()) == n)
+                .cloned()
+                .unwrap_or_else(|| n.to_string())
+        })
+        .collect();
+    params.insert("nodes".into(), Param::Text(names.join(",")));
+}
+
 /// `200 []` once the collection has started, as ns_server answers.
 async fn start(
     State(state): State<AppState>,
@@ -157,7 +227,8 @@ async fn start(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let params = params::parse(&headers, &body)?;
+    let mut params = params::parse(&headers, &body)?;
+    configured_names(&state, &mut params);
     start_task(&state, &caller, START_LOGS_URI, &params, START_PARAMS).await?;
     Ok(Json(json!([])))
 }
@@ -212,6 +283,13 @@ fn pick(value: &Value, fields: &[&str]) -> Map<String, Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nodes_get_couchbase_style_names() {
+        assert_eq!(otp_name("n1", "10.0.0.1:9101"), "n1@10.0.0.1");
+        assert_eq!(otp_name("ns_1@10.0.0.1", "10.0.0.1:9101"), "ns_1@10.0.0.1");
+        assert_eq!(otp_name("n1", "[::1]:9101"), "n1@::1");
+    }
 
     #[test]
     fn a_task_keeps_only_couchbases_fields() {

@@ -49,7 +49,7 @@ pub struct StartArgs {
     #[command(flatten)]
     connection: Connection,
     /// Collect from every node.
-    #[arg(long, conflicts_with = "nodes")]
+    #[arg(long)]
     all_nodes: bool,
     /// Collect from these nodes (comma-separated names).
     #[arg(long)]
@@ -114,28 +114,41 @@ fn api_error(e: ClientError) -> ExitCode {
 }
 
 pub async fn start(args: StartArgs) -> ExitCode {
+    // couchbase-cli's checks, in its order and words.
     let nodes = match (args.all_nodes, &args.nodes) {
-        (true, _) => "*".to_string(),
+        (true, None) => "*".to_string(),
         (false, Some(n)) => n.clone(),
-        (false, None) => return error("Please provide either --all-nodes or --nodes"),
+        (false, None) => return error("Must specify either --all-nodes or --nodes"),
+        (true, Some(_)) => return error("Cannot specify both --all-nodes and --nodes"),
     };
+    if args.salt.is_some() && args.redaction_level.as_deref() != Some("partial") {
+        return error("--redaction-level has to be set to 'partial' when --salt is specified");
+    }
     if args.upload && args.upload_host.is_none() {
         return error("--upload-host is required when --upload is specified");
     }
     if args.upload && args.customer.is_none() {
-        return error("--customer is required when --upload is specified");
+        return error("--upload-customer is required when --upload is specified");
     }
-    if !args.upload
-        && (args.upload_host.is_some() || args.customer.is_some() || args.ticket.is_some())
-    {
-        return error("--upload-host, --customer and --ticket need --upload");
+    let upload = |value: &Option<String>| value.clone().filter(|_| args.upload);
+    if !args.upload {
+        for (given, option) in [
+            (&args.upload_host, "--upload-host"),
+            (&args.customer, "--upload-customer"),
+            (&args.ticket, "--upload_ticket"),
+            (&args.upload_proxy, "--upload_proxy"),
+        ] {
+            if given.is_some() {
+                println!("WARNING: {option} has no effect with specifying --upload");
+            }
+        }
     }
     let mut form = vec![("nodes".to_string(), nodes)];
     let optional = [
-        ("uploadHost", &args.upload_host),
-        ("customer", &args.customer),
-        ("ticket", &args.ticket),
-        ("uploadProxy", &args.upload_proxy),
+        ("uploadHost", &upload(&args.upload_host)),
+        ("customer", &upload(&args.customer)),
+        ("ticket", &upload(&args.ticket)),
+        ("uploadProxy", &upload(&args.upload_proxy)),
         ("logRedactionLevel", &args.redaction_level),
         ("logRedactionSalt", &args.salt),
         ("logDir", &args.output_directory),
@@ -251,7 +264,6 @@ fn progress_line(status: &NodeStatus) -> String {
 
 /// A node's fields in the order they are printed.
 const NODE_FIELDS: &[&str] = &[
-    "status",
     "path",
     "collectionStatusCode",
     "collectionOutput",
@@ -283,19 +295,20 @@ pub async fn status(connection: Connection) -> ExitCode {
             .map(String::from)
             .unwrap_or_else(|| v.to_string())
     };
+    // couchbase-cli's layout, with the collection failure fields added.
     println!("Status: {}", text(&task["status"]));
-    println!("Progress: {}%", text(&task["progress"]));
-    println!("Started: {} UTC", text(&task["ts"]));
-    println!("Details:");
     if let Some(nodes) = task["perNode"].as_object() {
+        println!("Details:");
         for (node, status) in nodes {
-            println!("  Node: {node}");
+            println!("\tNode: {node}");
+            println!("\tStatus: {}", text(&status["status"]));
             for key in NODE_FIELDS {
                 if let Some(value) = status.get(*key) {
-                    println!("    {key}: {}", text(value));
+                    println!("\t {key} : {}", text(value));
                 }
             }
         }
+        println!();
     }
     ExitCode::SUCCESS
 }

@@ -75,6 +75,13 @@ impl Peers {
         self.base_urls.keys()
     }
 
+    /// `host:port` of `node`'s API, as the cluster config gives it.
+    pub fn address(&self, node: &str) -> Option<&str> {
+        self.base_urls
+            .get(node)
+            .map(|u| u.trim_start_matches("http://"))
+    }
+
     pub fn contains(&self, node: &str) -> bool {
         self.base_urls.contains_key(node)
     }
