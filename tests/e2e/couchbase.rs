@@ -180,6 +180,51 @@ async fn the_controller_route_answers_errors_as_ns_server_does() {
             json!({"uploadProxy": "The proxy must be an http:// URL (http://[user:password@]host:port)"}),
         ),
         (
+            vec![
+                ("nodes", "*"),
+                ("uploadHost", "h"),
+                ("customer", "bad/name"),
+            ],
+            json!({"customer": "must contain only [A-Za-z0-9._ -] and be no longer than 50 characters"}),
+        ),
+        (
+            vec![
+                ("nodes", "*"),
+                ("uploadHost", "h"),
+                ("customer", "a"),
+                ("ticket", "12a"),
+            ],
+            json!({"ticket": "must contain only [0-9] and be no longer than 7 characters"}),
+        ),
+        (
+            vec![("nodes", "*"), ("uploadHost", "h")],
+            json!({"customer": "customer must be given if upload host or ticket is given"}),
+        ),
+        (
+            vec![("nodes", "*"), ("customer", "a")],
+            json!({"uploadHost": "upload host must be given if customer or ticket is given"}),
+        ),
+        (
+            vec![("nodes", "*"), ("uploadHost", " "), ("customer", "a")],
+            json!({"uploadHost": "cannot be empty"}),
+        ),
+        (
+            vec![("nodes", "*"), ("logRedactionLevel", "full")],
+            json!({"logRedactionLevel": "The value must be one of the following: [none,partial]"}),
+        ),
+        (
+            vec![("nodes", "*"), ("logRedactionSalt", "pepper")],
+            json!({"logRedactionSalt": "logRedactionSalt is only used with logRedactionLevel=partial"}),
+        ),
+        (
+            vec![("nodes", "*"), ("tmpDir", "tmp")],
+            json!({"tmpDir": "Must be an absolute path"}),
+        ),
+        (
+            vec![("nodes", "*"), ("logDir", "logs")],
+            json!({"logDir": "Must be an absolute path"}),
+        ),
+        (
             vec![("from", "allnodes")],
             json!({"from": "Unknown parameter (known: nodes, uploadHost, customer, ticket, uploadProxy, logDir, tmpDir, logRedactionLevel, logRedactionSalt, bypassReachabilityChecks, taskRegexp)"}),
         ),
@@ -360,4 +405,77 @@ async fn pools_answer_what_couchbase_cli_reads_and_its_node_names_are_accepted()
     assert_eq!((status, body), (StatusCode::OK, json!([])));
     let task = wait_for(&admin, |t| t.status != TaskState::Running).await;
     assert_eq!(task.per_node.keys().collect::<Vec<_>>(), ["n2"]);
+}
+
+/// Couchbase's order of a node's states in a collection with upload.
+const ORDER: [&str; 6] = [
+    "starting",
+    "started",
+    "collected",
+    "startingUpload",
+    "startedUpload",
+    "uploaded",
+];
+
+#[tokio::test]
+async fn the_task_list_follows_every_node_through_its_states_in_order() {
+    let server = UploadServer::start().await;
+    // Each upload takes a while, one node uploads at a time: the second
+    // node visibly waits (startingUpload) while the first uploads.
+    server.script([crate::upload_server::Reply::Slow(std::time::Duration::from_millis(300)); 2]);
+    let c = cluster(&["n1", "n2"], |config| {
+        config.upload.allow_http = true;
+        set_option(config, "delay-ms", 300i64);
+    })
+    .await;
+    let admin = c.admin("n1");
+    let host = server.host();
+    let (status, _) = start(
+        &admin,
+        &[("nodes", "*"), ("uploadHost", &host), ("customer", "acme")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+
+    // At every change of the task, read the task list as a Couchbase
+    // client would, and record each node's state when it changes.
+    let mut seen: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut version = 0;
+    loop {
+        let path = format!("/collectLogs/status?since={version}&wait=30");
+        let (_, task) = admin.request(Method::GET, &path, None, true).await.unwrap();
+        version = task["version"].as_u64().unwrap();
+        let list = tasks(&admin).await;
+        for (node, status) in list[0]["perNode"].as_object().unwrap() {
+            let state = status["status"].as_str().unwrap().to_string();
+            let states = seen.entry(node.clone()).or_default();
+            if states.last() != Some(&state) {
+                states.push(state);
+            }
+        }
+        if list[0]["status"] != "running" {
+            assert_eq!(list[0]["status"], "completed", "{list}");
+            break;
+        }
+    }
+    let mut waited_for_a_slot = false;
+    for (node, states) in &seen {
+        // In Couchbase's order, never backwards, ending uploaded.
+        let positions: Vec<usize> = states
+            .iter()
+            .map(|s| ORDER.iter().position(|o| o == s).expect("a known state"))
+            .collect();
+        assert!(
+            positions.windows(2).all(|w| w[0] < w[1]),
+            "{node}: {states:?}"
+        );
+        for must in ["started", "startedUpload", "uploaded"] {
+            assert!(states.iter().any(|s| s == must), "{node}: {states:?}");
+        }
+        waited_for_a_slot |= states.iter().any(|s| s == "startingUpload");
+    }
+    assert!(
+        waited_for_a_slot,
+        "one node waited for the upload slot: {seen:?}"
+    );
 }

@@ -138,3 +138,23 @@ async fn start_status_and_stop_print_success_and_errors_like_couchbase_cli() {
         run.stdout
     );
 }
+
+#[tokio::test]
+async fn status_shows_a_failed_collection_with_its_code_and_output() {
+    let c = cluster(&["n1"], |config| {
+        set_option(config, "result", 3i64);
+        set_option(config, "output", "disk on fire");
+    })
+    .await;
+    let started = c.admin("n1").start("all").await.unwrap();
+    wait_for_end(&c.admin("n1"), &started.task_id).await;
+    let run = cli(&c, "n1", &["collect-logs-status"]).await;
+    assert_eq!(
+        (run.code, run.stdout.as_str()),
+        (
+            0,
+            "Status: completed\nDetails:\n\tNode: n1\n\tStatus: failed\n\
+             \t collectionStatusCode : 3\n\t collectionOutput : disk on fire\n\n"
+        )
+    );
+}
