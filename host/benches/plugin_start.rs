@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use autocollect::plugin::collector::{CollectJob, CollectorPlugin};
 use autocollect::plugin::exec::ExecPolicy;
 use autocollect::plugin::sandbox::RunLabels;
-use autocollect::plugin::{PluginHost, PluginSource, RunLimits, builtin};
+use autocollect::plugin::{PluginEvent, PluginHost, PluginSource, RunLimits, builtin};
 use common::*;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -94,16 +94,7 @@ async fn collect_n(
         let (tx, _rx) = watch::channel(None);
         let t = Instant::now();
         plugin
-            .collect(CollectJob {
-                labels: labels(),
-                options,
-                output_dir: out,
-                limits: limits(),
-                exec: Arc::new(ExecPolicy::default()),
-                parameters: Vec::new(),
-                progress: tx,
-                cancel: CancellationToken::new(),
-            })
+            .collect(job(options, out, tx))
             .await
             .expect("collect");
         if i >= warmup {
@@ -124,18 +115,9 @@ async fn mock_zip_vs_zip(host: &Arc<PluginHost>, tmp: &Path) -> anyhow::Result<(
         std::fs::create_dir_all(&out)?;
         let (tx, _rx) = watch::channel(None);
         let t = Instant::now();
-        mock.collect(CollectJob {
-            labels: labels(),
-            options: &options,
-            output_dir: &out,
-            limits: limits(),
-            exec: Arc::new(ExecPolicy::default()),
-            parameters: Vec::new(),
-            progress: tx,
-            cancel: CancellationToken::new(),
-        })
-        .await
-        .expect("mock collect");
+        mock.collect(job(&options, &out, tx))
+            .await
+            .expect("mock collect");
         samples.push(t.elapsed());
         std::fs::remove_dir_all(&out)?;
     }
@@ -178,6 +160,24 @@ fn row(what: &str, s: &Samples) {
         fmt_duration(s.percentile(99.0)),
         fmt_duration(s.min()),
     );
+}
+
+/// A collection run as a node runs one, with no programs to start.
+fn job<'a>(
+    options: &'a [(String, String)],
+    out: &'a Path,
+    progress: watch::Sender<Option<PluginEvent>>,
+) -> CollectJob<'a> {
+    CollectJob {
+        labels: labels(),
+        options,
+        output_dir: out,
+        limits: limits(),
+        exec: Arc::new(ExecPolicy::default()),
+        parameters: Vec::new(),
+        progress,
+        cancel: CancellationToken::new(),
+    }
 }
 
 fn labels() -> RunLabels {

@@ -38,6 +38,12 @@ impl UploadPolicy {
     pub fn proxy(&self) -> Result<Option<Proxy>, String> {
         self.proxy.as_deref().map(Proxy::parse).transpose()
     }
+
+    /// The proxy an upload goes through: the one its request asked for,
+    /// else the configured one (valid: the config was checked at load).
+    pub fn proxy_for(&self, requested: Option<&Proxy>) -> Option<Proxy> {
+        requested.cloned().or_else(|| self.proxy().ok().flatten())
+    }
 }
 
 /// An HTTP proxy for uploads.

@@ -44,10 +44,6 @@ impl AuditLog {
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Record `entry`; a failure to write is logged, never fatal.
     pub fn record(&self, entry: Entry<'_>) {
         let mut line = json!({

@@ -181,10 +181,7 @@ impl Coordinator {
         if let Some(destination) = &request.upload {
             self.check_destination(destination)?;
             if !request.bypass_reachability_checks {
-                let proxy = match &request.upload_proxy {
-                    Some(p) => Some(p.clone()),
-                    None => self.upload_policy.proxy().ok().flatten(),
-                };
+                let proxy = self.upload_policy.proxy_for(request.upload_proxy.as_ref());
                 upload::preflight(destination, proxy.as_ref())
                     .await
                     .map_err(StartError::Unreachable)?;

@@ -129,10 +129,7 @@ pub(super) async fn upload(
                     artifact_size: order.size,
                     url: &url,
                     origin,
-                    proxy: order
-                        .proxy
-                        .clone()
-                        .or_else(|| node.roles.upload_policy.proxy().ok().flatten()),
+                    proxy: node.roles.upload_policy.proxy_for(order.proxy.as_ref()),
                     limits: role.limits,
                     progress: progress_tx,
                     cancel,
