@@ -177,6 +177,7 @@ fn job<'a>(
         parameters: Vec::new(),
         progress,
         cancel: CancellationToken::new(),
+        urgent: Default::default(),
     }
 }
 

@@ -1,16 +1,48 @@
-//! Who may do what: public API users (HTTP Basic, argon2-hashed passwords,
-//! roles) and the node-to-node shared secret.
+//! Who may use the public API: users with argon2-hashed passwords and
+//! roles, checked over HTTP Basic, at a bounded cost to the daemon.
+//!
+//! argon2 is slow and memory-hungry on purpose (about 19 MiB and tens of
+//! milliseconds per check), so an unauthenticated client must not be able
+//! to make the daemon run many at once:
+//!
+//! - verified credentials are cached (as a SHA-256 digest per user), so a
+//!   known user pays argon2 once, not per request;
+//! - every other check runs on a small pool of low-priority threads (one
+//!   per core) behind a short queue; when the queue is full the request is
+//!   answered 503 at once ([`AuthError::Busy`]);
+//! - failed attempts are counted per client address (per /64 for IPv6):
+//!   after [`FREE_FAILURES`], the address must wait, doubling from 1 s up
+//!   to [`MAX_BACKOFF`], and is answered 429 without any check
+//!   ([`AuthError::Throttled`]);
+//! - an unknown user name costs the same check as a known one (against a
+//!   dummy hash), so user names cannot be told apart by timing.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use argon2::password_hash::{PasswordHasher, SaltString};
 use argon2::{Argon2, PasswordHash, PasswordVerifier};
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tokio::sync::oneshot;
 
 use crate::config::{Role, User};
+
+/// Failed attempts an address may make before it has to wait.
+pub const FREE_FAILURES: u32 = 5;
+/// The first wait; each further failure doubles it.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// The longest wait.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// An address with no failure for this long starts afresh.
+const FORGET_AFTER: Duration = Duration::from_secs(15 * 60);
+/// Addresses remembered at most.
+const MAX_ADDRESSES: usize = 100_000;
+/// Checks waiting for a thread, per thread.
+const QUEUE_PER_THREAD: usize = 2;
 
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,14 +57,24 @@ pub enum AuthError {
     Missing,
     #[error("Invalid username or password")]
     Invalid,
+    #[error(
+        "Too many failed sign-ins from this address: retry in {} s",
+        .retry_after.as_secs().max(1)
+    )]
+    Throttled { retry_after: Duration },
+    #[error("Too many sign-ins being checked: retry in a moment")]
+    Busy,
 }
 
-/// The configured users, with a cache of verified credentials so that
-/// argon2 (deliberately slow) runs once per user and password, not per
-/// request. The cache holds SHA-256 digests, never passwords.
+/// The configured users, the cache of verified credentials, the
+/// verification pool and the per-address throttle.
 pub struct Users {
     users: HashMap<String, (String, Role)>,
     verified: Mutex<HashMap<String, [u8; 32]>>,
+    /// Checked for unknown user names, at the same cost as a real one.
+    dummy_hash: String,
+    pool: VerifierPool,
+    throttle: Mutex<Throttle>,
 }
 
 impl Users {
@@ -43,49 +85,69 @@ impl Users {
                 .map(|u| (u.name.clone(), (u.password_hash.clone(), u.role)))
                 .collect(),
             verified: Mutex::new(HashMap::new()),
+            dummy_hash: hash_password(&format!("{:032x}", rand::random::<u128>())),
+            pool: VerifierPool::start(),
+            throttle: Mutex::new(Throttle::default()),
         }
     }
 
-    /// Check an `Authorization` header value (`Basic base64(user:pass)`).
-    pub async fn authenticate(&self, header: Option<&str>) -> Result<Caller, AuthError> {
+    /// Check an `Authorization` header value (`Basic base64(user:pass)`)
+    /// from `client`.
+    pub async fn authenticate(
+        &self,
+        header: Option<&str>,
+        client: IpAddr,
+    ) -> Result<Caller, AuthError> {
         let header = header.ok_or(AuthError::Missing)?;
         let encoded = header
             .strip_prefix("Basic ")
             .or_else(|| header.strip_prefix("basic "))
             .ok_or(AuthError::Missing)?;
+        if encoded.len() > 4096 {
+            return Err(AuthError::Invalid);
+        }
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(encoded.trim())
             .map_err(|_| AuthError::Invalid)?;
         let decoded = String::from_utf8(decoded).map_err(|_| AuthError::Invalid)?;
         let (name, password) = decoded.split_once(':').ok_or(AuthError::Invalid)?;
-        let Some((hash, role)) = self.users.get(name) else {
-            return Err(AuthError::Invalid);
-        };
+        let user = self.users.get(name);
         let digest: [u8; 32] = Sha256::digest(password.as_bytes()).into();
-        let cached = self.verified.lock().unwrap().get(name).copied();
-        if let Some(known) = cached
-            && bool::from(known.ct_eq(&digest))
-        {
-            return Ok(Caller {
-                user: name.to_string(),
-                role: *role,
-            });
+        if let Some((_, role)) = user {
+            let cached = self.verified.lock().unwrap().get(name).copied();
+            if let Some(known) = cached
+                && bool::from(known.ct_eq(&digest))
+            {
+                return Ok(Caller {
+                    user: name.to_string(),
+                    role: *role,
+                });
+            }
         }
-        let (hash, password) = (hash.clone(), password.to_string());
-        let ok = tokio::task::spawn_blocking(move || verify_password(&hash, &password))
-            .await
-            .unwrap_or(false);
-        if !ok {
-            return Err(AuthError::Invalid);
+        let key = AddressKey::of(client);
+        if let Some(retry_after) = self.throttle.lock().unwrap().blocked(key, Instant::now()) {
+            return Err(AuthError::Throttled { retry_after });
         }
-        self.verified
-            .lock()
-            .unwrap()
-            .insert(name.to_string(), digest);
-        Ok(Caller {
-            user: name.to_string(),
-            role: *role,
-        })
+        let hash = user.map_or(&self.dummy_hash, |(hash, _)| hash).clone();
+        let ok = self.pool.verify(hash, password.to_string()).await?;
+        let now = Instant::now();
+        match user {
+            Some((_, role)) if ok => {
+                self.throttle.lock().unwrap().succeeded(key);
+                self.verified
+                    .lock()
+                    .unwrap()
+                    .insert(name.to_string(), digest);
+                Ok(Caller {
+                    user: name.to_string(),
+                    role: *role,
+                })
+            }
+            _ => {
+                self.throttle.lock().unwrap().failed(key, now);
+                Err(AuthError::Invalid)
+            }
+        }
     }
 }
 
@@ -108,15 +170,130 @@ fn verify_password(hash: &str, password: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Does an `Authorization` header carry the cluster secret? (Constant
-/// time in the secret's contents.)
-pub fn has_cluster_secret(header: Option<&str>, secret: &str) -> bool {
-    let Some(token) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
-        return false;
-    };
-    let a = Sha256::digest(token.as_bytes());
-    let b = Sha256::digest(secret.as_bytes());
-    bool::from(a.ct_eq(&b))
+/// A few threads that run argon2, behind a bounded queue.
+struct VerifierPool {
+    queue: std::sync::mpsc::SyncSender<Check>,
+}
+
+struct Check {
+    hash: String,
+    password: String,
+    reply: oneshot::Sender<bool>,
+}
+
+impl VerifierPool {
+    fn start() -> VerifierPool {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (queue, checks) = std::sync::mpsc::sync_channel::<Check>(threads * QUEUE_PER_THREAD);
+        let checks = std::sync::Arc::new(Mutex::new(checks));
+        for i in 0..threads {
+            let checks = checks.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("auth-verify-{i}"))
+                .spawn(move || {
+                    // Below the threads that serve requests: a flood of
+                    // wrong passwords must not slow down everyone else.
+                    // SAFETY: setpriority on this thread's own id.
+                    unsafe {
+                        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
+                    }
+                    loop {
+                        let next = checks.lock().unwrap().recv();
+                        let Ok(check) = next else { return };
+                        let ok = verify_password(&check.hash, &check.password);
+                        let _ = check.reply.send(ok);
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!("cannot start a password verification thread: {e}");
+            }
+        }
+        VerifierPool { queue }
+    }
+
+    async fn verify(&self, hash: String, password: String) -> Result<bool, AuthError> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .try_send(Check {
+                hash,
+                password,
+                reply,
+            })
+            .map_err(|_| AuthError::Busy)?;
+        answer.await.map_err(|_| AuthError::Busy)
+    }
+}
+
+/// Whom failures are counted against: an IPv4 address, or an IPv6 /64
+/// (one host usually has a whole /64).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct AddressKey(u128);
+
+impl AddressKey {
+    fn of(ip: IpAddr) -> AddressKey {
+        match ip {
+            IpAddr::V4(v4) => AddressKey(u32::from(v4) as u128),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => AddressKey(u32::from(v4) as u128),
+                None => AddressKey((u128::from(v6) >> 64) << 64 | 1),
+            },
+        }
+    }
+}
+
+#[derive(Default)]
+struct Throttle {
+    addresses: HashMap<AddressKey, Failures>,
+}
+
+struct Failures {
+    count: u32,
+    last: Instant,
+    blocked_until: Option<Instant>,
+}
+
+impl Throttle {
+    fn blocked(&self, key: AddressKey, now: Instant) -> Option<Duration> {
+        let until = self.addresses.get(&key)?.blocked_until?;
+        (until > now).then(|| until - now)
+    }
+
+    fn succeeded(&mut self, key: AddressKey) {
+        self.addresses.remove(&key);
+    }
+
+    fn failed(&mut self, key: AddressKey, now: Instant) {
+        if self.addresses.len() >= MAX_ADDRESSES && !self.addresses.contains_key(&key) {
+            self.addresses
+                .retain(|_, f| now.duration_since(f.last) < FORGET_AFTER);
+            if self.addresses.len() >= MAX_ADDRESSES {
+                // Forget the address that failed longest ago.
+                if let Some(oldest) = self
+                    .addresses
+                    .iter()
+                    .min_by_key(|(_, f)| f.last)
+                    .map(|(k, _)| *k)
+                {
+                    self.addresses.remove(&oldest);
+                }
+            }
+        }
+        let f = self.addresses.entry(key).or_insert(Failures {
+            count: 0,
+            last: now,
+            blocked_until: None,
+        });
+        if now.duration_since(f.last) >= FORGET_AFTER {
+            f.count = 0;
+        }
+        f.count += 1;
+        f.last = now;
+        if f.count > FREE_FAILURES {
+            let doublings = (f.count - FREE_FAILURES - 1).min(16);
+            let wait = (FIRST_BACKOFF * 2u32.pow(doublings)).min(MAX_BACKOFF);
+            f.blocked_until = Some(now + wait);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -130,6 +307,8 @@ mod tests {
         )
     }
 
+    const HOME: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+
     #[tokio::test]
     async fn passwords_roles_and_the_cache() {
         let users = Users::new(&[User {
@@ -137,35 +316,96 @@ mod tests {
             password_hash: hash_password("s3cret"),
             role: Role::ReadOnly,
         }]);
-        let ok = users.authenticate(Some(&basic("ops", "s3cret"))).await;
+        let ok = users
+            .authenticate(Some(&basic("ops", "s3cret")), HOME)
+            .await;
         assert_eq!(ok.unwrap().role, Role::ReadOnly);
         // Second time from the cache; a wrong password must still fail.
         assert!(
             users
-                .authenticate(Some(&basic("ops", "s3cret")))
+                .authenticate(Some(&basic("ops", "s3cret")), HOME)
                 .await
                 .is_ok()
         );
         assert_eq!(
-            users.authenticate(Some(&basic("ops", "nope"))).await,
+            users.authenticate(Some(&basic("ops", "nope")), HOME).await,
             Err(AuthError::Invalid)
         );
         assert_eq!(
-            users.authenticate(Some(&basic("who", "s3cret"))).await,
+            users
+                .authenticate(Some(&basic("who", "s3cret")), HOME)
+                .await,
             Err(AuthError::Invalid)
         );
-        assert_eq!(users.authenticate(None).await, Err(AuthError::Missing));
         assert_eq!(
-            users.authenticate(Some("Basic !!!")).await,
+            users.authenticate(None, HOME).await,
+            Err(AuthError::Missing)
+        );
+        assert_eq!(
+            users.authenticate(Some("Basic !!!"), HOME).await,
+            Err(AuthError::Invalid)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_address_that_keeps_failing_waits_but_known_credentials_pass() {
+        let users = Users::new(&[User {
+            name: "ops".into(),
+            password_hash: hash_password("s3cret"),
+            role: Role::Admin,
+        }]);
+        let attacker: IpAddr = "192.0.2.7".parse().unwrap();
+        users
+            .authenticate(Some(&basic("ops", "s3cret")), HOME)
+            .await
+            .unwrap();
+        for _ in 0..FREE_FAILURES + 1 {
+            assert_eq!(
+                users
+                    .authenticate(Some(&basic("ops", "guess")), attacker)
+                    .await,
+                Err(AuthError::Invalid)
+            );
+        }
+        let throttled = users
+            .authenticate(Some(&basic("ops", "guess")), attacker)
+            .await;
+        assert!(
+            matches!(throttled, Err(AuthError::Throttled { .. })),
+            "{throttled:?}"
+        );
+        // The right password, already verified, is not held up.
+        assert!(
+            users
+                .authenticate(Some(&basic("ops", "s3cret")), attacker)
+                .await
+                .is_ok()
+        );
+        // Another address is not affected.
+        assert_eq!(
+            users.authenticate(Some(&basic("ops", "guess")), HOME).await,
             Err(AuthError::Invalid)
         );
     }
 
     #[test]
-    fn cluster_secret() {
-        assert!(has_cluster_secret(Some("Bearer abc"), "abc"));
-        assert!(!has_cluster_secret(Some("Bearer abd"), "abc"));
-        assert!(!has_cluster_secret(Some("abc"), "abc"));
-        assert!(!has_cluster_secret(None, "abc"));
+    fn backoff_doubles_up_to_its_cap_and_ipv6_counts_per_64() {
+        let mut t = Throttle::default();
+        let key = AddressKey::of("2001:db8::1".parse().unwrap());
+        assert_eq!(key, AddressKey::of("2001:db8::ffff".parse().unwrap()));
+        let now = Instant::now();
+        for _ in 0..FREE_FAILURES {
+            t.failed(key, now);
+        }
+        assert_eq!(t.blocked(key, now), None);
+        t.failed(key, now);
+        assert_eq!(t.blocked(key, now), Some(FIRST_BACKOFF));
+        t.failed(key, now);
+        assert_eq!(t.blocked(key, now), Some(FIRST_BACKOFF * 2));
+        for _ in 0..20 {
+            t.failed(key, now);
+        }
+        assert_eq!(t.blocked(key, now), Some(MAX_BACKOFF));
+        assert_eq!(t.blocked(key, now + MAX_BACKOFF), None);
     }
 }

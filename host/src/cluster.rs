@@ -115,6 +115,12 @@ impl LocalCluster {
                 uploader: crate::config::PluginRole::uploader(),
                 upload: Default::default(),
                 coordinator: Default::default(),
+                // A demo runs wherever it is asked to: keep a small reserve.
+                storage: crate::config::StorageSettings {
+                    min_free_mb: 64,
+                    ..Default::default()
+                },
+                server: Default::default(),
                 plugin_cache_dir: Some(root.join("plugin-cache")),
             };
             customize(&mut config);

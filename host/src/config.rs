@@ -45,6 +45,12 @@ pub struct Config {
     pub upload: UploadPolicy,
     #[serde(default)]
     pub coordinator: CoordinatorSettings,
+    /// What jobs may write on this node, and how long results are kept.
+    #[serde(default)]
+    pub storage: StorageSettings,
+    /// Limits of the HTTP listener.
+    #[serde(default)]
+    pub server: ServerSettings,
     /// Directory for compiled plugins, so restarts skip compilation.
     /// Must be writable only by the daemon: its files are loaded as code.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -104,6 +110,13 @@ pub struct PluginRole {
         skip_serializing_if = "is_default_exec_grace"
     )]
     pub exec_grace_secs: f64,
+    /// How many programs the plugin may have running at once; a start
+    /// beyond it is denied.
+    #[serde(
+        default = "default_exec_max_processes",
+        skip_serializing_if = "is_default_exec_max_processes"
+    )]
+    pub exec_max_processes: usize,
 }
 
 impl Default for PluginRole {
@@ -118,6 +131,7 @@ impl Default for PluginRole {
             exec_env: BTreeMap::new(),
             exec_env_allow: Vec::new(),
             exec_grace_secs: default_exec_grace_secs(),
+            exec_max_processes: default_exec_max_processes(),
         }
     }
 }
@@ -135,6 +149,7 @@ impl PluginRole {
             exec_env: BTreeMap::new(),
             exec_env_allow: Vec::new(),
             exec_grace_secs: default_exec_grace_secs(),
+            exec_max_processes: default_exec_max_processes(),
         }
     }
 
@@ -218,9 +233,14 @@ pub struct CoordinatorSettings {
     /// coordinator gives up on a node after three missed heartbeats.
     #[serde(default = "default_heartbeat_ms")]
     pub heartbeat_interval_ms: u64,
-    /// How long to wait for a node's API when opening a session, in ms.
+    /// How long to wait for a TCP connection to another node, in ms.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// How long another node has to answer a node-to-node request (open a
+    /// session, a command, forwarded status or cancel), in ms. A node that
+    /// does not is reported as not answering, never waited on for longer.
+    #[serde(default = "default_peer_timeout_ms")]
+    pub peer_timeout_ms: u64,
 }
 
 impl Default for CoordinatorSettings {
@@ -230,8 +250,129 @@ impl Default for CoordinatorSettings {
             upload_concurrency: default_upload_concurrency(),
             heartbeat_interval_ms: default_heartbeat_ms(),
             connect_timeout_ms: default_connect_timeout_ms(),
+            peer_timeout_ms: default_peer_timeout_ms(),
         }
     }
+}
+
+/// `[storage]`: what a job may write on this node, and what is kept.
+/// Jobs write into `data_dir/jobs/TASK/` (the collector's output
+/// directory) and a temporary directory of their own; a successful
+/// collection's artifact moves to `data_dir/results/TASK/` (or `logDir`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSettings {
+    /// Most a job may have on disk at once (its output and temporary
+    /// directories), in MiB. A job over it is stopped and fails.
+    #[serde(default = "default_job_max_mb")]
+    pub job_max_mb: u64,
+    /// Most files (and directories) a job may have at once.
+    #[serde(default = "default_job_max_files")]
+    pub job_max_files: u64,
+    /// Free space `data_dir` must keep, in MiB: a start is refused when a
+    /// chosen node has less, and a job fails if it drops below it.
+    #[serde(default = "default_min_free_mb")]
+    pub min_free_mb: u64,
+    /// Keep the output of failed and cancelled collections (for
+    /// debugging a plugin). Off: it is removed when the job ends.
+    #[serde(default)]
+    pub keep_failed: bool,
+    /// Results kept in `data_dir/results` (the newest); 0: no limit.
+    #[serde(default = "default_keep_results")]
+    pub keep_results: usize,
+    /// Results older than this are removed, in hours; 0: no limit.
+    #[serde(default = "default_keep_results_hours")]
+    pub keep_results_hours: f64,
+    /// Results beyond this total are removed, oldest first, in MiB; 0: no
+    /// limit.
+    #[serde(default = "default_keep_results_mb")]
+    pub keep_results_mb: u64,
+    /// Directories a start request's `logDir` may name (it must be one of
+    /// them or below one). Empty: `logDir` is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_log_dirs: Vec<PathBuf>,
+    /// Directories a start request's `tmpDir` may name. Empty: `tmpDir` is
+    /// refused (jobs use `data_dir/tmp`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_tmp_dirs: Vec<PathBuf>,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        StorageSettings {
+            job_max_mb: default_job_max_mb(),
+            job_max_files: default_job_max_files(),
+            min_free_mb: default_min_free_mb(),
+            keep_failed: false,
+            keep_results: default_keep_results(),
+            keep_results_hours: default_keep_results_hours(),
+            keep_results_mb: default_keep_results_mb(),
+            allowed_log_dirs: Vec::new(),
+            allowed_tmp_dirs: Vec::new(),
+        }
+    }
+}
+
+/// `[server]`: limits of the HTTP listener (public and node-to-node API).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Connections served at once; 0: derived from the open-file limit
+    /// (raised to its hard limit at start). At the cap, the connection
+    /// idle the longest is closed to make room; if none is idle, the new
+    /// one is.
+    #[serde(default)]
+    pub max_connections: usize,
+    /// Connections kept for node-to-node requests: public requests are
+    /// answered 503 once the other connections are busy. 0: 8 per node of
+    /// the cluster, plus 16.
+    #[serde(default)]
+    pub peer_reserved_connections: usize,
+    /// A connection must send a complete request head within this many
+    /// seconds of opening or of its previous answer, else it is closed.
+    #[serde(default = "default_header_timeout_secs")]
+    pub header_timeout_secs: f64,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            max_connections: 0,
+            peer_reserved_connections: 0,
+            header_timeout_secs: default_header_timeout_secs(),
+        }
+    }
+}
+
+fn default_peer_timeout_ms() -> u64 {
+    5000
+}
+fn default_exec_max_processes() -> usize {
+    16
+}
+fn is_default_exec_max_processes(n: &usize) -> bool {
+    *n == default_exec_max_processes()
+}
+fn default_job_max_mb() -> u64 {
+    8192
+}
+fn default_job_max_files() -> u64 {
+    20_000
+}
+fn default_min_free_mb() -> u64 {
+    1024
+}
+fn default_keep_results() -> usize {
+    10
+}
+fn default_keep_results_hours() -> f64 {
+    168.0
+}
+fn default_keep_results_mb() -> u64 {
+    20 * 1024
+}
+fn default_header_timeout_secs() -> f64 {
+    15.0
 }
 
 fn default_upload_concurrency() -> usize {
@@ -330,11 +471,36 @@ impl Config {
                 bail!("{name}.exec_grace_secs must be zero or positive");
             }
         }
-        if let Err(e) = self.upload.proxy() {
-            bail!("upload.proxy {e}");
-        }
         if self.coordinator.heartbeat_interval_ms == 0 {
             bail!("coordinator.heartbeat_interval_ms must be positive");
+        }
+        if self.coordinator.peer_timeout_ms == 0 || self.coordinator.connect_timeout_ms == 0 {
+            bail!("coordinator.peer_timeout_ms and connect_timeout_ms must be positive");
+        }
+        if self.collector.exec_max_processes == 0 && !self.collector.exec_allow.is_empty() {
+            bail!("collector.exec_max_processes must be positive when exec_allow lists programs");
+        }
+        let storage = &self.storage;
+        if storage.job_max_mb == 0 || storage.job_max_files == 0 {
+            bail!("storage.job_max_mb and storage.job_max_files must be positive");
+        }
+        if !storage.keep_results_hours.is_finite() || storage.keep_results_hours < 0.0 {
+            bail!("storage.keep_results_hours must be zero or positive");
+        }
+        for (key, dirs) in [
+            ("allowed_log_dirs", &storage.allowed_log_dirs),
+            ("allowed_tmp_dirs", &storage.allowed_tmp_dirs),
+        ] {
+            if let Some(d) = dirs.iter().find(|d| !d.is_absolute()) {
+                bail!("storage.{key}: {} must be an absolute path", d.display());
+            }
+        }
+        let timeout = self.server.header_timeout_secs;
+        if !timeout.is_finite() || timeout <= 0.0 {
+            bail!("server.header_timeout_secs must be positive");
+        }
+        if let Err(e) = self.upload.check() {
+            bail!("upload.{e}");
         }
         Ok(())
     }

@@ -12,7 +12,10 @@
 //! - [`node`]: this node's side of a task: the session slot and the job
 //!   that runs the collector plugin.
 //! - [`plugin`]: wasmtime engine, compiled-component cache, sandbox.
-//! - [`protocol`]: the node-to-node wire types.
+//! - [`protocol`]: the node-to-node wire types; [`peer_auth`]: their
+//!   signatures.
+//! - [`safe_dir`]: directory handles that never follow a symlink (every
+//!   host operation on a directory a plugin can write).
 //! - [`upload`]: upload destinations: validation, policy, preflight.
 //! - [`client`], [`cluster`]: API client and a local-cluster launcher
 //!   (used by the CLI's `demo`, the tests and the benchmarks).
@@ -26,8 +29,10 @@ pub mod config;
 pub mod coordinator;
 pub mod files;
 pub mod node;
+pub mod peer_auth;
 pub mod plugin;
 pub mod protocol;
+pub mod safe_dir;
 pub mod server;
 pub mod settings;
 pub mod upload;

@@ -20,11 +20,26 @@
 //! (the coordinator sends it when a cluster-wide upload slot is free),
 //! `POST /internal/v1/sessions/{task}/cancel` stops whatever runs, and
 //! `POST /internal/v1/sessions/{task}/close` ends the session.
+//! `POST /internal/v1/sessions/{task}/ping`, sent every heartbeat
+//! interval, tells the node the coordinator is still there: a node that
+//! hears nothing from its coordinator for the session's lease (three
+//! intervals) lets go of the session and stops its job, so a coordinator
+//! that hangs or is cut off never holds the cluster's lock for long.
 //!
-//! Every internal request carries `Authorization: Bearer <cluster secret>`.
+//! Every call has deadlines in both directions: the coordinator gives up
+//! on a node that does not answer within `peer_timeout_ms`, and a node
+//! gives up on a coordinator that stops pinging.
+//!
+//! Every internal request is signed with the cluster secret (see
+//! [`crate::peer_auth`]): the secret itself never crosses the wire, and a
+//! captured request cannot be replayed. Everything a peer sends is checked
+//! like public input: task ids are the coordinator's own format
+//! ([`TaskId`]), the coordinator must be a node of the cluster.
 
 use serde::{Deserialize, Serialize};
 
+/// Every node-to-node path starts with this.
+pub const INTERNAL_PREFIX: &str = "/internal/";
 pub const SESSIONS_PATH: &str = "/internal/v1/sessions";
 /// The coordinator's view of its latest task (for status on other nodes).
 pub const LATEST_TASK_PATH: &str = "/internal/v1/tasks/latest";
@@ -33,18 +48,99 @@ pub const CANCEL_TASK_PATH: &str = "/internal/v1/tasks/cancel";
 /// Replace a node's cluster settings (`settings::ClusterSettings`).
 pub const SETTINGS_PATH: &str = "/internal/v1/settings";
 
+/// A task's identifier: 32 lowercase hex digits, as the coordinator
+/// makes them. A node uses it as a directory name, so nothing else is ever
+/// accepted (no `/`, no `..`, no absolute path), wherever it comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TaskId(String);
+
+/// What a bad task id gets told.
+pub const BAD_TASK_ID: &str = "a task id is 32 lowercase hexadecimal digits";
+
+impl TaskId {
+    /// A fresh random id.
+    pub fn random() -> TaskId {
+        TaskId(format!("{:032x}", rand::random::<u128>()))
+    }
+
+    pub fn parse(text: &str) -> Result<TaskId, &'static str> {
+        let valid =
+            text.len() == 32 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if valid {
+            Ok(TaskId(text.to_string()))
+        } else {
+            Err(BAD_TASK_ID)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for TaskId {
+    type Error = &'static str;
+    fn try_from(text: String) -> Result<TaskId, &'static str> {
+        TaskId::parse(&text)
+    }
+}
+
+impl From<TaskId> for String {
+    fn from(id: TaskId) -> String {
+        id.0
+    }
+}
+
+impl std::ops::Deref for TaskId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for TaskId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// Body of `POST /internal/v1/sessions`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OpenSession {
-    pub task_id: String,
-    /// Name of the coordinating node.
+    pub task_id: TaskId,
+    /// Name of the coordinating node: a node of `[nodes]`, and the one
+    /// that signed the request.
     pub coordinator: String,
+    /// How long the node keeps the session without hearing from the
+    /// coordinator (a command or a `ping`), in ms. The node bounds it
+    /// ([`MIN_LEASE_MS`]..=[`MAX_LEASE_MS`]); absent: three of its own
+    /// heartbeat intervals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
+    /// Whether this node is asked to collect (a node that is not only
+    /// holds the lock). A chosen node refuses the session when its disk
+    /// is below the reserve, so the start is refused with the reason.
+    #[serde(default)]
+    pub collects: bool,
+}
+
+/// Shortest and longest lease a node accepts.
+pub const MIN_LEASE_MS: u64 = 500;
+pub const MAX_LEASE_MS: u64 = 60_000;
+
+/// Answer of a chosen node that cannot collect right now (HTTP 507): its
+/// data directory has less free space than the operator's reserve.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LowDisk {
+    pub message: String,
 }
 
 /// Body of `POST /internal/v1/sessions/{task}/job`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StartJob {
     #[serde(default)]
     pub parameters: CollectParameters,
@@ -54,7 +150,7 @@ pub struct StartJob {
 /// options). The coordinator fills in the salt, so it is the same on
 /// every node.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CollectParameters {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_redaction_level: Option<String>,
@@ -103,7 +199,7 @@ impl CollectParameters {
 
 /// Body of `POST /internal/v1/sessions/{task}/upload`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StartUpload {
     /// `https://HOST/CUSTOMER/[TICKET/]`; the node appends the file name.
     pub base_url: String,

@@ -8,12 +8,26 @@
 //! [`Origin`] and `plugin::sandbox`.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 /// How long the preflight waits for the upload host.
 pub const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long resolving an upload host may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A proxy as a start request may give it (ns_server takes `host:port`;
+/// a URL is fine too), as a URL.
+pub fn proxy_url(given: &str) -> String {
+    let given = given.trim();
+    if given.contains("://") {
+        given.to_string()
+    } else {
+        format!("http://{given}")
+    }
+}
 
 /// The operator's limits on upload destinations (`[upload]` in the config).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -31,12 +45,111 @@ pub struct UploadPolicy {
     /// so the proxy must allow it to the upload host's port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy: Option<String>,
+    /// Proxies a start request's `uploadProxy` may name (`host:port` or
+    /// `http://host:port`); `proxy` is always allowed. Empty: a request
+    /// may name no other proxy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_proxies: Vec<String>,
+    /// Let uploads (and their preflight) go to link-local and cloud
+    /// metadata addresses (169.254.0.0/16, fe80::/10, fd00:ec2::254,
+    /// 100.100.100.200, 168.63.129.16). Off: an upload host that resolves
+    /// to one is refused.
+    #[serde(default)]
+    pub allow_link_local: bool,
 }
+
+/// Addresses of cloud instance metadata and host services outside the
+/// link-local ranges.
+const METADATA_ADDRESSES: &[&str] = &["fd00:ec2::254", "100.100.100.200", "168.63.129.16"];
 
 impl UploadPolicy {
     /// The configured proxy, parsed (checked when the config is loaded).
     pub fn proxy(&self) -> Result<Option<Proxy>, String> {
         self.proxy.as_deref().map(Proxy::parse).transpose()
+    }
+
+    /// Config-time checks; the message starts with the key.
+    pub fn check(&self) -> Result<(), String> {
+        self.proxy().map_err(|e| format!("proxy {e}"))?;
+        for p in &self.allowed_proxies {
+            Proxy::parse(&proxy_url(p)).map_err(|e| format!("allowed_proxies: {p:?} {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// May a start request route its uploads through `proxy`? Compared by
+    /// host and port (credentials may differ).
+    pub fn check_proxy(&self, proxy: &Proxy) -> Result<(), String> {
+        let configured = self.proxy().ok().flatten();
+        let allowed = configured.iter().any(|p| p.authority == proxy.authority)
+            || self
+                .allowed_proxies
+                .iter()
+                .any(|p| Proxy::parse(&proxy_url(p)).is_ok_and(|p| p.authority == proxy.authority));
+        if allowed {
+            Ok(())
+        } else {
+            Err(format!(
+                "proxy {} is not allowed by this cluster's configuration (allowed_proxies)",
+                proxy.authority
+            ))
+        }
+    }
+
+    /// May an upload connect to `ip`?
+    pub fn check_address(&self, ip: IpAddr) -> Result<(), String> {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        let why = match ip {
+            _ if ip.is_unspecified() => Some("the unspecified address"),
+            _ if ip.is_multicast() => Some("a multicast address"),
+            IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
+            IpAddr::V4(v4) if v4.is_link_local() && !self.allow_link_local => {
+                Some("a link-local or cloud metadata address (allow_link_local)")
+            }
+            IpAddr::V6(v6) if v6.is_unicast_link_local() && !self.allow_link_local => {
+                Some("a link-local address (allow_link_local)")
+            }
+            _ if !self.allow_link_local
+                && METADATA_ADDRESSES.iter().any(|m| m.parse() == Ok(ip)) =>
+            {
+                Some("a cloud metadata address (allow_link_local)")
+            }
+            _ => None,
+        };
+        match why {
+            Some(why) => Err(format!("{ip} is {why}")),
+            None => Ok(()),
+        }
+    }
+
+    /// Resolve `origin`'s host once and check every address it gives:
+    /// connections then go to these addresses only, so a name that
+    /// resolves differently later (DNS rebinding) changes nothing. Any
+    /// refused address refuses the host.
+    pub async fn resolve(&self, origin: &Origin) -> Result<Vec<SocketAddr>, String> {
+        let host = origin.host.trim_matches(['[', ']']);
+        let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, origin.port)],
+            Err(_) => tokio::time::timeout(
+                RESOLVE_TIMEOUT,
+                tokio::net::lookup_host((host, origin.port)),
+            )
+            .await
+            .map_err(|_| format!("resolving {host} took more than {RESOLVE_TIMEOUT:?}"))?
+            .map_err(|e| format!("cannot resolve {host}: {e}"))?
+            .collect(),
+        };
+        if addrs.is_empty() {
+            return Err(format!("{host} resolves to no address"));
+        }
+        for addr in &addrs {
+            self.check_address(addr.ip())
+                .map_err(|e| format!("upload host {host} is refused: {e}"))?;
+        }
+        Ok(addrs)
     }
 
     /// The proxy an upload goes through: the one its request asked for,
@@ -164,6 +277,15 @@ impl Destination {
         if host.is_empty() {
             errors.insert("uploadHost".into(), "cannot be empty".into());
         }
+        let without_scheme = host.split_once("://").map_or(host, |(_, rest)| rest);
+        let authority = without_scheme.split(['/', '?', '#']).next().unwrap_or("");
+        if authority.contains('@') {
+            errors.insert(
+                "uploadHost".into(),
+                "must not contain credentials (user:password@): they would show in status and logs"
+                    .into(),
+            );
+        }
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -265,7 +387,7 @@ impl std::fmt::Display for Origin {
 
 /// `%XX` escapes to bytes (for credentials in a URL); anything malformed
 /// is kept as it is.
-fn percent_decode(s: &str) -> Vec<u8> {
+pub(crate) fn percent_decode(s: &str) -> Vec<u8> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -305,14 +427,31 @@ pub fn quote_plus(s: &str) -> String {
 
 /// Can the upload host be reached? A `HEAD` of the base URL; any HTTP
 /// answer counts (the real PUT decides), only transport failures do not.
+/// Redirects are never followed (an allowed host could point anywhere).
+/// Without a proxy, the request goes to the addresses `policy` checked.
 /// The error is ns_server's message.
-pub async fn preflight(destination: &Destination, proxy: Option<&Proxy>) -> Result<(), String> {
+pub async fn preflight(
+    destination: &Destination,
+    policy: &UploadPolicy,
+    proxy: Option<&Proxy>,
+) -> Result<(), String> {
     let url = &destination.base_url;
     // The uploads' route exactly: the configured proxy or none, never the
     // environment's.
-    let builder = reqwest::Client::builder().timeout(PREFLIGHT_TIMEOUT);
+    let builder = reqwest::Client::builder()
+        .timeout(PREFLIGHT_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none());
     let builder = match proxy {
-        None => builder.no_proxy(),
+        None => {
+            let origin = Origin::of(url).map_err(|e| format!("Unable to access '{url}' : {e}"))?;
+            let addrs = policy
+                .resolve(&origin)
+                .await
+                .map_err(|e| format!("Unable to access '{url}' : {e}"))?;
+            builder
+                .no_proxy()
+                .resolve_to_addrs(origin.host.trim_matches(['[', ']']), &addrs)
+        }
         Some(p) => {
             let mut rp = reqwest::Proxy::all(&p.url).map_err(|e| e.to_string())?;
             if let Some(auth) = &p.authorization {
@@ -428,7 +567,7 @@ mod tests {
         let strict = UploadPolicy {
             allowed_hosts: vec!["uploads.example.com".into(), "127.0.0.1:9".into()],
             allow_http: true,
-            proxy: None,
+            ..Default::default()
         };
         assert!(https.check(&strict).is_ok());
         assert!(dest("http://127.0.0.1:9", "a", None).check(&strict).is_ok());
@@ -438,6 +577,69 @@ mod tests {
                 .is_err()
         );
         assert!(dest("evil.example.com", "a", None).check(&strict).is_err());
+    }
+
+    #[test]
+    fn credentials_in_the_upload_host_are_refused() {
+        for host in ["https://u:p@h", "u:p@h", "http://u@h:80/x"] {
+            let e = Destination::from_request(Some(host), Some("a"), None).unwrap_err();
+            assert!(e["uploadHost"].contains("credentials"), "{host}: {e:?}");
+        }
+        assert!(Destination::from_request(Some("h/p@x"), Some("a"), None).is_ok());
+    }
+
+    #[test]
+    fn link_local_and_metadata_addresses_are_refused_unless_allowed() {
+        let policy = UploadPolicy::default();
+        for refused in [
+            "169.254.169.254",
+            "169.254.1.1",
+            "fe80::1",
+            "fd00:ec2::254",
+            "100.100.100.200",
+            "168.63.129.16",
+            "0.0.0.0",
+            "224.0.0.1",
+            "::ffff:169.254.169.254",
+        ] {
+            let ip: IpAddr = refused.parse().unwrap();
+            assert!(policy.check_address(ip).is_err(), "{refused}");
+        }
+        for allowed in ["127.0.0.1", "10.1.2.3", "2001:db8::1", "93.184.216.34"] {
+            assert!(
+                policy.check_address(allowed.parse().unwrap()).is_ok(),
+                "{allowed}"
+            );
+        }
+        let open = UploadPolicy {
+            allow_link_local: true,
+            ..Default::default()
+        };
+        assert!(
+            open.check_address("169.254.169.254".parse().unwrap())
+                .is_ok()
+        );
+        assert!(open.check_address("0.0.0.0".parse().unwrap()).is_err());
+    }
+
+    #[test]
+    fn request_proxies_must_be_allowed() {
+        let policy = UploadPolicy {
+            proxy: Some("http://corp:3128".into()),
+            allowed_proxies: vec!["other:8080".into()],
+            ..Default::default()
+        };
+        policy.check().unwrap();
+        let p = |u: &str| Proxy::parse(&proxy_url(u)).unwrap();
+        assert!(policy.check_proxy(&p("corp:3128")).is_ok());
+        assert!(policy.check_proxy(&p("http://u:pw@other:8080")).is_ok());
+        let e = policy.check_proxy(&p("127.0.0.1:22")).unwrap_err();
+        assert!(e.contains("allowed_proxies"), "{e}");
+        assert!(
+            UploadPolicy::default()
+                .check_proxy(&p("corp:3128"))
+                .is_err()
+        );
     }
 
     #[test]

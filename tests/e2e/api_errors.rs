@@ -161,15 +161,18 @@ async fn only_authenticated_admins_may_start_or_cancel() {
 }
 
 #[tokio::test]
-async fn the_node_to_node_api_requires_the_cluster_secret() {
+async fn the_node_to_node_api_refuses_unsigned_requests_even_with_the_secret() {
     let c = cluster(&["n1"], |_| {}).await;
     let url = format!("{}/internal/v1/sessions", c.node("n1").url());
     let body = json!({"taskId": "t1", "coordinator": "evil"});
     let raw = reqwest::Client::new();
+    // The secret itself never crosses the wire: not even it is accepted
+    // as a bearer token.
     for auth in [
         None,
         Some("wrong-secret-wrong-secret"),
         Some(c.admin_password.as_str()),
+        Some(c.secret.as_str()),
     ] {
         let mut request = raw.post(&url).json(&body);
         if let Some(token) = auth {
@@ -178,7 +181,7 @@ async fn the_node_to_node_api_requires_the_cluster_secret() {
         let response = request.send().await.unwrap();
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
         let body: Value = response.json().await.unwrap();
-        assert_eq!(body, json!({"_": "Missing or wrong cluster secret"}));
+        assert_eq!(body, json!({"_": "missing node-to-node signature"}));
     }
     // The node took no session from any of those.
     let health = c.admin("n1").health().await.unwrap();

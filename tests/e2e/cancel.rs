@@ -122,7 +122,7 @@ async fn a_node_that_dies_mid_collection_is_reported_failed() {
         n2.collection_output
             .as_deref()
             .unwrap()
-            .contains("lost contact with the node"),
+            .contains("lost contact with n2: the connection"),
         "{n2:?}"
     );
     assert_eq!(task.per_node["n1"].status, NodeState::Started);

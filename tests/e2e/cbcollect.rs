@@ -49,6 +49,9 @@ fn cbcollect(config: &mut Config, records: &Path, env: &[(&str, &str)]) {
     for (k, v) in env {
         c.exec_env.insert(k.to_string(), v.to_string());
     }
+    // The tests' tmpDir and logDir are temporary directories.
+    config.storage.allowed_tmp_dirs = vec![std::env::temp_dir()];
+    config.storage.allowed_log_dirs = vec![std::env::temp_dir()];
 }
 
 /// The JSON lines a node's stand-in recorded.
@@ -129,7 +132,8 @@ async fn three_nodes_collect_with_cbcollect_info_and_ns_servers_command_line() {
             argv(&runs[0]),
             [
                 "--watch-stdin".to_string(),
-                format!("--tmp-dir={tmp_dir}"),
+                // The job's own directory in tmpDir, removed after.
+                format!("--tmp-dir={tmp_dir}/autocollect-{}-{node}", task.task_id),
                 format!("--initargs={INITARGS}"),
                 zip.clone(),
                 "--task-regexp=^ns_server".to_string(),
@@ -176,7 +180,8 @@ async fn partial_redaction_uploads_the_redacted_zip_with_one_secret_salt() {
         assert!(path.to_str().unwrap().ends_with("-redacted.zip"));
         assert_eq!(path.parent().unwrap(), logs.path());
         // Uploaded from a link of its own, removed afterwards.
-        assert!(!job_dir(&c, node, &task.task_id).join("upload").exists());
+        let staging = c.node(node).data_dir.join("staging").join(&task.task_id);
+        assert!(!staging.exists(), "{staging:?}");
         let url = status.url.as_deref().unwrap();
         assert!(url.ends_with(&format!("-{node}-redacted.zip")), "{url}");
         assert!(
@@ -306,6 +311,16 @@ async fn collection_options_are_validated_with_couchbases_messages() {
         (
             json!({"logDir": "logs"}),
             json!({"logDir": "Must be an absolute path"}),
+        ),
+        // Only where the operator allows (here: nowhere).
+        (
+            json!({"logDir": "/etc/cron.d"}),
+            json!({"logDir": "is not allowed: this node's configuration lists no directories for it (allowed_log_dirs)"}),
+        ),
+        (
+            json!({"tmpDir": "/tmp", "taskRegexp": "x".repeat(1025)}),
+            json!({"tmpDir": "is not allowed: this node's configuration lists no directories for it (allowed_tmp_dirs)",
+                   "taskRegexp": "must be at most 1024 characters"}),
         ),
     ];
     for (extra, want) in cases {

@@ -118,13 +118,14 @@ async fn a_running_collection_is_listed_with_the_controller_cancel_route_and_can
 async fn the_controller_route_takes_an_upload_proxy_per_request() {
     let server = UploadServer::start().await;
     let proxy = ProxyServer::start().await;
+    let proxy_address = proxy.addr.to_string();
     let c = cluster(&["n1"], |config| {
         config.upload.allow_http = true;
+        config.upload.allowed_proxies = vec![proxy_address.clone()];
     })
     .await;
     let admin = c.admin("n1");
     let host = server.host();
-    let proxy_address = proxy.addr.to_string();
     let (status, body) = start(
         &admin,
         &[
@@ -270,6 +271,18 @@ async fn starts_and_cancels_are_audited_without_their_secrets() {
     )
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+    // couchbase-cli's --encryption-password, and a misspelled salt: both
+    // unknown here, refused, and recorded by name only.
+    let (status, _) = start(
+        &admin,
+        &[
+            ("nodes", "*"),
+            ("encryptionPassword", "hunter2"),
+            ("logredactionsalt", "cayenne"),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
     let (status, _) = start(
         &admin,
         &[
@@ -283,12 +296,14 @@ async fn starts_and_cancels_are_audited_without_their_secrets() {
     let task = admin.cancel().await.unwrap().unwrap();
 
     let log = std::fs::read_to_string(c.node("n1").data_dir.join("audit.log")).unwrap();
-    assert!(!log.contains("s3cret") && !log.contains("pepper"), "{log}");
+    for secret in ["s3cret", "pepper", "hunter2", "cayenne"] {
+        assert!(!log.contains(secret), "{secret} in {log}");
+    }
     let lines: Vec<Value> = log
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 3, "{log}");
+    assert_eq!(lines.len(), 4, "{log}");
     let pick = |l: &Value| {
         json!({"user": l["user"], "action": l["action"], "route": l["route"],
                "result": l["result"], "params": l["params"], "taskId": l["taskId"]})
@@ -299,6 +314,11 @@ async fn starts_and_cancels_are_audited_without_their_secrets() {
             json!({"user": "admin", "action": "start",
                    "route": "/controller/startLogsCollection", "result": "refused",
                    "params": {"nodes": "*", "uploadProxy": "http://*****@proxy:3128"},
+                   "taskId": null}),
+            json!({"user": "admin", "action": "start",
+                   "route": "/controller/startLogsCollection", "result": "refused",
+                   "params": {"nodes": "*", "encryptionPassword": "*****",
+                              "logredactionsalt": "*****"},
                    "taskId": null}),
             json!({"user": "admin", "action": "start",
                    "route": "/controller/startLogsCollection", "result": "accepted",

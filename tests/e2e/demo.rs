@@ -37,7 +37,7 @@ fn the_demo_collects_and_uploads_every_nodes_zip() {
             .find(|l| l.trim_start().starts_with(&format!("{node} ")) && l.contains("uploaded"))
             .unwrap_or_else(|| panic!("no result line for {node}:\n{stdout}"));
         let file = line.rsplit('/').next().unwrap();
-        let artifact = find(&dir.path().join(node).join("data/jobs"), file)
+        let artifact = find(&dir.path().join(node).join("data/results"), file)
             .unwrap_or_else(|| panic!("{node}'s artifact {file} is kept"));
         assert_eq!(sha256_file(&stored.join(file)), sha256_file(&artifact));
     }

@@ -87,9 +87,14 @@ pub fn assert_ended(task: &TaskStatus, state: TaskState) {
     assert!(task.cancel_uri.is_none());
 }
 
-/// The job directory of `task_id` on a node.
+/// The job (output) directory of `task_id` on a node.
 pub fn job_dir(cluster: &LocalCluster, node: &str, task_id: &str) -> PathBuf {
     cluster.node(node).data_dir.join("jobs").join(task_id)
+}
+
+/// Where a node keeps `task_id`'s artifacts after a successful collection.
+pub fn result_dir(cluster: &LocalCluster, node: &str, task_id: &str) -> PathBuf {
+    cluster.node(node).data_dir.join("results").join(task_id)
 }
 
 /// Read one member of a zip file.

@@ -1,7 +1,9 @@
 //! The audit log: one JSON line per start or cancel request, on the node
 //! that received it, saying who asked for what and what came of it.
-//! Secrets never reach it: the redaction salt is masked, and so are
-//! credentials in a proxy URL.
+//! Secrets never reach it: a parameter whose name looks secret (password,
+//! secret, salt, token, key...) is masked, and so is any parameter the
+//! route does not know (a misspelled secret is still a secret); only its
+//! name is kept. Credentials in a URL are masked too.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -11,8 +13,18 @@ use serde_json::{Map, Value, json};
 
 use super::params::{Param, Params};
 
-/// Parameters whose values are secrets.
-const SECRET_PARAMS: &[&str] = &["logRedactionSalt"];
+/// A parameter whose name holds one of these (in any case) is a secret.
+const SECRET_WORDS: &[&str] = &[
+    "password",
+    "passwd",
+    "secret",
+    "salt",
+    "token",
+    "key",
+    "credential",
+    "auth",
+    "cookie",
+];
 /// Parameters that may hold `user:password@` in a URL.
 const URL_PARAMS: &[&str] = &["uploadProxy", "uploadHost", "upload_host"];
 const MASK: &str = "*****";
@@ -29,6 +41,8 @@ pub struct Entry<'a> {
     pub action: &'a str,
     pub route: &'a str,
     pub params: Option<&'a Params>,
+    /// The parameters the route knows; any other is recorded masked.
+    pub known: &'a [&'a str],
     /// The task it started or cancelled, if any.
     pub task_id: Option<&'a str>,
     /// `Ok(())`, or the error the caller got.
@@ -54,7 +68,7 @@ impl AuditLog {
             "result": if entry.outcome.is_ok() { "accepted" } else { "refused" },
         });
         if let Some(params) = entry.params {
-            line["params"] = Value::Object(masked(params));
+            line["params"] = Value::Object(masked(params, entry.known));
         }
         if let Some(id) = entry.task_id {
             line["taskId"] = id.into();
@@ -88,22 +102,32 @@ impl AuditLog {
     }
 }
 
-/// The request's parameters with secrets masked.
-fn masked(params: &Params) -> Map<String, Value> {
+/// The request's parameters with secrets (and unknown parameters) masked.
+fn masked(params: &Params, known: &[&str]) -> Map<String, Value> {
     params
         .iter()
         .map(|(key, value)| {
-            let value = match value {
-                Param::Text(t) => Value::from(mask(key, t)),
-                Param::List(items) => items.iter().map(|i| mask(key, i)).collect(),
+            let value = if !known.contains(&key.as_str()) || is_secret(key) {
+                Value::from(MASK)
+            } else {
+                match value {
+                    Param::Text(t) => Value::from(mask(key, t)),
+                    Param::List(items) => items.iter().map(|i| mask(key, i)).collect(),
+                }
             };
             (key.clone(), value)
         })
         .collect()
 }
 
+/// Does this parameter name look like it holds a secret?
+fn is_secret(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    SECRET_WORDS.iter().any(|w| key.contains(w))
+}
+
 fn mask(key: &str, value: &str) -> String {
-    if SECRET_PARAMS.contains(&key) {
+    if is_secret(key) {
         return MASK.into();
     }
     if URL_PARAMS.contains(&key)
@@ -121,6 +145,30 @@ fn mask(key: &str, value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_and_secret_looking_parameters_are_masked_by_name() {
+        let params: Params = [
+            ("encryptionPassword", "X"),
+            ("logredactionsalt", "pepper"),
+            ("apiToken", "t"),
+            ("customer", "Example"),
+            ("tikcet", "123"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), Param::Text(v.to_string())))
+        .collect();
+        let m = masked(&params, &["customer", "logRedactionSalt"]);
+        assert_eq!(m["customer"], "Example");
+        for key in [
+            "encryptionPassword",
+            "logredactionsalt",
+            "apiToken",
+            "tikcet",
+        ] {
+            assert_eq!(m[key], MASK, "{key}");
+        }
+    }
 
     #[test]
     fn secrets_are_masked() {

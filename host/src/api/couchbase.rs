@@ -101,6 +101,7 @@ async fn set_log_redaction(
         action: "settings",
         route: LOG_REDACTION_URI,
         params: Some(&params),
+        known: &["logRedactionLevel"],
         task_id: None,
         outcome: result.as_ref().map(drop).map_err(ApiError::summary),
     });

@@ -10,11 +10,22 @@ use axum::response::{IntoResponse, Response};
 pub struct ApiError {
     pub status: StatusCode,
     pub fields: BTreeMap<String, String>,
+    /// `Retry-After`, in seconds (429 and 503).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     pub fn fields(status: StatusCode, fields: BTreeMap<String, String>) -> ApiError {
-        ApiError { status, fields }
+        ApiError {
+            status,
+            fields,
+            retry_after: None,
+        }
+    }
+
+    pub fn retry_after(mut self, secs: u64) -> ApiError {
+        self.retry_after = Some(secs.max(1));
+        self
     }
 
     pub fn field(status: StatusCode, field: &str, message: impl Into<String>) -> ApiError {
@@ -47,6 +58,11 @@ impl IntoResponse for ApiError {
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Basic realm=\"autocollect\""),
             );
+        }
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }

@@ -10,13 +10,16 @@ mod internal;
 mod params;
 mod public;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use axum::Router;
 
 use crate::auth::Users;
 use crate::coordinator::Coordinator;
 use crate::node::NodeService;
+use crate::peer_auth::PeerVerifier;
 
 pub use error::ApiError;
 
@@ -25,17 +28,39 @@ pub const STATUS_URI: &str = "/collectLogs/status";
 pub const CANCEL_URI: &str = "/collectLogs/cancel";
 pub const HEALTH_URI: &str = "/health";
 
+/// The address a request came from (set by the server on every request).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub SocketAddr);
+
 /// What every handler may reach.
 #[derive(Clone)]
 pub struct AppState {
     pub node: Arc<NodeService>,
     pub coordinator: Arc<Coordinator>,
     pub users: Arc<Users>,
-    pub secret: Arc<str>,
+    /// Checks node-to-node signatures.
+    pub peer_auth: Arc<PeerVerifier>,
+    /// Unauthenticated `/health?waitIdle=` requests waiting right now.
+    pub health_waiters: Arc<AtomicUsize>,
+    /// When a refused request was last logged (unix seconds), so a flood
+    /// of them cannot flood the log.
+    pub last_refusal_logged: Arc<AtomicU64>,
     /// Who started or cancelled what (`data_dir/audit.log`).
     pub audit: Arc<audit::AuditLog>,
     /// This node's copy of the cluster settings.
     pub settings: Arc<crate::settings::SettingsStore>,
+}
+
+impl AppState {
+    /// Log a refused request, at most one line a second.
+    pub fn log_refusal(&self, message: &str) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if self.last_refusal_logged.swap(now, Ordering::Relaxed) != now {
+            tracing::warn!("{message}");
+        }
+    }
 }
 
 pub type AppRouter = Router;

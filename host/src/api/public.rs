@@ -13,6 +13,7 @@
 //! Any node answers: status and cancel are forwarded to the node that
 //! coordinates the latest task when that is another node.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::{FromRequestParts, Query, State};
@@ -26,11 +27,12 @@ use serde_json::{Value, json};
 
 use super::audit::Entry;
 use super::params::{self, Param};
-use super::{AppState, CANCEL_URI, HEALTH_URI, START_URI, STATUS_URI};
+use super::{AppState, CANCEL_URI, ClientAddr, HEALTH_URI, START_URI, STATUS_URI};
 use crate::auth::{AuthError, Caller};
 use crate::config::Role;
 use crate::coordinator::task::TaskStatus;
 use crate::coordinator::{NodeSelection, StartError, StartRequest};
+use crate::node::storage::RequestedDir;
 use crate::protocol::CollectParameters;
 use crate::settings::BAD_REDACTION_LEVEL;
 use crate::upload::Destination;
@@ -42,6 +44,13 @@ use super::ApiError;
 const CANCEL_WAIT: Duration = Duration::from_secs(10);
 const MAX_LONG_POLL: Duration = Duration::from_secs(60);
 const DEFAULT_LONG_POLL: Duration = Duration::from_secs(30);
+/// Unauthenticated `/health?waitIdle=` requests that may wait at once;
+/// beyond them, health answers at once.
+const MAX_HEALTH_WAITERS: usize = 32;
+/// Longest `taskRegexp` accepted.
+const MAX_TASK_REGEXP: usize = 1024;
+/// Longest salt accepted.
+const MAX_SALT: usize = 1024;
 
 pub fn router(_state: AppState) -> Router<AppState> {
     Router::new()
@@ -61,11 +70,34 @@ async fn authenticate(parts: &Parts, state: &AppState) -> Result<Caller, ApiErro
         .headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
+    let client = parts
+        .extensions
+        .get::<ClientAddr>()
+        .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |c| c.0.ip());
     state
         .users
-        .authenticate(header)
+        .authenticate(header, client)
         .await
-        .map_err(|e: AuthError| ApiError::general(StatusCode::UNAUTHORIZED, e.to_string()))
+        .map_err(|e: AuthError| {
+            let message = e.to_string();
+            match e {
+                AuthError::Missing | AuthError::Invalid => {
+                    if e == AuthError::Invalid {
+                        state.log_refusal(&format!("failed sign-in from {client}"));
+                    }
+                    ApiError::general(StatusCode::UNAUTHORIZED, message)
+                }
+                AuthError::Throttled { retry_after } => {
+                    state.log_refusal(&format!("sign-ins from {client} throttled"));
+                    ApiError::general(StatusCode::TOO_MANY_REQUESTS, message)
+                        .retry_after(retry_after.as_secs_f64().ceil() as u64)
+                }
+                AuthError::Busy => {
+                    state.log_refusal("sign-in refused: the verification queue is full");
+                    ApiError::general(StatusCode::SERVICE_UNAVAILABLE, message).retry_after(1)
+                }
+            }
+        })
 }
 
 impl FromRequestParts<AppState> for Reader {
@@ -195,23 +227,21 @@ fn start_request(
     {
         errors.extend(fields);
     }
-    check_collect_parameters(&collect, &mut errors);
+    check_collect_parameters(state, &collect, &mut errors);
     let upload_proxy = match proxy.as_deref().map(str::trim) {
         None | Some("") => None,
-        Some(p) => {
-            // ns_server takes host:port; a URL is fine too.
-            let url = match p.contains("://") {
-                true => p.to_string(),
-                false => format!("http://{p}"),
-            };
-            match crate::upload::Proxy::parse(&url) {
-                Ok(proxy) => Some(proxy),
-                Err(e) => {
-                    errors.insert("uploadProxy".into(), format!("The proxy {e}"));
-                    None
+        Some(p) => match crate::upload::Proxy::parse(&crate::upload::proxy_url(p)) {
+            Ok(proxy) => {
+                if let Err(StartError::Invalid(fields)) = state.coordinator.check_proxy(&proxy) {
+                    errors.extend(fields);
                 }
+                Some(proxy)
             }
-        }
+            Err(e) => {
+                errors.insert("uploadProxy".into(), format!("The proxy {e}"));
+                None
+            }
+        },
     };
     if upload_proxy.is_some() && destination.is_none() && !errors.contains_key("uploadHost") {
         errors.insert(
@@ -231,8 +261,13 @@ fn start_request(
     })
 }
 
-/// ns_server's checks of the collection options.
-fn check_collect_parameters(p: &CollectParameters, errors: &mut BTreeMap<String, String>) {
+/// ns_server's checks of the collection options, and this node's limits
+/// on them (`logDir` and `tmpDir` below the operator's directories).
+pub(super) fn check_collect_parameters(
+    state: &AppState,
+    p: &CollectParameters,
+    errors: &mut BTreeMap<String, String>,
+) {
     let mut error = |key: &str, message: &str| {
         errors
             .entry(key.to_string())
@@ -251,16 +286,31 @@ fn check_collect_parameters(p: &CollectParameters, errors: &mut BTreeMap<String,
     if p.log_redaction_salt.as_deref() == Some("") {
         error("logRedactionSalt", "cannot be empty");
     }
-    for (key, value) in [("tmpDir", &p.tmp_dir), ("logDir", &p.log_dir)] {
-        if value
-            .as_deref()
-            .is_some_and(|v| !std::path::Path::new(v).is_absolute())
-        {
-            error(key, "Must be an absolute path");
+    if p.log_redaction_salt
+        .as_ref()
+        .is_some_and(|s| s.len() > MAX_SALT)
+    {
+        error(
+            "logRedactionSalt",
+            &format!("must be at most {MAX_SALT} characters"),
+        );
+    }
+    let storage = state.node.storage();
+    for (key, kind, value) in [
+        ("tmpDir", RequestedDir::Tmp, &p.tmp_dir),
+        ("logDir", RequestedDir::Log, &p.log_dir),
+    ] {
+        if let Some(Err(e)) = value.as_deref().map(|v| storage.allowed(kind, v)) {
+            error(key, &e);
         }
     }
-    if p.task_regexp.as_deref() == Some("") {
-        error("taskRegexp", "cannot be empty");
+    match p.task_regexp.as_deref() {
+        Some("") => error("taskRegexp", "cannot be empty"),
+        Some(r) if r.len() > MAX_TASK_REGEXP => error(
+            "taskRegexp",
+            &format!("must be at most {MAX_TASK_REGEXP} characters"),
+        ),
+        _ => {}
     }
 }
 
@@ -299,7 +349,12 @@ async fn start(
 ) -> Result<Json<Value>, ApiError> {
     let params = params::parse(&headers, &body)?;
     let task = start_task(&state, &caller, START_URI, &params, START_PARAMS).await?;
-    Ok(Json(serde_json::to_value(task).unwrap()))
+    Ok(Json(task_json(&task)))
+}
+
+/// A task as JSON (our own type: it always serializes).
+pub(super) fn task_json(task: &TaskStatus) -> Value {
+    serde_json::to_value(task).unwrap_or(Value::Null)
 }
 
 /// Check `params` (the route's `known` ones) and start the collection.
@@ -320,6 +375,10 @@ pub(super) async fn start_task(
             Err(e @ (StartError::AlreadyRunning | StartError::Unreachable(_))) => {
                 Err(ApiError::general(StatusCode::BAD_REQUEST, e.to_string()))
             }
+            Err(e @ StartError::CannotCollect(_)) => Err(ApiError::general(
+                StatusCode::INSUFFICIENT_STORAGE,
+                e.to_string(),
+            )),
         }
     }
     .await;
@@ -328,6 +387,7 @@ pub(super) async fn start_task(
         action: "start",
         route,
         params: Some(params),
+        known,
         task_id: started.as_ref().ok().map(|t| t.task_id.as_str()),
         outcome: started.as_ref().map(drop).map_err(ApiError::summary),
     });
@@ -366,7 +426,7 @@ fn no_task() -> ApiError {
 fn coordinator_unreachable(node: &str, e: impl std::fmt::Display) -> ApiError {
     ApiError::general(
         StatusCode::BAD_GATEWAY,
-        format!("The coordinating node {node} is unreachable: {e}"),
+        format!("Cannot reach the coordinating node {node}: {e}"),
     )
 }
 
@@ -398,11 +458,7 @@ pub(super) async fn latest_task(
             .await
         {
             Ok(task) => Ok(Json(task)),
-            Err(crate::coordinator::peers::PeerError::Rejected { status, .. })
-                if status == StatusCode::NOT_FOUND =>
-            {
-                Err(no_task())
-            }
+            Err(e) if e.status() == Some(StatusCode::NOT_FOUND) => Err(no_task()),
             Err(e) => Err(coordinator_unreachable(&node, e)),
         };
     }
@@ -418,8 +474,7 @@ pub(super) async fn local_status(
         Some(since) => state.coordinator.wait_for_change(since, query.wait()).await,
         None => state.coordinator.latest(),
     };
-    task.map(|t| Json(serde_json::to_value(t).unwrap()))
-        .ok_or_else(no_task)
+    task.map(|t| Json(task_json(&t))).ok_or_else(no_task)
 }
 
 async fn cancel(
@@ -447,6 +502,7 @@ pub(super) async fn cancel_task(
         action: "cancel",
         route,
         params: None,
+        known: &[],
         task_id: task_id.as_deref(),
         outcome: cancelled.as_ref().map(drop).map_err(ApiError::summary),
     });
@@ -454,17 +510,16 @@ pub(super) async fn cancel_task(
 }
 
 async fn cancel_anywhere(state: &AppState) -> Result<Json<Value>, ApiError> {
-    if let Some(node) = remote_coordinator(state) {
-        let task_id = state
-            .node
-            .last_task()
-            .map(|t| t.task_id)
-            .unwrap_or_default();
-        return match state.coordinator.peers().cancel_task(&node, &task_id).await {
+    if let Some(task) = state.node.last_task()
+        && task.coordinator != state.node.name()
+    {
+        let node = task.coordinator;
+        let peers = state.coordinator.peers();
+        return match peers.cancel_task(&node, &task.task_id, CANCEL_WAIT).await {
             Ok(task) => Ok(Json(task)),
             Err(e) => {
                 // Best effort: at least stop our own part of the task.
-                state.node.cancel_job(&task_id);
+                state.node.cancel_job(&task.task_id);
                 Err(coordinator_unreachable(&node, e))
             }
         };
@@ -473,7 +528,7 @@ async fn cancel_anywhere(state: &AppState) -> Result<Json<Value>, ApiError> {
         .coordinator
         .cancel(CANCEL_WAIT)
         .await
-        .map(|t| Json(serde_json::to_value(t).unwrap()))
+        .map(|t| Json(task_json(&t)))
         .ok_or_else(no_task)
 }
 
@@ -490,7 +545,13 @@ async fn health(
 ) -> Result<Json<Value>, ApiError> {
     let Query(query) = query.map_err(bad_query)?;
     if let Some(wait) = query.wait_idle {
-        state.node.wait_idle(clamp_wait(Some(wait))).await;
+        // Anyone may ask, so only a few wait at once; the rest are
+        // answered as things are.
+        let waiters = state.health_waiters.fetch_add(1, Ordering::Relaxed);
+        if waiters < MAX_HEALTH_WAITERS {
+            state.node.wait_idle(clamp_wait(Some(wait))).await;
+        }
+        state.health_waiters.fetch_sub(1, Ordering::Relaxed);
     }
     Ok(Json(json!({
         "node": state.node.name(),
@@ -500,7 +561,7 @@ async fn health(
     })))
 }
 
-fn bad_query(e: axum::extract::rejection::QueryRejection) -> ApiError {
+pub(super) fn bad_query(e: axum::extract::rejection::QueryRejection) -> ApiError {
     ApiError::general(
         StatusCode::BAD_REQUEST,
         format!("Bad query: {}", e.body_text()),

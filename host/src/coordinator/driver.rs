@@ -10,7 +10,7 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
 use super::TaskCtx;
-use super::peers::{PeerError, SessionEvents};
+use super::peers::{PeerError, SessionEvents, secs};
 use super::task::{NodeState, NodeStatus};
 use crate::protocol::NodeEvent;
 
@@ -138,6 +138,16 @@ impl Driver {
                     continue;
                 }
             };
+            // Silence may be ours: if this process was stopped (SIGSTOP, a
+            // long pause), the node's lines wait unread in the socket while
+            // our timer runs out. Give them one more interval to arrive
+            // before calling the node lost.
+            let next = match next {
+                Err(_) if cancel_deadline.is_none() => {
+                    tokio::time::timeout(ctx.coordinator.heartbeat(), session.next()).await
+                }
+                other => other,
+            };
             let lost = match next {
                 Ok(Some(Ok(NodeEvent::Heartbeat))) => continue,
                 Ok(Some(Ok(event))) => {
@@ -151,9 +161,13 @@ impl Driver {
                     tracing::warn!(task = %ctx.task_id, node = %self.node, "node did not confirm the cancel in time");
                     String::new()
                 }
-                Err(_) => format!("lost contact with the node: no heartbeat for {liveness:?}"),
-                Ok(None) => "lost contact with the node: the connection closed".into(),
-                Ok(Some(Err(e))) => format!("lost contact with the node: {e}"),
+                Err(_) => format!(
+                    "lost contact with {}: no heartbeat for {}",
+                    self.node,
+                    secs(liveness + ctx.coordinator.heartbeat())
+                ),
+                Ok(None) => format!("lost contact with {}: the connection closed", self.node),
+                Ok(Some(Err(e))) => format!("lost contact with {}: {e}", self.node),
             };
             return Some(self.lost(lost, cancel_deadline.is_some()));
         }

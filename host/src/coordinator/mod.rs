@@ -31,7 +31,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::CoordinatorSettings;
-use crate::protocol::{CollectParameters, OpenSession};
+use crate::protocol::{CollectParameters, OpenSession, TaskId};
 use crate::upload::{self, Destination, Proxy, UploadPolicy};
 use peers::{PeerError, Peers, SessionEvents};
 use store::TaskStore;
@@ -79,6 +79,9 @@ pub enum StartError {
     Unreachable(String),
     #[error("Logs collection task is already started")]
     AlreadyRunning,
+    /// A chosen node cannot collect now (its disk is below the reserve).
+    #[error("{0}")]
+    CannotCollect(String),
 }
 
 struct RunningTask {
@@ -103,7 +106,7 @@ pub struct Coordinator {
 /// Everything a task's drivers share.
 struct TaskCtx {
     coordinator: Arc<Coordinator>,
-    task_id: String,
+    task_id: TaskId,
     cancel: CancellationToken,
     upload: Option<Destination>,
     upload_proxy: Option<Proxy>,
@@ -175,14 +178,31 @@ impl Coordinator {
             .map_err(|e| StartError::Invalid(BTreeMap::from([("uploadHost".to_string(), e)])))
     }
 
+    /// Check a request's own upload proxy against this cluster's policy.
+    pub fn check_proxy(&self, proxy: &Proxy) -> Result<(), StartError> {
+        self.upload_policy
+            .check_proxy(proxy)
+            .map_err(|e| StartError::Invalid(BTreeMap::from([("uploadProxy".to_string(), e)])))
+    }
+
+    /// How long a node keeps a session without hearing from us: three
+    /// heartbeat intervals (we ping every interval), plus a second for a
+    /// busy moment.
+    fn lease(&self) -> Duration {
+        self.heartbeat() * 3 + Duration::from_secs(1)
+    }
+
     /// Start a collection; returns the new task's status.
     pub async fn start(self: &Arc<Self>, request: &StartRequest) -> Result<TaskStatus, StartError> {
         let chosen = self.resolve(&request.selection)?;
+        if let Some(proxy) = &request.upload_proxy {
+            self.check_proxy(proxy)?;
+        }
         if let Some(destination) = &request.upload {
             self.check_destination(destination)?;
             if !request.bypass_reachability_checks {
                 let proxy = self.upload_policy.proxy_for(request.upload_proxy.as_ref());
-                upload::preflight(destination, proxy.as_ref())
+                upload::preflight(destination, &self.upload_policy, proxy.as_ref())
                     .await
                     .map_err(StartError::Unreachable)?;
             }
@@ -192,34 +212,43 @@ impl Coordinator {
             return Err(StartError::AlreadyRunning);
         }
 
-        let task_id = format!("{:032x}", rand::random::<u128>());
-        let open = OpenSession {
-            task_id: task_id.clone(),
-            coordinator: self.me.clone(),
-        };
+        let task_id = TaskId::random();
+        // Every node answers within the peer timeout, or is reported as
+        // not answering: a hung node never holds up the start.
         let opened = futures::future::join_all(self.peers.names().map(|node| {
-            let open = &open;
-            async move { (node.clone(), self.peers.open_session(node, open).await) }
+            let open = OpenSession {
+                task_id: task_id.clone(),
+                coordinator: self.me.clone(),
+                lease_ms: Some(self.lease().as_millis() as u64),
+                collects: chosen.contains(node),
+            };
+            async move { (node.clone(), self.peers.open_session(node, &open).await) }
         }))
         .await;
 
         let mut sessions: BTreeMap<String, SessionEvents> = BTreeMap::new();
         let mut unreachable: BTreeMap<String, String> = BTreeMap::new();
+        let mut cannot_collect = Vec::new();
         for (node, result) in opened {
             match result {
                 Ok(s) => {
                     sessions.insert(node, s);
                 }
-                Err(PeerError::Busy(busy)) => {
+                Err(PeerError::Busy { busy, .. }) => {
                     tracing::info!(%node, busy_with = %busy.task_id, coordinator = %busy.coordinator,
                         "start refused: a collection is already running");
                     return Err(StartError::AlreadyRunning); // drops `sessions`
                 }
+                Err(e @ PeerError::LowDisk { .. }) => cannot_collect.push(e.to_string()),
                 Err(e) => {
                     tracing::warn!(%node, "cannot open a session: {e}");
                     unreachable.insert(node, e.to_string());
                 }
             }
+        }
+        if !cannot_collect.is_empty() {
+            tracing::warn!("start refused: {}", cannot_collect.join("; "));
+            return Err(StartError::CannotCollect(cannot_collect.join("; ")));
         }
 
         let per_node = chosen
@@ -235,11 +264,15 @@ impl Coordinator {
         let cancel = CancellationToken::new();
         let (ended_tx, ended_rx) = watch::channel(false);
         *self.running.lock().unwrap() = Some(RunningTask {
-            task_id: task_id.clone(),
+            task_id: task_id.to_string(),
             cancel: cancel.clone(),
             ended: ended_rx,
         });
-        let status = self.publish_new(TaskStatus::new(task_id.clone(), self.me.clone(), per_node));
+        let status = self.publish_new(TaskStatus::new(
+            task_id.to_string(),
+            self.me.clone(),
+            per_node,
+        ));
         self.store.save(&status);
         tracing::info!(task = %task_id, nodes = ?chosen,
             upload = request.upload.as_ref().map(|d| d.base_url.as_str()), "collection started");
@@ -357,9 +390,14 @@ async fn run_task(
             )));
         }
     }
+    // Every holder hears from us each heartbeat interval, or lets go of
+    // its session (and stops its job) when its lease runs out.
+    let idle = CancellationToken::new();
+    for node in &holders {
+        tokio::spawn(ping_until(ctx.clone(), node.clone(), idle.clone()));
+    }
     // Nodes not chosen only hold the lock: keep reading their heartbeats
     // so their streams never stall, until the task ends.
-    let idle = CancellationToken::new();
     for (node, mut session) in sessions {
         let idle = idle.clone();
         tokio::spawn(async move {
@@ -406,4 +444,27 @@ async fn run_task(
     }
     let _ = ended.send(true);
     tracing::info!(task = %ctx.task_id, status = state.as_str(), "collection ended");
+}
+
+/// Ping `node` every heartbeat interval until `done`: one ping at a time,
+/// each bounded by the peer timeout, so a hung node costs one request.
+async fn ping_until(ctx: Arc<TaskCtx>, node: String, done: CancellationToken) {
+    let peers = &ctx.coordinator.peers;
+    let mut every = tokio::time::interval(ctx.coordinator.heartbeat());
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await; // the first tick is now: the session just opened
+    loop {
+        tokio::select! {
+            _ = done.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        tokio::select! {
+            _ = done.cancelled() => return,
+            result = peers.ping(&node, &ctx.task_id) => {
+                if let Err(e) = result {
+                    tracing::debug!(task = %ctx.task_id, %node, "ping: {e}");
+                }
+            }
+        }
+    }
 }

@@ -1,53 +1,112 @@
 //! The coordinator's client for the node-to-node API.
+//!
+//! Every request is signed ([`crate::peer_auth`]) and bounded: a TCP
+//! connection within `connect_timeout`, an answer within `peer_timeout`
+//! (a session's stream then lives as long as the task, watched by the
+//! driver's heartbeat check). Errors name the node and say what happened
+//! in an operator's words.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
+use serde::Serialize;
 use tokio_util::codec::{FramedRead, LinesCodec};
 use tokio_util::io::StreamReader;
 
 use crate::protocol::{
-    Busy, CANCEL_TASK_PATH, CollectParameters, LATEST_TASK_PATH, NodeEvent, OpenSession,
+    Busy, CANCEL_TASK_PATH, CollectParameters, LATEST_TASK_PATH, LowDisk, NodeEvent, OpenSession,
     SESSIONS_PATH, SETTINGS_PATH, StartJob, StartUpload,
 };
 use crate::upload::Proxy;
 
 /// Longest event line accepted from a node.
 const MAX_EVENT_LINE: usize = 1 << 20;
-/// Timeout of a short command (start job, cancel, status).
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest error body read from a node.
+const MAX_ERROR_BODY: usize = 16 * 1024;
+/// Pooled connections are dropped after this long unused: shorter than
+/// the server's header timeout, so we never reuse one it is closing.
+const POOL_IDLE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
-    #[error("node is busy with task {} coordinated by {}", .0.task_id, .0.coordinator)]
-    Busy(Busy),
-    #[error("node unreachable: {0}")]
-    Unreachable(String),
-    #[error("node answered {status}: {body}")]
-    Rejected { status: StatusCode, body: String },
+    #[error("{node} is busy with task {} coordinated by {}", .busy.task_id, .busy.coordinator)]
+    Busy { node: String, busy: Busy },
+    #[error("{node} cannot collect: {message}")]
+    LowDisk { node: String, message: String },
+    #[error("{node} did not answer within {}", secs(*.after))]
+    NoAnswer { node: String, after: Duration },
+    #[error("cannot connect to {node} at {address}: {reason}")]
+    Unreachable {
+        node: String,
+        address: String,
+        reason: String,
+    },
+    #[error("the connection to {node} broke: {reason}")]
+    Broken { node: String, reason: String },
+    #[error("{node} refused the request ({status}): {message}")]
+    Rejected {
+        node: String,
+        status: StatusCode,
+        message: String,
+    },
+    #[error("{0} is not a node of this cluster")]
+    UnknownNode(String),
 }
 
-/// Addresses of the cluster's nodes and the shared secret.
+impl PeerError {
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            PeerError::Rejected { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// `5 s`, `1.5 s`: durations as operators read them.
+pub fn secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{s:.0} s")
+    } else {
+        format!("{s:.1} s")
+    }
+}
+
+/// Addresses of the cluster's nodes, this node's name and the secret
+/// that signs every request.
 pub struct Peers {
     client: reqwest::Client,
     secret: String,
-    base_urls: BTreeMap<String, String>,
+    me: String,
+    addresses: BTreeMap<String, String>,
+    connect_timeout: Duration,
+    timeout: Duration,
 }
 
 /// A node's event stream for one session. Dropping it ends the session.
 pub struct SessionEvents {
+    node: String,
     lines: Box<dyn Stream<Item = Result<String, String>> + Send + Unpin>,
 }
 
 impl SessionEvents {
-    /// The next event; `None` when the node closed the stream.
+    /// The next event; `None` when the node closed the stream. An error
+    /// says, in the node's name, what broke.
     pub async fn next(&mut self) -> Option<Result<NodeEvent, String>> {
         let line = self.lines.next().await?;
-        Some(line.and_then(|l| {
-            serde_json::from_str(&l).map_err(|e| format!("bad event from node: {e}: {l:?}"))
-        }))
+        Some(match line {
+            Ok(l) => serde_json::from_str(&l).map_err(|e| {
+                format!(
+                    "{} sent an event this node does not understand ({e}): {:?}",
+                    self.node,
+                    l.chars().take(200).collect::<String>()
+                )
+            }),
+            Err(e) => Err(format!("the connection to {} broke: {e}", self.node)),
+        })
     }
 }
 
@@ -55,74 +114,122 @@ impl Peers {
     pub fn new(
         nodes: &BTreeMap<String, String>,
         secret: &str,
+        me: &str,
         connect_timeout: Duration,
+        timeout: Duration,
     ) -> anyhow::Result<Peers> {
         let client = reqwest::Client::builder()
             .connect_timeout(connect_timeout)
+            .pool_idle_timeout(POOL_IDLE)
             .tcp_nodelay(true)
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(Peers {
             client,
             secret: secret.to_string(),
-            base_urls: nodes
-                .iter()
-                .map(|(name, addr)| (name.clone(), format!("http://{addr}")))
-                .collect(),
+            me: me.to_string(),
+            addresses: nodes.clone(),
+            connect_timeout,
+            timeout,
         })
     }
 
     pub fn names(&self) -> impl Iterator<Item = &String> {
-        self.base_urls.keys()
+        self.addresses.keys()
     }
 
     /// `host:port` of `node`'s API, as the cluster config gives it.
     pub fn address(&self, node: &str) -> Option<&str> {
-        self.base_urls
-            .get(node)
-            .map(|u| u.trim_start_matches("http://"))
+        self.addresses.get(node).map(String::as_str)
     }
 
     pub fn contains(&self, node: &str) -> bool {
-        self.base_urls.contains_key(node)
+        self.addresses.contains_key(node)
     }
 
-    fn url(&self, node: &str, path: &str) -> String {
-        format!("{}{path}", self.base_urls[node])
+    /// How long a node has to answer.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
-    fn post(&self, node: &str, path: &str) -> reqwest::RequestBuilder {
-        self.client
-            .post(self.url(node, path))
-            .bearer_auth(&self.secret)
+    /// A signed request to `node`.
+    fn request(
+        &self,
+        method: Method,
+        node: &str,
+        path_and_query: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<reqwest::RequestBuilder, PeerError> {
+        let address = self
+            .address(node)
+            .ok_or_else(|| PeerError::UnknownNode(node.to_string()))?;
+        let body = body.unwrap_or_default();
+        let signed = crate::peer_auth::sign(&self.secret, &self.me, &method, path_and_query, &body);
+        let mut request = self
+            .client
+            .request(method, format!("http://{address}{path_and_query}"));
+        for (name, value) in signed {
+            request = request.header(name, value);
+        }
+        if !body.is_empty() {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body);
+        }
+        Ok(request)
+    }
+
+    fn json<T: Serialize>(
+        &self,
+        node: &str,
+        path: &str,
+        body: &T,
+    ) -> Result<reqwest::RequestBuilder, PeerError> {
+        let body = serde_json::to_vec(body).expect("protocol types serialize");
+        self.request(Method::POST, node, path, Some(body))
     }
 
     /// Open a session: the node's slot is ours until the stream is dropped.
+    /// The node must answer within the peer timeout.
     pub async fn open_session(
         &self,
         node: &str,
         req: &OpenSession,
     ) -> Result<SessionEvents, PeerError> {
-        let response = self
-            .post(node, SESSIONS_PATH)
-            .json(req)
-            .send()
-            .await
-            .map_err(unreachable)?;
+        let request = self.json(node, SESSIONS_PATH, req)?;
+        let response = match tokio::time::timeout(self.timeout, request.send()).await {
+            Ok(sent) => sent.map_err(|e| self.transport(node, e))?,
+            Err(_) => return Err(self.no_answer(node)),
+        };
         match response.status() {
             StatusCode::OK => {}
             StatusCode::CONFLICT => {
-                let busy = response.json::<Busy>().await.map_err(unreachable)?;
-                return Err(PeerError::Busy(busy));
+                let busy = self.read_json::<Busy>(node, response).await?;
+                return Err(PeerError::Busy {
+                    node: node.to_string(),
+                    busy,
+                });
             }
-            status => return Err(rejected(status, response).await),
+            StatusCode::INSUFFICIENT_STORAGE => {
+                let low = self.read_json::<LowDisk>(node, response).await?;
+                return Err(PeerError::LowDisk {
+                    node: node.to_string(),
+                    message: low.message,
+                });
+            }
+            status => return Err(self.rejected(node, status, response).await),
         }
-        let bytes = response.bytes_stream().map_err(std::io::Error::other);
+        let bytes = response
+            .bytes_stream()
+            .map_err(|e| std::io::Error::other(innermost(&e)));
         let lines = FramedRead::new(
             StreamReader::new(bytes),
             LinesCodec::new_with_max_length(MAX_EVENT_LINE),
         )
         .map_err(|e| e.to_string());
         Ok(SessionEvents {
+            node: node.to_string(),
             lines: Box::new(lines),
         })
     }
@@ -137,7 +244,7 @@ impl Peers {
         let body = StartJob {
             parameters: parameters.clone(),
         };
-        self.command(self.post(node, &path).json(&body))
+        self.command(node, self.json(node, &path, &body)?)
             .await
             .map(drop)
     }
@@ -155,56 +262,71 @@ impl Peers {
             base_url: base_url.to_string(),
             proxy: proxy.map(|p| p.given.clone()),
         };
-        self.command(self.post(node, &path).json(&body))
+        self.command(node, self.json(node, &path, &body)?)
             .await
             .map(drop)
     }
 
     /// End a session: the node releases its slot (cancelling any job).
     pub async fn close_session(&self, node: &str, task_id: &str) -> Result<(), PeerError> {
-        let path = format!("{SESSIONS_PATH}/{task_id}/close");
-        self.command(self.post(node, &path)).await.map(drop)
+        self.session_command(node, task_id, "close").await
     }
 
     pub async fn cancel_job(&self, node: &str, task_id: &str) -> Result<(), PeerError> {
-        let path = format!("{SESSIONS_PATH}/{task_id}/cancel");
-        self.command(self.post(node, &path)).await.map(drop)
+        self.session_command(node, task_id, "cancel").await
+    }
+
+    /// Tell the node we are still here (renews the session's lease).
+    pub async fn ping(&self, node: &str, task_id: &str) -> Result<(), PeerError> {
+        self.session_command(node, task_id, "ping").await
+    }
+
+    async fn session_command(
+        &self,
+        node: &str,
+        task_id: &str,
+        verb: &str,
+    ) -> Result<(), PeerError> {
+        let path = format!("{SESSIONS_PATH}/{task_id}/{verb}");
+        let request = self.request(Method::POST, node, &path, None)?;
+        self.command(node, request).await.map(drop)
     }
 
     /// The latest task as the coordinator `node` sees it (status forwarded
-    /// from another node). `query` is passed through (long-poll).
+    /// from another node). `query` is passed through (long-poll `wait`,
+    /// which extends the deadline).
     pub async fn latest_task(
         &self,
         node: &str,
         query: &[(String, String)],
         wait: Duration,
     ) -> Result<serde_json::Value, PeerError> {
-        let request = self
-            .client
-            .get(self.url(node, LATEST_TASK_PATH))
-            .bearer_auth(&self.secret)
-            .query(query)
-            .timeout(COMMAND_TIMEOUT + wait);
-        let response = request.send().await.map_err(unreachable)?;
-        if !response.status().is_success() {
-            return Err(rejected(response.status(), response).await);
+        let mut path = LATEST_TASK_PATH.to_string();
+        if !query.is_empty() {
+            path.push('?');
+            path.push_str(&serde_urlencoded::to_string(query).expect("pairs encode"));
         }
-        response.json().await.map_err(unreachable)
+        let request = self
+            .request(Method::GET, node, &path, None)?
+            .timeout(self.timeout + wait);
+        let response = self.answer(node, request, self.timeout + wait).await?;
+        self.read_json(node, response).await
     }
 
-    /// Ask the coordinator `node` to cancel task `task_id`.
+    /// Ask the coordinator `node` to cancel task `task_id`; it waits up to
+    /// `wait` for its nodes to confirm.
     pub async fn cancel_task(
         &self,
         node: &str,
         task_id: &str,
+        wait: Duration,
     ) -> Result<serde_json::Value, PeerError> {
-        let response = self
-            .command(
-                self.post(node, CANCEL_TASK_PATH)
-                    .json(&serde_json::json!({ "taskId": task_id })),
-            )
-            .await?;
-        response.json().await.map_err(unreachable)
+        let body = serde_json::json!({ "taskId": task_id });
+        let request = self
+            .json(node, CANCEL_TASK_PATH, &body)?
+            .timeout(self.timeout + wait);
+        let response = self.answer(node, request, self.timeout + wait).await?;
+        self.read_json(node, response).await
     }
 
     /// Give `node` the cluster's new settings.
@@ -213,41 +335,202 @@ impl Peers {
         node: &str,
         settings: &crate::settings::ClusterSettings,
     ) -> Result<(), PeerError> {
-        self.command(self.post(node, SETTINGS_PATH).json(settings))
+        self.command(node, self.json(node, SETTINGS_PATH, settings)?)
             .await
             .map(drop)
     }
 
+    /// A short command: answered within the peer timeout, and successful.
     async fn command(
         &self,
+        node: &str,
         request: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, PeerError> {
-        let response = request
-            .timeout(COMMAND_TIMEOUT)
-            .send()
+        self.answer(node, request.timeout(self.timeout), self.timeout)
             .await
-            .map_err(unreachable)?;
+    }
+
+    async fn answer(
+        &self,
+        node: &str,
+        request: reqwest::RequestBuilder,
+        deadline: Duration,
+    ) -> Result<reqwest::Response, PeerError> {
+        let response = match tokio::time::timeout(deadline, request.send()).await {
+            Ok(sent) => sent.map_err(|e| self.transport(node, e))?,
+            Err(_) => return Err(self.no_answer(node)),
+        };
         if response.status().is_success() {
             Ok(response)
         } else {
-            Err(rejected(response.status(), response).await)
+            Err(self.rejected(node, response.status(), response).await)
+        }
+    }
+
+    async fn read_json<T: serde::de::DeserializeOwned>(
+        &self,
+        node: &str,
+        response: reqwest::Response,
+    ) -> Result<T, PeerError> {
+        let body = self.read_body(node, response, usize::MAX).await?;
+        serde_json::from_slice(&body).map_err(|e| PeerError::Broken {
+            node: node.to_string(),
+            reason: format!("it sent an answer this node does not understand: {e}"),
+        })
+    }
+
+    /// The body, read within the peer timeout and at most `max` bytes
+    /// (more is cut).
+    async fn read_body(
+        &self,
+        node: &str,
+        response: reqwest::Response,
+        max: usize,
+    ) -> Result<Bytes, PeerError> {
+        let mut body = Vec::new();
+        let mut stream = response.bytes_stream();
+        let read = async {
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| self.transport(node, e))?;
+                let room = max.saturating_sub(body.len());
+                body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                if body.len() >= max {
+                    break;
+                }
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(self.timeout, read).await {
+            Ok(Ok(())) => Ok(body.into()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(self.no_answer(node)),
+        }
+    }
+
+    fn no_answer(&self, node: &str) -> PeerError {
+        PeerError::NoAnswer {
+            node: node.to_string(),
+            after: self.timeout,
+        }
+    }
+
+    /// A transport failure, in words.
+    fn transport(&self, node: &str, e: reqwest::Error) -> PeerError {
+        let address = self.address(node).unwrap_or_default().to_string();
+        if e.is_connect() {
+            let reason = if e.is_timeout() {
+                format!("no connection within {}", secs(self.connect_timeout))
+            } else {
+                match io_kind(&e) {
+                    Some(std::io::ErrorKind::ConnectionRefused) => {
+                        "connection refused (is its daemon running?)".to_string()
+                    }
+                    _ => crate::client::error_chain(&e),
+                }
+            };
+            return PeerError::Unreachable {
+                node: node.to_string(),
+                address,
+                reason,
+            };
+        }
+        if e.is_timeout() {
+            return self.no_answer(node);
+        }
+        PeerError::Broken {
+            node: node.to_string(),
+            reason: crate::client::error_chain(&e),
+        }
+    }
+
+    async fn rejected(
+        &self,
+        node: &str,
+        status: StatusCode,
+        response: reqwest::Response,
+    ) -> PeerError {
+        let body = self
+            .read_body(node, response, MAX_ERROR_BODY)
+            .await
+            .unwrap_or_default();
+        PeerError::Rejected {
+            node: node.to_string(),
+            status,
+            message: error_message(&body),
         }
     }
 }
 
-fn unreachable(e: reqwest::Error) -> PeerError {
-    // reqwest's Display omits the cause ("error sending request"); the
-    // chain says what actually went wrong (refused, timed out, ...).
-    let mut message = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        message = format!("{message}: {s}");
-        source = s.source();
+/// The message of a field-keyed JSON error (`{"_": "..."}`), else the
+/// body as text.
+fn error_message(body: &[u8]) -> String {
+    match serde_json::from_slice::<BTreeMap<String, String>>(body) {
+        Ok(fields) => fields
+            .iter()
+            .map(|(k, v)| {
+                if k == "_" {
+                    v.clone()
+                } else {
+                    format!("{k}: {v}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        Err(_) => String::from_utf8_lossy(body).trim().to_string(),
     }
-    PeerError::Unreachable(message)
 }
 
-async fn rejected(status: StatusCode, response: reqwest::Response) -> PeerError {
-    let body = response.text().await.unwrap_or_default();
-    PeerError::Rejected { status, body }
+/// The deepest cause of `e`: what actually happened ("connection closed
+/// before message completed"), not "error decoding response body".
+fn innermost(e: &reqwest::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        message = s.to_string();
+        source = s.source();
+    }
+    message
+}
+
+fn io_kind(e: &reqwest::Error) -> Option<std::io::ErrorKind> {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        source = s.source();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_operators_write_them() {
+        assert_eq!(secs(Duration::from_secs(5)), "5 s");
+        assert_eq!(secs(Duration::from_millis(1500)), "1.5 s");
+    }
+
+    #[test]
+    fn error_bodies_become_messages() {
+        assert_eq!(error_message(br#"{"_":"no session"}"#), "no session");
+        assert_eq!(error_message(br#"{"proxy":"bad"}"#), "proxy: bad");
+        assert_eq!(error_message(b" plain "), "plain");
+    }
+
+    #[tokio::test]
+    async fn an_unknown_node_is_an_error_not_a_panic() {
+        let peers = Peers::new(
+            &BTreeMap::from([("n1".to_string(), "127.0.0.1:9".to_string())]),
+            "0123456789abcdef",
+            "n1",
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let e = peers.cancel_job("n9", "t").await.unwrap_err();
+        assert_eq!(e.to_string(), "n9 is not a node of this cluster");
+    }
 }

@@ -1,20 +1,24 @@
 //! The jobs of a session: run the collector into a fresh output
-//! directory, later upload what it produced; report what happened as
-//! [`NodeEvent`]s. A cancelled job's directory is removed.
+//! directory under its disk budget, keep what it produced out of its
+//! reach, later upload it; report what happened as [`NodeEvent`]s. What
+//! a failed or cancelled job wrote is removed (unless `keep_failed`).
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::NodeService;
+use super::budget::{self, BudgetWatch, Limits};
+use super::storage::{JobDirs, Kept};
 use crate::plugin::collector::{CollectJob, Collected, RunError};
-use crate::plugin::sandbox::RunLabels;
+use crate::plugin::sandbox::{Route, RunLabels};
 use crate::plugin::uploader::{Receipt, UploadFailure, UploadJob};
 use crate::plugin::{PluginEvent, PluginSource};
-use crate::protocol::{CollectParameters, NodeEvent};
+use crate::protocol::{CollectParameters, NodeEvent, TaskId};
+use crate::safe_dir::SafeDir;
 use crate::upload::{Destination, Proxy};
 
 /// Progress is forwarded at most this often.
@@ -22,70 +26,169 @@ const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 /// Output kept in a failure report (the tail: that is where errors are).
 pub const OUTPUT_TAIL: usize = 4096;
 
+/// Why the host stopped a job itself (its budget), when it did.
+#[derive(Clone, Default)]
+struct Breach(Arc<Mutex<Option<String>>>);
+
+impl Breach {
+    fn reason(&self) -> Option<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
 pub(super) async fn collect(
     node: Arc<NodeService>,
-    task_id: String,
+    task_id: TaskId,
     parameters: CollectParameters,
     events: mpsc::UnboundedSender<NodeEvent>,
     cancel: CancellationToken,
 ) {
-    let dir = node.jobs_dir.join(&task_id);
-    let event = match prepare_dir(&dir).await {
-        Ok(()) => {
-            tracing::info!(task = %task_id, state = "started", "collector started");
-            let _ = events.send(NodeEvent::Started);
-            let event = run_collector(&node, &task_id, &dir, &parameters, &events, cancel).await;
-            match (event, &parameters.log_dir) {
-                (
-                    NodeEvent::Collected {
-                        path,
-                        size,
-                        summary,
-                    },
-                    Some(log_dir),
-                ) => match move_into(Path::new(&path), Path::new(log_dir)).await {
-                    Ok(path) => NodeEvent::Collected {
-                        path,
-                        size,
-                        summary,
-                    },
-                    Err(e) => NodeEvent::Failed {
+    let storage = node.storage.clone();
+    let (task, tmp) = (task_id.clone(), parameters.tmp_dir.clone());
+    let prepared = tokio::task::spawn_blocking(move || {
+        if let Some(low) = storage.low_disk() {
+            return Err(low);
+        }
+        storage.prepare_job(&task, tmp.as_deref())
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("preparing the job: {e}")));
+    let dirs = match prepared {
+        Ok(dirs) => dirs,
+        Err(output) => {
+            tracing::warn!(task = %task_id, state = "failed", %output, "collection failed");
+            let _ = events.send(NodeEvent::Failed {
+                status_code: None,
+                output,
+            });
+            return;
+        }
+    };
+    tracing::info!(task = %task_id, state = "started", "collector started");
+    let _ = events.send(NodeEvent::Started);
+
+    let breach = Breach::default();
+    let urgent = Arc::new(AtomicBool::new(false));
+    let watch = start_budget(&node, &dirs, &breach, &urgent, &cancel);
+    let result = run_collector(&node, &task_id, &dirs, &parameters, &events, cancel, urgent).await;
+    drop(watch);
+
+    let storage = node.storage.clone();
+    let task = task_id.clone();
+    let log_dir = parameters.log_dir.clone();
+    let breached = breach.reason();
+    let event = tokio::task::spawn_blocking(move || {
+        storage.remove_tmp(&task, &dirs);
+        let outcome = match (result, breached) {
+            (_, Some(reason)) => Err(NodeEvent::Failed {
+                status_code: None,
+                output: reason,
+            }),
+            (Ok(collected), None) => {
+                let names: Vec<String> =
+                    collected.artifacts.iter().map(|a| a.name.clone()).collect();
+                match storage.keep(&task, &dirs, &names, log_dir.as_deref()) {
+                    Ok(kept) => Ok((kept, collected.summary)),
+                    Err(output) => Err(NodeEvent::Failed {
                         status_code: None,
-                        output: format!("could not move {path} into logDir {log_dir}: {e}"),
-                    },
-                },
-                (event, _) => event,
+                        output,
+                    }),
+                }
+            }
+            (Err(event), None) => Err(event),
+        };
+        drop(dirs);
+        match outcome {
+            Ok((kept, summary)) => {
+                storage.remove_output(&task);
+                Ok((kept, summary))
+            }
+            Err(event) => {
+                storage.discard(&task, None);
+                Err(event)
             }
         }
-        Err(e) => NodeEvent::Failed {
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(NodeEvent::Failed {
             status_code: None,
-            output: format!("could not create job directory {}: {e}", dir.display()),
-        },
-    };
-    match &event {
-        NodeEvent::Collected { path, size, .. } => {
-            tracing::info!(task = %task_id, state = "collected", %path, "collection finished");
-            node.record_artifact(&task_id, path.into(), *size);
+            output: format!("finishing the job: {e}"),
+        })
+    });
+
+    let event = match event {
+        Ok((kept, summary)) => {
+            let event = NodeEvent::Collected {
+                path: kept.path.display().to_string(),
+                size: kept.size,
+                summary,
+            };
+            tracing::info!(task = %task_id, state = "collected", path = %kept.path.display(), "collection finished");
+            node.record_artifact(&task_id, kept);
+            event
         }
-        NodeEvent::Failed {
-            status_code,
-            output,
-        } => {
-            tracing::warn!(task = %task_id, state = "failed", status_code = ?status_code, %output, "collection failed")
+        Err(event @ NodeEvent::Failed { .. }) => {
+            if let NodeEvent::Failed {
+                status_code,
+                output,
+            } = &event
+            {
+                tracing::warn!(task = %task_id, state = "failed", status_code = ?status_code, %output, "collection failed");
+            }
+            event
         }
-        _ => {
-            remove_dir(&dir).await;
+        Err(event) => {
             tracing::info!(task = %task_id, state = "cancelled", "collection cancelled");
+            event
+        }
+    };
+    let _ = events.send(event);
+}
+
+/// Watch the job's directories; on a breach, stop the run at once (its
+/// programs get no grace) and remember why.
+fn start_budget(
+    node: &NodeService,
+    dirs: &JobDirs,
+    breach: &Breach,
+    urgent: &Arc<AtomicBool>,
+    cancel: &CancellationToken,
+) -> Option<BudgetWatch> {
+    let settings = node.storage.settings();
+    let limits = Limits {
+        max_bytes: settings.job_max_mb << 20,
+        max_entries: settings.job_max_files,
+        min_free_bytes: settings.min_free_mb << 20,
+    };
+    let roots = [&dirs.output, &dirs.tmp]
+        .into_iter()
+        .map(SafeDir::try_clone)
+        .collect::<std::io::Result<Vec<_>>>();
+    let data_dir = dirs.output.try_clone();
+    let (breach, urgent, cancel) = (breach.clone(), urgent.clone(), cancel.clone());
+    let started = roots.and_then(|roots| {
+        budget::watch(roots, data_dir?, limits, move |reason| {
+            *breach.0.lock().unwrap() = Some(reason);
+            urgent.store(true, Ordering::Relaxed);
+            cancel.cancel();
+        })
+    });
+    match started {
+        Ok(watch) => Some(watch),
+        Err(e) => {
+            tracing::error!("cannot watch the job's disk use: {e}");
+            None
         }
     }
-    let _ = events.send(event);
 }
 
 /// What to upload where.
 pub(super) struct UploadOrder {
-    pub task_id: String,
-    pub artifact: PathBuf,
-    pub size: u64,
+    pub task_id: TaskId,
+    pub artifact: Kept,
+    /// Where the artifact goes (the destination and its file name).
+    pub url: String,
     pub destination: Destination,
     /// The request's proxy; else this node's `[upload] proxy`.
     pub proxy: Option<Proxy>,
@@ -98,48 +201,58 @@ pub(super) async fn upload(
     cancel: CancellationToken,
 ) {
     let task_id = &order.task_id;
-    let file = order
-        .artifact
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let url = order.destination.url_for(&file);
+    let url = order.url.clone();
     let _ = events.send(NodeEvent::UploadStarted { url: url.clone() });
     tracing::info!(task = %task_id, state = "startedUpload", %url, "upload started");
 
-    // This node's own policy applies too, whoever coordinates.
-    let event = match order.destination.check(&node.roles.upload_policy) {
+    let event = match prepare_upload(&node, &order).await {
         Err(reason) => NodeEvent::UploadFailed {
             url: url.clone(),
             status_code: None,
             output: format!("refused by node {}: {reason}", node.name),
         },
-        Ok(origin) => {
-            // The uploader sees its artifact's directory: if the zip was
-            // moved into a shared logDir, show it a directory of its own.
-            let staged = stage(&order.artifact, &node.jobs_dir.join(task_id)).await;
-            let role = &node.roles.uploader;
-            let (forwarder, progress_tx) = ProgressForwarder::start(&events);
-            let result = role
-                .plugin
-                .upload(UploadJob {
-                    labels: labels(&node, role.plugin.source(), task_id),
-                    options: &role.options,
-                    artifact: staged.path(),
-                    artifact_size: order.size,
-                    url: &url,
-                    origin,
-                    proxy: node.roles.upload_policy.proxy_for(order.proxy.as_ref()),
-                    limits: role.limits,
-                    progress: progress_tx,
-                    cancel,
-                })
-                .await;
-            forwarder.finish().await;
-            staged.remove().await;
-            upload_event(url.clone(), result)
-        }
+        Ok((origin, route)) => match stage(&node, &order).await {
+            Err(output) => NodeEvent::UploadFailed {
+                url: url.clone(),
+                status_code: None,
+                output,
+            },
+            Ok(staged) => {
+                let role = &node.roles.uploader;
+                let (forwarder, progress_tx) = ProgressForwarder::start(&events);
+                let result = role
+                    .plugin
+                    .upload(UploadJob {
+                        labels: labels(&node, role.plugin.source(), task_id),
+                        options: &role.options,
+                        artifact: &staged,
+                        artifact_size: order.artifact.size,
+                        url: &url,
+                        origin,
+                        route,
+                        limits: role.limits,
+                        progress: progress_tx,
+                        cancel,
+                    })
+                    .await;
+                forwarder.finish().await;
+                upload_event(url.clone(), result)
+            }
+        },
     };
+    let storage = node.storage.clone();
+    let (task, kept, cancelled) = (
+        task_id.clone(),
+        order.artifact.clone(),
+        event == NodeEvent::Cancelled,
+    );
+    let _ = tokio::task::spawn_blocking(move || {
+        storage.unstage(&task);
+        if cancelled {
+            storage.discard(&task, Some(&kept));
+        }
+    })
+    .await;
     match &event {
         NodeEvent::Uploaded { bytes_sent, .. } => {
             tracing::info!(task = %task_id, state = "uploaded", %url, bytes_sent, "upload finished")
@@ -151,12 +264,40 @@ pub(super) async fn upload(
         } => {
             tracing::warn!(task = %task_id, state = "failedUpload", %url, status_code = ?status_code, %output, "upload failed")
         }
-        _ => {
-            remove_dir(&node.jobs_dir.join(task_id)).await;
-            tracing::info!(task = %task_id, state = "cancelled", "upload cancelled");
-        }
+        _ => tracing::info!(task = %task_id, state = "cancelled", "upload cancelled"),
     }
     let _ = events.send(event);
+}
+
+/// This node's own policy applies too, whoever coordinates: the
+/// destination, the proxy, and (without a proxy) the addresses the host
+/// resolves to, which are then the only ones the upload may connect to.
+async fn prepare_upload(
+    node: &NodeService,
+    order: &UploadOrder,
+) -> Result<(crate::upload::Origin, Route), String> {
+    let policy = &node.roles.upload_policy;
+    let origin = order.destination.check(policy)?;
+    if let Some(proxy) = &order.proxy {
+        policy.check_proxy(proxy)?;
+    }
+    match policy.proxy_for(order.proxy.as_ref()) {
+        Some(proxy) => Ok((origin, Route::Proxy(proxy))),
+        None => {
+            let addrs = policy.resolve(&origin).await?;
+            Ok((origin, Route::Direct(addrs)))
+        }
+    }
+}
+
+/// The artifact alone in a host-owned directory, for the uploader.
+async fn stage(node: &NodeService, order: &UploadOrder) -> Result<std::path::PathBuf, String> {
+    let storage = node.storage.clone();
+    let (task, kept) = (order.task_id.clone(), order.artifact.clone());
+    tokio::task::spawn_blocking(move || storage.stage(&task, &kept))
+        .await
+        .map_err(|e| format!("staging the artifact: {e}"))?
+        .map(|staged| staged.dir.join(staged.file))
 }
 
 fn upload_event(url: String, result: Result<Receipt, UploadFailure>) -> NodeEvent {
@@ -193,141 +334,62 @@ fn upload_event(url: String, result: Result<Receipt, UploadFailure>) -> NodeEven
     }
 }
 
-/// Remove a job directory (cancelled work), logging what goes wrong.
-pub(super) async fn remove_dir(dir: &Path) {
-    match tokio::fs::remove_dir_all(dir).await {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            tracing::warn!("removing {}: {e}", dir.display())
-        }
-        _ => {}
-    }
-}
-
-fn labels(node: &NodeService, plugin: &PluginSource, task_id: &str) -> RunLabels {
+fn labels(node: &NodeService, plugin: &PluginSource, task_id: &TaskId) -> RunLabels {
     RunLabels {
         plugin: plugin.to_string(),
         task_id: task_id.to_string(),
         node: node.name.clone(),
     }
 }
-async fn prepare_dir(dir: &Path) -> std::io::Result<()> {
-    match tokio::fs::remove_dir_all(dir).await {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    tokio::fs::create_dir_all(dir).await
-}
 
-/// The artifact as the uploader will see it.
-enum Staged {
-    /// Already alone in the job's directory.
-    InPlace(PathBuf),
-    /// Hard-linked into `job_dir/upload/` for the upload.
-    Linked(PathBuf),
-}
-
-impl Staged {
-    fn path(&self) -> &Path {
-        match self {
-            Staged::InPlace(p) | Staged::Linked(p) => p,
-        }
-    }
-
-    async fn remove(self) {
-        if let Staged::Linked(path) = self
-            && let Some(dir) = path.parent()
-        {
-            remove_dir(dir).await;
-        }
-    }
-}
-
-/// Stage `artifact` for an upload from `job_dir`: as is when it lives
-/// there, else hard-linked into `job_dir/upload/` (no copy). If the link
-/// fails (another filesystem), the uploader sees the artifact's own
-/// directory, which the log says.
-async fn stage(artifact: &Path, job_dir: &Path) -> Staged {
-    if artifact.parent() == Some(job_dir) {
-        return Staged::InPlace(artifact.to_path_buf());
-    }
-    let dir = job_dir.join("upload");
-    let linked = dir.join(artifact.file_name().unwrap_or_default());
-    let link = async {
-        tokio::fs::create_dir_all(&dir).await?;
-        tokio::fs::hard_link(artifact, &linked).await
-    };
-    match link.await {
-        Ok(()) => Staged::Linked(linked),
-        Err(e) => {
-            tracing::warn!(artifact = %artifact.display(),
-                "could not link the artifact into the job directory ({e}): the uploader sees its whole directory");
-            Staged::InPlace(artifact.to_path_buf())
-        }
-    }
-}
-
-/// Move `file` into `dir` (created if missing), across filesystems too;
-/// the new path.
-async fn move_into(file: &Path, dir: &Path) -> std::io::Result<String> {
-    tokio::fs::create_dir_all(dir).await?;
-    let to = dir.join(file.file_name().unwrap_or_default());
-    if tokio::fs::rename(file, &to).await.is_err() {
-        tokio::fs::copy(file, &to).await?;
-        tokio::fs::remove_file(file).await?;
-    }
-    Ok(to.display().to_string())
-}
-
+/// Run the collector; its result, or the event that says why there is
+/// none.
 async fn run_collector(
     node: &NodeService,
-    task_id: &str,
-    dir: &Path,
+    task_id: &TaskId,
+    dirs: &JobDirs,
     parameters: &CollectParameters,
     events: &mpsc::UnboundedSender<NodeEvent>,
     cancel: CancellationToken,
-) -> NodeEvent {
+    urgent: Arc<AtomicBool>,
+) -> Result<Collected, NodeEvent> {
     let role = &node.roles.collector;
     let (forwarder, progress_tx) = ProgressForwarder::start(events);
     let labels = labels(node, role.plugin.source(), task_id);
+    // Programs get the job's own temporary directory, whatever was asked.
+    let parameters = CollectParameters {
+        tmp_dir: Some(dirs.tmp_path().display().to_string()),
+        ..parameters.clone()
+    };
     let result = role
         .plugin
         .collect(CollectJob {
             labels,
             options: &role.options,
-            output_dir: dir,
+            output_dir: dirs.output_path(),
             limits: role.limits,
             exec: role.exec.clone(),
             parameters: parameters.plugin_parameters(),
             progress: progress_tx,
             cancel,
+            urgent,
         })
         .await;
     forwarder.finish().await;
-    match result {
-        Ok(collected) => match check_artifacts(dir, &collected) {
-            Ok((path, size)) => NodeEvent::Collected {
-                path,
-                size,
-                summary: collected.summary,
-            },
-            Err(output) => NodeEvent::Failed {
-                status_code: None,
-                output,
-            },
-        },
-        Err(RunError::Cancelled) => NodeEvent::Cancelled,
-        Err(RunError::Failed {
+    result.map_err(|e| match e {
+        RunError::Cancelled => NodeEvent::Cancelled,
+        RunError::Failed {
             status_code,
             output,
-        }) => NodeEvent::Failed {
+        } => NodeEvent::Failed {
             status_code: Some(status_code.to_string()),
             output: tail(&output, OUTPUT_TAIL),
         },
-        Err(e) => NodeEvent::Failed {
+        e => NodeEvent::Failed {
             status_code: None,
             output: tail(&e.to_string(), OUTPUT_TAIL),
         },
-    }
+    })
 }
 
 /// Forwards a run's progress to the session, at most every
@@ -388,35 +450,6 @@ async fn forward_progress(
         }
         tokio::time::sleep(PROGRESS_INTERVAL).await;
     }
-}
-
-/// The plugin says what it wrote; believe only what is on disk: a plain
-/// file name, a regular file (not a link) inside the output directory.
-fn check_artifacts(dir: &Path, collected: &Collected) -> Result<(String, u64), String> {
-    let Some(first) = collected.artifacts.first() else {
-        return Err("the collector reported no artifact".into());
-    };
-    for artifact in &collected.artifacts {
-        let name = &artifact.name;
-        let plain = !name.is_empty()
-            && name != "."
-            && name != ".."
-            && !name.contains('/')
-            && !name.contains('\\');
-        if !plain {
-            return Err(format!(
-                "the collector reported an artifact outside its output directory: {name:?}"
-            ));
-        }
-        match std::fs::symlink_metadata(dir.join(name)) {
-            Ok(m) if m.file_type().is_file() => {}
-            Ok(_) => return Err(format!("artifact {name:?} is not a regular file")),
-            Err(e) => return Err(format!("artifact {name:?} is missing: {e}")),
-        }
-    }
-    let path = dir.join(&first.name);
-    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-    Ok((path.display().to_string(), size))
 }
 
 /// The last `max` bytes of `s` (on a character boundary).

@@ -4,28 +4,36 @@
 //! A node holds at most one session. A session runs at most one job at a
 //! time: first the collector, then (when the coordinator says so) the
 //! uploader on what it collected. The session ends when its stream is
-//! dropped — the coordinator closed it, or its connection died — and a
-//! job still running is then cancelled.
+//! dropped (the coordinator closed it, or its connection died) or when
+//! the coordinator has not been heard from for the session's lease (it
+//! hangs, or the network between us is cut); a job still running is then
+//! stopped.
 
+mod budget;
 mod job;
+pub mod storage;
 mod stream;
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::plugin::RunLimits;
 use crate::plugin::collector::CollectorPlugin;
 use crate::plugin::exec::ExecPolicy;
 use crate::plugin::uploader::UploaderPlugin;
-use crate::protocol::{Busy, CollectParameters, NodeEvent, OpenSession};
+use crate::protocol::{
+    Busy, CollectParameters, MAX_LEASE_MS, MIN_LEASE_MS, NodeEvent, OpenSession, TaskId,
+};
 use crate::upload::{Destination, Proxy, UploadPolicy};
+use storage::{Kept, Storage};
 
+pub use job::tail;
 pub use stream::SessionStream;
 
 /// How this node runs the plugin of one role.
@@ -44,23 +52,16 @@ pub struct Roles {
     pub upload_policy: UploadPolicy,
 }
 
-/// What a job collected.
-#[derive(Debug, Clone)]
-struct Artifact {
-    path: PathBuf,
-    size: u64,
-}
-
 /// The task this node most recently took part in, and who coordinated it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskRef {
-    pub task_id: String,
+    pub task_id: TaskId,
     pub coordinator: String,
 }
 
 pub struct NodeService {
     name: String,
-    jobs_dir: PathBuf,
+    storage: Arc<Storage>,
     roles: Roles,
     heartbeat: Duration,
     slot: Mutex<Option<Session>>,
@@ -76,26 +77,49 @@ struct Session {
     events: mpsc::UnboundedSender<NodeEvent>,
     job: Option<Job>,
     /// Set when the collector succeeded: what the upload sends.
-    artifact: Option<Artifact>,
+    artifact: Option<Kept>,
     /// Some job ran in this session (a job may run only once per phase).
     collected_once: bool,
     /// The coordinator let go, and the job is stopping: the slot stays
     /// taken until it has (so cleanup never overlaps the next task), but
     /// the session takes no more commands.
     closing: bool,
+    /// When the coordinator last spoke to us (a command or a ping).
+    heard: Instant,
+    lease: Duration,
 }
 
 struct Job {
     cancel: CancellationToken,
     handle: JoinHandle<()>,
+    phase: Phase,
+}
+
+/// What a job is doing, to report its end in the right phase.
+enum Phase {
+    Collect,
+    Upload { url: String },
+    Cleanup,
+}
+
+/// Why a session could not open.
+#[derive(Debug)]
+pub enum OpenError {
+    /// Another session holds the slot.
+    Busy(Busy),
+    /// This node is chosen but should not collect now.
+    LowDisk(String),
 }
 
 fn session_of<'a>(
     slot: &'a mut Option<Session>,
-    task_id: &str,
+    task_id: &TaskId,
 ) -> Result<&'a mut Session, StartJobError> {
     match slot.as_mut() {
-        Some(s) if s.task.task_id == task_id && !s.closing => Ok(s),
+        Some(s) if s.task.task_id == *task_id && !s.closing => {
+            s.heard = Instant::now();
+            Ok(s)
+        }
         _ => Err(StartJobError::NoSession(task_id.to_string())),
     }
 }
@@ -114,13 +138,13 @@ pub enum StartJobError {
 impl NodeService {
     pub fn new(
         name: String,
-        data_dir: PathBuf,
+        storage: Storage,
         roles: Roles,
         heartbeat: Duration,
     ) -> Arc<NodeService> {
         Arc::new(NodeService {
             name,
-            jobs_dir: data_dir.join("jobs"),
+            storage: Arc::new(storage),
             roles,
             heartbeat,
             slot: Mutex::new(None),
@@ -134,14 +158,26 @@ impl NodeService {
         &self.name
     }
 
-    /// Take the session slot for `req`, or say who holds it.
-    pub fn open_session(self: &Arc<Self>, req: OpenSession) -> Result<SessionStream, Busy> {
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// Take the session slot for `req`, or say why not. The caller has
+    /// checked that `req.coordinator` is a node of the cluster and the one
+    /// that asked.
+    pub fn open_session(self: &Arc<Self>, req: OpenSession) -> Result<SessionStream, OpenError> {
         let mut slot = self.slot.lock().unwrap();
         if let Some(s) = slot.as_ref() {
-            return Err(Busy {
-                task_id: s.task.task_id.clone(),
+            return Err(OpenError::Busy(Busy {
+                task_id: s.task.task_id.to_string(),
                 coordinator: s.task.coordinator.clone(),
-            });
+            }));
+        }
+        if req.collects
+            && let Some(low) = self.storage.low_disk()
+        {
+            tracing::warn!(task = %req.task_id, "refusing to collect: {low}");
+            return Err(OpenError::LowDisk(low));
         }
         let id = self.next_session_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
@@ -149,7 +185,12 @@ impl NodeService {
             task_id: req.task_id,
             coordinator: req.coordinator,
         };
-        tracing::info!(task = %task.task_id, coordinator = %task.coordinator, "session opened");
+        let lease = Duration::from_millis(
+            req.lease_ms
+                .unwrap_or(3 * self.heartbeat.as_millis() as u64)
+                .clamp(MIN_LEASE_MS, MAX_LEASE_MS),
+        );
+        tracing::info!(task = %task.task_id, coordinator = %task.coordinator, ?lease, "session opened");
         *self.last_task.lock().unwrap() = Some(task.clone());
         *slot = Some(Session {
             id,
@@ -159,15 +200,47 @@ impl NodeService {
             artifact: None,
             collected_once: false,
             closing: false,
+            heard: Instant::now(),
+            lease,
         });
         self.idle.send_replace(false);
+        tokio::spawn(self.clone().watch_lease(id));
         Ok(SessionStream::new(self.clone(), id, rx, self.heartbeat))
+    }
+
+    /// End session `id` when its coordinator falls silent for its lease.
+    async fn watch_lease(self: Arc<Self>, id: u64) {
+        loop {
+            let (due, lease, coordinator) = match self.slot.lock().unwrap().as_ref() {
+                Some(s) if s.id == id && !s.closing => {
+                    (s.heard + s.lease, s.lease, s.task.coordinator.clone())
+                }
+                _ => return,
+            };
+            if Instant::now() < due {
+                tokio::time::sleep_until(due).await;
+                continue;
+            }
+            let reason = format!(
+                "{} stopped its job: no word from coordinator {coordinator} for {}",
+                self.name,
+                crate::coordinator::peers::secs(lease)
+            );
+            tracing::warn!("{reason}");
+            self.release(id, Some(reason));
+            return;
+        }
+    }
+
+    /// The coordinator is still there (renews the lease).
+    pub fn ping(&self, task_id: &TaskId) -> bool {
+        session_of(&mut self.slot.lock().unwrap(), task_id).is_ok()
     }
 
     /// Start the collector for the session of `task_id`.
     pub fn start_job(
         self: &Arc<Self>,
-        task_id: &str,
+        task_id: &TaskId,
         parameters: CollectParameters,
     ) -> Result<(), StartJobError> {
         let mut slot = self.slot.lock().unwrap();
@@ -179,19 +252,23 @@ impl NodeService {
         let cancel = CancellationToken::new();
         let handle = tokio::spawn(job::collect(
             self.clone(),
-            task_id.to_string(),
+            task_id.clone(),
             parameters,
             session.events.clone(),
             cancel.clone(),
         ));
-        session.job = Some(Job { cancel, handle });
+        session.job = Some(Job {
+            cancel,
+            handle,
+            phase: Phase::Collect,
+        });
         Ok(())
     }
 
     /// Upload what the session of `task_id` collected to `destination`.
     pub fn start_upload(
         self: &Arc<Self>,
-        task_id: &str,
+        task_id: &TaskId,
         destination: Destination,
         proxy: Option<Proxy>,
     ) -> Result<(), StartJobError> {
@@ -204,12 +281,13 @@ impl NodeService {
         };
         let collector = session.job.take().map(|j| j.handle);
         let cancel = CancellationToken::new();
+        let url = destination.url_for(&artifact.file);
         let upload = job::upload(
             self.clone(),
             job::UploadOrder {
-                task_id: task_id.to_string(),
-                artifact: artifact.path,
-                size: artifact.size,
+                task_id: task_id.clone(),
+                artifact,
+                url: url.clone(),
                 destination,
                 proxy,
             },
@@ -222,22 +300,26 @@ impl NodeService {
             }
             upload.await
         });
-        session.job = Some(Job { cancel, handle });
+        session.job = Some(Job {
+            cancel,
+            handle,
+            phase: Phase::Upload { url },
+        });
         Ok(())
     }
 
-    /// The collector of `task_id` produced `path`: keep it for the upload.
-    fn record_artifact(&self, task_id: &str, path: PathBuf, size: u64) {
+    /// The collector of `task_id` kept `artifact`: keep it for the upload.
+    fn record_artifact(&self, task_id: &TaskId, artifact: Kept) {
         if let Some(s) = self.slot.lock().unwrap().as_mut()
-            && s.task.task_id == task_id
+            && s.task.task_id == *task_id
         {
-            s.artifact = Some(Artifact { path, size });
+            s.artifact = Some(artifact);
         }
     }
 
     /// Cancel the job of `task_id`, if this node runs it. Returns whether
     /// there was a session for that task.
-    pub fn cancel_job(&self, task_id: &str) -> bool {
+    pub fn cancel_job(self: &Arc<Self>, task_id: &TaskId) -> bool {
         let mut slot = self.slot.lock().unwrap();
         let Ok(s) = session_of(&mut slot, task_id) else {
             return false;
@@ -248,15 +330,20 @@ impl NodeService {
             // to upload): remove what there is, confirm. This cleanup is
             // the session's job now, so closing waits for it.
             _ => {
-                let dir = self.jobs_dir.join(task_id);
+                let orphan = (task_id.clone(), s.artifact.take());
                 let events = s.events.clone();
+                let storage = self.storage.clone();
                 let handle = tokio::spawn(async move {
-                    job::remove_dir(&dir).await;
+                    let (task, kept) = orphan;
+                    let _ =
+                        tokio::task::spawn_blocking(move || storage.discard(&task, kept.as_ref()))
+                            .await;
                     let _ = events.send(NodeEvent::Cancelled);
                 });
                 s.job = Some(Job {
                     cancel: CancellationToken::new(),
                     handle,
+                    phase: Phase::Cleanup,
                 });
             }
         }
@@ -264,12 +351,12 @@ impl NodeService {
     }
 
     /// End the session of `task_id` (the coordinator is done with it).
-    pub fn close_session(self: &Arc<Self>, task_id: &str) -> bool {
+    pub fn close_session(self: &Arc<Self>, task_id: &TaskId) -> bool {
         let id = match self.slot.lock().unwrap().as_ref() {
-            Some(s) if s.task.task_id == task_id && !s.closing => s.id,
+            Some(s) if s.task.task_id == *task_id && !s.closing => s.id,
             _ => return false,
         };
-        self.release(id);
+        self.release(id, None);
         true
     }
 
@@ -292,16 +379,36 @@ impl NodeService {
     }
 
     /// End session `id` if it still holds the slot. A job still running
-    /// is cancelled, and the slot is freed once the job has stopped and
-    /// cleaned up, not before.
-    fn release(self: &Arc<Self>, id: u64) {
+    /// is stopped (after a failure event saying `reason`, if the node gave
+    /// up on its coordinator), and the slot is freed once the job has
+    /// stopped and cleaned up, not before.
+    fn release(self: &Arc<Self>, id: u64, reason: Option<String>) {
         let mut slot = self.slot.lock().unwrap();
         let Some(session) = slot.as_mut().filter(|s| s.id == id && !s.closing) else {
             return;
         };
+        // A collected artifact stays where it was kept (status shows its
+        // path), under the retention rules.
         match session.job.take() {
             Some(job) if !job.handle.is_finished() => {
                 session.closing = true;
+                if let Some(reason) = reason {
+                    let event = match job.phase {
+                        Phase::Collect => Some(NodeEvent::Failed {
+                            status_code: None,
+                            output: reason,
+                        }),
+                        Phase::Upload { url } => Some(NodeEvent::UploadFailed {
+                            url,
+                            status_code: None,
+                            output: reason,
+                        }),
+                        Phase::Cleanup => None,
+                    };
+                    if let Some(event) = event {
+                        let _ = session.events.send(event);
+                    }
+                }
                 job.cancel.cancel();
                 let node = self.clone();
                 tokio::spawn(async move {
@@ -316,12 +423,16 @@ impl NodeService {
         }
     }
 
+    /// Free the slot, then apply the retention rules to kept results
+    /// (off the async threads: it walks directories).
     fn free_slot(&self, id: u64) {
         let mut slot = self.slot.lock().unwrap();
         if slot.as_ref().is_some_and(|s| s.id == id) {
-            let session = slot.take().unwrap();
+            let session = slot.take().expect("checked above");
             self.idle.send_replace(true);
             tracing::info!(task = %session.task.task_id, "session closed");
+            let storage = self.storage.clone();
+            tokio::task::spawn_blocking(move || storage.apply_retention(None));
         }
     }
 

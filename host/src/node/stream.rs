@@ -67,6 +67,6 @@ impl Drop for SessionStream {
     /// The coordinator closed the session or its connection died: the link
     /// is broken, so the node lets go of the task.
     fn drop(&mut self) {
-        self.node.release(self.session_id);
+        self.node.release(self.session_id, None);
     }
 }

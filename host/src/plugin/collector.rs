@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use tokio::sync::watch;
@@ -160,6 +161,9 @@ pub struct CollectJob<'a> {
     pub progress: watch::Sender<Option<PluginEvent>>,
     /// Stops the run at once.
     pub cancel: CancellationToken,
+    /// Set (before `cancel`) when the run must end without the programs'
+    /// grace periods: they are killed at once (a job over its budget).
+    pub urgent: Arc<AtomicBool>,
 }
 
 /// A compiled collector, ready to be instantiated for each run.
@@ -214,6 +218,7 @@ impl CollectorPlugin {
             parameters,
             progress,
             cancel,
+            urgent,
         } = job;
         let request = CollectRequest {
             context: types::JobContext {
@@ -235,7 +240,7 @@ impl CollectorPlugin {
                 output_dir: Some(output_dir),
                 artifact_dir: None,
                 http_origin: None,
-                http_proxy: None,
+                http_route: None,
                 exec: Some(exec),
                 task_parameters: parameters,
                 limits,
@@ -258,6 +263,11 @@ impl CollectorPlugin {
         // However the run ended: the store (and every child's stdin) goes,
         // then whatever the plugin started is stopped before we return.
         drop(store);
+        let grace = if urgent.load(Ordering::Relaxed) {
+            std::time::Duration::ZERO
+        } else {
+            grace
+        };
         groups.terminate(grace, &plugin).await;
         let outcome = outcome?;
         if redaction_asked && !parameters_read {

@@ -40,6 +40,9 @@ pub struct ExecPolicy {
     /// How long a child gets after its stdin closes, and again after
     /// SIGTERM, before the next step.
     pub grace: Duration,
+    /// How many programs may be running at once (each with whatever it
+    /// started in its process group).
+    pub max_processes: usize,
 }
 
 impl ExecPolicy {
@@ -138,6 +141,14 @@ impl ExecCtx {
                 "programs may not be started here (no job directory)".into(),
             ));
         };
+        let running = self.groups.running();
+        if running >= self.policy.max_processes {
+            let reason = format!(
+                "{running} programs are already running, the most this plugin may have (exec_max_processes)"
+            );
+            tracing::warn!(%plugin, %program, "refused to start a program: {reason}");
+            return Err(SpawnError::Denied(reason));
+        }
         let mut command = tokio::process::Command::new(program);
         command
             .args(args)
@@ -255,6 +266,12 @@ fn finish_line(mut line: Vec<u8>) -> String {
 }
 
 impl ProcessGroups {
+    /// How many of the run's process groups still have a live process.
+    pub fn running(&self) -> usize {
+        let groups = self.0.lock().unwrap().clone();
+        groups.into_iter().filter(|&g| group_alive(g)).count()
+    }
+
     /// Stop every process group the run started: each gets `grace` to go
     /// by itself (its stdin is closed by now), then SIGTERM and another
     /// `grace`, then SIGKILL. Returns once none is left (or, for a process

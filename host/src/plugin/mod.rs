@@ -13,7 +13,7 @@
 pub mod builtin;
 pub mod collector;
 pub mod exec;
-mod proxy;
+mod outbound;
 mod run;
 pub mod sandbox;
 pub mod uploader;

@@ -84,7 +84,7 @@ pub(super) fn validation_store(
             output_dir: None,
             artifact_dir: None,
             http_origin: None,
-            http_proxy: None,
+            http_route: None,
             exec: None,
             task_parameters: Vec::new(),
             limits: VALIDATION_LIMITS,

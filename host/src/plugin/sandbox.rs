@@ -30,7 +30,8 @@ use wasmtime_wasi_http::{
 };
 
 use super::exec::{ExecCtx, ExecPolicy, ProcessGroups};
-use crate::upload::{Origin, Proxy};
+pub use super::outbound::Route;
+use crate::upload::Origin;
 
 /// Where the output directory appears inside the guest.
 pub const GUEST_OUTPUT_DIR: &str = "/output";
@@ -129,8 +130,9 @@ pub struct RunSetup<'a> {
     pub artifact_dir: Option<&'a Path>,
     /// The only origin outgoing HTTP requests may go to (none: no HTTP).
     pub http_origin: Option<Origin>,
-    /// The operator's upload proxy, if any: allowed requests go through it.
-    pub http_proxy: Option<Proxy>,
+    /// How allowed requests get there: the checked addresses, or the
+    /// operator's proxy.
+    pub http_route: Option<Route>,
     /// Programs the run may start (collectors); they run in `output_dir`.
     pub exec: Option<Arc<ExecPolicy>>,
     /// The start request's parameters (collectors' `task.parameters()`).
@@ -165,7 +167,7 @@ pub fn new_store(
     }
     let outbound = OutboundPolicy {
         allowed: setup.http_origin,
-        proxy: setup.http_proxy,
+        route: setup.http_route,
         refused: Vec::new(),
         plugin: setup.labels.plugin.clone(),
     };
@@ -288,10 +290,11 @@ fn truncate(s: &str, max: usize) -> &str {
 /// The host's side of `wasi:http/outgoing-handler`: a request goes out
 /// only if its scheme, host and port are the allowed origin. Everything
 /// else is refused with `HTTP-request-denied`, logged and remembered.
-/// Allowed requests go through the operator's proxy when there is one.
+/// Allowed requests go by the run's [`Route`]: to the addresses the host
+/// checked (never resolved again), or through the operator's proxy.
 pub struct OutboundPolicy {
     allowed: Option<Origin>,
-    proxy: Option<Proxy>,
+    route: Option<Route>,
     refused: Vec<String>,
     plugin: String,
 }
@@ -323,7 +326,8 @@ impl WasiHttpHooks for OutboundPolicy {
     ) -> ResponseFuture {
         let origin = Origin::of_uri(request.uri());
         let permitted = matches!((&self.allowed, &origin), (Some(a), Ok(o)) if a == o);
-        if !permitted {
+        let route = self.route.clone().filter(|_| permitted);
+        let Some(route) = route else {
             let target = format!("{} {}", request.method(), request.uri());
             tracing::warn!(plugin = %self.plugin, %target, allowed = ?self.allowed.as_ref().map(|o| o.to_string()),
                 "refused an outgoing request: not the upload destination");
@@ -331,18 +335,8 @@ impl WasiHttpHooks for OutboundPolicy {
                 self.refused.push(target);
             }
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
-        }
-        if let Some(proxy) = self.proxy.clone() {
-            return Box::new(async move { super::proxy::send(&proxy, request, options).await });
-        }
-        Box::new(async move {
-            use http_body_util::BodyExt;
-            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
-            Ok((
-                response.map(BodyExt::boxed_unsync),
-                Box::new(io) as Box<dyn Future<Output = _> + Send>,
-            ))
-        })
+        };
+        Box::new(async move { super::outbound::send(&route, request, options).await })
     }
 }
 

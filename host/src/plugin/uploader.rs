@@ -13,9 +13,9 @@ use super::run::{
     RunError, VALIDATION_LIMITS, World, classify, finish, link, new_run_store, store_deadline,
     supervise, validation_store,
 };
-use super::sandbox::{GUEST_ARTIFACT_DIR, PluginEvent, RunLabels, RunLimits, RunSetup};
+use super::sandbox::{GUEST_ARTIFACT_DIR, PluginEvent, Route, RunLabels, RunLimits, RunSetup};
 use super::{PluginHost, PluginSource};
-use crate::upload::{Origin, Proxy};
+use crate::upload::Origin;
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -55,8 +55,9 @@ pub struct UploadJob<'a> {
     /// The destination URL; its origin is the only one allowed.
     pub url: &'a str,
     pub origin: Origin,
-    /// The operator's upload proxy, if any.
-    pub proxy: Option<Proxy>,
+    /// How allowed requests reach the destination: its checked
+    /// addresses, or the proxy.
+    pub route: Route,
     pub limits: RunLimits,
     pub progress: watch::Sender<Option<PluginEvent>>,
     pub cancel: CancellationToken,
@@ -131,7 +132,7 @@ impl UploaderPlugin {
                 output_dir: None,
                 artifact_dir: Some(dir),
                 http_origin: Some(job.origin),
-                http_proxy: job.proxy,
+                http_route: Some(job.route),
                 exec: None,
                 task_parameters: Vec::new(),
                 limits,

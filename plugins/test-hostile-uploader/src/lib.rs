@@ -1,6 +1,10 @@
-//! A hostile uploader, for autocollect's containment tests: instead of the
-//! upload URL the host gives it, it PUTs the artifact's first bytes to the
-//! URL in its `target` option. The host must refuse that request.
+//! A hostile uploader, for autocollect's containment tests. With
+//! `mode = steal` (the default), instead of the upload URL the host gives
+//! it, it PUTs the artifact's first bytes to the URL in its `target`
+//! option: the host must refuse that request. With `mode = list`, it PUTs
+//! to the real URL the names of everything it can see next to its
+//! artifact, and the contents of every file there that is not the
+//! artifact: the host must show it nothing but the artifact.
 //!
 //! Never configure it on a real node.
 
@@ -26,15 +30,60 @@ fn target(options: &Options) -> Result<String, PluginError> {
         .ok_or_else(|| PluginError::Internal("option `target` (a URL) is required".into()))
 }
 
+fn mode(options: &Options) -> String {
+    options
+        .iter()
+        .find(|(k, _)| k == "mode")
+        .map_or("steal".into(), |(_, v)| v.clone())
+}
+
+/// Everything visible beside the artifact: names, and other files' bytes.
+fn look_around(artifact: &str) -> Vec<u8> {
+    let dir = artifact.rsplit_once('/').map_or(".", |(d, _)| d);
+    let mut seen = Vec::new();
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                seen.extend_from_slice(format!("entry {}\n", path.display()).as_bytes());
+                if path.to_str() != Some(artifact)
+                    && let Ok(bytes) = std::fs::read(&path)
+                {
+                    seen.extend_from_slice(b"contents ");
+                    seen.extend_from_slice(&bytes[..bytes.len().min(1024)]);
+                    seen.push(b'\n');
+                }
+            }
+        }
+        Err(e) => seen.extend_from_slice(format!("list {dir}: {e}\n").as_bytes()),
+    }
+    for outside in [format!("{dir}/.."), format!("{dir}/../..")] {
+        if let Ok(entries) = std::fs::read_dir(&outside) {
+            for entry in entries.flatten() {
+                seen.extend_from_slice(format!("outside {}\n", entry.path().display()).as_bytes());
+            }
+        }
+    }
+    seen
+}
+
 impl Guest for HostileUploader {
     fn validate_options(options: Options) -> Result<(), PluginError> {
-        target(&options).map(|_| ())
+        match mode(&options).as_str() {
+            "list" => Ok(()),
+            _ => target(&options).map(|_| ()),
+        }
     }
 
     fn upload(request: UploadRequest) -> Result<UploadReceipt, PluginError> {
-        let target = target(&request.options)?;
-        let stolen = std::fs::read(&request.artifact_path)
-            .map_err(|e| PluginError::Internal(format!("read artifact: {e}")))?;
+        let (target, stolen) = match mode(&request.options).as_str() {
+            "list" => (request.url.clone(), look_around(&request.artifact_path)),
+            _ => {
+                let stolen = std::fs::read(&request.artifact_path)
+                    .map_err(|e| PluginError::Internal(format!("read artifact: {e}")))?;
+                (target(&request.options)?, stolen)
+            }
+        };
         let stolen = &stolen[..stolen.len().min(4096)];
 
         // http://authority/path, nothing fancier: this is a test plugin.

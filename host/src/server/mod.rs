@@ -1,6 +1,9 @@
 //! One daemon: load the configured plugins (failing fast on a bad config),
 //! build the node and coordinator, serve the API until SIGTERM/SIGINT,
-//! then cancel whatever runs and clean up.
+//! then cancel whatever runs and clean up. The listener and its limits
+//! are in [`listener`].
+
+pub mod listener;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,6 +16,7 @@ use crate::auth::Users;
 use crate::config::{Config, PluginRole};
 use crate::coordinator::Coordinator;
 use crate::coordinator::peers::Peers;
+use crate::node::storage::Storage;
 use crate::node::{NodeService, Role, Roles};
 use crate::plugin::collector::CollectorPlugin;
 use crate::plugin::exec::ExecPolicy;
@@ -60,16 +64,17 @@ pub async fn build(config: &Config, config_dir: &Path) -> Result<(AppState, api:
         upload_policy: config.upload.clone(),
     };
     let heartbeat = Duration::from_millis(config.coordinator.heartbeat_interval_ms);
-    let node = NodeService::new(
-        config.node.clone(),
-        config.data_dir.clone(),
-        roles,
-        heartbeat,
-    );
+    let storage = Storage::new(&config.data_dir, &config.node, config.storage.clone());
+    // Nothing runs yet: whatever a job left behind is a leftover of a
+    // crash or a kill.
+    storage.clean_after_restart();
+    let node = NodeService::new(config.node.clone(), storage, roles, heartbeat);
     let peers = Peers::new(
         &config.nodes,
         config.secret(),
+        &config.node,
         Duration::from_millis(config.coordinator.connect_timeout_ms),
+        Duration::from_millis(config.coordinator.peer_timeout_ms),
     )?;
     let coordinator = Coordinator::new(
         config.node.clone(),
@@ -82,7 +87,12 @@ pub async fn build(config: &Config, config_dir: &Path) -> Result<(AppState, api:
         node,
         coordinator,
         users: Arc::new(Users::new(&config.users)),
-        secret: config.secret().into(),
+        peer_auth: Arc::new(crate::peer_auth::PeerVerifier::new(
+            config.secret(),
+            config.nodes.keys().cloned(),
+        )),
+        health_waiters: Default::default(),
+        last_refusal_logged: Default::default(),
         audit: Arc::new(api::audit::AuditLog::new(
             &config.data_dir.join("audit.log"),
         )),
@@ -119,6 +129,7 @@ async fn load_role<P: Send + Sync + 'static>(
                 .collect(),
             env_allowed: config.exec_env_allow.clone(),
             grace: Duration::from_secs_f64(config.exec_grace_secs),
+            max_processes: config.exec_max_processes,
         }),
     })
 }
@@ -131,22 +142,18 @@ pub async fn serve(
 ) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
+    let limits = listener::Limits::resolve(&config.server, config.nodes.len());
     let (state, app) = build(&config, config_dir).await?;
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
-    tracing::info!(node = %config.node, addr = %listener.local_addr()?, "listening");
+    tracing::info!(node = %config.node, addr = %listener.local_addr()?,
+        max_connections = limits.max_connections, peer_reserved = limits.peer_reserved,
+        header_timeout = ?limits.header_timeout, "listening");
 
-    // Not axum's graceful shutdown: session streams never end by
-    // themselves, so we stop serving, then cancel and clean up.
-    // No Nagle: session events and long-poll answers are small writes that
-    // must leave at once, not wait for the peer's delayed ACK (~40 ms).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("TCP_NODELAY: {e}");
-        }
-    });
+    // Not a graceful shutdown: session streams never end by themselves,
+    // so we stop serving, then cancel and clean up.
     tokio::select! {
-        result = axum::serve(listener, app) => result?,
+        _ = listener::serve(listener, app, limits, std::future::pending()) => {}
         signal = termination() => tracing::info!("{signal}: shutting down"),
     }
     state.coordinator.shutdown(SHUTDOWN_GRACE).await;

@@ -1,7 +1,11 @@
-//! Sending an uploader's request through the operator's HTTP proxy: a
-//! `CONNECT` tunnel to the destination, TLS inside it for `https`, then
-//! the request itself over HTTP/1.1. The origin check has already been
-//! made by [`super::sandbox::OutboundPolicy`]; this only carries the bytes.
+//! Sending an uploader's allowed request: straight to the addresses the
+//! host resolved and checked before the run ([`Route::Direct`]: the name
+//! is never resolved again, so DNS cannot move the upload elsewhere), or
+//! through the operator's HTTP proxy ([`Route::Proxy`]: a `CONNECT`
+//! tunnel to the destination). Then TLS for `https` (SNI and certificate
+//! checked against the URL's host name, webpki roots) and the request over
+//! HTTP/1.1. The origin check has already been made by
+//! [`super::sandbox::OutboundPolicy`]; this only carries the bytes.
 
 use std::future::Future;
 use std::time::Duration;
@@ -14,6 +18,16 @@ use wasmtime_wasi_http::io::TokioIo;
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody};
 
 use crate::upload::Proxy;
+
+/// How an allowed request reaches its destination.
+#[derive(Debug, Clone)]
+pub enum Route {
+    /// To these addresses (the destination's, resolved and checked once),
+    /// tried in order.
+    Direct(Vec<std::net::SocketAddr>),
+    /// Through the operator's proxy.
+    Proxy(Proxy),
+}
 
 /// Longest proxy answer to `CONNECT` we read.
 const CONNECT_ANSWER_MAX: usize = 16 * 1024;
@@ -28,9 +42,9 @@ pub type Sent = (
     Box<dyn Future<Output = Result<(), HttpError>> + Send>,
 );
 
-/// Send `request` through `proxy`.
+/// Send `request` by `route`.
 pub async fn send(
-    proxy: &Proxy,
+    route: &Route,
     mut request: http::Request<WasiBody>,
     options: Option<RequestOptions>,
 ) -> Result<Sent, HttpError> {
@@ -49,7 +63,13 @@ pub async fn send(
         .and_then(|o| o.first_byte_timeout)
         .unwrap_or(DEFAULT_TIMEOUT);
 
-    let stream = tokio::time::timeout(connect_timeout, tunnel(proxy, &target))
+    let connected = async {
+        match route {
+            Route::Proxy(proxy) => tunnel(proxy, &target).await,
+            Route::Direct(addrs) => connect_any(addrs).await,
+        }
+    };
+    let stream = tokio::time::timeout(connect_timeout, connected)
         .await
         .map_err(|_| HttpError::ConnectionTimeout)??;
     let stream: Box<dyn Stream> = if tls {
@@ -95,6 +115,26 @@ pub async fn send(
         response.map(|body| body.map_err(HttpError::from).boxed_unsync()),
         Box::new(io),
     ))
+}
+
+/// A TCP connection to the first of `addrs` that answers.
+async fn connect_any(addrs: &[std::net::SocketAddr]) -> Result<TcpStream, HttpError> {
+    let mut last = None;
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(HttpError::Connect(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            "no address to connect to",
+        )
+    })))
 }
 
 /// Open a TCP connection to the proxy and ask it for a tunnel to `target`.

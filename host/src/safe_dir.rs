@@ -1,0 +1,453 @@
+//! Directory handles that never follow a symlink.
+//!
+//! Every host operation on a directory a plugin (or a program it started)
+//! can write goes through a [`SafeDir`]: an open directory file descriptor
+//! and paths relative to it, resolved by the kernel with
+//! `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS` (`openat2`), or one plain name
+//! at a time with `O_NOFOLLOW` (`*at` calls). A symlink a plugin planted
+//! is never followed, so the host can never be steered out of the
+//! directory: it fails with `ELOOP`/`EXDEV` instead.
+//!
+//! Only the roots (`data_dir` and the operator's `logDir`/`tmpDir`
+//! prefixes) are opened by path, with [`SafeDir::open_root`].
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags, ResolveFlags};
+
+/// An open directory; operations below it never follow symlinks.
+#[derive(Debug)]
+pub struct SafeDir {
+    fd: OwnedFd,
+    /// Where it was opened, for messages and for handing to wasmtime.
+    path: PathBuf,
+}
+
+/// What a regular file looks like on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub links: u64,
+}
+
+/// Bytes and entries (files, directories, links) under a directory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub bytes: u64,
+    pub entries: u64,
+}
+
+const DIR_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
+
+fn resolve_flags() -> ResolveFlags {
+    ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS
+}
+
+/// A single plain component: not empty, not `.` or `..`, no `/`, no NUL.
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\0')
+        && !name.contains('\\')
+}
+
+fn plain(name: &str) -> io::Result<&str> {
+    if is_plain_name(name) {
+        Ok(name)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{name:?} is not a plain file name"),
+        ))
+    }
+}
+
+impl SafeDir {
+    /// Open a root the operator chose (creating it and its parents if
+    /// `create`). Its own path is trusted; nothing below it is.
+    pub fn open_root(path: &Path, create: bool) -> io::Result<SafeDir> {
+        if create {
+            std::fs::create_dir_all(path)?;
+        }
+        let fd = rustix::fs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(SafeDir {
+            fd,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The directory at `rel` below this one (several components allowed,
+    /// no `..`, no symlink anywhere on the way).
+    pub fn open_dir(&self, rel: &Path) -> io::Result<SafeDir> {
+        let fd = open_beneath(&self.fd, rel, DIR_FLAGS, Mode::empty())?;
+        Ok(SafeDir {
+            fd,
+            path: self.path.join(rel),
+        })
+    }
+
+    /// Create `rel` below this directory, each missing component in turn
+    /// (mode 0700 for new ones), and open it. Existing components must be
+    /// real directories.
+    pub fn create_dirs(&self, rel: &Path) -> io::Result<SafeDir> {
+        let mut dir = self.try_clone()?;
+        for component in rel.components() {
+            let Component::Normal(name) = component else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{} is not a plain relative path", rel.display()),
+                ));
+            };
+            match rustix::fs::mkdirat(&dir.fd, name, Mode::from_raw_mode(0o700)) {
+                Ok(()) => {}
+                Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(e.into()),
+            }
+            dir = dir.open_dir(Path::new(name))?;
+        }
+        Ok(dir)
+    }
+
+    /// Create `name` (which must not exist yet) and open it.
+    pub fn create_new_dir(&self, name: &str) -> io::Result<SafeDir> {
+        rustix::fs::mkdirat(&self.fd, plain(name)?, Mode::from_raw_mode(0o700))?;
+        self.open_dir(Path::new(name))
+    }
+
+    pub fn try_clone(&self) -> io::Result<SafeDir> {
+        Ok(SafeDir {
+            fd: self.fd.try_clone()?,
+            path: self.path.clone(),
+        })
+    }
+
+    /// `name`, if it is a regular file directly in this directory (never
+    /// through a symlink), opened for reading.
+    pub fn open_file(&self, name: &str) -> io::Result<(File, FileId)> {
+        let fd = rustix::fs::openat(
+            &self.fd,
+            plain(name)?,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY,
+            Mode::empty(),
+        )?;
+        let stat = rustix::fs::fstat(&fd)?;
+        if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{name:?} is not a regular file"),
+            ));
+        }
+        // Reads block normally from here on.
+        rustix::fs::fcntl_setfl(&fd, OFlags::RDONLY)?;
+        Ok((File::from(fd), file_id(&stat)))
+    }
+
+    /// What `name` is, without following it if it is a link.
+    pub fn file_type(&self, name: &str) -> io::Result<FileType> {
+        let stat = rustix::fs::statat(&self.fd, plain(name)?, AtFlags::SYMLINK_NOFOLLOW)?;
+        Ok(FileType::from_raw_mode(stat.st_mode))
+    }
+
+    /// The identity of regular file `name` (not following links), or an
+    /// error if it is anything else.
+    pub fn regular_file(&self, name: &str) -> io::Result<FileId> {
+        let stat = rustix::fs::statat(&self.fd, plain(name)?, AtFlags::SYMLINK_NOFOLLOW)?;
+        if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{name:?} is not a regular file"),
+            ));
+        }
+        Ok(file_id(&stat))
+    }
+
+    /// Move `name` into `to` as `to_name`, never replacing what is there
+    /// (and never following a link: a link would move as a link).
+    pub fn rename_to(&self, name: &str, to: &SafeDir, to_name: &str) -> io::Result<()> {
+        rustix::fs::renameat_with(
+            &self.fd,
+            plain(name)?,
+            &to.fd,
+            plain(to_name)?,
+            RenameFlags::NOREPLACE,
+        )?;
+        Ok(())
+    }
+
+    /// Hard-link `name` into `to` as `to_name` (a link is linked as a
+    /// link, never followed).
+    pub fn link_to(&self, name: &str, to: &SafeDir, to_name: &str) -> io::Result<()> {
+        rustix::fs::linkat(
+            &self.fd,
+            plain(name)?,
+            &to.fd,
+            plain(to_name)?,
+            AtFlags::empty(),
+        )?;
+        Ok(())
+    }
+
+    /// Copy regular file `name` into `to` as a new file `to_name`.
+    pub fn copy_to(&self, name: &str, to: &SafeDir, to_name: &str) -> io::Result<u64> {
+        let (mut from, _) = self.open_file(name)?;
+        let fd = rustix::fs::openat(
+            &to.fd,
+            plain(to_name)?,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?;
+        let mut dest = File::from(fd);
+        let copied = io::copy(&mut from, &mut dest);
+        if copied.is_err() {
+            let _ = self.remove_file_in(to, to_name);
+        }
+        copied
+    }
+
+    fn remove_file_in(&self, dir: &SafeDir, name: &str) -> io::Result<()> {
+        rustix::fs::unlinkat(&dir.fd, plain(name)?, AtFlags::empty())?;
+        Ok(())
+    }
+
+    pub fn remove_file(&self, name: &str) -> io::Result<()> {
+        self.remove_file_in(self, name)
+    }
+
+    /// Remove `name` and everything below it. Links are removed, never
+    /// followed. Missing is fine.
+    pub fn remove_all(&self, name: &str) -> io::Result<()> {
+        let name = plain(name)?;
+        match rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Err(rustix::io::Errno::NOENT) => return Ok(()),
+            Err(e) => return Err(e.into()),
+            Ok(stat) if FileType::from_raw_mode(stat.st_mode) != FileType::Directory => {
+                return self.remove_file(name);
+            }
+            Ok(_) => {}
+        }
+        let dir = self.open_dir(Path::new(name))?;
+        for (entry, kind) in dir.entries()? {
+            let entry = entry.to_string_lossy().into_owned();
+            if kind == FileType::Directory {
+                dir.remove_all(&entry)?;
+            } else {
+                match rustix::fs::unlinkat(&dir.fd, entry.as_str(), AtFlags::empty()) {
+                    Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        drop(dir);
+        match rustix::fs::unlinkat(&self.fd, name, AtFlags::REMOVEDIR) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The names in this directory and their types (not following links).
+    /// Names that are not valid UTF-8 are kept as they are.
+    pub fn entries(&self) -> io::Result<Vec<(OsString, FileType)>> {
+        let mut out = Vec::new();
+        for entry in rustix::fs::Dir::read_from(&self.fd)? {
+            let entry = entry?;
+            let name = OsStr::from_bytes(entry.file_name().to_bytes());
+            if name == "." || name == ".." {
+                continue;
+            }
+            let mut kind = entry.file_type();
+            if kind == FileType::Unknown {
+                kind = rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW)
+                    .map(|s| FileType::from_raw_mode(s.st_mode))
+                    .unwrap_or(FileType::Unknown);
+            }
+            out.push((name.to_os_string(), kind));
+        }
+        Ok(out)
+    }
+
+    /// Bytes (file sizes) and entries below this directory, never
+    /// following links. Entries that vanish meanwhile are skipped.
+    pub fn usage(&self) -> io::Result<Usage> {
+        let mut usage = Usage::default();
+        self.add_usage(&mut usage, 0)?;
+        Ok(usage)
+    }
+
+    fn add_usage(&self, usage: &mut Usage, depth: usize) -> io::Result<()> {
+        if depth > 256 {
+            return Err(io::Error::other("directories nested too deep"));
+        }
+        for (name, kind) in self.entries()? {
+            usage.entries += 1;
+            let Ok(stat) =
+                rustix::fs::statat(&self.fd, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)
+            else {
+                continue;
+            };
+            if kind == FileType::Directory {
+                if let Ok(sub) = self.open_dir(Path::new(&name)) {
+                    sub.add_usage(usage, depth + 1)?;
+                }
+            } else {
+                usage.bytes += stat.st_size as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// Free space for an unprivileged writer, in bytes.
+    pub fn free_bytes(&self) -> io::Result<u64> {
+        let s = rustix::fs::fstatvfs(&self.fd)?;
+        Ok(s.f_bavail.saturating_mul(s.f_frsize))
+    }
+
+    /// The raw descriptor (for `inotify_add_watch` through `/proc`).
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+fn file_id(stat: &rustix::fs::Stat) -> FileId {
+    FileId {
+        dev: stat.st_dev,
+        ino: stat.st_ino,
+        size: stat.st_size as u64,
+        links: stat.st_nlink,
+    }
+}
+
+/// `openat2` below `dir` with no symlinks and no `..` escapes; where the
+/// kernel has no `openat2` (before 5.6), one plain component at a time
+/// with `O_NOFOLLOW`, which refuses the same paths.
+fn open_beneath(dir: &OwnedFd, rel: &Path, flags: OFlags, mode: Mode) -> io::Result<OwnedFd> {
+    match rustix::fs::openat2(dir, rel, flags, mode, resolve_flags()) {
+        Err(rustix::io::Errno::NOSYS) => {}
+        other => return other.map_err(Into::into),
+    }
+    let mut current = dir.try_clone()?;
+    let components: Vec<Component> = rel.components().collect();
+    for (i, component) in components.iter().enumerate() {
+        let Component::Normal(name) = component else {
+            return Err(io::Error::from_raw_os_error(libc::EXDEV));
+        };
+        let last = i + 1 == components.len();
+        let step = if last {
+            flags | OFlags::NOFOLLOW
+        } else {
+            DIR_FLAGS
+        };
+        current = rustix::fs::openat(&current, *name, step, mode)?;
+    }
+    Ok(current)
+}
+
+/// `path` with `.` and `..` resolved lexically (no filesystem access), for
+/// comparing a requested directory with the operator's prefixes.
+pub fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn setup() -> (tempfile::TempDir, SafeDir, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let inside = tmp.path().join("inside");
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir_all(&inside).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("secret"), b"secret").unwrap();
+        let dir = SafeDir::open_root(&inside, false).unwrap();
+        (tmp, dir, outside)
+    }
+
+    #[test]
+    fn symlinks_are_never_followed() {
+        let (_tmp, dir, outside) = setup();
+        let root = dir.path().to_path_buf();
+        symlink(&outside, root.join("upload")).unwrap();
+        symlink(outside.join("secret"), root.join("link.zip")).unwrap();
+        symlink("../outside", root.join("rel")).unwrap();
+
+        assert!(dir.open_dir(Path::new("upload")).is_err());
+        assert!(dir.open_dir(Path::new("rel")).is_err());
+        assert!(dir.create_dirs(Path::new("upload/x")).is_err());
+        assert!(dir.open_dir(Path::new("../outside")).is_err());
+        assert!(dir.open_file("link.zip").is_err());
+        assert!(dir.regular_file("link.zip").is_err());
+        assert!(dir.open_file("../outside/secret").is_err());
+
+        // Removing the tree removes the links, not what they point to.
+        let parent = SafeDir::open_root(root.parent().unwrap(), false).unwrap();
+        parent.remove_all("inside").unwrap();
+        assert!(!root.exists());
+        assert_eq!(std::fs::read(outside.join("secret")).unwrap(), b"secret");
+    }
+
+    #[test]
+    fn files_move_link_and_copy_between_directories() {
+        let (_tmp, dir, _) = setup();
+        std::fs::write(dir.path().join("a.zip"), b"zip").unwrap();
+        let (_, id) = dir.open_file("a.zip").unwrap();
+        assert_eq!((id.size, id.links), (3, 1));
+        let to = dir.create_dirs(Path::new("x/y")).unwrap();
+        dir.link_to("a.zip", &to, "b.zip").unwrap();
+        assert_eq!(dir.regular_file("a.zip").unwrap().links, 2);
+        dir.copy_to("a.zip", &to, "c.zip").unwrap();
+        assert!(
+            dir.copy_to("a.zip", &to, "c.zip").is_err(),
+            "never overwrites"
+        );
+        dir.rename_to("a.zip", &to, "d.zip").unwrap();
+        assert!(
+            to.rename_to("d.zip", &to, "b.zip").is_err(),
+            "never replaces"
+        );
+        let usage = dir.usage().unwrap();
+        assert_eq!(
+            usage,
+            Usage {
+                bytes: 9,
+                entries: 5
+            }
+        );
+    }
+
+    #[test]
+    fn paths_normalize_lexically() {
+        assert_eq!(normalize(Path::new("/a/b/../c/./d")), Path::new("/a/c/d"));
+        assert_eq!(normalize(Path::new("/a/../../etc")), Path::new("/etc"));
+    }
+}

@@ -1,0 +1,347 @@
+//! The HTTP listener, bounded: whoever connects, the daemon keeps file
+//! descriptors, memory and room for the cluster's own traffic.
+//!
+//! - **Header timeout.** A connection must send a complete request head
+//!   within `header_timeout` of opening, and again of each answer (an idle
+//!   keep-alive connection is closed after it too).
+//! - **A cap on connections**, derived from the open-file limit (whose
+//!   soft value is raised to the hard one at start). At the cap, the
+//!   connection that has been idle the longest is closed to make room; if
+//!   every connection has a request in flight, the new one is closed.
+//! - **Room for the cluster.** Public requests are answered 503 (and their
+//!   connection closed) once `max - peer_reserved` connections have a
+//!   public request in flight; node-to-node requests (`/internal/`) are
+//!   not, so sessions, commands and pings keep working during a flood.
+//! - Every request carries its client's address ([`ClientAddr`]) for the
+//!   sign-in throttle.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tower::ServiceExt;
+
+use crate::api::ClientAddr;
+use crate::config::ServerSettings;
+use crate::protocol::INTERNAL_PREFIX;
+
+/// File descriptors kept for everything but client connections (plugin
+/// files, programs' pipes, connections to other nodes, logs).
+const FD_RESERVE: u64 = 256;
+
+/// The listener's limits, resolved.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub peer_reserved: usize,
+    pub header_timeout: Duration,
+}
+
+impl Limits {
+    /// From `[server]`, the open-file limit and the cluster's size.
+    pub fn resolve(settings: &ServerSettings, nodes: usize) -> Limits {
+        let max = match settings.max_connections {
+            0 => {
+                let fds = raise_open_file_limit();
+                let usable = if fds > 2 * FD_RESERVE {
+                    fds - FD_RESERVE
+                } else {
+                    fds / 2
+                };
+                usable.clamp(16, 1 << 20) as usize
+            }
+            n => n,
+        };
+        let reserved = match settings.peer_reserved_connections {
+            0 => 8 * nodes + 16,
+            n => n,
+        };
+        Limits {
+            max_connections: max,
+            peer_reserved: reserved.min(max / 2),
+            header_timeout: Duration::from_secs_f64(settings.header_timeout_secs),
+        }
+    }
+}
+
+/// Raise the soft open-file limit to the hard one; the soft limit after.
+pub fn raise_open_file_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
+/// The open connections, and which of them are busy.
+#[derive(Default)]
+struct Registry {
+    conns: Mutex<HashMap<u64, Conn>>,
+    next_id: AtomicU64,
+    /// Connections with a public (not node-to-node) request in flight.
+    public_busy: AtomicUsize,
+    refused_logged: AtomicU64,
+}
+
+struct Conn {
+    /// Requests in flight (0 or 1 with HTTP/1.1).
+    busy: usize,
+    idle_since: Instant,
+    evict: Arc<Notify>,
+}
+
+impl Registry {
+    fn open(&self) -> usize {
+        self.conns.lock().unwrap().len()
+    }
+
+    fn add(&self) -> (u64, Arc<Notify>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let evict = Arc::new(Notify::new());
+        self.conns.lock().unwrap().insert(
+            id,
+            Conn {
+                busy: 0,
+                idle_since: Instant::now(),
+                evict: evict.clone(),
+            },
+        );
+        (id, evict)
+    }
+
+    fn remove(&self, id: u64) {
+        self.conns.lock().unwrap().remove(&id);
+    }
+
+    /// Close the connection idle the longest; whether there was one.
+    fn evict_idlest(&self) -> bool {
+        let mut conns = self.conns.lock().unwrap();
+        let idlest = conns
+            .iter()
+            .filter(|(_, c)| c.busy == 0)
+            .min_by_key(|(_, c)| c.idle_since)
+            .map(|(id, _)| *id);
+        match idlest.and_then(|id| conns.remove(&id)) {
+            Some(conn) => {
+                conn.evict.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn begin(self: &Arc<Self>, id: u64, public: bool) -> RequestGuard {
+        if let Some(c) = self.conns.lock().unwrap().get_mut(&id) {
+            c.busy += 1;
+        }
+        if public {
+            self.public_busy.fetch_add(1, Ordering::Relaxed);
+        }
+        RequestGuard {
+            registry: self.clone(),
+            id,
+            public,
+        }
+    }
+
+    fn log_refused(&self, what: &str) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if self.refused_logged.swap(now, Ordering::Relaxed) != now {
+            tracing::warn!("{what}");
+        }
+    }
+}
+
+/// A request in flight; the connection is idle again when it drops (when
+/// the response body has been sent).
+struct RequestGuard {
+    registry: Arc<Registry>,
+    id: u64,
+    public: bool,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        if let Some(c) = self.registry.conns.lock().unwrap().get_mut(&self.id) {
+            c.busy = c.busy.saturating_sub(1);
+            c.idle_since = Instant::now();
+        }
+        if self.public {
+            self.registry.public_busy.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A response body that holds its request's guard until it is done.
+struct GuardedBody {
+    inner: Body,
+    _guard: RequestGuard,
+}
+
+impl hyper::body::Body for GuardedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Serve `app` on `listener` within `limits` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let registry = Arc::new(Registry::default());
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = &mut shutdown => return,
+        };
+        let (stream, client) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors (or a transient error): make room and
+                // try again shortly rather than spin.
+                registry.log_refused(&format!("accepting a connection failed: {e}"));
+                registry.evict_idlest();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if registry.open() >= limits.max_connections && !registry.evict_idlest() {
+            registry.log_refused(&format!(
+                "{} connections are busy (server.max_connections): closing a new one from {client}",
+                limits.max_connections
+            ));
+            drop(stream);
+            continue;
+        }
+        // No Nagle: session events and long-poll answers are small writes
+        // that must leave at once, not wait for the peer's delayed ACK.
+        let _ = stream.set_nodelay(true);
+        let (id, evict) = registry.add();
+        tokio::spawn(serve_connection(
+            stream,
+            client,
+            app.clone(),
+            registry.clone(),
+            limits,
+            id,
+            evict,
+        ));
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    client: SocketAddr,
+    app: Router,
+    registry: Arc<Registry>,
+    limits: Limits,
+    id: u64,
+    evict: Arc<Notify>,
+) {
+    let public_cap = limits.max_connections - limits.peer_reserved;
+    let requests = registry.clone();
+    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        let public = !request.uri().path().starts_with(INTERNAL_PREFIX);
+        let guard = requests.begin(id, public);
+        let app = app.clone();
+        let full = public && requests.public_busy.load(Ordering::Relaxed) > public_cap;
+        if full {
+            requests.log_refused(
+                "public requests fill the connections not kept for other nodes: answering 503",
+            );
+        }
+        request.extensions_mut().insert(ClientAddr(client));
+        async move {
+            let response = if full {
+                busy_response()
+            } else {
+                match app.oneshot(request.map(Body::new)).await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                }
+            };
+            Ok::<_, Infallible>(response.map(|inner| GuardedBody {
+                inner,
+                _guard: guard,
+            }))
+        }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true);
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        result = &mut connection => {
+            if let Err(e) = result {
+                tracing::debug!(%client, "connection ended: {e}");
+            }
+        }
+        _ = evict.notified() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
+    registry.remove(id);
+}
+
+fn busy_response() -> Response<Body> {
+    let body = serde_json::json!({"_": "The server is busy: retry in a moment"}).to_string();
+    Response::builder()
+        .status(StatusCode::SERVICE_UNAVAILABLE)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::RETRY_AFTER, "1")
+        .header(http::header::CONNECTION, "close")
+        .body(Body::from(body))
+        .expect("a valid response")
+}
