@@ -32,6 +32,7 @@ pub struct LocalNode {
     pub config_path: PathBuf,
     pub log_path: PathBuf,
     pub data_dir: PathBuf,
+    exe: PathBuf,
     child: Option<Child>,
 }
 
@@ -135,6 +136,7 @@ impl LocalCluster {
                 config_path,
                 log_path,
                 data_dir: config.data_dir.clone(),
+                exe: exe.to_path_buf(),
                 child: Some(child),
             });
         }
@@ -173,6 +175,33 @@ impl LocalCluster {
     /// A client of `node` logged in as the read-only user.
     pub fn reader(&self, node: &str) -> ApiClient {
         ApiClient::new(&self.node(node).url(), READER_USER, &self.reader_password)
+    }
+
+    /// Send `signal` to one daemon: `SIGSTOP` hangs it (its sockets stay
+    /// open, nothing answers), `SIGCONT` resumes it.
+    pub fn signal(&self, name: &str, signal: i32) {
+        if let Some(pid) = self.node(name).pid() {
+            // SAFETY: a plain syscall on our own child.
+            unsafe { libc::kill(pid as i32, signal) };
+        }
+    }
+
+    /// Start `name` again (after a kill), on the same address, config and
+    /// data directory, and wait until it serves.
+    pub async fn restart(&mut self, name: &str) -> Result<()> {
+        self.kill(name);
+        let node = self.nodes.iter_mut().find(|n| n.name == name).unwrap();
+        let listener = TcpListener::bind(node.addr)?;
+        let child = spawn_daemon(&node.exe, &node.config_path, &node.log_path, &listener)
+            .with_context(|| format!("restarting node {name}"))?;
+        drop(listener);
+        node.child = Some(child);
+        let client = ApiClient::new(&node.url(), "", "");
+        client
+            .health()
+            .await
+            .map_err(|e| anyhow::anyhow!("node {name} did not restart: {e}"))?;
+        Ok(())
     }
 
     /// Kill one daemon (SIGKILL) and reap it.
@@ -216,7 +245,8 @@ impl Drop for LocalCluster {
 }
 
 fn spawn_daemon(exe: &Path, config: &Path, log: &Path, listener: &TcpListener) -> Result<Child> {
-    let log_file = File::create(log)?;
+    // Appended to, so a restarted node's log follows its first life.
+    let log_file = File::options().create(true).append(true).open(log)?;
     let fd = listener.as_raw_fd();
     let mut cmd = Command::new(exe);
     cmd.arg("serve")

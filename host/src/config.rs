@@ -449,10 +449,9 @@ impl Config {
             if !seen.insert(&user.name) {
                 bail!("user {:?} is listed twice", user.name);
             }
-            argon2::PasswordHash::new(&user.password_hash).map_err(|e| {
+            crate::auth::check_hash(&user.password_hash).map_err(|e| {
                 anyhow::anyhow!(
-                    "user {:?}: password_hash is not a PHC string ({e}); \
-                     make one with `autocollect hash-password`",
+                    "user {:?}: password_hash is {e}; make one with `autocollect hash-password`",
                     user.name
                 )
             })?;

@@ -56,6 +56,13 @@ pub fn misbehave_plugin() -> String {
         .to_string()
 }
 
+/// The hostile uploader, built from plugins/test-hostile-uploader.
+pub fn hostile_uploader_plugin() -> String {
+    autocollect::plugin::builtin::build_output("test_hostile_uploader")
+        .display()
+        .to_string()
+}
+
 pub fn set_option(config: &mut Config, key: &str, value: impl Into<OptionValue>) {
     config.collector.options.insert(key.into(), value.into());
 }

@@ -30,7 +30,12 @@ pub struct Received {
     pub path: String,
     pub sha256: String,
     pub size: u64,
+    /// The body's first bytes (at most [`HEAD_KEPT`]).
+    pub head: Vec<u8>,
 }
+
+/// Bytes of each body kept for inspection.
+pub const HEAD_KEPT: usize = 64 * 1024;
 
 #[derive(Default)]
 struct Shared {
@@ -106,19 +111,23 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> (StatusC
     let mut body = Body::into_data_stream(request.into_body());
     let mut hasher = Sha256::new();
     let mut size = 0u64;
+    let mut head = Vec::new();
     while let Some(chunk) = body.next().await {
         let Ok(chunk) = chunk else {
             return (StatusCode::BAD_REQUEST, "body interrupted".into());
         };
         size += chunk.len() as u64;
         hasher.update(&chunk);
+        let room = HEAD_KEPT.saturating_sub(head.len());
+        head.extend_from_slice(&chunk[..chunk.len().min(room)]);
     }
     let sha256 = hex(&hasher.finalize());
-    shared
-        .received
-        .lock()
-        .unwrap()
-        .push(Received { path, sha256, size });
+    shared.received.lock().unwrap().push(Received {
+        path,
+        sha256,
+        size,
+        head,
+    });
     shared.count.send_modify(|c| *c += 1);
     let reply = shared.script.lock().unwrap().pop_front();
     let answer = match reply {

@@ -447,14 +447,16 @@ pub(super) async fn latest_task(
 ) -> Result<Json<Value>, ApiError> {
     if let Some(node) = remote_coordinator(state) {
         let mut forwarded = Vec::new();
+        let mut wait = Duration::ZERO;
         if let Some(since) = query.since {
+            wait = query.wait();
             forwarded.push(("since".to_string(), since.to_string()));
-            forwarded.push(("wait".to_string(), query.wait().as_secs_f64().to_string()));
+            forwarded.push(("wait".to_string(), wait.as_secs_f64().to_string()));
         }
         return match state
             .coordinator
             .peers()
-            .latest_task(&node, &forwarded, query.wait())
+            .latest_task(&node, &forwarded, wait)
             .await
         {
             Ok(task) => Ok(Json(task)),

@@ -214,7 +214,11 @@ impl Coordinator {
 
         let task_id = TaskId::random();
         // Every node answers within the peer timeout, or is reported as
-        // not answering: a hung node never holds up the start.
+        // not answering: a hung node never holds up the start. Each node
+        // hears from us every heartbeat interval from the moment its
+        // session opens (its lease runs from then), until the task ends.
+        let pings = CancellationToken::new();
+        let refused = pings.clone().drop_guard();
         let opened = futures::future::join_all(self.peers.names().map(|node| {
             let open = OpenSession {
                 task_id: task_id.clone(),
@@ -222,7 +226,19 @@ impl Coordinator {
                 lease_ms: Some(self.lease().as_millis() as u64),
                 collects: chosen.contains(node),
             };
-            async move { (node.clone(), self.peers.open_session(node, &open).await) }
+            let pings = pings.clone();
+            async move {
+                let opened = self.peers.open_session(node, &open).await;
+                if opened.is_ok() {
+                    tokio::spawn(ping_until(
+                        self.clone(),
+                        node.clone(),
+                        open.task_id.clone(),
+                        pings,
+                    ));
+                }
+                (node.clone(), opened)
+            }
         }))
         .await;
 
@@ -288,7 +304,8 @@ impl Coordinator {
             collect_slots: slots(self.settings.collection_concurrency),
             upload_slots: slots(self.settings.upload_concurrency),
         });
-        tokio::spawn(run_task(ctx, chosen, sessions, ended_tx));
+        refused.disarm();
+        tokio::spawn(run_task(ctx, chosen, sessions, ended_tx, pings));
         Ok(status)
     }
 
@@ -378,6 +395,7 @@ async fn run_task(
     chosen: Vec<String>,
     mut sessions: BTreeMap<String, SessionEvents>,
     ended: watch::Sender<bool>,
+    pings: CancellationToken,
 ) {
     let holders: Vec<String> = sessions.keys().cloned().collect();
     let mut drivers = Vec::new();
@@ -390,12 +408,7 @@ async fn run_task(
             )));
         }
     }
-    // Every holder hears from us each heartbeat interval, or lets go of
-    // its session (and stops its job) when its lease runs out.
     let idle = CancellationToken::new();
-    for node in &holders {
-        tokio::spawn(ping_until(ctx.clone(), node.clone(), idle.clone()));
-    }
     // Nodes not chosen only hold the lock: keep reading their heartbeats
     // so their streams never stall, until the task ends.
     for (node, mut session) in sessions {
@@ -429,6 +442,7 @@ async fn run_task(
     }))
     .await;
     idle.cancel();
+    pings.cancel();
     drop(streams);
 
     let state = if ctx.cancel.is_cancelled() {
@@ -448,9 +462,14 @@ async fn run_task(
 
 /// Ping `node` every heartbeat interval until `done`: one ping at a time,
 /// each bounded by the peer timeout, so a hung node costs one request.
-async fn ping_until(ctx: Arc<TaskCtx>, node: String, done: CancellationToken) {
-    let peers = &ctx.coordinator.peers;
-    let mut every = tokio::time::interval(ctx.coordinator.heartbeat());
+async fn ping_until(
+    coordinator: Arc<Coordinator>,
+    node: String,
+    task_id: TaskId,
+    done: CancellationToken,
+) {
+    let peers = &coordinator.peers;
+    let mut every = tokio::time::interval(coordinator.heartbeat());
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     every.tick().await; // the first tick is now: the session just opened
     loop {
@@ -460,9 +479,9 @@ async fn ping_until(ctx: Arc<TaskCtx>, node: String, done: CancellationToken) {
         }
         tokio::select! {
             _ = done.cancelled() => return,
-            result = peers.ping(&node, &ctx.task_id) => {
+            result = peers.ping(&node, &task_id) => {
                 if let Err(e) = result {
-                    tracing::debug!(task = %ctx.task_id, %node, "ping: {e}");
+                    tracing::debug!(task = %task_id, %node, "ping: {e}");
                 }
             }
         }

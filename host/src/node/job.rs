@@ -101,6 +101,7 @@ pub(super) async fn collect(
         match outcome {
             Ok((kept, summary)) => {
                 storage.remove_output(&task);
+                storage.apply_retention(Some(&task));
                 Ok((kept, summary))
             }
             Err(event) => {

@@ -423,16 +423,12 @@ impl NodeService {
         }
     }
 
-    /// Free the slot, then apply the retention rules to kept results
-    /// (off the async threads: it walks directories).
     fn free_slot(&self, id: u64) {
         let mut slot = self.slot.lock().unwrap();
         if slot.as_ref().is_some_and(|s| s.id == id) {
             let session = slot.take().expect("checked above");
             self.idle.send_replace(true);
             tracing::info!(task = %session.task.task_id, "session closed");
-            let storage = self.storage.clone();
-            tokio::task::spawn_blocking(move || storage.apply_retention(None));
         }
     }
 

@@ -440,7 +440,8 @@ impl Storage {
 
     /// Remove results beyond `keep_results`, older than
     /// `keep_results_hours`, or beyond `keep_results_mb` in all (newest
-    /// kept first). `current` (the task running now) is never removed.
+    /// kept first). `current` (the task running now) counts, but is never
+    /// removed.
     pub fn apply_retention(&self, current: Option<&TaskId>) {
         let Ok(results) = self.area(RESULTS) else {
             return;
@@ -448,9 +449,6 @@ impl Storage {
         let mut found: Vec<(SystemTime, String, u64)> = Vec::new();
         for (name, _) in results.entries().unwrap_or_default() {
             let name = name.to_string_lossy().into_owned();
-            if current.is_some_and(|c| c.as_str() == name) {
-                continue;
-            }
             let Ok(dir) = results.open_dir(Path::new(&name)) else {
                 // Not a directory of ours: remove it.
                 log_err("removing a stray result", results.remove_all(&name));
@@ -462,7 +460,13 @@ impl Storage {
                 .unwrap_or(SystemTime::UNIX_EPOCH);
             found.push((modified, name, bytes));
         }
-        found.sort_by_key(|f| std::cmp::Reverse(f.0));
+        // Newest first; the current task first of all.
+        found.sort_by_key(|f| {
+            (
+                current.is_none_or(|c| c.as_str() != f.1),
+                std::cmp::Reverse(f.0),
+            )
+        });
         let s = &self.settings;
         let max_age = Duration::from_secs_f64(s.keep_results_hours * 3600.0);
         let mut total = 0u64;
@@ -489,6 +493,9 @@ impl Storage {
             } else {
                 None
             };
+            if current.is_some_and(|c| c.as_str() == name) {
+                continue;
+            }
             if let Some(why) = why {
                 tracing::info!(task = %name, "removing a kept result: {why}");
                 log_err("removing a kept result", results.remove_all(&name));

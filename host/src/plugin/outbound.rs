@@ -51,6 +51,15 @@ pub async fn send(
     let uri = request.uri();
     let tls = uri.scheme() == Some(&Scheme::HTTPS);
     let authority = uri.authority().ok_or(HttpError::HttpRequestUriInvalid)?;
+    // wasi:http sets it; a request made any other way gets it here, since
+    // the connection goes to an address, not a name.
+    if !request.headers().contains_key(http::header::HOST) {
+        let host = http::HeaderValue::from_str(authority.as_str())
+            .map_err(|_| HttpError::HttpRequestUriInvalid)?;
+        request.headers_mut().insert(http::header::HOST, host);
+    }
+    let uri = request.uri();
+    let authority = uri.authority().ok_or(HttpError::HttpRequestUriInvalid)?;
     let host = authority.host().to_string();
     let target = format!(
         "{host}:{}",
@@ -204,4 +213,56 @@ async fn tls_client(
         .connect(name, stream)
         .await
         .map_err(HttpError::Tls)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Empty};
+    use tokio::net::TcpListener;
+
+    /// A server that answers one request and returns its head.
+    async fn one_request_server() -> (std::net::SocketAddr, tokio::task::JoinHandle<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = stream.read(&mut buf).await.unwrap();
+                head.extend_from_slice(&buf[..n]);
+            }
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&head).into_owned()
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn a_direct_request_goes_to_the_checked_address_not_to_a_new_lookup() {
+        let (addr, server) = one_request_server().await;
+        // The name does not resolve at all: the only way to the server is
+        // the address the host pinned.
+        let uri = format!("http://uploads.invalid:{}/acme/a.zip", addr.port());
+        let request = http::Request::put(uri)
+            .body(Empty::new().map_err(|never| match never {}).boxed_unsync())
+            .unwrap();
+        let (response, io) = send(&Route::Direct(vec![addr]), request, None)
+            .await
+            .expect("sent to the pinned address");
+        assert_eq!(response.status(), 200);
+        drop(response);
+        let _ = Box::into_pin(io).await;
+        let head = server.await.unwrap();
+        assert!(head.starts_with("PUT /acme/a.zip HTTP/1.1\r\n"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains(&format!("host: uploads.invalid:{}", addr.port())),
+            "{head}"
+        );
+    }
 }

@@ -1,0 +1,111 @@
+//! Disk, bounded: a start needs free space on every chosen node, results
+//! are kept within the operator's retention, and what a crash left behind
+//! is removed when the node starts again.
+
+use autocollect::coordinator::task::NodeState;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+#[tokio::test]
+async fn a_start_is_refused_when_a_chosen_node_is_low_on_disk() {
+    let c = cluster(&["n1", "n2"], |config| {
+        if config.node == "n2" {
+            config.storage.min_free_mb = 1 << 40; // more than any disk
+        }
+    })
+    .await;
+    let admin = c.admin("n1");
+    let (status, body) = admin
+        .request(
+            Method::POST,
+            "/collectLogs/start",
+            Some(autocollect::client::RequestBody::Form(vec![(
+                "from".into(),
+                "allnodes".into(),
+            )])),
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE, "{body}");
+    let message = body["_"].as_str().unwrap();
+    assert!(
+        message.starts_with("n2 cannot collect: free space in data_dir")
+            && message.ends_with("(storage.min_free_mb)"),
+        "{message}"
+    );
+    // No lock was kept anywhere, and n1 alone can still collect.
+    for node in ["n1", "n2"] {
+        assert_eq!(
+            c.admin(node).health().await.unwrap()["session"],
+            Value::Null
+        );
+    }
+    let started = admin.start("n1").await.unwrap();
+    let task = wait_for_end(&admin, &started.task_id).await;
+    assert_eq!(task.per_node["n1"].status, NodeState::Collected);
+}
+
+#[tokio::test]
+async fn results_are_kept_within_the_retention_count() {
+    let c = cluster(&["n1"], |config| config.storage.keep_results = 2).await;
+    let admin = c.admin("n1");
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let started = admin.start("all").await.unwrap();
+        wait_for_end(&admin, &started.task_id).await;
+        tasks.push(started.task_id);
+    }
+    // Each collection applies the rules once its result is kept.
+    let results = c.node("n1").data_dir.join("results");
+    let mut kept: Vec<String> = std::fs::read_dir(results)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    kept.sort();
+    let mut newest = tasks[1..].to_vec();
+    newest.sort();
+    assert_eq!(kept, newest);
+}
+
+#[tokio::test]
+async fn what_a_killed_node_left_behind_is_removed_when_it_starts_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = cluster(&["n1", "n2"], |config| {
+        set_option(config, "delay-ms", 120_000i64);
+        config.storage.allowed_tmp_dirs = vec![std::env::temp_dir()];
+    })
+    .await;
+    let admin = c.admin("n1");
+    let (status, body) = admin
+        .request(
+            Method::POST,
+            "/collectLogs/start",
+            Some(autocollect::client::RequestBody::Json(
+                json!({"nodes": "*", "tmpDir": tmp.path().display().to_string()}),
+            )),
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let task_id = body["taskId"].as_str().unwrap().to_string();
+    wait_for(&admin, |t| all_nodes(t, NodeState::Started)).await;
+    let leftovers = [
+        job_dir(&c, "n2", &task_id),
+        c.node("n2").data_dir.join("tmp"),
+        tmp.path().join(format!("autocollect-{task_id}-n2")),
+    ];
+    assert!(leftovers[0].exists() && leftovers[2].exists());
+
+    c.kill("n2");
+    assert!(leftovers[0].exists(), "a killed node cleans nothing");
+    c.restart("n2").await.unwrap();
+    assert!(!leftovers[0].exists(), "job directory left");
+    assert!(!leftovers[2].exists(), "tmpDir subdirectory left");
+    assert_eq!(std::fs::read_dir(&leftovers[1]).unwrap().count(), 0);
+    admin.cancel().await.unwrap();
+}

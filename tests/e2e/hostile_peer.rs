@@ -1,0 +1,320 @@
+//! Peers that lie, replay or hang: node-to-node input is checked like
+//! public input, requests are signed and cannot be replayed, and no node
+//! waits on a hung one for long (hangs are real: `SIGSTOP`).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use autocollect::coordinator::task::{NodeState, TaskState};
+use autocollect::peer_auth;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+/// A request to `node` signed as `signer` with the cluster's secret.
+async fn signed(
+    c: &TestCluster,
+    node: &str,
+    signer: &str,
+    method: Method,
+    path: &str,
+    body: &Value,
+) -> (StatusCode, Value) {
+    let body = serde_json::to_vec(body).unwrap();
+    let headers = peer_auth::sign(&c.secret, signer, &method, path, &body);
+    send(c, node, method, path, headers, body).await
+}
+
+async fn send(
+    c: &TestCluster,
+    node: &str,
+    method: Method,
+    path: &str,
+    headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    body: Vec<u8>,
+) -> (StatusCode, Value) {
+    let mut request = reqwest::Client::new()
+        .request(method, format!("{}{path}", c.node(node).url()))
+        .header("content-type", "application/json")
+        .body(body);
+    for (k, v) in headers {
+        request = request.header(k, v);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    // A session answers with a stream that never ends: read only errors.
+    if status == StatusCode::OK {
+        return (status, Value::Null);
+    }
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+const A_TASK: &str = "0123456789abcdef0123456789abcdef";
+
+/// Finding 3: a task id was used as a path (`remove_dir_all` on it, then
+/// the collector's output written there).
+#[tokio::test]
+async fn a_task_id_from_a_peer_is_never_used_as_a_path() {
+    let c = cluster(&["n1", "n2"], |_| {}).await;
+    let victim = tempfile::tempdir().unwrap();
+    std::fs::write(victim.path().join("keep.me"), "precious").unwrap();
+    let victim_path = victim.path().display().to_string();
+    let up = format!("../../../../../..{victim_path}");
+    for bad in [
+        victim_path.as_str(),
+        up.as_str(),
+        "t1",
+        "0123456789ABCDEF0123456789ABCDEF",
+    ] {
+        let (status, body) = signed(
+            &c,
+            "n2",
+            "n1",
+            Method::POST,
+            "/internal/v1/sessions",
+            &json!({"taskId": bad, "coordinator": "n1"}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        let message = body["_"].as_str().unwrap();
+        assert!(
+            message.contains("a task id is 32 lowercase hexadecimal digits"),
+            "{message}"
+        );
+    }
+    for bad in ["..%2F..%2Fvictim", "%2Ftmp%2Fvictim", "abc"] {
+        let path = format!("/internal/v1/sessions/{bad}/job");
+        let (status, body) = signed(&c, "n2", "n1", Method::POST, &path, &json!({})).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert!(body["taskId"].is_string(), "{body}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(victim.path().join("keep.me")).unwrap(),
+        "precious"
+    );
+    assert_eq!(std::fs::read_dir(victim.path()).unwrap().count(), 1);
+    let health = c.admin("n2").health().await.unwrap();
+    assert_eq!(health["session"], Value::Null);
+}
+
+/// Finding 6: a session naming an unknown coordinator was accepted, and
+/// status and cancel on that node then panicked.
+#[tokio::test]
+async fn a_session_must_be_asked_for_by_its_own_coordinator() {
+    let c = cluster(&["n1", "n2"], |_| {}).await;
+    let open = |coordinator: &str| json!({"taskId": A_TASK, "coordinator": coordinator});
+    for coordinator in ["evil", "n2"] {
+        let (status, body) = signed(
+            &c,
+            "n2",
+            "n1",
+            Method::POST,
+            "/internal/v1/sessions",
+            &open(coordinator),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(body["coordinator"].is_string(), "{body}");
+    }
+    let (status, body) = signed(
+        &c,
+        "n2",
+        "evil",
+        Method::POST,
+        "/internal/v1/sessions",
+        &open("evil"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        body,
+        json!({"_": "node \"evil\" is not a node of this cluster"})
+    );
+    // Nothing was opened, and status and cancel answer normally.
+    let admin = c.admin("n2");
+    assert_eq!(admin.health().await.unwrap()["session"], Value::Null);
+    assert_eq!(admin.status().await.unwrap(), None);
+    let (status, _) = admin
+        .request(Method::POST, "/collectLogs/cancel", None, true)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_captured_request_cannot_be_replayed_altered_or_sent_late() {
+    let c = cluster(&["n1", "n2"], |_| {}).await;
+    let path = format!("/internal/v1/sessions/{A_TASK}/cancel");
+    let now = peer_auth::unix_now();
+    let nonce = "00112233445566778899aabbccddeeff";
+    let captured = peer_auth::sign_at(&c.secret, "n1", &Method::POST, &path, b"", now, nonce);
+    // The genuine request: no such session, but it passes the checks.
+    let (status, _) = send(&c, "n2", Method::POST, &path, captured.clone(), vec![]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, body) = send(&c, "n2", Method::POST, &path, captured.clone(), vec![]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        body,
+        json!({"_": "replayed request (its nonce was already used)"})
+    );
+    // The same signature on another path, or with a body, is refused.
+    let other = format!("/internal/v1/sessions/{A_TASK}/close");
+    let (status, _) = send(&c, "n2", Method::POST, &other, captured.clone(), vec![]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = send(&c, "n2", Method::POST, &path, captured, b"{}".to_vec()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // A request signed two minutes ago is too old, whatever its nonce.
+    let late = peer_auth::sign_at(
+        &c.secret,
+        "n1",
+        &Method::POST,
+        &path,
+        b"",
+        now - 120,
+        "ffeeddccbbaa99887766554433221100",
+    );
+    let (status, body) = send(&c, "n2", Method::POST, &path, late, vec![]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(
+        body["_"]
+            .as_str()
+            .unwrap()
+            .contains("off this node's clock"),
+        "{body}"
+    );
+}
+
+/// Finding 5: with one node stopped, a start never returned.
+#[tokio::test]
+async fn a_start_with_a_hung_node_answers_in_time_and_the_others_collect() {
+    let c = cluster(&["n1", "n2", "n3"], |_| {}).await;
+    c.signal("n3", libc::SIGSTOP);
+    let admin = c.admin("n1");
+    let asked = Instant::now();
+    let started = admin.start("all").await.expect("start answers");
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(10), "start took {took:?}");
+    let n3 = &started.per_node["n3"];
+    assert_eq!(n3.status, NodeState::Failed);
+    assert_eq!(
+        n3.collection_output.as_deref(),
+        Some("n3 did not answer within 5 s")
+    );
+    let task = wait_for_end(&admin, &started.task_id).await;
+    assert_eq!(task.per_node["n1"].status, NodeState::Collected);
+    assert_eq!(task.per_node["n2"].status, NodeState::Collected);
+
+    // Resumed, n3 holds no stale lock: the next collection takes all.
+    c.signal("n3", libc::SIGCONT);
+    assert_eq!(
+        c.admin("n3").wait_idle(10.0).await.unwrap()["session"],
+        Value::Null
+    );
+    let again = admin.start("all").await.unwrap();
+    let again = wait_for_end(&admin, &again.task_id).await;
+    assert!(all_nodes(&again, NodeState::Collected), "{again:?}");
+}
+
+/// Finding 5: with the coordinator stopped mid-collection, the other
+/// nodes held their lock and their jobs for good.
+#[tokio::test]
+async fn nodes_let_go_of_a_hung_coordinator_and_the_cluster_moves_on() {
+    let c = cluster(&["n1", "n2", "n3"], |config| {
+        set_option(config, "delay-ms", 120_000i64);
+    })
+    .await;
+    let admin = c.admin("n1");
+    let started = admin.start("all").await.unwrap();
+    wait_for(&admin, |t| all_nodes(t, NodeState::Started)).await;
+    c.signal("n1", libc::SIGSTOP);
+
+    // Within 15 s, n2 and n3 stop their jobs and release their locks.
+    let hung = Instant::now();
+    for node in ["n2", "n3"] {
+        let health = c.admin(node).wait_idle(15.0).await.unwrap();
+        assert_eq!(
+            health["session"],
+            Value::Null,
+            "{node} still holds its lock"
+        );
+        assert!(!job_dir(&c, node, &started.task_id).exists());
+    }
+    assert!(
+        hung.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        hung.elapsed()
+    );
+
+    // Status on n2 says where the trouble is, in time.
+    let asked = Instant::now();
+    let (status, body) = c
+        .admin("n2")
+        .request(Method::GET, "/collectLogs/status", None, true)
+        .await
+        .unwrap();
+    assert!(asked.elapsed() < Duration::from_secs(10));
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        body,
+        json!({"_": "Cannot reach the coordinating node n1: n1 did not answer within 5 s"})
+    );
+    // A new collection can start from n2 without the hung node.
+    let asked = Instant::now();
+    let second = c
+        .admin("n2")
+        .start("n2,n3")
+        .await
+        .expect("n2 can coordinate");
+    assert!(asked.elapsed() < Duration::from_secs(10));
+    wait_for(&c.admin("n2"), |t| {
+        t.task_id == second.task_id && all_nodes(t, NodeState::Started)
+    })
+    .await;
+    c.admin("n2").cancel().await.unwrap();
+
+    // Resumed, n1 reports why its nodes stopped (its own job still runs).
+    c.signal("n1", libc::SIGCONT);
+    let task = wait_for(&admin, |t| {
+        t.task_id == started.task_id
+            && ["n2", "n3"]
+                .iter()
+                .all(|n| t.per_node[*n].status.is_finished())
+    })
+    .await;
+    admin.cancel().await.unwrap();
+    for node in ["n2", "n3"] {
+        let status = &task.per_node[node];
+        assert_eq!(status.status, NodeState::Failed, "{node}: {status:?}");
+        let output = status.collection_output.as_deref().unwrap();
+        assert!(
+            output.starts_with(&format!(
+                "{node} stopped its job: no word from coordinator n1 for"
+            )),
+            "{output}"
+        );
+    }
+}
+
+/// Finding 5: results complete before a coordinator stall were reported
+/// as heartbeat failures once it resumed.
+#[tokio::test]
+async fn a_node_that_finished_before_a_coordinator_stall_is_reported_as_it_finished() {
+    let c = cluster(&["n1", "n2"], |config| {
+        set_option(config, "delay-ms", 1_000i64);
+    })
+    .await;
+    let admin = c.admin("n1");
+    let started = admin.start("n2").await.unwrap();
+    c.signal("n1", libc::SIGSTOP);
+    // n2 finishes while n1 sleeps, then lets go of the session.
+    let health = c.admin("n2").wait_idle(20.0).await.unwrap();
+    assert_eq!(health["session"], Value::Null);
+    c.signal("n1", libc::SIGCONT);
+
+    let task = wait_for_end(&admin, &started.task_id).await;
+    assert_ended(&task, TaskState::Completed);
+    let n2 = &task.per_node["n2"];
+    assert_eq!(n2.status, NodeState::Collected, "{n2:?}");
+    assert!(Path::new(n2.path.as_deref().unwrap()).is_file());
+}
