@@ -33,6 +33,7 @@ pub struct LocalNode {
     pub log_path: PathBuf,
     pub data_dir: PathBuf,
     exe: PathBuf,
+    netns: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -54,6 +55,28 @@ pub struct LocalCluster {
     pub secret: String,
 }
 
+/// Where one node of a local cluster runs.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    pub name: String,
+    /// The address it listens on (its port is chosen at launch).
+    pub ip: std::net::IpAddr,
+    /// A network namespace to run it in (`/run/netns/NAME`), if any: its
+    /// socket is bound there and the daemon starts there.
+    pub netns: Option<PathBuf>,
+}
+
+impl NodeSpec {
+    /// A node on loopback.
+    pub fn loopback(name: &str) -> NodeSpec {
+        NodeSpec {
+            name: name.to_string(),
+            ip: std::net::Ipv4Addr::LOCALHOST.into(),
+            netns: None,
+        }
+    }
+}
+
 impl LocalCluster {
     /// Start one daemon per name under `root` (which must exist), using the
     /// `autocollect` binary `exe`. `customize` may change each node's
@@ -62,8 +85,20 @@ impl LocalCluster {
         exe: &Path,
         root: &Path,
         names: &[&str],
+        customize: impl FnMut(&mut Config),
+    ) -> Result<LocalCluster> {
+        let specs: Vec<NodeSpec> = names.iter().map(|n| NodeSpec::loopback(n)).collect();
+        LocalCluster::launch_on(exe, root, &specs, customize).await
+    }
+
+    /// As [`LocalCluster::launch`], each node where its spec says.
+    pub async fn launch_on(
+        exe: &Path,
+        root: &Path,
+        specs: &[NodeSpec],
         mut customize: impl FnMut(&mut Config),
     ) -> Result<LocalCluster> {
+        let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
         let admin_password = random_token();
         let reader_password = random_token();
         let secret = random_token();
@@ -80,9 +115,9 @@ impl LocalCluster {
             },
         ];
 
-        let listeners: Vec<TcpListener> = names
+        let listeners: Vec<TcpListener> = specs
             .iter()
-            .map(|_| TcpListener::bind("127.0.0.1:0"))
+            .map(|spec| bind_in(spec.netns.as_deref(), SocketAddr::new(spec.ip, 0)))
             .collect::<std::io::Result<_>>()?;
         let addrs: Vec<SocketAddr> = listeners
             .iter()
@@ -101,7 +136,8 @@ impl LocalCluster {
             reader_password,
             secret: secret.clone(),
         };
-        for ((name, addr), listener) in names.iter().zip(&addrs).zip(&listeners) {
+        for (((name, addr), listener), spec) in names.iter().zip(&addrs).zip(&listeners).zip(specs)
+        {
             let dir = root.join(name);
             std::fs::create_dir_all(&dir)?;
             let mut config = Config {
@@ -128,8 +164,14 @@ impl LocalCluster {
             let config_path = dir.join("autocollect.toml");
             std::fs::write(&config_path, toml::to_string(&config)?)?;
             let log_path = dir.join("daemon.log");
-            let child = spawn_daemon(exe, &config_path, &log_path, listener)
-                .with_context(|| format!("starting node {name}"))?;
+            let child = spawn_daemon(
+                exe,
+                &config_path,
+                &log_path,
+                listener,
+                spec.netns.as_deref(),
+            )
+            .with_context(|| format!("starting node {name}"))?;
             cluster.nodes.push(LocalNode {
                 name: name.to_string(),
                 addr: *addr,
@@ -137,6 +179,7 @@ impl LocalCluster {
                 log_path,
                 data_dir: config.data_dir.clone(),
                 exe: exe.to_path_buf(),
+                netns: spec.netns.clone(),
                 child: Some(child),
             });
         }
@@ -191,9 +234,15 @@ impl LocalCluster {
     pub async fn restart(&mut self, name: &str) -> Result<()> {
         self.kill(name);
         let node = self.nodes.iter_mut().find(|n| n.name == name).unwrap();
-        let listener = TcpListener::bind(node.addr)?;
-        let child = spawn_daemon(&node.exe, &node.config_path, &node.log_path, &listener)
-            .with_context(|| format!("restarting node {name}"))?;
+        let listener = bind_in(node.netns.as_deref(), node.addr)?;
+        let child = spawn_daemon(
+            &node.exe,
+            &node.config_path,
+            &node.log_path,
+            &listener,
+            node.netns.as_deref(),
+        )
+        .with_context(|| format!("restarting node {name}"))?;
         drop(listener);
         node.child = Some(child);
         let client = ApiClient::new(&node.url(), "", "");
@@ -244,7 +293,36 @@ impl Drop for LocalCluster {
     }
 }
 
-fn spawn_daemon(exe: &Path, config: &Path, log: &Path, listener: &TcpListener) -> Result<Child> {
+/// Bind `addr`, in network namespace `netns` if given (from a thread that
+/// joins it, so this process stays where it is).
+fn bind_in(netns: Option<&Path>, addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let Some(netns) = netns else {
+        return TcpListener::bind(addr);
+    };
+    let netns = File::open(netns)?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns on this thread only, with an open namespace fd.
+                if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                TcpListener::bind(addr)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("binding thread panicked")))
+    })
+}
+
+fn spawn_daemon(
+    exe: &Path,
+    config: &Path,
+    log: &Path,
+    listener: &TcpListener,
+    netns: Option<&Path>,
+) -> Result<Child> {
+    let netns = netns.map(File::open).transpose()?;
+    let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
     // Appended to, so a restarted node's log follows its first life.
     let log_file = File::options().create(true).append(true).open(log)?;
     let fd = listener.as_raw_fd();
@@ -261,8 +339,8 @@ fn spawn_daemon(exe: &Path, config: &Path, log: &Path, listener: &TcpListener) -
         .stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
         .stderr(log_file);
-    // SAFETY: only async-signal-safe calls (dup2, fcntl, prctl) between
-    // fork and exec.
+    // SAFETY: only async-signal-safe calls (dup2, fcntl, prctl, setns)
+    // between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             if fd == LISTEN_FD {
@@ -274,6 +352,11 @@ fn spawn_daemon(exe: &Path, config: &Path, log: &Path, listener: &TcpListener) -
             // If the parent dies, so does the daemon (Linux only). Note
             // that this follows the spawning *thread*.
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if let Some(ns) = netns_fd
+                && libc::setns(ns, libc::CLONE_NEWNET) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
             Ok(())
         });
     }

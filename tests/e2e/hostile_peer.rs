@@ -318,3 +318,73 @@ async fn a_node_that_finished_before_a_coordinator_stall_is_reported_as_it_finis
     assert_eq!(n2.status, NodeState::Collected, "{n2:?}");
     assert!(Path::new(n2.path.as_deref().unwrap()).is_file());
 }
+
+/// A plain HTTP GET over std sockets (for use inside a network namespace).
+fn blocking_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: n\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+/// Finding 5: a node cut off from its coordinator kept its lock for the
+/// whole partition. A real one here: the node runs in its own network
+/// namespace, and the link to it is cut (packets dropped, no reset).
+#[tokio::test]
+async fn a_node_cut_off_from_its_coordinator_lets_go_of_its_lock() {
+    let ns = match crate::netns::Netns::create() {
+        Ok(ns) => ns,
+        Err(why) => {
+            eprintln!("SKIPPED: this machine cannot make a network namespace: {why}");
+            return;
+        }
+    };
+    let specs = [
+        autocollect::cluster::NodeSpec {
+            name: "n1".into(),
+            ip: ns.host_ip,
+            netns: None,
+        },
+        autocollect::cluster::NodeSpec {
+            name: "n2".into(),
+            ip: ns.ns_ip,
+            netns: Some(ns.path()),
+        },
+    ];
+    let c = cluster_on(&specs, |config| set_option(config, "delay-ms", 120_000i64)).await;
+    let admin = c.admin("n1");
+    let started = admin.start("all").await.unwrap();
+    wait_for(&admin, |t| all_nodes(t, NodeState::Started)).await;
+
+    ns.partition();
+    let cut = Instant::now();
+    // Seen from inside its namespace, n2 stops its job and lets go.
+    let n2 = c.node("n2").addr;
+    let health = ns.run_in(|| blocking_get(n2, "/health?waitIdle=20"));
+    assert!(health.contains("\"session\":null"), "{health}");
+    assert!(
+        cut.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        cut.elapsed()
+    );
+    assert!(!job_dir(&c, "n2", &started.task_id).exists());
+
+    // The coordinator reports it lost, and goes on.
+    let task = wait_for(&admin, |t| t.per_node["n2"].status.is_finished()).await;
+    let n2 = &task.per_node["n2"];
+    assert_eq!(n2.status, NodeState::Failed);
+    assert!(
+        n2.collection_output
+            .as_deref()
+            .unwrap()
+            .starts_with("lost contact with n2"),
+        "{n2:?}"
+    );
+    admin.cancel().await.unwrap();
+}

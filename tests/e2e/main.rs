@@ -14,6 +14,7 @@ mod disk;
 mod hostile_client;
 mod hostile_peer;
 mod hostile_plugin;
+mod netns;
 mod network_policy;
 mod proxy_server;
 mod sandbox;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use autocollect::client::ApiClient;
-use autocollect::cluster::LocalCluster;
+use autocollect::cluster::{LocalCluster, NodeSpec};
 use autocollect::config::{Config, OptionValue};
 use autocollect::coordinator::task::{NodeState, TaskState, TaskStatus};
 
@@ -33,13 +33,19 @@ impl std::ops::DerefMut for TestCluster {
 }
 
 /// Start daemons named `names`; `customize` edits each node's config.
-pub async fn cluster(names: &[&str], mut customize: impl FnMut(&mut Config)) -> TestCluster {
+pub async fn cluster(names: &[&str], customize: impl FnMut(&mut Config)) -> TestCluster {
+    let specs: Vec<NodeSpec> = names.iter().map(|n| NodeSpec::loopback(n)).collect();
+    cluster_on(&specs, customize).await
+}
+
+/// Start daemons as `specs` say (addresses, network namespaces).
+pub async fn cluster_on(specs: &[NodeSpec], mut customize: impl FnMut(&mut Config)) -> TestCluster {
     let dir = tempfile::tempdir().expect("temp dir");
     let exe = Path::new(env!("CARGO_BIN_EXE_autocollect"));
     // One compiled-plugin cache for the whole test run: only the first
     // daemon to load a plugin compiles it.
     let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-cache");
-    let cluster = LocalCluster::launch(exe, dir.path(), names, |config| {
+    let cluster = LocalCluster::launch_on(exe, dir.path(), specs, |config| {
         config.plugin_cache_dir = Some(cache.clone());
         config.coordinator.heartbeat_interval_ms = 500;
         customize(config)
