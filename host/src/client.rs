@@ -37,7 +37,13 @@ impl ApiClient {
             base: base.trim_end_matches('/').to_string(),
             user: user.to_string(),
             password: password.to_string(),
-            http: reqwest::Client::new(),
+            // Idle connections are dropped before the daemon's header
+            // timeout closes them, so a request never goes out on one
+            // the server is closing.
+            http: reqwest::Client::builder()
+                .pool_idle_timeout(std::time::Duration::from_secs(10))
+                .build()
+                .unwrap_or_default(),
         }
     }
 

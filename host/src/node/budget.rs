@@ -43,15 +43,22 @@ pub struct Limits {
 /// Watches until dropped.
 pub struct BudgetWatch {
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Written to wake the watcher at once when it should stop.
+    wake: Arc<OwnedFd>,
+    /// Answered when the watcher has stopped watching (it may still be
+    /// closing its inotify instance, which takes the kernel milliseconds:
+    /// not worth waiting for).
+    stopped: std::sync::mpsc::Receiver<()>,
 }
 
 impl Drop for BudgetWatch {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: an 8-byte write to our own eventfd.
+        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        // After this, no breach is reported.
+        let _ = self.stopped.recv();
     }
 }
 
@@ -75,12 +82,27 @@ pub fn watch(
     tree.rescan();
     let stop = Arc::new(AtomicBool::new(false));
     let stopping = stop.clone();
-    let thread = std::thread::Builder::new()
+    // SAFETY: eventfd returns a new descriptor we own, or -1.
+    let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if wake < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `wake` is a fresh descriptor nobody else owns.
+    let wake = Arc::new(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(wake) });
+    let woken = wake.clone();
+    let (stopped_tx, stopped) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
         .name("job-budget".into())
-        .spawn(move || run(tree, free_space_of, limits, stopping, breach))?;
+        .spawn(move || {
+            let mut tree = tree;
+            run(&mut tree, free_space_of, limits, stopping, &woken, breach);
+            let _ = stopped_tx.send(());
+            drop(tree);
+        })?;
     Ok(BudgetWatch {
         stop,
-        thread: Some(thread),
+        wake,
+        stopped,
     })
 }
 
@@ -257,11 +279,14 @@ fn over(tree: &Tree, free: Option<u64>, limits: &Limits) -> Option<String> {
     }
 }
 
+/// Watch until `stop`; then return (the caller drops `tree`, closing the
+/// inotify instance, only after telling the job it has stopped).
 fn run(
-    mut tree: Tree,
+    tree: &mut Tree,
     free_space_of: SafeDir,
     limits: Limits,
     stop: Arc<AtomicBool>,
+    wake: &OwnedFd,
     breach: impl FnOnce(String),
 ) {
     let mut breach = Some(breach);
@@ -270,18 +295,28 @@ fn run(
     let mut free = free_space_of.free_bytes().ok();
     let mut last_free = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        let mut pollfd = libc::pollfd {
-            fd: tree.inotify.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pollfds = [
+            libc::pollfd {
+                fd: tree.inotify.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
         let wait = if dirty {
             RESCAN_MIN.saturating_sub(last_scan.elapsed())
         } else {
             POLL
         };
-        // SAFETY: one valid pollfd, for the duration of the call.
-        unsafe { libc::poll(&mut pollfd, 1, wait.as_millis() as i32) };
+        // SAFETY: two valid pollfds, for the duration of the call.
+        unsafe { libc::poll(pollfds.as_mut_ptr(), 2, wait.as_millis() as i32) };
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
         dirty |= tree.drain();
         let since = last_scan.elapsed();
         if (dirty && since >= RESCAN_MIN) || since >= RESCAN_EVERY {
@@ -293,7 +328,7 @@ fn run(
             free = free_space_of.free_bytes().ok();
             last_free = Instant::now();
         }
-        if let Some(reason) = over(&tree, free, &limits)
+        if let Some(reason) = over(tree, free, &limits)
             && let Some(breach) = breach.take()
         {
             tracing::warn!(bytes = tree.bytes, files = tree.entries, "{reason}");
