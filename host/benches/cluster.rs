@@ -7,10 +7,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use autocollect::cluster::LocalCluster;
-use autocollect::coordinator::task::{NodeState, TaskState};
 use common::*;
 
 fn main() -> anyhow::Result<()> {
@@ -40,19 +39,7 @@ async fn bench(size: usize, runs: usize, target: Duration) -> anyhow::Result<()>
 
     let mut samples = Vec::with_capacity(runs);
     for run in 0..runs + 2 {
-        let t = Instant::now();
-        let started = admin.start("all").await?;
-        let task = admin
-            .wait_for_end(&started.task_id, Duration::from_secs(60))
-            .await?;
-        let elapsed = t.elapsed();
-        anyhow::ensure!(task.status == TaskState::Completed, "{task:?}");
-        anyhow::ensure!(
-            task.per_node
-                .values()
-                .all(|n| n.status == NodeState::Collected),
-            "{task:?}"
-        );
+        let elapsed = timed_collection(&admin).await?;
         if run >= 2 {
             samples.push(elapsed);
         }

@@ -24,7 +24,6 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use autocollect::cluster::{ADMIN_USER, LocalCluster};
-use autocollect::coordinator::task::{NodeState, TaskState};
 use common::*;
 use reqwest::StatusCode;
 
@@ -194,19 +193,7 @@ async fn idle_connections(max_connections: usize) -> anyhow::Result<()> {
             };
             let mut collect_times = Vec::new();
             for _ in 0..5 {
-                let t = Instant::now();
-                let started = admin.start("all").await?;
-                let task = admin
-                    .wait_for_end(&started.task_id, Duration::from_secs(60))
-                    .await?;
-                collect_times.push(t.elapsed());
-                anyhow::ensure!(task.status == TaskState::Completed, "{task:?}");
-                anyhow::ensure!(
-                    task.per_node
-                        .values()
-                        .all(|n| n.status == NodeState::Collected),
-                    "{task:?}"
-                );
+                collect_times.push(timed_collection(&admin).await?);
             }
             let h = Samples::new(health_times);
             let c = Samples::new(collect_times);

@@ -68,23 +68,9 @@ fn argv(record: &Value) -> Vec<String> {
 }
 
 async fn start(admin: &ApiClient, params: Value) -> TaskStatus {
-    let (status, body) = admin
-        .request(
-            Method::POST,
-            "/collectLogs/start",
-            Some(RequestBody::Json(params)),
-            true,
-        )
-        .await
-        .unwrap();
+    let (status, body) = start_json(admin, params).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     serde_json::from_value(body).unwrap()
-}
-
-/// Collect from every node and wait for the end.
-async fn collect_all(admin: &ApiClient) -> TaskStatus {
-    let started = admin.start("all").await.unwrap();
-    wait_for_end(admin, &started.task_id).await
 }
 
 /// Is process `pid` gone (or only a zombie waiting to be reaped)?
@@ -208,7 +194,7 @@ async fn a_failing_cbcollect_info_fails_the_node_with_its_status_and_output() {
         cbcollect(config, records.path(), &[("STANDIN_FAIL", "3")])
     })
     .await;
-    let task = collect_all(&c.admin("n1")).await;
+    let task = collect_once(&c.admin("n1")).await;
 
     let n1 = &task.per_node["n1"];
     assert_eq!(n1.status, NodeState::Failed);
@@ -281,7 +267,7 @@ async fn a_program_that_is_not_allow_listed_is_denied_and_never_started() {
         config.collector.exec_allow.clear();
     })
     .await;
-    let task = collect_all(&c.admin("n1")).await;
+    let task = collect_once(&c.admin("n1")).await;
 
     let n1 = &task.per_node["n1"];
     assert_eq!(n1.status, NodeState::Failed);

@@ -3,7 +3,7 @@
 //! is removed when the node starts again.
 
 use autocollect::coordinator::task::NodeState;
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::support::*;
@@ -17,18 +17,7 @@ async fn a_start_is_refused_when_a_chosen_node_is_low_on_disk() {
     })
     .await;
     let admin = c.admin("n1");
-    let (status, body) = admin
-        .request(
-            Method::POST,
-            "/collectLogs/start",
-            Some(autocollect::client::RequestBody::Form(vec![(
-                "from".into(),
-                "allnodes".into(),
-            )])),
-            true,
-        )
-        .await
-        .unwrap();
+    let (status, body) = start_json(&admin, json!({"nodes": "*"})).await;
     assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE, "{body}");
     let message = body["_"].as_str().unwrap();
     assert!(
@@ -54,9 +43,7 @@ async fn results_are_kept_within_the_retention_count() {
     let admin = c.admin("n1");
     let mut tasks = Vec::new();
     for _ in 0..3 {
-        let started = admin.start("all").await.unwrap();
-        wait_for_end(&admin, &started.task_id).await;
-        tasks.push(started.task_id);
+        tasks.push(collect_once(&admin).await.task_id);
     }
     // Each collection applies the rules once its result is kept.
     let results = c.node("n1").data_dir.join("results");
@@ -80,17 +67,11 @@ async fn what_a_killed_node_left_behind_is_removed_when_it_starts_again() {
     })
     .await;
     let admin = c.admin("n1");
-    let (status, body) = admin
-        .request(
-            Method::POST,
-            "/collectLogs/start",
-            Some(autocollect::client::RequestBody::Json(
-                json!({"nodes": "*", "tmpDir": tmp.path().display().to_string()}),
-            )),
-            true,
-        )
-        .await
-        .unwrap();
+    let (status, body) = start_json(
+        &admin,
+        json!({"nodes": "*", "tmpDir": tmp.path().display().to_string()}),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let task_id = body["taskId"].as_str().unwrap().to_string();
     wait_for(&admin, |t| all_nodes(t, NodeState::Started)).await;

@@ -72,18 +72,14 @@ async fn a_planted_upload_symlink_steers_nothing_and_the_uploader_sees_only_its_
     })
     .await;
     let admin = c.admin("n1");
-    let (status, body) = admin
-        .request(
-            reqwest::Method::POST,
-            "/collectLogs/start",
-            Some(autocollect::client::RequestBody::Json(serde_json::json!({
-                "nodes": "*", "uploadHost": server.host(), "customer": "acme",
-                "logDir": logs.path().display().to_string(),
-            }))),
-            true,
-        )
-        .await
-        .unwrap();
+    let (status, body) = start_json(
+        &admin,
+        serde_json::json!({
+            "nodes": "*", "uploadHost": server.host(), "customer": "acme",
+            "logDir": logs.path().display().to_string(),
+        }),
+    )
+    .await;
     assert_eq!(status, reqwest::StatusCode::OK, "{body}");
     let task_id = body["taskId"].as_str().unwrap().to_string();
     let task = wait_for_end(&admin, &task_id).await;
@@ -126,9 +122,7 @@ async fn an_artifact_that_is_a_symlink_or_a_second_link_is_refused() {
             set_option(config, "target", target.as_str());
         })
         .await;
-        let admin = c.admin("n1");
-        let started = admin.start("all").await.unwrap();
-        let task = wait_for_end(&admin, &started.task_id).await;
+        let task = collect_once(&c.admin("n1")).await;
         let n1 = &task.per_node["n1"];
         assert_eq!(n1.status, NodeState::Failed, "{mode}: {n1:?}");
         assert!(output(n1).contains(expected), "{mode}: {n1:?}");
@@ -156,9 +150,7 @@ async fn a_collector_that_writes_without_end_is_stopped_at_its_budget() {
         config.storage.job_max_mb = 32;
     })
     .await;
-    let admin = c.admin("n1");
-    let started = admin.start("all").await.unwrap();
-    let task = wait_for_end(&admin, &started.task_id).await;
+    let task = collect_once(&c.admin("n1")).await;
     assert_ended(&task, TaskState::Completed);
     let n1 = &task.per_node["n1"];
     assert_eq!(n1.status, NodeState::Failed, "{n1:?}");
@@ -179,9 +171,7 @@ async fn a_collector_that_creates_files_without_end_is_stopped_at_its_budget() {
         config.storage.job_max_files = 500;
     })
     .await;
-    let admin = c.admin("n1");
-    let started = admin.start("all").await.unwrap();
-    let task = wait_for_end(&admin, &started.task_id).await;
+    let task = collect_once(&c.admin("n1")).await;
     let n1 = &task.per_node["n1"];
     assert_eq!(n1.status, NodeState::Failed, "{n1:?}");
     assert!(
@@ -199,9 +189,7 @@ async fn a_failed_job_keeps_its_output_only_when_asked() {
             config.storage.keep_failed = keep;
         })
         .await;
-        let admin = c.admin("n1");
-        let started = admin.start("all").await.unwrap();
-        let task = wait_for_end(&admin, &started.task_id).await;
+        let task = collect_once(&c.admin("n1")).await;
         assert_eq!(task.per_node["n1"].status, NodeState::Failed);
         let probe = job_dir(&c, "n1", &task.task_id).join("probe.txt");
         assert_eq!(probe.exists(), keep, "keep_failed = {keep}");
@@ -219,9 +207,7 @@ async fn a_plugin_may_run_only_so_many_programs_at_once() {
         config.collector.exec_grace_secs = 0.1;
     })
     .await;
-    let admin = c.admin("n1");
-    let started = admin.start("all").await.unwrap();
-    let task = wait_for_end(&admin, &started.task_id).await;
+    let task = collect_once(&c.admin("n1")).await;
     let n1 = &task.per_node["n1"];
     assert_eq!(n1.status, NodeState::Failed, "{n1:?}");
     assert_eq!(n1.collection_status_code.as_deref(), Some("3"), "{n1:?}");

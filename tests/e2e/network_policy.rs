@@ -5,26 +5,14 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use autocollect::client::{ApiClient, RequestBody};
+use autocollect::client::RequestBody;
 use autocollect::coordinator::task::NodeState;
 use axum::Router;
 use axum::http::{StatusCode as AxumStatus, header};
 use reqwest::{Method, StatusCode};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::support::*;
-
-async fn start(admin: &ApiClient, params: Value) -> (StatusCode, Value) {
-    admin
-        .request(
-            Method::POST,
-            "/collectLogs/start",
-            Some(RequestBody::Json(params)),
-            true,
-        )
-        .await
-        .unwrap()
-}
 
 /// A host that answers everything with a redirect to `to`.
 async fn redirecting_to(to: String) -> (String, tokio::task::JoinHandle<()>) {
@@ -65,7 +53,7 @@ async fn the_preflight_never_follows_a_redirect() {
     })
     .await;
     let admin = c.admin("n1");
-    let (status, body) = start(
+    let (status, body) = start_json(
         &admin,
         json!({"nodes": "*", "uploadHost": allowed, "customer": "acme"}),
     )
@@ -119,7 +107,7 @@ async fn link_local_and_metadata_addresses_are_refused_by_the_coordinator_and_ev
     let admin = c.admin("n1");
     let metadata = "http://169.254.169.254";
     let refusal = "upload host 169.254.169.254 is refused: 169.254.169.254 is a link-local or cloud metadata address (allow_link_local)";
-    let (status, body) = start(
+    let (status, body) = start_json(
         &admin,
         json!({"nodes": "*", "uploadHost": metadata, "customer": "acme"}),
     )
@@ -130,7 +118,7 @@ async fn link_local_and_metadata_addresses_are_refused_by_the_coordinator_and_ev
         json!({"_": format!("Unable to access '{metadata}/acme/' : {refusal}")})
     );
     // Without the preflight, the node refuses it before any connection.
-    let (status, body) = start(
+    let (status, body) = start_json(
         &admin,
         json!({"nodes": "*", "uploadHost": metadata, "customer": "acme",
                "bypassReachabilityChecks": "true"}),
@@ -152,7 +140,7 @@ async fn link_local_and_metadata_addresses_are_refused_by_the_coordinator_and_ev
 #[tokio::test]
 async fn credentials_in_the_upload_host_are_refused_and_never_recorded() {
     let c = cluster(&["n1"], |config| config.upload.allow_http = true).await;
-    let (status, body) = start(
+    let (status, body) = start_json(
         &c.admin("n1"),
         json!({"nodes": "*", "uploadHost": "https://support:hunter2@uploads.example.com",
                "customer": "acme"}),

@@ -5,10 +5,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use autocollect::client::ApiClient;
+use autocollect::client::{ApiClient, RequestBody};
 use autocollect::cluster::{LocalCluster, NodeSpec};
 use autocollect::config::{Config, OptionValue};
 use autocollect::coordinator::task::{NodeState, TaskState, TaskStatus};
+use reqwest::{Method, StatusCode};
 
 /// Upper bound for any wait in a test: a hang fails instead of blocking CI.
 pub const PATIENCE: Duration = Duration::from_secs(60);
@@ -79,6 +80,28 @@ pub async fn wait_for(client: &ApiClient, done: impl Fn(&TaskStatus) -> bool) ->
         .wait_until(PATIENCE, |_| {}, done)
         .await
         .expect("task reaches the expected state")
+}
+
+/// `POST /collectLogs/start` with a JSON body: status and answer.
+pub async fn start_json(
+    admin: &ApiClient,
+    params: serde_json::Value,
+) -> (StatusCode, serde_json::Value) {
+    admin
+        .request(
+            Method::POST,
+            "/collectLogs/start",
+            Some(RequestBody::Json(params)),
+            true,
+        )
+        .await
+        .expect("the node answers")
+}
+
+/// Collect from every node and wait for the task to end.
+pub async fn collect_once(admin: &ApiClient) -> TaskStatus {
+    let started = admin.start("all").await.expect("start accepted");
+    wait_for_end(admin, &started.task_id).await
 }
 
 pub async fn wait_for_end(client: &ApiClient, task_id: &str) -> TaskStatus {

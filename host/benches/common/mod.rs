@@ -100,6 +100,27 @@ pub fn machine() -> String {
     format!("{model}, {cores} cores, {mem} RAM")
 }
 
+/// Collect from every node of the cluster `admin` talks to; how long it
+/// took from the start request to the end, checking that every node
+/// collected.
+pub async fn timed_collection(admin: &autocollect::client::ApiClient) -> anyhow::Result<Duration> {
+    use autocollect::coordinator::task::{NodeState, TaskState};
+    let t = Instant::now();
+    let started = admin.start("all").await?;
+    let task = admin
+        .wait_for_end(&started.task_id, Duration::from_secs(60))
+        .await?;
+    let elapsed = t.elapsed();
+    anyhow::ensure!(task.status == TaskState::Completed, "{task:?}");
+    anyhow::ensure!(
+        task.per_node
+            .values()
+            .all(|n| n.status == NodeState::Collected),
+        "{task:?}"
+    );
+    Ok(elapsed)
+}
+
 /// The `autocollect` binary cargo built for this bench.
 pub fn daemon_exe() -> std::path::PathBuf {
     env!("CARGO_BIN_EXE_autocollect").into()
