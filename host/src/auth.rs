@@ -166,9 +166,10 @@ pub fn hash_password(password: &str) -> String {
 
 /// Does `password` match the PHC string `hash`? `memory` is the caller's
 /// argon2 work area, reused from check to check: a verification thread
-/// holds one, so memory stays at one work area per thread however many
-/// checks run (a fresh 19 MiB allocation per check let glibc keep
-/// hundreds of MiB around under a flood).
+/// holds one while checks queue up, so memory stays at one work area per
+/// thread however many checks run (a fresh 19 MiB allocation per check let
+/// glibc keep hundreds of MiB around under a flood), and frees it when
+/// the queue is empty.
 fn verify_password(memory: &mut Vec<argon2::Block>, hash: &str, password: &str) -> bool {
     let Ok(parsed) = PasswordHash::new(hash) else {
         return false;
@@ -246,11 +247,24 @@ impl VerifierPool {
                         libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
                     }
                     let mut memory = Vec::new();
+                    let mut waiting = None;
                     loop {
-                        let next = checks.lock().unwrap().recv();
-                        let Ok(check) = next else { return };
+                        let check = match waiting.take() {
+                            Some(check) => check,
+                            None => match checks.lock().unwrap().recv() {
+                                Ok(check) => check,
+                                Err(_) => return,
+                            },
+                        };
                         let ok = verify_password(&mut memory, &check.hash, &check.password);
                         let _ = check.reply.send(ok);
+                        // Under load the work area is reused; once nothing
+                        // waits, it goes back to the system.
+                        match checks.lock().unwrap().try_recv() {
+                            Ok(next) => waiting = Some(next),
+                            Err(std::sync::mpsc::TryRecvError::Empty) => memory = Vec::new(),
+                            Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+                        }
                     }
                 });
             if let Err(e) = spawned {

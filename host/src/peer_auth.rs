@@ -226,19 +226,12 @@ impl PeerVerifier {
         if nonces.seen.len() >= NONCES_MAX {
             return Err(PeerAuthError::Overloaded);
         }
-        // Remembered until the request's time can no longer pass the
-        // skew check.
-        let expires = time + CLOCK_SKEW.as_secs() as i64 + 1;
+        // Remembered (by this node's clock, so the queue stays in order)
+        // until no request with this time can pass the skew check: its
+        // time is at most `now + skew`, and passes until `time + skew`.
+        let expires = now + 2 * CLOCK_SKEW.as_secs() as i64 + 1;
         nonces.seen.insert(nonce, expires);
         nonces.order.push_back((expires, nonce));
-        // Expiries are not pushed in order when clocks differ a little;
-        // keep the queue sorted enough for pruning from the front.
-        if nonces.order.len() > 1 {
-            let n = nonces.order.len();
-            if nonces.order[n - 2].0 > expires {
-                nonces.order.make_contiguous().sort_unstable();
-            }
-        }
         Ok(node)
     }
 }

@@ -33,7 +33,6 @@ use crate::protocol::{
 use crate::upload::{Destination, Proxy, UploadPolicy};
 use storage::{Kept, Storage};
 
-pub use job::tail;
 pub use stream::SessionStream;
 
 /// How this node runs the plugin of one role.

@@ -18,8 +18,10 @@
 //! directory; it is moved (never copied through a link) into
 //! `results/TASK/` or into the request's `logDir`.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use crate::config::StorageSettings;
@@ -97,17 +99,25 @@ pub struct Staged {
 
 pub struct Storage {
     data_dir: PathBuf,
+    /// `data_dir`, opened once.
+    root: SafeDir,
     node: String,
     settings: StorageSettings,
+    /// What `results/` holds: task → (when kept, bytes). Only the host
+    /// writes there, so this stays true; it is read from disk at start.
+    results: Mutex<BTreeMap<String, (SystemTime, u64)>>,
 }
 
 impl Storage {
-    pub fn new(data_dir: &Path, node: &str, settings: StorageSettings) -> Storage {
-        Storage {
+    /// This node's storage under `data_dir` (created if missing).
+    pub fn open(data_dir: &Path, node: &str, settings: StorageSettings) -> io::Result<Storage> {
+        Ok(Storage {
             data_dir: data_dir.to_path_buf(),
+            root: SafeDir::open_root(data_dir, true)?,
             node: node.to_string(),
             settings,
-        }
+            results: Mutex::default(),
+        })
     }
 
     pub fn settings(&self) -> &StorageSettings {
@@ -115,11 +125,11 @@ impl Storage {
     }
 
     fn root(&self) -> io::Result<SafeDir> {
-        SafeDir::open_root(&self.data_dir, true)
+        self.root.try_clone()
     }
 
     fn area(&self, name: &str) -> io::Result<SafeDir> {
-        self.root()?.create_dirs(Path::new(name))
+        self.root.create_dirs(Path::new(name))
     }
 
     /// Where `task`'s output directory is (it may not exist).
@@ -311,6 +321,17 @@ impl Storage {
             None => (results, KeptIn::Results),
         };
         let size = move_checked(&dirs.output, first, &target)?;
+        let in_results = match dir {
+            KeptIn::Results => size,
+            KeptIn::LogDir(_) => 0,
+        } + artifacts[1..]
+            .iter()
+            .filter_map(|name| results_dir_size(&self.root, task, name))
+            .sum::<u64>();
+        self.results
+            .lock()
+            .unwrap()
+            .insert(task.to_string(), (SystemTime::now(), in_results));
         Ok(Kept {
             path: target.path().join(first),
             size,
@@ -374,18 +395,16 @@ impl Storage {
             tracing::info!(task = %task, "keeping the job's output (storage.keep_failed)");
             return;
         }
-        if let Ok(jobs) = self.area(JOBS) {
-            log_err("removing the job's output", jobs.remove_all(task));
+        for area in [JOBS, RESULTS] {
+            if let Ok(dir) = self.area(area) {
+                log_err("removing the job's files", dir.remove_all(task));
+            }
         }
-        if let Some(kept) = kept {
-            if let Ok(dir) = self.kept_dir(task, kept) {
-                log_err("removing the job's artifact", dir.remove_all(&kept.file));
-            }
-            if kept.dir == KeptIn::Results
-                && let Ok(results) = self.area(RESULTS)
-            {
-                log_err("removing the job's results", results.remove_all(task));
-            }
+        self.results.lock().unwrap().remove(task.as_str());
+        if let Some(kept) = kept.filter(|k| matches!(k.dir, KeptIn::LogDir(_)))
+            && let Ok(dir) = self.kept_dir(task, kept)
+        {
+            log_err("removing the job's artifact", dir.remove_all(&kept.file));
         }
         self.unstage(task);
     }
@@ -417,6 +436,7 @@ impl Storage {
             }
             let _ = std::fs::remove_file(entry.path());
         }
+        self.index_results();
         self.apply_retention(None);
     }
 
@@ -438,15 +458,13 @@ impl Storage {
         }
     }
 
-    /// Remove results beyond `keep_results`, older than
-    /// `keep_results_hours`, or beyond `keep_results_mb` in all (newest
-    /// kept first). `current` (the task running now) counts, but is never
-    /// removed.
-    pub fn apply_retention(&self, current: Option<&TaskId>) {
+    /// Read what `results/` holds (at start: the index is kept from then
+    /// on).
+    fn index_results(&self) {
         let Ok(results) = self.area(RESULTS) else {
             return;
         };
-        let mut found: Vec<(SystemTime, String, u64)> = Vec::new();
+        let mut index = BTreeMap::new();
         for (name, _) in results.entries().unwrap_or_default() {
             let name = name.to_string_lossy().into_owned();
             let Ok(dir) = results.open_dir(Path::new(&name)) else {
@@ -458,50 +476,75 @@ impl Storage {
             let modified = std::fs::symlink_metadata(dir.path())
                 .and_then(|m| m.modified())
                 .unwrap_or(SystemTime::UNIX_EPOCH);
-            found.push((modified, name, bytes));
+            index.insert(name, (modified, bytes));
         }
+        *self.results.lock().unwrap() = index;
+    }
+
+    /// Remove results beyond `keep_results`, older than
+    /// `keep_results_hours`, or beyond `keep_results_mb` in all (newest
+    /// kept first). `current` (the task running now) counts, but is never
+    /// removed.
+    pub fn apply_retention(&self, current: Option<&TaskId>) {
+        let is_current = |name: &str| current.is_some_and(|c| c.as_str() == name);
+        let mut found: Vec<(SystemTime, String, u64)> = self
+            .results
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(name, (kept, bytes))| (*kept, name.clone(), *bytes))
+            .collect();
         // Newest first; the current task first of all.
-        found.sort_by_key(|f| {
-            (
-                current.is_none_or(|c| c.as_str() != f.1),
-                std::cmp::Reverse(f.0),
-            )
-        });
+        found.sort_by_key(|f| (!is_current(&f.1), std::cmp::Reverse(f.0)));
         let s = &self.settings;
         let max_age = Duration::from_secs_f64(s.keep_results_hours * 3600.0);
         let mut total = 0u64;
-        for (i, (modified, name, bytes)) in found.into_iter().enumerate() {
+        let mut doomed = Vec::new();
+        for (i, (kept, name, bytes)) in found.into_iter().enumerate() {
             total += bytes;
-            let age = SystemTime::now()
-                .duration_since(modified)
-                .unwrap_or_default();
+            let age = SystemTime::now().duration_since(kept).unwrap_or_default();
             let why = if s.keep_results > 0 && i >= s.keep_results {
-                Some(format!(
+                format!(
                     "more than {} results (storage.keep_results)",
                     s.keep_results
-                ))
+                )
             } else if s.keep_results_hours > 0.0 && age > max_age {
-                Some(format!(
+                format!(
                     "older than {} hours (storage.keep_results_hours)",
                     s.keep_results_hours
-                ))
+                )
             } else if s.keep_results_mb > 0 && total > s.keep_results_mb << 20 {
-                Some(format!(
+                format!(
                     "results over {} MiB in all (storage.keep_results_mb)",
                     s.keep_results_mb
-                ))
+                )
             } else {
-                None
-            };
-            if current.is_some_and(|c| c.as_str() == name) {
                 continue;
-            }
-            if let Some(why) = why {
-                tracing::info!(task = %name, "removing a kept result: {why}");
-                log_err("removing a kept result", results.remove_all(&name));
+            };
+            if !is_current(&name) {
+                doomed.push((name, why));
             }
         }
+        if doomed.is_empty() {
+            return;
+        }
+        let Ok(results) = self.area(RESULTS) else {
+            return;
+        };
+        for (name, why) in doomed {
+            tracing::info!(task = %name, "removing a kept result: {why}");
+            log_err("removing a kept result", results.remove_all(&name));
+            self.results.lock().unwrap().remove(&name);
+        }
     }
+}
+
+/// Size of `results/TASK/NAME`, if it is there.
+fn results_dir_size(root: &SafeDir, task: &TaskId, name: &str) -> Option<u64> {
+    let dir = root
+        .open_dir(&Path::new(RESULTS).join(task.as_str()))
+        .ok()?;
+    dir.regular_file(name).ok().map(|id| id.size)
 }
 
 /// Move regular file `name` from `from` to `to` (never replacing), across
@@ -568,7 +611,7 @@ mod tests {
     use super::*;
 
     fn storage(dir: &Path, settings: StorageSettings) -> Storage {
-        Storage::new(&dir.join("data"), "n1", settings)
+        Storage::open(&dir.join("data"), "n1", settings).unwrap()
     }
 
     fn task() -> TaskId {

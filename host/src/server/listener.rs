@@ -53,17 +53,18 @@ pub struct Limits {
 impl Limits {
     /// From `[server]`, the open-file limit and the cluster's size.
     pub fn resolve(settings: &ServerSettings, nodes: usize) -> Limits {
+        // Whatever the cap, the descriptors must be there: raise the soft
+        // limit, and never allow more connections than it leaves room for.
+        let fds = raise_open_file_limit();
+        let usable = if fds > 2 * FD_RESERVE {
+            fds - FD_RESERVE
+        } else {
+            fds / 2
+        };
+        let usable = usable.clamp(16, 1 << 20) as usize;
         let max = match settings.max_connections {
-            0 => {
-                let fds = raise_open_file_limit();
-                let usable = if fds > 2 * FD_RESERVE {
-                    fds - FD_RESERVE
-                } else {
-                    fds / 2
-                };
-                usable.clamp(16, 1 << 20) as usize
-            }
-            n => n,
+            0 => usable,
+            n => n.min(usable),
         };
         let reserved = match settings.peer_reserved_connections {
             0 => 8 * nodes + 16,

@@ -64,7 +64,8 @@ pub async fn build(config: &Config, config_dir: &Path) -> Result<(AppState, api:
         upload_policy: config.upload.clone(),
     };
     let heartbeat = Duration::from_millis(config.coordinator.heartbeat_interval_ms);
-    let storage = Storage::new(&config.data_dir, &config.node, config.storage.clone());
+    let storage = Storage::open(&config.data_dir, &config.node, config.storage.clone())
+        .with_context(|| format!("opening data_dir {}", config.data_dir.display()))?;
     // Nothing runs yet: whatever a job left behind is a leftover of a
     // crash or a kill.
     storage.clean_after_restart();
@@ -142,6 +143,7 @@ pub async fn serve(
 ) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
+    return_large_allocations_to_the_system();
     let limits = listener::Limits::resolve(&config.server, config.nodes.len());
     let (state, app) = build(&config, config_dir).await?;
     listener.set_nonblocking(true)?;
@@ -163,6 +165,18 @@ pub async fn serve(
     state.node.shutdown(SHUTDOWN_GRACE.max(exec_stop)).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Allocations of 1 MiB or more (argon2's 19 MiB work areas) get their
+/// own mappings, returned to the system when freed: glibc's default
+/// raises that threshold after the first such free, and then keeps the
+/// memory in its arenas for good.
+fn return_large_allocations_to_the_system() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
 }
 
 async fn termination() -> &'static str {
