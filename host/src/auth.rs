@@ -221,7 +221,14 @@ pub fn check_hash(hash: &str) -> Result<(), String> {
 
 /// A few threads that run argon2, behind a bounded queue.
 struct VerifierPool {
-    queue: std::sync::mpsc::SyncSender<Check>,
+    queue: std::sync::Arc<Queue>,
+}
+
+/// The checks waiting for a thread.
+struct Queue {
+    checks: Mutex<std::collections::VecDeque<Check>>,
+    ready: std::sync::Condvar,
+    capacity: usize,
 }
 
 struct Check {
@@ -233,10 +240,13 @@ struct Check {
 impl VerifierPool {
     fn start() -> VerifierPool {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let (queue, checks) = std::sync::mpsc::sync_channel::<Check>(threads * QUEUE_PER_THREAD);
-        let checks = std::sync::Arc::new(Mutex::new(checks));
+        let queue = std::sync::Arc::new(Queue {
+            checks: Mutex::default(),
+            ready: std::sync::Condvar::new(),
+            capacity: threads * QUEUE_PER_THREAD,
+        });
         for i in 0..threads {
-            let checks = checks.clone();
+            let queue = queue.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("auth-verify-{i}"))
                 .spawn(move || {
@@ -246,26 +256,7 @@ impl VerifierPool {
                     unsafe {
                         libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
                     }
-                    let mut memory = Vec::new();
-                    let mut waiting = None;
-                    loop {
-                        let check = match waiting.take() {
-                            Some(check) => check,
-                            None => match checks.lock().unwrap().recv() {
-                                Ok(check) => check,
-                                Err(_) => return,
-                            },
-                        };
-                        let ok = verify_password(&mut memory, &check.hash, &check.password);
-                        let _ = check.reply.send(ok);
-                        // Under load the work area is reused; once nothing
-                        // waits, it goes back to the system.
-                        match checks.lock().unwrap().try_recv() {
-                            Ok(next) => waiting = Some(next),
-                            Err(std::sync::mpsc::TryRecvError::Empty) => memory = Vec::new(),
-                            Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
-                        }
-                    }
+                    queue.serve();
                 });
             if let Err(e) = spawned {
                 tracing::error!("cannot start a password verification thread: {e}");
@@ -276,14 +267,42 @@ impl VerifierPool {
 
     async fn verify(&self, hash: String, password: String) -> Result<bool, AuthError> {
         let (reply, answer) = oneshot::channel();
-        self.queue
-            .try_send(Check {
+        {
+            let mut checks = self.queue.checks.lock().unwrap();
+            if checks.len() >= self.queue.capacity {
+                return Err(AuthError::Busy);
+            }
+            checks.push_back(Check {
                 hash,
                 password,
                 reply,
-            })
-            .map_err(|_| AuthError::Busy)?;
+            });
+        }
+        self.queue.ready.notify_one();
         answer.await.map_err(|_| AuthError::Busy)
+    }
+}
+
+impl Queue {
+    /// One verification thread: checks, one at a time, for good.
+    fn serve(&self) {
+        let mut memory = Vec::new();
+        loop {
+            let check = {
+                let mut checks = self.checks.lock().unwrap();
+                loop {
+                    if let Some(check) = checks.pop_front() {
+                        break check;
+                    }
+                    // Under load the work area is reused; once nothing
+                    // waits, it goes back to the system.
+                    memory = Vec::new();
+                    checks = self.ready.wait(checks).unwrap();
+                }
+            };
+            let ok = verify_password(&mut memory, &check.hash, &check.password);
+            let _ = check.reply.send(ok);
+        }
     }
 }
 
