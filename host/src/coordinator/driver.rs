@@ -108,7 +108,16 @@ impl Driver {
 
     /// A command's error as a reason, or `None` if it was accepted.
     fn command_failed(&self, result: Result<(), PeerError>, what: &str) -> Option<String> {
-        result.err().map(|e| format!("{what}: {e}"))
+        result.err().map(|e| match e.status() {
+            // The node let go of the session: we were silent past its
+            // lease (this process was stalled), or it restarted.
+            Some(reqwest::StatusCode::NOT_FOUND) => format!(
+                "{what}: {} no longer holds this task's session (it lets go of a coordinator it has not heard from for {})",
+                self.node,
+                secs(self.ctx.coordinator.lease())
+            ),
+            _ => format!("{what}: {e}"),
+        })
     }
 
     /// Apply the node's events until `ends_phase` says the phase is over

@@ -188,7 +188,7 @@ impl Coordinator {
     /// How long a node keeps a session without hearing from us: three
     /// heartbeat intervals (we ping every interval), plus a second for a
     /// busy moment.
-    fn lease(&self) -> Duration {
+    pub(super) fn lease(&self) -> Duration {
         self.heartbeat() * 3 + Duration::from_secs(1)
     }
 
