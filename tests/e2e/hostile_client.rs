@@ -301,3 +301,39 @@ async fn public_requests_cannot_take_the_connections_kept_for_other_nodes() {
     }
     assert!(busy >= 6, "{busy} turned away");
 }
+
+/// Waiters that hang up must not use up the few unauthenticated
+/// `waitIdle` waits for good (a counter that leaked on every abandoned
+/// request would end all waiting).
+#[tokio::test]
+async fn abandoned_health_waits_do_not_use_up_the_waiting_slots() {
+    let c = cluster(&["n1"], |config| set_option(config, "delay-ms", 60_000i64)).await;
+    let admin = c.admin("n1");
+    admin.start("all").await.unwrap();
+    let url = format!("{}/health?waitIdle=30", c.node("n1").url());
+    // 40 waiters (more than may wait at once) that hang up.
+    let mut abandoned = Vec::new();
+    for _ in 0..40 {
+        let mut conn = TcpStream::connect(c.node("n1").addr).await.unwrap();
+        let path = "/health?waitIdle=30";
+        conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: n1\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        abandoned.push(conn);
+    }
+    // Each hangs up; the node sees the end of its input, drops the
+    // request and closes the connection, which the client then reads.
+    for mut conn in abandoned {
+        conn.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(PATIENCE, conn.read_to_end(&mut rest))
+            .await
+            .expect("the node closes an abandoned connection")
+            .unwrap();
+    }
+    // A new waiter waits for the node to be idle, which the cancel brings.
+    let waiter = tokio::spawn(async move { reqwest::get(url).await?.json::<Value>().await });
+    admin.cancel().await.unwrap();
+    let health = waiter.await.unwrap().unwrap();
+    assert_eq!(health["session"], Value::Null, "{health}");
+}

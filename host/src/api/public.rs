@@ -13,7 +13,7 @@
 //! Any node answers: status and cancel are forwarded to the node that
 //! coordinates the latest task when that is another node.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::extract::{FromRequestParts, Query, State};
@@ -541,6 +541,29 @@ struct HealthQuery {
     wait_idle: Option<f64>,
 }
 
+/// One `waitIdle` request, counted while it lasts: also when its client
+/// hangs up and the request is dropped mid-wait.
+struct HealthWaiter<'a> {
+    count: &'a AtomicUsize,
+    admitted: bool,
+}
+
+impl<'a> HealthWaiter<'a> {
+    fn enter(count: &'a AtomicUsize) -> HealthWaiter<'a> {
+        let before = count.fetch_add(1, Ordering::Relaxed);
+        HealthWaiter {
+            count,
+            admitted: before < MAX_HEALTH_WAITERS,
+        }
+    }
+}
+
+impl Drop for HealthWaiter<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn health(
     State(state): State<AppState>,
     query: Result<Query<HealthQuery>, axum::extract::rejection::QueryRejection>,
@@ -549,11 +572,10 @@ async fn health(
     if let Some(wait) = query.wait_idle {
         // Anyone may ask, so only a few wait at once; the rest are
         // answered as things are.
-        let waiters = state.health_waiters.fetch_add(1, Ordering::Relaxed);
-        if waiters < MAX_HEALTH_WAITERS {
+        let waiting = HealthWaiter::enter(&state.health_waiters);
+        if waiting.admitted {
             state.node.wait_idle(clamp_wait(Some(wait))).await;
         }
-        state.health_waiters.fetch_sub(1, Ordering::Relaxed);
     }
     Ok(Json(json!({
         "node": state.node.name(),
