@@ -195,7 +195,8 @@ impl PeerVerifier {
             .and_then(|t| t.parse().ok())
             .ok_or(PeerAuthError::Malformed("time"))?;
         let nonce_text = header(&NONCE_HEADER).ok_or(PeerAuthError::Malformed("nonce"))?;
-        let nonce = (nonce_text.len() == 32)
+        let hex = nonce_text.len() == 32 && nonce_text.bytes().all(|b| b.is_ascii_hexdigit());
+        let nonce = hex
             .then(|| u128::from_str_radix(nonce_text, 16).ok())
             .flatten()
             .ok_or(PeerAuthError::Malformed("nonce"))?;

@@ -162,12 +162,6 @@ impl SafeDir {
         Ok((File::from(fd), file_id(&stat)))
     }
 
-    /// What `name` is, without following it if it is a link.
-    pub fn file_type(&self, name: &str) -> io::Result<FileType> {
-        let stat = rustix::fs::statat(&self.fd, plain(name)?, AtFlags::SYMLINK_NOFOLLOW)?;
-        Ok(FileType::from_raw_mode(stat.st_mode))
-    }
-
     /// The identity of regular file `name` (not following links), or an
     /// error if it is anything else.
     pub fn regular_file(&self, name: &str) -> io::Result<FileId> {
@@ -219,18 +213,14 @@ impl SafeDir {
         let mut dest = File::from(fd);
         let copied = io::copy(&mut from, &mut dest);
         if copied.is_err() {
-            let _ = self.remove_file_in(to, to_name);
+            let _ = to.remove_file(to_name);
         }
         copied
     }
 
-    fn remove_file_in(&self, dir: &SafeDir, name: &str) -> io::Result<()> {
-        rustix::fs::unlinkat(&dir.fd, plain(name)?, AtFlags::empty())?;
-        Ok(())
-    }
-
     pub fn remove_file(&self, name: &str) -> io::Result<()> {
-        self.remove_file_in(self, name)
+        rustix::fs::unlinkat(&self.fd, plain(name)?, AtFlags::empty())?;
+        Ok(())
     }
 
     /// Remove `name` and everything below it. Links are removed, never

@@ -247,11 +247,16 @@ async fn start_upload(
     Ok(StatusCode::ACCEPTED)
 }
 
-fn no_session(task: &TaskId) -> ApiError {
-    ApiError::general(
-        StatusCode::NOT_FOUND,
-        format!("no session for task {task} on this node"),
-    )
+/// `ok` if this node held a session for `task`, else 404.
+fn in_session(held: bool, task: &TaskId, ok: StatusCode) -> Result<StatusCode, ApiError> {
+    if held {
+        Ok(ok)
+    } else {
+        Err(ApiError::general(
+            StatusCode::NOT_FOUND,
+            format!("no session for task {task} on this node"),
+        ))
+    }
 }
 
 async fn cancel_job(
@@ -259,11 +264,7 @@ async fn cancel_job(
     _: Peer,
     Task(task): Task,
 ) -> Result<StatusCode, ApiError> {
-    if state.node.cancel_job(&task) {
-        Ok(StatusCode::ACCEPTED)
-    } else {
-        Err(no_session(&task))
-    }
+    in_session(state.node.cancel_job(&task), &task, StatusCode::ACCEPTED)
 }
 
 async fn close_session(
@@ -271,11 +272,7 @@ async fn close_session(
     _: Peer,
     Task(task): Task,
 ) -> Result<StatusCode, ApiError> {
-    if state.node.close_session(&task) {
-        Ok(StatusCode::OK)
-    } else {
-        Err(no_session(&task))
-    }
+    in_session(state.node.close_session(&task), &task, StatusCode::OK)
 }
 
 async fn ping(
@@ -283,11 +280,7 @@ async fn ping(
     _: Peer,
     Task(task): Task,
 ) -> Result<StatusCode, ApiError> {
-    if state.node.ping(&task) {
-        Ok(StatusCode::OK)
-    } else {
-        Err(no_session(&task))
-    }
+    in_session(state.node.ping(&task), &task, StatusCode::OK)
 }
 
 /// Status asked by another node on behalf of its user: never forwarded

@@ -148,11 +148,6 @@ impl Peers {
         self.addresses.contains_key(node)
     }
 
-    /// How long a node has to answer.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
-
     /// A signed request to `node`.
     fn request(
         &self,

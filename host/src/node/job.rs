@@ -166,10 +166,11 @@ fn start_budget(
         .into_iter()
         .map(SafeDir::try_clone)
         .collect::<std::io::Result<Vec<_>>>();
-    let data_dir = dirs.output.try_clone();
+    // The output directory is in `data_dir`: its filesystem's free space.
+    let free_space_of = dirs.output.try_clone();
     let (breach, urgent, cancel) = (breach.clone(), urgent.clone(), cancel.clone());
     let started = roots.and_then(|roots| {
-        budget::watch(roots, data_dir?, limits, move |reason| {
+        budget::watch(roots, free_space_of?, limits, move |reason| {
             *breach.0.lock().unwrap() = Some(reason);
             urgent.store(true, Ordering::Relaxed);
             cancel.cancel();
@@ -298,7 +299,6 @@ async fn stage(node: &NodeService, order: &UploadOrder) -> Result<std::path::Pat
     tokio::task::spawn_blocking(move || storage.stage(&task, &kept))
         .await
         .map_err(|e| format!("staging the artifact: {e}"))?
-        .map(|staged| staged.dir.join(staged.file))
 }
 
 fn upload_event(url: String, result: Result<Receipt, UploadFailure>) -> NodeEvent {

@@ -91,12 +91,6 @@ pub struct Kept {
     pub dir: KeptIn,
 }
 
-/// The artifact as an uploader sees it: alone in `staging/TASK/`.
-pub struct Staged {
-    pub dir: PathBuf,
-    pub file: String,
-}
-
 pub struct Storage {
     data_dir: PathBuf,
     /// `data_dir`, opened once.
@@ -124,23 +118,22 @@ impl Storage {
         &self.settings
     }
 
-    fn root(&self) -> io::Result<SafeDir> {
-        self.root.try_clone()
-    }
-
     fn area(&self, name: &str) -> io::Result<SafeDir> {
         self.root.create_dirs(Path::new(name))
     }
 
-    /// Where `task`'s output directory is (it may not exist).
-    pub fn output_path(&self, task: &TaskId) -> PathBuf {
-        self.data_dir.join(JOBS).join(task.as_str())
+    /// A new, empty `area/TASK/` (a leftover of the same task, from a
+    /// crash, is removed first).
+    fn fresh(&self, area: &str, task: &TaskId) -> io::Result<SafeDir> {
+        let area = self.area(area)?;
+        area.remove_all(task)?;
+        area.create_new_dir(task)
     }
 
     /// Why this node should not start a collection now, if it should not:
     /// less free space in `data_dir` than the reserve.
     pub fn low_disk(&self) -> Option<String> {
-        let free = self.root().and_then(|r| r.free_bytes());
+        let free = self.root.free_bytes();
         match free {
             Ok(free) if free < self.settings.min_free_mb << 20 => Some(format!(
                 "free space in data_dir {} is {} MiB, below the reserve of {} MiB (storage.min_free_mb)",
@@ -218,11 +211,8 @@ impl Storage {
     /// the same task (a crash) is removed first.
     pub fn prepare_job(&self, task: &TaskId, tmp_dir: Option<&str>) -> Result<JobDirs, String> {
         let fail = |what: &str, e: io::Error| format!("could not create the job's {what}: {e}");
-        let jobs = self.area(JOBS).map_err(|e| fail("output directory", e))?;
-        jobs.remove_all(task)
-            .map_err(|e| fail("output directory", e))?;
-        let output = jobs
-            .create_new_dir(task)
+        let output = self
+            .fresh(JOBS, task)
             .map_err(|e| fail("output directory", e))?;
         let (tmp_parent, tmp_name, tmp_recorded) = match tmp_dir {
             None => {
@@ -303,11 +293,7 @@ impl Storage {
             }
         }
         let results = self
-            .area(RESULTS)
-            .and_then(|r| {
-                r.remove_all(task)?;
-                r.create_new_dir(task)
-            })
+            .fresh(RESULTS, task)
             .map_err(|e| format!("could not create the results directory: {e}"))?;
         for name in &artifacts[1..] {
             move_checked(&dirs.output, name, &results)?;
@@ -344,23 +330,19 @@ impl Storage {
     fn kept_dir(&self, task: &TaskId, kept: &Kept) -> Result<SafeDir, String> {
         match &kept.dir {
             KeptIn::Results => self
-                .root()
-                .and_then(|r| r.open_dir(&Path::new(RESULTS).join(task.as_str())))
+                .root
+                .open_dir(&Path::new(RESULTS).join(task.as_str()))
                 .map_err(|e| format!("cannot open the results of task {task}: {e}")),
             KeptIn::LogDir(requested) => self.open_requested(RequestedDir::Log, requested),
         }
     }
 
     /// Show `kept` to an uploader: hard-linked (or, from another
-    /// filesystem, copied) alone into `staging/TASK/`.
-    pub fn stage(&self, task: &TaskId, kept: &Kept) -> Result<Staged, String> {
+    /// filesystem, copied) alone into `staging/TASK/`; its path there.
+    pub fn stage(&self, task: &TaskId, kept: &Kept) -> Result<PathBuf, String> {
         let from = self.kept_dir(task, kept)?;
         let staging = self
-            .area(STAGING)
-            .and_then(|s| {
-                s.remove_all(task)?;
-                s.create_new_dir(task)
-            })
+            .fresh(STAGING, task)
             .map_err(|e| format!("could not create the upload staging directory: {e}"))?;
         let staged = match from.link_to(&kept.file, &staging, &kept.file) {
             Ok(()) => Ok(()),
@@ -373,10 +355,7 @@ impl Storage {
         staging
             .regular_file(&kept.file)
             .map_err(|e| format!("staged artifact {}: {e}", kept.file))?;
-        Ok(Staged {
-            dir: staging.path().to_path_buf(),
-            file: kept.file.clone(),
-        })
+        Ok(staging.path().join(&kept.file))
     }
 
     pub fn unstage(&self, task: &TaskId) {
@@ -660,7 +639,7 @@ mod tests {
         assert_eq!(kept.size, 3);
         assert!(kept.path.starts_with(tmp.path().join("data/results")));
         let staged = s.stage(&task(), &kept).unwrap();
-        let seen: Vec<_> = std::fs::read_dir(&staged.dir)
+        let seen: Vec<_> = std::fs::read_dir(staged.parent().unwrap())
             .unwrap()
             .flatten()
             .map(|e| e.file_name())
