@@ -1,5 +1,6 @@
 //! A client for the public API (the CLI, the demo, tests, benchmarks).
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
@@ -30,20 +31,72 @@ pub struct ApiClient {
     http: reqwest::Client,
 }
 
+/// How a client checks the daemon's certificate (`https://` URLs).
+#[derive(Debug, Clone, Default)]
+pub struct ClientTls {
+    /// Trust only the CA certificates in this PEM file (as curl's and
+    /// couchbase-cli's `--cacert`). Absent: the public web roots.
+    pub ca_file: Option<PathBuf>,
+    /// Check nothing (`--no-ssl-verify`): the connection is encrypted but
+    /// anyone in the middle can read it.
+    pub no_verify: bool,
+}
+
 impl ApiClient {
-    /// `base` is like `http://127.0.0.1:9101`.
+    /// `base` is like `https://127.0.0.1:9101`; its certificate is checked
+    /// against the public web roots.
     pub fn new(base: &str, user: &str, password: &str) -> ApiClient {
+        let http = Self::builder()
+            .build()
+            .expect("a client with default settings");
+        Self::with_http(base, user, password, http)
+    }
+
+    /// As [`ApiClient::new`], checking the daemon's certificate as `tls`
+    /// says.
+    pub fn with_tls(
+        base: &str,
+        user: &str,
+        password: &str,
+        tls: &ClientTls,
+    ) -> anyhow::Result<ApiClient> {
+        let mut builder = Self::builder();
+        if let Some(path) = &tls.ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("reading --cacert {}: {e}", path.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .ok()
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--cacert {}: no PEM certificate in it", path.display())
+                })?;
+            builder = builder.tls_built_in_root_certs(false);
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        if tls.no_verify {
+            builder = builder.danger_accept_invalid_certs(true);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| anyhow::anyhow!("TLS settings: {}", error_chain(&e)))?;
+        Ok(Self::with_http(base, user, password, http))
+    }
+
+    fn builder() -> reqwest::ClientBuilder {
+        // Idle connections are dropped before the daemon's header timeout
+        // closes them, so a request never goes out on one the server is
+        // closing.
+        reqwest::Client::builder().pool_idle_timeout(std::time::Duration::from_secs(10))
+    }
+
+    fn with_http(base: &str, user: &str, password: &str, http: reqwest::Client) -> ApiClient {
         ApiClient {
             base: base.trim_end_matches('/').to_string(),
             user: user.to_string(),
             password: password.to_string(),
-            // Idle connections are dropped before the daemon's header
-            // timeout closes them, so a request never goes out on one
-            // the server is closing.
-            http: reqwest::Client::builder()
-                .pool_idle_timeout(std::time::Duration::from_secs(10))
-                .build()
-                .unwrap_or_default(),
+            http,
         }
     }
 

@@ -18,8 +18,9 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use crate::client::ApiClient;
-use crate::config::{Config, Role, User};
+use crate::client::{ApiClient, ClientTls};
+use crate::config::{Config, Role, TlsFiles, TlsSetting, User};
+use crate::tls::certs::{self, NodeHost};
 
 pub const ADMIN_USER: &str = "admin";
 pub const READER_USER: &str = "reader";
@@ -32,6 +33,8 @@ pub struct LocalNode {
     pub config_path: PathBuf,
     pub log_path: PathBuf,
     pub data_dir: PathBuf,
+    /// Whether it serves TLS (`https://`).
+    pub tls: bool,
     exe: PathBuf,
     netns: Option<PathBuf>,
     child: Option<Child>,
@@ -43,7 +46,8 @@ impl LocalNode {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 }
 
@@ -53,6 +57,9 @@ pub struct LocalCluster {
     pub admin_password: String,
     pub reader_password: String,
     pub secret: String,
+    /// The cluster CA (`root/certs/ca.pem`) that signed every node's
+    /// certificate; the node certificates are beside it.
+    pub ca_file: PathBuf,
 }
 
 /// Where one node of a local cluster runs.
@@ -129,14 +136,31 @@ impl LocalCluster {
             .map(|(n, a)| (n.to_string(), a.to_string()))
             .collect();
 
+        // TLS as in production: a private CA and one certificate per node,
+        // valid for the node's address.
+        let hosts: Vec<NodeHost> = specs
+            .iter()
+            .map(|spec| NodeHost {
+                name: spec.name.clone(),
+                host: spec.ip.to_string(),
+            })
+            .collect();
+        let issued = certs::init(&root.join("certs"), &hosts).context("making certificates")?;
+
         let mut cluster = LocalCluster {
             root: root.to_path_buf(),
             nodes: Vec::new(),
             admin_password,
             reader_password,
             secret: secret.clone(),
+            ca_file: issued.ca_file.clone(),
         };
-        for (((name, addr), listener), spec) in names.iter().zip(&addrs).zip(&listeners).zip(specs)
+        for ((((name, addr), listener), spec), files) in names
+            .iter()
+            .zip(&addrs)
+            .zip(&listeners)
+            .zip(specs)
+            .zip(&issued.nodes)
         {
             let dir = root.join(name);
             std::fs::create_dir_all(&dir)?;
@@ -144,6 +168,13 @@ impl LocalCluster {
                 node: name.to_string(),
                 listen: *addr,
                 data_dir: dir.join("data"),
+                tls: Some(TlsSetting::On(TlsFiles {
+                    cert_file: files.cert_file.clone(),
+                    key_file: files.key_file.clone(),
+                    ca_file: Some(issued.ca_file.clone()),
+                    client_ca_file: Some(issued.ca_file.clone()),
+                })),
+                allow_plaintext: false,
                 cluster_secret: Some(secret.clone()),
                 cluster_secret_file: None,
                 nodes: nodes_map.clone(),
@@ -178,6 +209,7 @@ impl LocalCluster {
                 config_path,
                 log_path,
                 data_dir: config.data_dir.clone(),
+                tls: matches!(config.tls, Some(TlsSetting::On(_))),
                 exe: exe.to_path_buf(),
                 netns: spec.netns.clone(),
                 child: Some(child),
@@ -191,7 +223,7 @@ impl LocalCluster {
     /// One request to each node: it is answered once the daemon serves.
     async fn wait_ready(&mut self) -> Result<()> {
         for node in &self.nodes {
-            let client = ApiClient::new(&node.url(), "", "");
+            let client = self.client_of(node, "", "");
             if let Err(e) = client.health().await {
                 bail!(
                     "node {} did not start: {e}\n--- its log ---\n{}",
@@ -210,14 +242,45 @@ impl LocalCluster {
             .unwrap_or_else(|| panic!("no node {name}"))
     }
 
+    /// How a client checks the nodes' certificates: the cluster CA.
+    pub fn client_tls(&self) -> ClientTls {
+        ClientTls {
+            ca_file: Some(self.ca_file.clone()),
+            no_verify: false,
+        }
+    }
+
+    /// A client of `node` (trusting the cluster CA) as `user`.
+    fn client_of(&self, node: &LocalNode, user: &str, password: &str) -> ApiClient {
+        ApiClient::with_tls(&node.url(), user, password, &self.client_tls())
+            .expect("the cluster CA is readable")
+    }
+
+    /// A plain HTTP client trusting the cluster CA; with `as_node`, it
+    /// presents that node's certificate, as that node's daemon does when
+    /// it calls another node.
+    pub fn http_client(&self, as_node: Option<&str>) -> reqwest::Client {
+        let ca = std::fs::read(&self.ca_file).expect("the cluster CA is readable");
+        let mut builder = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("a PEM CA"));
+        if let Some(node) = as_node {
+            let certs = self.ca_file.parent().expect("the certs directory");
+            let mut pem = std::fs::read(certs.join(format!("{node}.pem"))).expect("its cert");
+            pem.extend(std::fs::read(certs.join(format!("{node}-key.pem"))).expect("its key"));
+            builder = builder.identity(reqwest::Identity::from_pem(&pem).expect("a PEM identity"));
+        }
+        builder.build().expect("an HTTP client")
+    }
+
     /// A client of `node` logged in as the admin user.
     pub fn admin(&self, node: &str) -> ApiClient {
-        ApiClient::new(&self.node(node).url(), ADMIN_USER, &self.admin_password)
+        self.client_of(self.node(node), ADMIN_USER, &self.admin_password)
     }
 
     /// A client of `node` logged in as the read-only user.
     pub fn reader(&self, node: &str) -> ApiClient {
-        ApiClient::new(&self.node(node).url(), READER_USER, &self.reader_password)
+        self.client_of(self.node(node), READER_USER, &self.reader_password)
     }
 
     /// Send `signal` to one daemon: `SIGSTOP` hangs it (its sockets stay
@@ -233,6 +296,7 @@ impl LocalCluster {
     /// data directory, and wait until it serves.
     pub async fn restart(&mut self, name: &str) -> Result<()> {
         self.kill(name);
+        let tls = self.client_tls();
         let node = self.nodes.iter_mut().find(|n| n.name == name).unwrap();
         let listener = bind_in(node.netns.as_deref(), node.addr)?;
         let child = spawn_daemon(
@@ -245,7 +309,7 @@ impl LocalCluster {
         .with_context(|| format!("restarting node {name}"))?;
         drop(listener);
         node.child = Some(child);
-        let client = ApiClient::new(&node.url(), "", "");
+        let client = ApiClient::with_tls(&node.url(), "", "", &tls)?;
         client
             .health()
             .await

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+pub use crate::tls::{TlsFiles, TlsSetting};
 pub use crate::upload::UploadPolicy;
 
 /// One node's configuration file.
@@ -19,6 +20,15 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Where job output directories and task records live.
     pub data_dir: PathBuf,
+    /// TLS on the API (public and node-to-node): a `[tls]` table of PEM
+    /// files (`autocollect certs init` makes them), or `tls = "off"` for
+    /// plain HTTP. Required: there is no silent default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSetting>,
+    /// With `tls = "off"`, serve plain HTTP on an address other than
+    /// loopback (credentials then cross the network in clear).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_plaintext: bool,
     /// Shared secret for the node-to-node API (at least 16 characters).
     /// Prefer `cluster_secret_file` in production.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -404,7 +414,11 @@ impl Config {
             .with_context(|| format!("reading config {}", path.display()))?;
         let mut config: Config =
             toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
-        config.resolve_secret(path.parent().unwrap_or(Path::new(".")))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_secret(base)?;
+        if let Some(TlsSetting::On(files)) = &config.tls {
+            config.tls = Some(TlsSetting::On(files.resolved(base)));
+        }
         config.check()?;
         Ok(config)
     }
@@ -438,6 +452,22 @@ impl Config {
             if addr.contains("://") || !addr.contains(':') {
                 bail!("node {name}: address {addr:?} must be host:port");
             }
+        }
+        match &self.tls {
+            None => bail!(
+                "tls is required: a [tls] table with cert_file and key_file (make them with \
+                 `autocollect certs init`), or tls = \"off\" for plain HTTP on loopback"
+            ),
+            Some(TlsSetting::Off) => {
+                if !self.allow_plaintext && !self.listen.ip().is_loopback() {
+                    bail!(
+                        "tls = \"off\" serves plain HTTP, which is allowed on a loopback address \
+                         only: listen is {}; configure [tls], or set allow_plaintext = true",
+                        self.listen
+                    );
+                }
+            }
+            Some(TlsSetting::On(_)) => {}
         }
         match &self.cluster_secret {
             None => bail!("cluster_secret (or cluster_secret_file) is required"),
@@ -504,6 +534,14 @@ impl Config {
         Ok(())
     }
 
+    /// The `[tls]` files, if TLS is on.
+    pub fn tls_files(&self) -> Option<&TlsFiles> {
+        match &self.tls {
+            Some(TlsSetting::On(files)) => Some(files),
+            _ => None,
+        }
+    }
+
     pub fn secret(&self) -> &str {
         self.cluster_secret.as_deref().unwrap_or_default()
     }
@@ -517,6 +555,7 @@ mod tests {
         node = "n1"
         listen = "127.0.0.1:9101"
         data_dir = "/tmp/autocollect-test"
+        tls = "off"
         cluster_secret = "0123456789abcdef"
         [nodes]
         n1 = "127.0.0.1:9101"
@@ -556,6 +595,20 @@ mod tests {
             toml::from_str::<Config>(&format!("{BASE}\n[uploader]\nplugin = \"u\"\nbogus = 1"))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn plain_http_must_be_asked_for_and_stays_on_loopback_unless_allowed() {
+        let mut c = parse("");
+        c.check().unwrap();
+        c.listen = "10.1.2.3:9101".parse().unwrap();
+        let e = c.check().unwrap_err().to_string();
+        assert!(e.contains("allowed on a loopback address only"), "{e}");
+        c.allow_plaintext = true;
+        c.check().unwrap();
+        c.tls = None;
+        let e = c.check().unwrap_err().to_string();
+        assert!(e.starts_with("tls is required"), "{e}");
     }
 
     #[test]

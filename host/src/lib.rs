@@ -35,5 +35,6 @@ pub mod protocol;
 pub mod safe_dir;
 pub mod server;
 pub mod settings;
+pub mod tls;
 pub mod upload;
 pub mod upload_sink;

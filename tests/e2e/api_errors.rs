@@ -71,7 +71,7 @@ async fn start_requests_are_validated_with_couchbase_messages() {
     }
 
     // Malformed JSON and an unsupported content type.
-    let raw = reqwest::Client::new();
+    let raw = c.http_client(None);
     let url = format!("{}{start}", c.node("n1").url());
     for (content_type, payload, want) in [
         ("application/json", "{\"nodes\": ", StatusCode::BAD_REQUEST),
@@ -113,9 +113,9 @@ async fn start_requests_are_validated_with_couchbase_messages() {
 async fn only_authenticated_admins_may_start_or_cancel() {
     let c = cluster(&["n1"], |_| {}).await;
     let url = c.node("n1").url();
-    let anonymous = ApiClient::new(&url, "", "");
-    let wrong = ApiClient::new(&url, "admin", "not-the-password");
-    let nobody = ApiClient::new(&url, "mallory", &c.admin_password);
+    let anonymous = ApiClient::with_tls(&url, "", "", &c.client_tls()).unwrap();
+    let wrong = ApiClient::with_tls(&url, "admin", "not-the-password", &c.client_tls()).unwrap();
+    let nobody = ApiClient::with_tls(&url, "mallory", &c.admin_password, &c.client_tls()).unwrap();
     let reader = c.reader("n1");
 
     for path in ["/collectLogs/start", "/collectLogs/cancel"] {
@@ -151,7 +151,10 @@ async fn only_authenticated_admins_may_start_or_cancel() {
     assert_eq!(body, json!({"_": "No logs collection task has run yet"}));
 
     // The 401 asks for Basic credentials.
-    let response = reqwest::get(format!("{url}/collectLogs/status"))
+    let response = c
+        .http_client(None)
+        .get(format!("{url}/collectLogs/status"))
+        .send()
         .await
         .unwrap();
     assert_eq!(
@@ -165,7 +168,7 @@ async fn the_node_to_node_api_refuses_unsigned_requests_even_with_the_secret() {
     let c = cluster(&["n1"], |_| {}).await;
     let url = format!("{}/internal/v1/sessions", c.node("n1").url());
     let body = json!({"taskId": "t1", "coordinator": "evil"});
-    let raw = reqwest::Client::new();
+    let raw = c.http_client(None);
     // The secret itself never crosses the wire: not even it is accepted
     // as a bearer token.
     for auth in [

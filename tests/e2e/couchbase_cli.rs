@@ -15,6 +15,8 @@ async fn cli(c: &TestCluster, node: &str, args: &[&str]) -> Run {
         .args(args)
         .args(["-c", &c.node(node).addr.to_string(), "-u", "admin", "-p"])
         .arg(&c.admin_password)
+        .arg("--cacert")
+        .arg(&c.ca_file)
         .env_remove("AUTOCOLLECT_URL")
         .output()
         .await

@@ -14,10 +14,13 @@ use tokio::net::TcpStream;
 
 use crate::support::*;
 
-/// A client whose requests come from `ip` (any of 127.0.0.0/8).
-fn client_from(ip: IpAddr) -> reqwest::Client {
+/// A client of `c` whose requests come from `ip` (any of 127.0.0.0/8).
+fn client_from(c: &TestCluster, ip: IpAddr) -> reqwest::Client {
+    let ca = std::fs::read(&c.ca_file).unwrap();
     reqwest::Client::builder()
         .local_address(ip)
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
         .build()
         .unwrap()
 }
@@ -37,7 +40,7 @@ fn peak_rss_kib(pid: u32) -> u64 {
 async fn wrong_passwords_from_one_address_are_throttled_but_known_users_pass() {
     let c = cluster(&["n1"], |_| {}).await;
     let url = format!("{}/collectLogs/status", c.node("n1").url());
-    let attacker = client_from(loopback(7));
+    let attacker = client_from(&c, loopback(7));
     // The admin signs in once (and is remembered).
     let admin = c.admin("n1");
     assert_eq!(admin.status().await.unwrap(), None);
@@ -96,7 +99,7 @@ async fn a_flood_of_wrong_passwords_costs_little_and_the_admin_is_still_served()
     let flood_for = Duration::from_secs(4);
     let attackers: Vec<_> = (1..=128u8)
         .map(|i| {
-            let client = client_from(loopback(i));
+            let client = client_from(&c, loopback(i));
             let url = url.clone();
             tokio::spawn(async move {
                 let mut seen = Vec::new();
@@ -153,13 +156,14 @@ async fn a_flood_of_wrong_passwords_costs_little_and_the_admin_is_still_served()
 async fn unknown_and_known_user_names_cost_the_same() {
     let c = cluster(&["n1"], |_| {}).await;
     let url = format!("{}/collectLogs/status", c.node("n1").url());
+    let c = &c;
     let median = |user: &'static str, first: u8| {
         let url = url.clone();
         async move {
             let mut times = Vec::new();
             for i in 0..5 {
                 // A fresh address each time: the throttle stays out of it.
-                let client = client_from(loopback(first + i));
+                let client = client_from(c, loopback(first + i));
                 let asked = Instant::now();
                 let r = client
                     .get(&url)
@@ -241,13 +245,19 @@ async fn at_the_connection_cap_the_idlest_connections_make_room() {
 async fn a_connection_that_sends_no_complete_request_is_closed_after_the_header_timeout() {
     let c = cluster(&["n1"], |config| config.server.header_timeout_secs = 1.0).await;
     let addr = c.node("n1").addr;
+    // Silent: not even a TLS handshake.
     let mut silent = TcpStream::connect(addr).await.unwrap();
-    let mut slow = TcpStream::connect(addr).await.unwrap();
+    // Slow: a handshake, then half a request head.
+    let mut slow = tls_connect(&c, "n1").await;
     slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
         .await
         .unwrap();
-    for conn in [&mut silent, &mut slow] {
-        let mut buf = [0u8; 512];
+    slow.flush().await.unwrap();
+    let mut buf = [0u8; 512];
+    for conn in [
+        &mut silent as &mut (dyn tokio::io::AsyncRead + Unpin + Send),
+        &mut slow,
+    ] {
         let closed = tokio::time::timeout(PATIENCE, async {
             loop {
                 match conn.read(&mut buf).await {
@@ -279,7 +289,8 @@ async fn public_requests_cannot_take_the_connections_kept_for_other_nodes() {
     );
     let mut polls = Vec::new();
     for _ in 0..30 {
-        let request = reqwest::Client::new()
+        let request = c
+            .http_client(None)
             .get(&url)
             .basic_auth(autocollect::cluster::READER_USER, Some(&c.reader_password));
         polls.push(tokio::spawn(async move {
@@ -314,7 +325,7 @@ async fn abandoned_health_waits_do_not_use_up_the_waiting_slots() {
     // 40 waiters (more than may wait at once) that hang up.
     let mut abandoned = Vec::new();
     for _ in 0..40 {
-        let mut conn = TcpStream::connect(c.node("n1").addr).await.unwrap();
+        let mut conn = tls_connect(&c, "n1").await;
         let path = "/health?waitIdle=30";
         conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: n1\r\n\r\n").as_bytes())
             .await
@@ -326,13 +337,14 @@ async fn abandoned_health_waits_do_not_use_up_the_waiting_slots() {
     for mut conn in abandoned {
         conn.shutdown().await.unwrap();
         let mut rest = Vec::new();
-        tokio::time::timeout(PATIENCE, conn.read_to_end(&mut rest))
+        // Closed, with or without a TLS close_notify.
+        let _ = tokio::time::timeout(PATIENCE, conn.read_to_end(&mut rest))
             .await
-            .expect("the node closes an abandoned connection")
-            .unwrap();
+            .expect("the node closes an abandoned connection");
     }
     // A new waiter waits for the node to be idle, which the cancel brings.
-    let waiter = tokio::spawn(async move { reqwest::get(url).await?.json::<Value>().await });
+    let http = c.http_client(None);
+    let waiter = tokio::spawn(async move { http.get(url).send().await?.json::<Value>().await });
     admin.cancel().await.unwrap();
     let health = waiter.await.unwrap().unwrap();
     assert_eq!(health["session"], Value::Null, "{health}");

@@ -56,6 +56,26 @@ pub async fn cluster_on(specs: &[NodeSpec], mut customize: impl FnMut(&mut Confi
     TestCluster { cluster, _dir: dir }
 }
 
+/// A TLS connection to `node` (trusting the cluster CA) that has sent
+/// nothing yet: for tests that write raw HTTP.
+pub async fn tls_connect(
+    c: &TestCluster,
+    node: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let roots = autocollect::tls::read_roots(&c.ca_file).expect("the cluster CA");
+    let config = rustls::ClientConfig::builder_with_provider(autocollect::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let addr = c.node(node).addr;
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(addr.ip().into(), tcp)
+        .await
+        .expect("TLS handshake")
+}
+
 /// The deliberately hostile test plugin, built from plugins/test-misbehave.
 pub fn misbehave_plugin() -> String {
     autocollect::plugin::builtin::build_output("test_misbehave")

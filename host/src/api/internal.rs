@@ -87,6 +87,18 @@ async fn verify_peer(State(state): State<AppState>, request: Request, next: Next
         .verify(&parts.method, path, &parts.headers, &body)
     {
         Ok(node) => {
+            if let Some(identities) = &state.node_identities {
+                let cert = parts
+                    .extensions
+                    .get::<crate::tls::ClientCertificate>()
+                    .and_then(|c| c.0.clone());
+                if let Err(e) = identities.check(&node, cert.as_deref()) {
+                    state.log_refusal(&format!(
+                        "node-to-node request to {path} signed by {node} refused: {e}"
+                    ));
+                    return ApiError::general(StatusCode::FORBIDDEN, e).into_response();
+                }
+            }
             parts.extensions.insert(SignedBy(node));
             next.run(Request::from_parts(parts, Body::from(body))).await
         }

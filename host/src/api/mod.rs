@@ -40,6 +40,10 @@ pub struct AppState {
     pub users: Arc<Users>,
     /// Checks node-to-node signatures.
     pub peer_auth: Arc<PeerVerifier>,
+    /// This node's TLS configuration (`None`: plain HTTP).
+    pub tls: Option<Arc<crate::tls::TlsContext>>,
+    /// With mutual TLS: whose certificate each node must present.
+    pub node_identities: Option<Arc<crate::tls::NodeIdentities>>,
     /// Unauthenticated `/health?waitIdle=` requests waiting right now.
     pub health_waiters: Arc<AtomicUsize>,
     /// When a refused request was last logged (unix seconds), so a flood

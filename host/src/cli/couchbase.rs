@@ -32,15 +32,27 @@ pub struct Connection {
         hide_env_values = true
     )]
     password: String,
+    #[command(flatten)]
+    tls: super::TlsArgs,
 }
 
 impl Connection {
-    fn client(&self) -> ApiClient {
-        let url = match self.cluster.contains("://") {
-            true => self.cluster.clone(),
-            false => format!("http://{}", self.cluster),
+    /// A client of `-c`: `https://` or `http://` URLs as given,
+    /// `couchbases://HOST:PORT` as https, and a bare `HOST:PORT` as https
+    /// (autocollect serves TLS unless configured not to).
+    fn client(&self) -> Result<ApiClient, String> {
+        let url = match self.cluster.split_once("://") {
+            Some(("couchbases", rest)) => format!("https://{rest}"),
+            Some(_) => self.cluster.clone(),
+            None => format!("https://{}", self.cluster),
         };
-        ApiClient::new(url.trim_end_matches('/'), &self.username, &self.password)
+        ApiClient::with_tls(
+            url.trim_end_matches('/'),
+            &self.username,
+            &self.password,
+            &self.tls.tls(),
+        )
+        .map_err(|e| format!("{e:#}"))
     }
 }
 
@@ -159,7 +171,10 @@ pub async fn start(args: StartArgs) -> ExitCode {
             form.push((key.to_string(), v.clone()));
         }
     }
-    let client = args.connection.client();
+    let client = match args.connection.client() {
+        Ok(client) => client,
+        Err(e) => return error(&e),
+    };
     let started = client
         .request(
             Method::POST,
@@ -274,7 +289,10 @@ const NODE_FIELDS: &[&str] = &[
 
 /// couchbase-cli's `collect-logs-status`, with collection failures too.
 pub async fn status(connection: Connection) -> ExitCode {
-    let client = connection.client();
+    let client = match connection.client() {
+        Ok(client) => client,
+        Err(e) => return error(&e),
+    };
     let list = match client
         .request(Method::GET, "/pools/default/tasks", None, true)
         .await
@@ -315,7 +333,10 @@ pub async fn status(connection: Connection) -> ExitCode {
 
 /// couchbase-cli's `collect-logs-stop`.
 pub async fn stop(connection: Connection) -> ExitCode {
-    let client = connection.client();
+    let client = match connection.client() {
+        Ok(client) => client,
+        Err(e) => return error(&e),
+    };
     match client
         .request(Method::POST, "/controller/cancelLogsCollection", None, true)
         .await

@@ -84,6 +84,9 @@ enum Command {
     CollectLogsStop(couchbase::Connection),
     /// Hash a password (read from stdin) for a `[[users]]` entry.
     HashPassword,
+    /// TLS certificates for a cluster.
+    #[command(subcommand)]
+    Certs(CertsCommand),
     /// Start a local cluster, collect with the mock plugin, print results.
     Demo {
         /// How many nodes.
@@ -104,20 +107,65 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Make a private cluster CA (or reuse the one in --dir) and a
+    /// certificate for each node; print each node's `[tls]` lines.
+    /// Running it again for a node replaces that node's certificate
+    /// (then send its daemon SIGHUP).
+    Init {
+        /// The nodes: `NAME=HOST,...`, HOST being the host of the node's
+        /// `[nodes]` entry (a DNS name or an IP address).
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<String>,
+        /// Where the CA and the certificates are written.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+    },
+}
+
 #[derive(Args)]
 struct ApiArgs {
     /// Any node's API.
-    #[arg(long, env = "AUTOCOLLECT_URL", default_value = "http://127.0.0.1:9101")]
+    #[arg(
+        long,
+        env = "AUTOCOLLECT_URL",
+        default_value = "https://127.0.0.1:9101"
+    )]
     url: String,
     #[arg(long, short, env = "AUTOCOLLECT_USER", default_value = "admin")]
     user: String,
     #[arg(long, short, env = "AUTOCOLLECT_PASSWORD", hide_env_values = true)]
     password: String,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 impl ApiArgs {
-    fn client(&self) -> ApiClient {
-        ApiClient::new(&self.url, &self.user, &self.password)
+    fn client(&self) -> Result<ApiClient> {
+        ApiClient::with_tls(&self.url, &self.user, &self.password, &self.tls.tls())
+    }
+}
+
+/// How the CLI checks a node's certificate (as couchbase-cli and curl).
+#[derive(Args)]
+struct TlsArgs {
+    /// Trust only the CA certificates in this PEM file (the cluster CA of
+    /// `autocollect certs init`: its `ca.pem`).
+    #[arg(long, env = "AUTOCOLLECT_CACERT", value_name = "FILE")]
+    cacert: Option<PathBuf>,
+    /// Do not check the node's certificate (encrypted, but anyone in the
+    /// middle can read it).
+    #[arg(long, conflicts_with = "cacert")]
+    no_ssl_verify: bool,
+}
+
+impl TlsArgs {
+    fn tls(&self) -> crate::client::ClientTls {
+        crate::client::ClientTls {
+            ca_file: self.cacert.clone(),
+            no_verify: self.no_ssl_verify,
+        }
     }
 }
 
@@ -158,7 +206,7 @@ async fn run(command: Command) -> Result<ExitCode> {
             bypass_reachability_checks,
             wait,
         } => {
-            let client = api.client();
+            let client = api.client()?;
             let options = StartOptions {
                 nodes,
                 upload_host,
@@ -176,7 +224,7 @@ async fn run(command: Command) -> Result<ExitCode> {
             }
         }
         Command::Status { api, wait } => {
-            let client = api.client();
+            let client = api.client()?;
             match client.status().await.map_err(explain)? {
                 None => {
                     println!("no collection has run yet");
@@ -192,7 +240,7 @@ async fn run(command: Command) -> Result<ExitCode> {
             }
         }
         Command::Cancel { api } => {
-            match api.client().cancel().await.map_err(explain)? {
+            match api.client()?.cancel().await.map_err(explain)? {
                 Some(task) => print_task(&task),
                 None => println!("no collection has run yet"),
             }
@@ -207,6 +255,22 @@ async fn run(command: Command) -> Result<ExitCode> {
             let password = password.trim_end_matches(['\r', '\n']);
             anyhow::ensure!(!password.is_empty(), "empty password");
             println!("{}", crate::auth::hash_password(password));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Certs(CertsCommand::Init { nodes, dir }) => {
+            let nodes = nodes
+                .iter()
+                .map(|n| crate::tls::certs::NodeHost::parse(n))
+                .collect::<Result<Vec<_>>>()?;
+            let issued = crate::tls::certs::init(&dir, &nodes)?;
+            let ca = issued.ca_file.display();
+            if issued.new_ca {
+                println!("# made a cluster CA: {ca} (its key beside it: keep it offline)");
+            } else {
+                println!("# used the cluster CA in {ca}");
+            }
+            print!("{}", issued.config_lines());
+            println!("# clients: --cacert {ca}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo {

@@ -7,6 +7,7 @@
 //! in an operator's words.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,6 +21,7 @@ use crate::protocol::{
     Busy, CANCEL_TASK_PATH, CollectParameters, LATEST_TASK_PATH, LowDisk, NodeEvent, OpenSession,
     SESSIONS_PATH, SETTINGS_PATH, StartJob, StartUpload,
 };
+use crate::tls::TlsContext;
 use crate::upload::Proxy;
 
 /// Longest event line accepted from a node.
@@ -78,7 +80,9 @@ pub fn secs(d: Duration) -> String {
 /// Addresses of the cluster's nodes, this node's name and the secret
 /// that signs every request.
 pub struct Peers {
-    client: reqwest::Client,
+    /// The HTTP client and the TLS generation it was built for.
+    client: std::sync::Mutex<(u64, reqwest::Client)>,
+    tls: Option<Arc<TlsContext>>,
     secret: String,
     me: String,
     addresses: BTreeMap<String, String>,
@@ -111,22 +115,20 @@ impl SessionEvents {
 }
 
 impl Peers {
+    /// Requests go over TLS (checked against `[tls] ca_file`, presenting
+    /// this node's certificate) when `tls` is given, else plain HTTP.
     pub fn new(
         nodes: &BTreeMap<String, String>,
         secret: &str,
         me: &str,
+        tls: Option<Arc<TlsContext>>,
         connect_timeout: Duration,
         timeout: Duration,
     ) -> anyhow::Result<Peers> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(connect_timeout)
-            .pool_idle_timeout(POOL_IDLE)
-            .tcp_nodelay(true)
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
+        let (generation, client) = build_client(tls.as_deref(), connect_timeout)?;
         Ok(Peers {
-            client,
+            client: std::sync::Mutex::new((generation, client)),
+            tls,
             secret: secret.to_string(),
             me: me.to_string(),
             addresses: nodes.clone(),
@@ -148,6 +150,21 @@ impl Peers {
         self.addresses.contains_key(node)
     }
 
+    /// The client for the current TLS configuration (rebuilt after a
+    /// SIGHUP reload; requests in flight keep the one they started with).
+    fn client(&self) -> reqwest::Client {
+        let mut current = self.client.lock().unwrap();
+        if let Some(tls) = &self.tls
+            && tls.client_config().1 != current.0
+        {
+            match build_client(Some(tls), self.connect_timeout) {
+                Ok(fresh) => *current = fresh,
+                Err(e) => tracing::error!("keeping the previous client for other nodes: {e:#}"),
+            }
+        }
+        current.1.clone()
+    }
+
     /// A signed request to `node`.
     fn request(
         &self,
@@ -161,9 +178,10 @@ impl Peers {
             .ok_or_else(|| PeerError::UnknownNode(node.to_string()))?;
         let body = body.unwrap_or_default();
         let signed = crate::peer_auth::sign(&self.secret, &self.me, &method, path_and_query, &body);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         let mut request = self
-            .client
-            .request(method, format!("http://{address}{path_and_query}"));
+            .client()
+            .request(method, format!("{scheme}://{address}{path_and_query}"));
         for (name, value) in signed {
             request = request.header(name, value);
         }
@@ -413,14 +431,28 @@ impl Peers {
     fn transport(&self, node: &str, e: reqwest::Error) -> PeerError {
         let address = self.address(node).unwrap_or_default().to_string();
         if e.is_connect() {
-            let reason = if e.is_timeout() {
+            let reason = if e.is_timeout() && self.tls.is_some() {
+                // The handshake is part of connecting: a hung daemon
+                // accepts TCP (its kernel does) but never answers TLS.
+                format!(
+                    "no TLS connection within {} (nothing accepted it, or the TLS handshake \
+                     got no answer)",
+                    secs(self.connect_timeout)
+                )
+            } else if e.is_timeout() {
                 format!("no connection within {}", secs(self.connect_timeout))
             } else {
+                let chain = crate::client::error_chain(&e);
                 match io_kind(&e) {
                     Some(std::io::ErrorKind::ConnectionRefused) => {
                         "connection refused (is its daemon running?)".to_string()
                     }
-                    _ => crate::client::error_chain(&e),
+                    _ if chain.contains("invalid peer certificate") => format!(
+                        "its TLS certificate is not accepted (is it signed by the CA of \
+                         [tls] ca_file, and valid for {}?): {chain}",
+                        crate::tls::host_of(&address)
+                    ),
+                    _ => chain,
                 }
             };
             return PeerError::Unreachable {
@@ -454,6 +486,26 @@ impl Peers {
             message: error_message(&body),
         }
     }
+}
+
+/// A client for node-to-node requests, and the TLS generation it uses.
+fn build_client(
+    tls: Option<&TlsContext>,
+    connect_timeout: Duration,
+) -> anyhow::Result<(u64, reqwest::Client)> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .pool_idle_timeout(POOL_IDLE)
+        .tcp_nodelay(true)
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none());
+    let mut generation = 0;
+    if let Some(tls) = tls {
+        let (config, g) = tls.client_config();
+        generation = g;
+        builder = builder.use_preconfigured_tls((*config).clone());
+    }
+    Ok((generation, builder.build()?))
 }
 
 /// The message of a field-keyed JSON error (`{"_": "..."}`), else the
@@ -521,6 +573,7 @@ mod tests {
             &BTreeMap::from([("n1".to_string(), "127.0.0.1:9".to_string())]),
             "0123456789abcdef",
             "n1",
+            None,
             Duration::from_secs(1),
             Duration::from_secs(1),
         )

@@ -12,8 +12,13 @@
 //!   connection closed) once `max - peer_reserved` connections have a
 //!   public request in flight; node-to-node requests (`/internal/`) are
 //!   not, so sessions, commands and pings keep working during a flood.
+//! - **TLS** (when configured): the handshake runs on the connection's own
+//!   task and must finish within the header timeout; each connection
+//!   takes the server config current when it opened (a SIGHUP reload
+//!   affects new connections only).
 //! - Every request carries its client's address ([`ClientAddr`]) for the
-//!   sign-in throttle.
+//!   sign-in throttle, and on TLS connections the client's certificate
+//!   ([`ClientCertificate`]) for node identity.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -30,6 +35,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tower::ServiceExt;
@@ -37,6 +43,7 @@ use tower::ServiceExt;
 use crate::api::ClientAddr;
 use crate::config::ServerSettings;
 use crate::protocol::INTERNAL_PREFIX;
+use crate::tls::{ClientCertificate, TlsContext};
 
 /// File descriptors kept for everything but client connections (plugin
 /// files, programs' pipes, connections to other nodes, logs).
@@ -229,11 +236,13 @@ impl hyper::body::Body for GuardedBody {
     }
 }
 
-/// Serve `app` on `listener` within `limits` until `shutdown` completes.
+/// Serve `app` on `listener` within `limits` (over TLS with `tls`) until
+/// `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     limits: Limits,
+    tls: Option<Arc<TlsContext>>,
     shutdown: impl Future<Output = ()>,
 ) {
     let registry = Arc::new(Registry::default());
@@ -266,74 +275,129 @@ pub async fn serve(
         // that must leave at once, not wait for the peer's delayed ACK.
         let _ = stream.set_nodelay(true);
         let (id, evict) = registry.add();
-        tokio::spawn(serve_connection(
-            stream,
+        let conn = Connection {
             client,
-            app.clone(),
-            registry.clone(),
+            app: app.clone(),
+            registry: registry.clone(),
             limits,
             id,
             evict,
-        ));
+        };
+        match &tls {
+            None => {
+                tokio::spawn(conn.serve(stream, ClientCertificate(None)));
+            }
+            Some(tls) => {
+                tokio::spawn(conn.handshake(stream, tls.server_config()));
+            }
+        }
     }
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+/// One accepted connection.
+struct Connection {
     client: SocketAddr,
     app: Router,
     registry: Arc<Registry>,
     limits: Limits,
     id: u64,
     evict: Arc<Notify>,
-) {
-    let public_cap = limits.max_connections - limits.peer_reserved;
-    let requests = registry.clone();
-    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-        let public = !request.uri().path().starts_with(INTERNAL_PREFIX);
-        let guard = requests.begin(id, public);
-        let app = app.clone();
-        let full = public && requests.public_busy.load(Ordering::Relaxed) > public_cap;
-        if full {
-            requests.log_refused(
-                "public requests fill the connections not kept for other nodes: answering 503",
-            );
-        }
-        request.extensions_mut().insert(ClientAddr(client));
-        async move {
-            let response = if full {
-                busy_response()
-            } else {
-                match app.oneshot(request.map(Body::new)).await {
-                    Ok(response) => response,
-                    Err(never) => match never {},
-                }
-            };
-            Ok::<_, Infallible>(response.map(|inner| GuardedBody {
-                inner,
-                _guard: guard,
-            }))
-        }
-    });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        .keep_alive(true);
-    let connection = builder.serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(connection);
-    tokio::select! {
-        result = &mut connection => {
-            if let Err(e) = result {
-                tracing::debug!(%client, "connection ended: {e}");
+}
+
+impl Connection {
+    /// The TLS handshake, bounded by the header timeout (and given up if
+    /// the connection is evicted meanwhile), then serve.
+    async fn handshake(self, stream: TcpStream, config: Arc<rustls::ServerConfig>) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let accepted = tokio::select! {
+            accepted = tokio::time::timeout(self.limits.header_timeout, acceptor.accept(stream)) => accepted,
+            _ = self.evict.notified() => {
+                self.registry.remove(self.id);
+                return;
+            }
+        };
+        match accepted {
+            Ok(Ok(stream)) => {
+                let cert = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .map(|leaf| Arc::new(leaf.clone().into_owned()));
+                self.serve(stream, ClientCertificate(cert)).await;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(client = %self.client, "TLS handshake failed: {e}");
+                self.registry.remove(self.id);
+            }
+            Err(_) => {
+                tracing::debug!(client = %self.client, "TLS handshake timed out");
+                self.registry.remove(self.id);
             }
         }
-        _ = evict.notified() => {
-            connection.as_mut().graceful_shutdown();
-            let _ = connection.await;
-        }
     }
-    registry.remove(id);
+
+    async fn serve<S>(self, stream: S, cert: ClientCertificate)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection {
+            client,
+            app,
+            registry,
+            limits,
+            id,
+            evict,
+        } = self;
+        let public_cap = limits.max_connections - limits.peer_reserved;
+        let requests = registry.clone();
+        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            let public = !request.uri().path().starts_with(INTERNAL_PREFIX);
+            let guard = requests.begin(id, public);
+            let app = app.clone();
+            let full = public && requests.public_busy.load(Ordering::Relaxed) > public_cap;
+            if full {
+                requests.log_refused(
+                    "public requests fill the connections not kept for other nodes: answering 503",
+                );
+            }
+            request.extensions_mut().insert(ClientAddr(client));
+            request.extensions_mut().insert(cert.clone());
+            async move {
+                let response = if full {
+                    busy_response()
+                } else {
+                    match app.oneshot(request.map(Body::new)).await {
+                        Ok(response) => response,
+                        Err(never) => match never {},
+                    }
+                };
+                Ok::<_, Infallible>(response.map(|inner| GuardedBody {
+                    inner,
+                    _guard: guard,
+                }))
+            }
+        });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .keep_alive(true);
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        tokio::pin!(connection);
+        tokio::select! {
+            result = &mut connection => {
+                if let Err(e) = result {
+                    tracing::debug!(%client, "connection ended: {e}");
+                }
+            }
+            _ = evict.notified() => {
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
+            }
+        }
+        registry.remove(id);
+    }
 }
 
 fn busy_response() -> Response<Body> {

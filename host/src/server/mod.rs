@@ -22,6 +22,7 @@ use crate::plugin::collector::CollectorPlugin;
 use crate::plugin::exec::ExecPolicy;
 use crate::plugin::uploader::UploaderPlugin;
 use crate::plugin::{PluginHost, PluginSource, RunLimits};
+use crate::tls::{NodeIdentities, TlsContext};
 
 /// How long shutdown waits for a cancelled job to clean up.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -63,6 +64,10 @@ pub async fn build(config: &Config, config_dir: &Path) -> Result<(AppState, api:
         uploader,
         upload_policy: config.upload.clone(),
     };
+    let tls = config
+        .tls_files()
+        .map(|files| TlsContext::load(files).context("[tls]"))
+        .transpose()?;
     let heartbeat = Duration::from_millis(config.coordinator.heartbeat_interval_ms);
     let storage = Storage::open(&config.data_dir, &config.node, config.storage.clone())
         .with_context(|| format!("opening data_dir {}", config.data_dir.display()))?;
@@ -74,6 +79,7 @@ pub async fn build(config: &Config, config_dir: &Path) -> Result<(AppState, api:
         &config.nodes,
         config.secret(),
         &config.node,
+        tls.clone(),
         Duration::from_millis(config.coordinator.connect_timeout_ms),
         Duration::from_millis(config.coordinator.peer_timeout_ms),
     )?;
@@ -92,6 +98,11 @@ pub async fn build(config: &Config, config_dir: &Path) -> Result<(AppState, api:
             config.secret(),
             config.nodes.keys().cloned(),
         )),
+        node_identities: tls
+            .as_ref()
+            .filter(|tls| tls.mutual())
+            .map(|_| Arc::new(NodeIdentities::new(&config.nodes))),
+        tls,
         health_waiters: Default::default(),
         last_refusal_logged: Default::default(),
         audit: Arc::new(api::audit::AuditLog::new(
@@ -148,14 +159,29 @@ pub async fn serve(
     let (state, app) = build(&config, config_dir).await?;
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
-    tracing::info!(node = %config.node, addr = %listener.local_addr()?,
+    let addr = listener.local_addr()?;
+    if state.tls.is_none() {
+        // `listen` was checked with the config; a socket handed over with
+        // --listen-fd is checked here.
+        if !config.allow_plaintext && !addr.ip().is_loopback() {
+            anyhow::bail!(
+                "tls = \"off\" serves plain HTTP, which is allowed on a loopback address only: \
+                 the socket is bound to {addr}; configure [tls], or set allow_plaintext = true"
+            );
+        }
+        tracing::warn!(%addr, "serving plain HTTP (tls = \"off\"): passwords, signatures \
+            and redaction salts cross the network in clear");
+    }
+    tracing::info!(node = %config.node, %addr, tls = state.tls.is_some(),
+        mutual_tls = state.node_identities.is_some(),
         max_connections = limits.max_connections, peer_reserved = limits.peer_reserved,
         header_timeout = ?limits.header_timeout, "listening");
 
     // Not a graceful shutdown: session streams never end by themselves,
     // so we stop serving, then cancel and clean up.
     tokio::select! {
-        _ = listener::serve(listener, app, limits, std::future::pending()) => {}
+        _ = listener::serve(listener, app, limits, state.tls.clone(), std::future::pending()) => {}
+        _ = reload_on_hangup(state.tls.clone()) => {}
         signal = termination() => tracing::info!("{signal}: shutting down"),
     }
     state.coordinator.shutdown(SHUTDOWN_GRACE).await;
@@ -176,6 +202,27 @@ fn return_large_allocations_to_the_system() {
     // SAFETY: mallopt only sets an allocator parameter.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
+/// On each SIGHUP, read the `[tls]` files again. Running collections are
+/// untouched: open connections keep the certificates they started with.
+async fn reload_on_hangup(tls: Option<Arc<TlsContext>>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    while hangup.recv().await.is_some() {
+        match &tls {
+            None => tracing::info!("SIGHUP: nothing to reload (tls = \"off\")"),
+            Some(tls) => match tls.reload() {
+                Ok(()) => tracing::info!(
+                    cert_file = %tls.files().cert_file.display(),
+                    "SIGHUP: TLS certificates reloaded; new connections use them"
+                ),
+                Err(e) => tracing::error!(
+                    "SIGHUP: TLS certificates not reloaded, the previous ones stay in use: {e:#}"
+                ),
+            },
+        }
     }
 }
 
