@@ -19,5 +19,6 @@ mod network_policy;
 mod proxy_server;
 mod sandbox;
 mod support;
+mod tls;
 mod upload;
 mod upload_server;
