@@ -11,11 +11,19 @@ and written to the ``cbcollect_info.log`` entry):
                               OUTPUT-redacted.zip, <ud>X</ud> -> sha1(SALT+X)
   --log-redaction-salt=SALT   required with partial (else exit 2)
   --tmp-dir=DIR               where the temp file goes ($TMPDIR, else /tmp)
+  --encrypt-unredacted        write OUTPUT.zip (the unredacted zip; not the
+                              -redacted one) encrypted with pyzipper, WinZip
+                              AES-256; needs --use-stdin (else exit 2)
+  --use-stdin                 read the zip password as the first line of
+                              stdin, before --watch-stdin starts watching (an
+                              empty line or EOF: exit 2)
   --initargs=PATH, --task-regexp=REGEX   accepted and logged only
 
 Environment:
   STANDIN_RECORD=FILE    append a JSON line {pid, pgid, argv, env} at start
-                         (and {"grandchild": PID} if one is forked)
+                         (and {"grandchild": PID} if one is forked, and
+                         {"stdin_password": {length, sha256}} when it read
+                         a password: never the password itself)
   STANDIN_STEP_MS=N      milliseconds between progress lines (default 20)
   STANDIN_HANG=1         sleep forever after the first progress line
   STANDIN_FAIL=N         after the progress lines, print an error and exit N
@@ -93,10 +101,36 @@ def grandchild():
         os._exit(0)
 
 
-def write_zip(path, entries):
+def read_password_line():
+    """The first line of stdin, read a byte at a time so that nothing after
+    it is taken from --watch-stdin's watcher."""
+    line = b""
+    while not line.endswith(b"\n"):
+        byte = os.read(0, 1)
+        if not byte:
+            break
+        line += byte
+    password = line.rstrip(b"\n")
+    if not password:
+        finish(2, "error: --use-stdin: no password line on stdin", sys.stderr)
+    record({"stdin_password": {"length": len(password),
+                               "sha256": hashlib.sha256(password).hexdigest()}})
+    return password
+
+
+def write_zip(path, entries, password=None):
     part = path + ".part"
     created.extend([part, path])
-    with zipfile.ZipFile(part, "w", zipfile.ZIP_DEFLATED) as z:
+    if password is None:
+        z = zipfile.ZipFile(part, "w", zipfile.ZIP_DEFLATED)
+    else:
+        # Imported only here: the other tests do not need pyzipper.
+        import pyzipper
+        z = pyzipper.AESZipFile(part, "w", compression=pyzipper.ZIP_DEFLATED,
+                                encryption=pyzipper.WZ_AES)
+        z.setencryption(pyzipper.WZ_AES, nbits=256)
+        z.setpassword(password)
+    with z:
         for name, text in entries.items():
             z.writestr(name, text)
     os.replace(part, path)
@@ -114,10 +148,20 @@ def main():
     p.add_argument("--tmp-dir", default=os.environ.get("TMPDIR") or "/tmp")
     p.add_argument("--initargs")
     p.add_argument("--task-regexp")
+    p.add_argument("--encrypt-unredacted", action="store_true")
+    p.add_argument("--use-stdin", action="store_true")
     args, unknown = p.parse_known_args()
     if args.log_redaction_level == "partial" and args.log_redaction_salt is None:
         finish(2, "error: --log-redaction-salt is required with "
                   "--log-redaction-level=partial", sys.stderr)
+    if args.encrypt_unredacted and not args.use_stdin:
+        finish(2, "error: --encrypt-unredacted needs the password: "
+                  "no terminal to ask on, give --use-stdin", sys.stderr)
+    password = None
+    if args.use_stdin:
+        password = read_password_line()
+        if not args.encrypt_unredacted:
+            password = None
 
     global tmp_file
     signal.signal(signal.SIGTERM, lambda *_: finish(143))
@@ -156,7 +200,7 @@ def main():
                  "[ns_server:info] user: <ud>Administrator</ud> logged in\n"
                  "[ns_server:info] bucket <ud>travel-sample</ud> ready\n")
     entries = {"cbcollect_info.log": log, "couchbase.log": couchbase}
-    write_zip(args.output, entries)
+    write_zip(args.output, entries, password)
     if args.log_redaction_level == "partial":
         salt = args.log_redaction_salt
         redact = lambda m: "<ud>%s</ud>" % hashlib.sha1(

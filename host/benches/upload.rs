@@ -113,6 +113,7 @@ async fn bench(size: u64, server: SocketAddr, log: &Log) -> anyhow::Result<()> {
         customer: Some("bench".into()),
         ticket: Some("1".into()),
         bypass_reachability_checks: false,
+        encryption_password: None,
     };
 
     let mut plugin = Vec::new();

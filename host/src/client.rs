@@ -171,6 +171,7 @@ impl ApiClient {
         add("upload_host", &options.upload_host);
         add("customer", &options.customer);
         add("ticket", &options.ticket);
+        add("encryptionPassword", &options.encryption_password);
         if options.bypass_reachability_checks {
             form.push(("bypassReachabilityChecks".into(), "true".into()));
         }
@@ -267,7 +268,7 @@ impl ApiClient {
 }
 
 /// What to collect and where to upload it.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct StartOptions {
     /// `all` or a comma list of node names.
     pub nodes: String,
@@ -275,6 +276,28 @@ pub struct StartOptions {
     pub customer: Option<String>,
     pub ticket: Option<String>,
     pub bypass_reachability_checks: bool,
+    /// `encryptionPassword`: each node's zip is encrypted with it (a
+    /// secret: `Debug` masks it).
+    pub encryption_password: Option<String>,
+}
+
+impl std::fmt::Debug for StartOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StartOptions")
+            .field("nodes", &self.nodes)
+            .field("upload_host", &self.upload_host)
+            .field("customer", &self.customer)
+            .field("ticket", &self.ticket)
+            .field(
+                "bypass_reachability_checks",
+                &self.bypass_reachability_checks,
+            )
+            .field(
+                "encryption_password",
+                &self.encryption_password.as_ref().map(|_| "<secret>"),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 impl StartOptions {

@@ -148,7 +148,9 @@ pub struct StartJob {
 
 /// What the start request asks of every node's collection (Couchbase's
 /// options). The coordinator fills in the salt, so it is the same on
-/// every node.
+/// every node. It travels only in the `job` command: the coordinator
+/// keeps it in memory for the task, never in the saved task or its
+/// status, and its `Debug` masks the salt and the encryption password.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CollectParameters {
@@ -163,10 +165,41 @@ pub struct CollectParameters {
     pub log_dir: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_regexp: Option<String>,
+    /// ns_server's `encryptionPassword`: the collector encrypts the
+    /// (unredacted) zip with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_password: Option<Secret>,
+}
+
+/// A secret start parameter (the zip encryption password). Its `Debug`
+/// prints `<secret>` and it has no `Display`, so it cannot slip into a
+/// log line or an error message by accident; [`Secret::expose`] is the
+/// one way to the text. It serializes as a plain string, for the
+/// node-to-node `job` command only.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(text: impl Into<String>) -> Secret {
+        Secret(text.into())
+    }
+
+    /// The secret itself: for checking it and for handing it to the
+    /// collector, nothing else.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<secret>")
+    }
 }
 
 impl std::fmt::Debug for CollectParameters {
-    /// Never prints the salt.
+    /// Never prints the salt or the encryption password.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CollectParameters")
             .field("log_redaction_level", &self.log_redaction_level)
@@ -177,6 +210,7 @@ impl std::fmt::Debug for CollectParameters {
             .field("tmp_dir", &self.tmp_dir)
             .field("log_dir", &self.log_dir)
             .field("task_regexp", &self.task_regexp)
+            .field("encryption_password", &self.encryption_password)
             .finish()
     }
 }
@@ -185,11 +219,16 @@ impl CollectParameters {
     /// As the collector's `task.parameters()` (WIT keys). `log_dir` is
     /// the node's business, not the plugin's.
     pub fn plugin_parameters(&self) -> Vec<(String, String)> {
+        let password = self
+            .encryption_password
+            .as_ref()
+            .map(|s| s.expose().to_string());
         [
             ("log-redaction-level", &self.log_redaction_level),
             ("log-redaction-salt", &self.log_redaction_salt),
             ("tmp-dir", &self.tmp_dir),
             ("task-regexp", &self.task_regexp),
+            ("encryption-password", &password),
         ]
         .into_iter()
         .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.clone())))
@@ -277,5 +316,57 @@ impl NodeEvent {
             self,
             NodeEvent::Uploaded { .. } | NodeEvent::UploadFailed { .. } | NodeEvent::Cancelled
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret_parameters() -> CollectParameters {
+        CollectParameters {
+            log_redaction_level: Some("partial".into()),
+            log_redaction_salt: Some("pepper-salt".into()),
+            encryption_password: Some(Secret::new("hunter2-zip")),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn debug_never_prints_the_salt_or_the_password() {
+        let p = secret_parameters();
+        for text in [
+            format!("{p:?}"),
+            format!("{p:#?}"),
+            format!(
+                "{:?}",
+                StartJob {
+                    parameters: p.clone()
+                }
+            ),
+        ] {
+            assert!(!text.contains("pepper-salt"), "{text}");
+            assert!(!text.contains("hunter2-zip"), "{text}");
+            assert!(text.contains("<secret>"), "{text}");
+        }
+    }
+
+    #[test]
+    fn the_password_travels_in_the_job_command_and_reaches_the_collector() {
+        let p = secret_parameters();
+        let wire = serde_json::to_value(StartJob {
+            parameters: p.clone(),
+        })
+        .unwrap();
+        assert_eq!(wire["parameters"]["encryptionPassword"], "hunter2-zip");
+        let back: StartJob = serde_json::from_value(wire).unwrap();
+        assert_eq!(back.parameters, p);
+        assert!(
+            p.plugin_parameters()
+                .contains(&("encryption-password".to_string(), "hunter2-zip".to_string()))
+        );
+        let none = CollectParameters::default();
+        assert_eq!(serde_json::to_value(&none).unwrap(), serde_json::json!({}));
+        assert!(none.plugin_parameters().is_empty());
     }
 }

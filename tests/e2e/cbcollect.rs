@@ -14,9 +14,9 @@ use serde_json::{Value, json};
 use crate::support::*;
 use crate::upload_server::UploadServer;
 
-const INITARGS: &str = "/opt/couchbase/var/lib/couchbase/initargs";
+pub(crate) const INITARGS: &str = "/opt/couchbase/var/lib/couchbase/initargs";
 
-fn standin() -> String {
+pub(crate) fn standin() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/cbcollect_info_standin.py")
         .canonicalize()
@@ -26,13 +26,13 @@ fn standin() -> String {
 }
 
 /// Where node `node`'s stand-in records its runs (one JSON line each).
-fn record_of(dir: &Path, node: &str) -> PathBuf {
+pub(crate) fn record_of(dir: &Path, node: &str) -> PathBuf {
     dir.join(format!("standin-{node}.jsonl"))
 }
 
 /// Configure the cbcollect collector on the stand-in; `env` goes to the
 /// stand-in (STANDIN_FAIL, STANDIN_HANG...).
-fn cbcollect(config: &mut Config, records: &Path, env: &[(&str, &str)]) {
+pub(crate) fn cbcollect(config: &mut Config, records: &Path, env: &[(&str, &str)]) {
     let program = standin();
     let c = &mut config.collector;
     c.plugin = "builtin:cbcollect".into();
@@ -55,7 +55,7 @@ fn cbcollect(config: &mut Config, records: &Path, env: &[(&str, &str)]) {
 }
 
 /// The JSON lines a node's stand-in recorded.
-fn recorded(dir: &Path, node: &str) -> Vec<Value> {
+pub(crate) fn recorded(dir: &Path, node: &str) -> Vec<Value> {
     std::fs::read_to_string(record_of(dir, node))
         .unwrap_or_default()
         .lines()
@@ -63,7 +63,7 @@ fn recorded(dir: &Path, node: &str) -> Vec<Value> {
         .collect()
 }
 
-fn argv(record: &Value) -> Vec<String> {
+pub(crate) fn argv(record: &Value) -> Vec<String> {
     serde_json::from_value(record["argv"].clone()).unwrap()
 }
 

@@ -227,7 +227,7 @@ async fn the_controller_route_answers_errors_as_ns_server_does() {
         ),
         (
             vec![("from", "allnodes")],
-            json!({"from": "Unknown parameter (known: nodes, uploadHost, customer, ticket, uploadProxy, logDir, tmpDir, logRedactionLevel, logRedactionSalt, bypassReachabilityChecks, taskRegexp)"}),
+            json!({"from": "Unknown parameter (known: nodes, uploadHost, customer, ticket, uploadProxy, logDir, tmpDir, logRedactionLevel, logRedactionSalt, bypassReachabilityChecks, taskRegexp, encryptionPassword)"}),
         ),
     ];
     for (pairs, want) in cases {
@@ -271,8 +271,9 @@ async fn starts_and_cancels_are_audited_without_their_secrets() {
     )
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    // couchbase-cli's --encryption-password, and a misspelled salt: both
-    // unknown here, refused, and recorded by name only.
+    // couchbase-cli's --encryption-password (a known secret) beside a
+    // misspelled salt (unknown: the start is refused): both recorded by
+    // name only.
     let (status, _) = start(
         &admin,
         &[

@@ -232,6 +232,7 @@ async fn an_upload_stages_from_the_kept_result_and_leaves_nothing_behind() {
             customer: Some("acme".into()),
             ticket: None,
             bypass_reachability_checks: false,
+            encryption_password: None,
         })
         .await
         .unwrap();

@@ -11,6 +11,7 @@ mod couchbase;
 mod couchbase_cli;
 mod demo;
 mod disk;
+mod encryption;
 mod hostile_client;
 mod hostile_peer;
 mod hostile_plugin;

@@ -31,6 +31,7 @@ fn upload_to(host: &str) -> StartOptions {
         customer: Some("Example inc.".into()),
         ticket: Some("12345".into()),
         bypass_reachability_checks: false,
+        encryption_password: None,
     }
 }
 

@@ -171,6 +171,31 @@ mod tests {
     }
 
     #[test]
+    fn a_known_encryption_password_is_masked_and_only_its_presence_kept() {
+        let params: Params = [
+            ("encryptionPassword", "zip-pass"),
+            ("logRedactionSalt", "pepper"),
+            ("nodes", "*"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), Param::Text(v.to_string())))
+        .collect();
+        let known = ["nodes", "logRedactionSalt", "encryptionPassword"];
+        let m = masked(&params, &known);
+        assert_eq!(m["encryptionPassword"], MASK);
+        assert_eq!(m["logRedactionSalt"], MASK);
+        assert_eq!(m["nodes"], "*");
+        let list = Param::List(vec!["zip-pass".into()]);
+        let listed: Params = [("encryptionPassword".to_string(), list)].into();
+        assert_eq!(masked(&listed, &known)["encryptionPassword"], MASK);
+        let text = serde_json::to_string(&m).unwrap();
+        assert!(
+            !text.contains("zip-pass") && !text.contains("pepper"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn secrets_are_masked() {
         assert_eq!(mask("logRedactionSalt", "pepper"), MASK);
         assert_eq!(

@@ -43,6 +43,7 @@ const START_PARAMS: &[&str] = &[
     "logRedactionSalt",
     "bypassReachabilityChecks",
     "taskRegexp",
+    "encryptionPassword",
 ];
 
 /// The fields of a node's entry in Couchbase's task document.

@@ -33,7 +33,7 @@ use crate::config::Role;
 use crate::coordinator::task::TaskStatus;
 use crate::coordinator::{NodeSelection, StartError, StartRequest};
 use crate::node::storage::RequestedDir;
-use crate::protocol::CollectParameters;
+use crate::protocol::{CollectParameters, Secret};
 use crate::settings::BAD_REDACTION_LEVEL;
 use crate::upload::Destination;
 use std::collections::BTreeMap;
@@ -51,6 +51,8 @@ const MAX_HEALTH_WAITERS: usize = 32;
 const MAX_TASK_REGEXP: usize = 1024;
 /// Longest salt accepted.
 const MAX_SALT: usize = 1024;
+/// Longest `encryptionPassword` accepted, in bytes.
+const MAX_ENCRYPTION_PASSWORD: usize = 256;
 
 pub fn router(_state: AppState) -> Router<AppState> {
     Router::new()
@@ -138,6 +140,7 @@ const START_PARAMS: &[&str] = &[
     "tmpDir",
     "logDir",
     "taskRegexp",
+    "encryptionPassword",
 ];
 
 /// Check a start request; every problem is reported at once, keyed by
@@ -174,6 +177,7 @@ fn start_request(
         tmp_dir: text("tmpDir"),
         log_dir: text("logDir"),
         task_regexp: text("taskRegexp"),
+        encryption_password: text("encryptionPassword").map(Secret::new),
     };
     let host = match (text("upload_host"), text("uploadHost")) {
         (Some(_), Some(_)) => {
@@ -309,6 +313,19 @@ pub(super) fn check_collect_parameters(
         Some(r) if r.len() > MAX_TASK_REGEXP => error(
             "taskRegexp",
             &format!("must be at most {MAX_TASK_REGEXP} characters"),
+        ),
+        _ => {}
+    }
+    // The messages never quote the password.
+    match p.encryption_password.as_ref().map(Secret::expose) {
+        Some("") => error("encryptionPassword", "cannot be empty"),
+        Some(pw) if pw.len() > MAX_ENCRYPTION_PASSWORD => error(
+            "encryptionPassword",
+            &format!("must be at most {MAX_ENCRYPTION_PASSWORD} bytes"),
+        ),
+        Some(pw) if pw.contains(['\n', '\r', '\0']) => error(
+            "encryptionPassword",
+            "must not contain line breaks or NUL characters (cbcollect_info reads it as one line)",
         ),
         _ => {}
     }

@@ -90,6 +90,9 @@ pub struct StartArgs {
     /// Where cbcollect_info puts temporary files (absolute path).
     #[arg(long)]
     temporary_directory: Option<String>,
+    /// Encrypt each node's (unredacted) zip with this password (AES-256).
+    #[arg(long)]
+    encryption_password: Option<String>,
     /// Follow the collection with a progress line per node until it ends.
     #[arg(long)]
     wait: bool,
@@ -165,6 +168,7 @@ pub async fn start(args: StartArgs) -> ExitCode {
         ("logRedactionSalt", &args.salt),
         ("logDir", &args.output_directory),
         ("tmpDir", &args.temporary_directory),
+        ("encryptionPassword", &args.encryption_password),
     ];
     for (key, value) in optional {
         if let Some(v) = value {

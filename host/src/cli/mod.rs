@@ -213,6 +213,7 @@ async fn run(command: Command) -> Result<ExitCode> {
                 customer,
                 ticket,
                 bypass_reachability_checks,
+                encryption_password: None,
             };
             let task = client.start_with(&options).await.map_err(explain)?;
             println!("started task {} on {}", task.task_id, client.base());
@@ -453,6 +454,7 @@ async fn demo(
         customer: sink.as_ref().map(|_| "Demo Customer".into()),
         ticket: sink.as_ref().map(|_| "1234".into()),
         bypass_reachability_checks: false,
+        encryption_password: None,
     };
     if let Some(sink) = &sink {
         println!("  upload host listening on {}", sink.host());

@@ -233,6 +233,7 @@ impl CollectorPlugin {
         let redaction_asked = parameters
             .iter()
             .any(|(k, v)| k == "log-redaction-level" && v == "partial");
+        let encryption_asked = parameters.iter().any(|(k, _)| k == "encryption-password");
         let (mut store, tail) = new_run_store(
             &self.host,
             RunSetup {
@@ -274,6 +275,13 @@ impl CollectorPlugin {
             return Err(RunError::Host(
                 "the collector ignored logRedactionLevel=partial (it never read the \
                  request's parameters): its output may hold unredacted data"
+                    .into(),
+            ));
+        }
+        if encryption_asked && !parameters_read {
+            return Err(RunError::Host(
+                "the collector ignored encryptionPassword (it never read the \
+                 request's parameters): its output is not encrypted"
                     .into(),
             ));
         }

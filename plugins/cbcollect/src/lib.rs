@@ -18,14 +18,24 @@
 //! | `env.NAME` | environment variable `NAME` for the program (the operator must also list `NAME` in `exec_env_allow`; to give the program a variable without it, use `exec_env`) | none |
 //!
 //! From the start request (`task.parameters()`): `log-redaction-level`,
-//! `log-redaction-salt`, `tmp-dir`, `task-regexp`.
+//! `log-redaction-salt`, `tmp-dir`, `task-regexp`, `encryption-password`.
 //!
 //! Command line, in ns_server's order: `--watch-stdin`;
 //! `--log-redaction-level=partial --log-redaction-salt=SALT` when partial;
+//! `--encrypt-unredacted --use-stdin` with an encryption password;
 //! `--tmp-dir=DIR`; `--initargs=PATH`; the zip
 //! `collectinfo-<YYYY-MM-DDTHHMMSS UTC>-<node>.zip`; `--task-regexp=R`;
 //! extra arguments. With partial redaction the artifact is the
 //! `-redacted.zip`.
+//!
+//! The encryption password never goes on the command line or in the
+//! environment (other users of the machine can read both): as ns_server
+//! does, the plugin writes it as one line on `cbcollect_info`'s stdin
+//! (`--use-stdin`), which then encrypts the unredacted zip with it
+//! (WinZip AES-256). Stdin then stays open for `--watch-stdin`. With
+//! partial redaction the reported `-redacted.zip` is not encrypted, as
+//! with ns_server: `--encrypt-unredacted` protects the zip that holds
+//! user data.
 
 wit_bindgen::generate!({
     path: "../../wit",
@@ -102,6 +112,8 @@ struct Request {
     partial_salt: Option<String>,
     tmp_dir: Option<String>,
     task_regexp: Option<String>,
+    /// A secret: it goes only to the program's stdin.
+    encryption_password: Option<String>,
 }
 
 impl Request {
@@ -123,6 +135,7 @@ impl Request {
             partial_salt,
             tmp_dir: get("tmp-dir"),
             task_regexp: get("task-regexp"),
+            encryption_password: get("encryption-password"),
         })
     }
 }
@@ -133,6 +146,11 @@ fn arguments(settings: &Settings, request: &Request, zip: &str) -> Vec<String> {
     if let Some(salt) = &request.partial_salt {
         args.push("--log-redaction-level=partial".into());
         args.push(format!("--log-redaction-salt={salt}"));
+    }
+    if request.encryption_password.is_some() {
+        // The password itself follows on stdin.
+        args.push("--encrypt-unredacted".into());
+        args.push("--use-stdin".into());
     }
     if let Some(dir) = &request.tmp_dir {
         args.push(format!("--tmp-dir={dir}"));
@@ -171,6 +189,16 @@ impl Guest for Cbcollect {
             Level::Info,
             &format!("started {} (pid {})", settings.program, process.pid()),
         );
+        if let Some(password) = &task.encryption_password {
+            // One line, as `--use-stdin` reads it. Stdin stays open after
+            // it: `--watch-stdin` stops the program when it closes.
+            let line = format!("{password}\n");
+            process.write_stdin(line.as_bytes()).map_err(|e| {
+                PluginError::Internal(format!(
+                    "could not give cbcollect_info its encryption password on stdin: {e}"
+                ))
+            })?;
+        }
 
         let mut tail = VecDeque::with_capacity(TAIL_LINES);
         let mut lines = 0u64;

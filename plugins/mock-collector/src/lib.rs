@@ -21,6 +21,13 @@
 //! With `logRedactionLevel=partial` in the start request, the zip is named
 //! `...-redacted.zip` like `cbcollect_info`'s (the mock has no user data
 //! to redact).
+//!
+//! With `encryptionPassword` in the start request (`encryption-password`
+//! in `task.parameters()`), every entry of the zip is encrypted with it,
+//! WinZip AES-256 (AE-2), the format `cbcollect_info` writes with
+//! pyzipper. The entry names stay readable, as in any zip. The salt of
+//! each entry comes from WASI's random numbers. The password is never
+//! logged.
 
 wit_bindgen::generate!({
     path: "../../wit",
@@ -124,9 +131,14 @@ impl Guest for MockCollector {
 
         // The mock holds no user data, so "partial redaction" changes only
         // the name, as cbcollect_info names its redacted zip.
-        let partial = parameters()
+        let parameters = parameters();
+        let partial = parameters
             .iter()
             .any(|(k, v)| k == "log-redaction-level" && v == "partial");
+        let password = parameters
+            .iter()
+            .find(|(k, _)| k == "encryption-password")
+            .map(|(_, v)| v.as_str());
         let name = collectinfo_name::zip_name(&ctx.node, SystemTime::now());
         let name = match partial {
             true => format!("{}-redacted.zip", name.trim_end_matches(".zip")),
@@ -140,8 +152,11 @@ impl Guest for MockCollector {
             if partial { "partial" } else { "none" },
             unix_ms(SystemTime::now())
         );
-        let size = write_zip(&path, &output, &run, settings.artifact_size)
+        let size = write_zip(&path, &output, &run, settings.artifact_size, password)
             .map_err(|e| PluginError::Internal(format!("writing {name}: {e}")))?;
+        if password.is_some() {
+            log(Level::Info, &format!("{name} is encrypted (AES-256)"));
+        }
         Ok(CollectOutcome {
             artifacts: vec![Artifact {
                 name: name.clone(),
@@ -173,14 +188,25 @@ fn pretend_to_work(delay: Duration) {
 }
 
 /// Write a zip holding `output.txt` and, if `artifact_size` asks for more,
-/// `payload.bin` of incompressible bytes, streamed in 64 KiB chunks.
-fn write_zip(path: &str, output: &str, run: &str, artifact_size: u64) -> std::io::Result<u64> {
+/// `payload.bin` of incompressible bytes, streamed in 64 KiB chunks. With
+/// a `password`, every entry is AES-256 encrypted.
+fn write_zip(
+    path: &str,
+    output: &str,
+    run: &str,
+    artifact_size: u64,
+    password: Option<&str>,
+) -> std::io::Result<u64> {
     use zip::write::SimpleFileOptions;
     let file = File::create(path)?;
     let mut zip = zip::ZipWriter::new(BufWriter::with_capacity(1 << 16, file));
     let stored = SimpleFileOptions::default()
         .compression_method(zip::CompressionMethod::Stored)
         .large_file(artifact_size >= u32::MAX as u64);
+    let stored = match password {
+        Some(password) => stored.with_aes_encryption(zip::AesMode::Aes256, password),
+        None => stored,
+    };
     zip.start_file("output.txt", stored).map_err(zip_err)?;
     zip.write_all(output.as_bytes())?;
     zip.start_file("mock-run.txt", stored).map_err(zip_err)?;
