@@ -369,6 +369,8 @@ async fn collect_logs_start_takes_an_encryption_password() {
         .args(["--encryption-password", &password])
         .args(["-c", &c.node("n2").addr.to_string(), "-u", "admin", "-p"])
         .arg(&c.admin_password)
+        .arg("--cacert")
+        .arg(&c.ca_file)
         .env_remove("AUTOCOLLECT_URL")
         .output()
         .await
@@ -401,6 +403,8 @@ async fn collect_logs_start_takes_an_encryption_password() {
         ])
         .args(["-c", &c.node("n1").addr.to_string(), "-u", "admin", "-p"])
         .arg(&c.admin_password)
+        .arg("--cacert")
+        .arg(&c.ca_file)
         .env_remove("AUTOCOLLECT_URL")
         .output()
         .await
