@@ -1,7 +1,11 @@
 //! Coordinator overhead: a minimal collection (the built-in mock writing a
 //! few-hundred-byte zip) on local clusters of real daemons, timed from the
 //! start request to the task's end with every node `collected`. Also the
-//! daemons' memory at idle and at peak.
+//! daemons' memory at idle and at peak. Clusters run over TLS (mutual
+//! between nodes) as in production; 3 nodes are also timed over plain
+//! HTTP, and on their first collection after start, when every
+//! connection (client to coordinator, coordinator to each node) is new
+//! and pays its TLS handshake.
 //!
 //! `cargo bench -p autocollect --bench cluster`
 
@@ -10,6 +14,7 @@ mod common;
 use std::time::Duration;
 
 use autocollect::cluster::LocalCluster;
+use autocollect::config::TlsSetting;
 use common::*;
 
 fn main() -> anyhow::Result<()> {
@@ -18,16 +23,46 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async {
         println!("cluster on {}", machine());
-        bench(3, 50, Duration::from_millis(50)).await?;
-        bench(32, 20, Duration::from_millis(200)).await
+        bench(3, 50, Duration::from_millis(50), true).await?;
+        bench(3, 50, Duration::from_millis(50), false).await?;
+        let tls = first_collection(3, 15, true).await?;
+        let plain = first_collection(3, 15, false).await?;
+        println!(
+            " 3 nodes, first collection after start (new connections): TLS median {}, plain HTTP median {}: the handshakes cost {}",
+            fmt_duration(tls.median()),
+            fmt_duration(plain.median()),
+            fmt_duration(tls.median().saturating_sub(plain.median())),
+        );
+        bench(32, 20, Duration::from_millis(200), true).await
     })
 }
 
-async fn bench(size: usize, runs: usize, target: Duration) -> anyhow::Result<()> {
-    let tmp = tempfile::tempdir()?;
+/// A cluster of `size` nodes, over TLS or plain HTTP.
+async fn launch(tmp: &std::path::Path, size: usize, tls: bool) -> anyhow::Result<LocalCluster> {
     let names: Vec<String> = (1..=size).map(|i| format!("n{i}")).collect();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let cluster = LocalCluster::launch(&daemon_exe(), tmp.path(), &names, |_| {}).await?;
+    LocalCluster::launch(&daemon_exe(), tmp, &names, |config| {
+        if !tls {
+            config.tls = Some(TlsSetting::Off);
+        }
+    })
+    .await
+}
+
+/// The first collection of `runs` fresh clusters.
+async fn first_collection(size: usize, runs: usize, tls: bool) -> anyhow::Result<Samples> {
+    let mut samples = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let tmp = tempfile::tempdir()?;
+        let cluster = launch(tmp.path(), size, tls).await?;
+        samples.push(timed_collection(&cluster.admin("n1")).await?);
+    }
+    Ok(Samples::new(samples))
+}
+
+async fn bench(size: usize, runs: usize, target: Duration, tls: bool) -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let cluster = launch(tmp.path(), size, tls).await?;
     let admin = cluster.admin("n1");
     let pids: Vec<u32> = cluster.nodes.iter().filter_map(|n| n.pid()).collect();
     let rss = |field| {
@@ -51,7 +86,8 @@ async fn bench(size: usize, runs: usize, target: Duration) -> anyhow::Result<()>
     let s = Samples::new(samples);
     let peak = rss("VmHWM");
     println!(
-        "{size:>2} nodes: start -> all collected  n={} median {}  p90 {}  min {}  (target < {}: {})",
+        "{size:>2} nodes, {}: start -> all collected  n={} median {}  p90 {}  min {}  (target < {}: {})",
+        if tls { "TLS" } else { "plain HTTP" },
         s.len(),
         fmt_duration(s.median()),
         fmt_duration(s.percentile(90.0)),

@@ -57,6 +57,7 @@ async fn sign_in_flood(length: Duration, many_addresses: bool) -> anyhow::Result
     admin.status().await?; // signed in once, remembered from now on
     let idle_rss = proc_status_bytes(pid, "VmRSS").unwrap_or(0);
     let url = format!("{}/collectLogs/status", node.url());
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&cluster.ca_file)?)?;
 
     let attackers: Vec<_> = (0..ATTACKERS)
         .map(|i| {
@@ -67,6 +68,8 @@ async fn sign_in_flood(length: Duration, many_addresses: bool) -> anyhow::Result
             };
             let client = reqwest::Client::builder()
                 .local_address(from)
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(ca.clone())
                 .build()
                 .expect("client");
             let url = url.clone();
