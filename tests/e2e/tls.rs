@@ -336,6 +336,34 @@ async fn the_cli_checks_the_certificate_with_cacert_or_not_at_all_when_told() {
 }
 
 #[tokio::test]
+async fn a_plain_http_request_to_a_tls_node_is_told_to_use_https() {
+    let c = cluster(&["n1"], |_| {}).await;
+    let url = format!("http://{}/collectLogs/status", c.node("n1").addr);
+    let response = reqwest::get(&url).await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body,
+        json!({"_": "This node serves HTTPS: use an https:// URL (with --cacert for a private CA)"})
+    );
+    // And the CLI given http:// shows that message.
+    let run = autocollect(&[
+        "status",
+        "--url",
+        &format!("http://{}", c.node("n1").addr),
+        "-p",
+        "x",
+    ])
+    .await;
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("This node serves HTTPS"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[tokio::test]
 async fn certs_init_makes_a_ca_and_node_certificates_with_private_keys_kept_private() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();

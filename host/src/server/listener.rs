@@ -309,15 +309,33 @@ impl Connection {
     /// the connection is evicted meanwhile), then serve.
     async fn handshake(self, stream: TcpStream, config: Arc<rustls::ServerConfig>) {
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        let accepted = tokio::select! {
-            accepted = tokio::time::timeout(self.limits.header_timeout, acceptor.accept(stream)) => accepted,
-            _ = self.evict.notified() => {
-                self.registry.remove(self.id);
-                return;
+        let client = self.client;
+        let handshake = async move {
+            // A TLS connection starts with a handshake record; a plain
+            // HTTP request (a client given http:// by mistake) gets told
+            // so in words instead of a reset.
+            let mut first = [0u8; 1];
+            match stream.peek(&mut first).await {
+                Ok(1) if first[0] != TLS_HANDSHAKE_RECORD => {
+                    refuse_plain_http(stream).await;
+                    None
+                }
+                Ok(1) => match acceptor.accept(stream).await {
+                    Ok(stream) => Some(stream),
+                    Err(e) => {
+                        tracing::debug!(%client, "TLS handshake failed: {e}");
+                        None
+                    }
+                },
+                _ => None,
             }
         };
+        let accepted = tokio::select! {
+            accepted = tokio::time::timeout(self.limits.header_timeout, handshake) => accepted,
+            _ = self.evict.notified() => Ok(None),
+        };
         match accepted {
-            Ok(Ok(stream)) => {
+            Ok(Some(stream)) => {
                 let cert = stream
                     .get_ref()
                     .1
@@ -326,10 +344,7 @@ impl Connection {
                     .map(|leaf| Arc::new(leaf.clone().into_owned()));
                 self.serve(stream, ClientCertificate(cert)).await;
             }
-            Ok(Err(e)) => {
-                tracing::debug!(client = %self.client, "TLS handshake failed: {e}");
-                self.registry.remove(self.id);
-            }
+            Ok(None) => self.registry.remove(self.id),
             Err(_) => {
                 tracing::debug!(client = %self.client, "TLS handshake timed out");
                 self.registry.remove(self.id);
@@ -398,6 +413,25 @@ impl Connection {
         }
         registry.remove(id);
     }
+}
+
+/// The first byte of a TLS connection (a handshake record).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Answer a plain HTTP request on the TLS port with a 400 that says what
+/// to do, then close.
+async fn refuse_plain_http(mut stream: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let body = serde_json::json!({
+        "_": "This node serves HTTPS: use an https:// URL (with --cacert for a private CA)"
+    })
+    .to_string();
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(answer.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
 
 fn busy_response() -> Response<Body> {
