@@ -447,6 +447,10 @@ async fn demo(
     for node in &cluster.nodes {
         println!("  {} listening on {}", node.name, node.url());
     }
+    println!(
+        "  over TLS, mutual between nodes; the cluster CA is {} (curl --cacert)",
+        cluster.ca_file.display()
+    );
     let client = cluster.admin(names[0]);
     let options = StartOptions {
         nodes: "all".into(),
