@@ -317,6 +317,7 @@ impl Connection {
             let mut first = [0u8; 1];
             match stream.peek(&mut first).await {
                 Ok(1) if first[0] != TLS_HANDSHAKE_RECORD => {
+                    tracing::debug!(%client, "a plain HTTP request on the TLS port: answered 400");
                     refuse_plain_http(stream).await;
                     None
                 }
