@@ -29,6 +29,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Build the application from `config` (`config_dir` resolves relative
 /// plugin paths). Compiles and checks the collector plugin.
 pub async fn build(config: &Config, config_dir: &Path) -> Result<(AppState, api::AppRouter)> {
+    // Read the CA file once, before the slow part of the start.
+    let upload_tls = config
+        .upload
+        .tls_config()
+        .map_err(|e| anyhow!("upload.{e}"))?;
     let plugins = PluginHost::new(config.plugin_cache_dir.clone())?;
     let collector = load_role(
         &plugins,
@@ -62,6 +67,7 @@ pub async fn build(config: &Config, config_dir: &Path) -> Result<(AppState, api:
         collector,
         uploader,
         upload_policy: config.upload.clone(),
+        upload_tls: upload_tls.clone(),
     };
     let heartbeat = Duration::from_millis(config.coordinator.heartbeat_interval_ms);
     let storage = Storage::open(&config.data_dir, &config.node, config.storage.clone())
@@ -82,6 +88,7 @@ pub async fn build(config: &Config, config_dir: &Path) -> Result<(AppState, api:
         peers,
         config.coordinator.clone(),
         config.upload.clone(),
+        upload_tls,
         &config.data_dir,
     );
     let state = AppState {
