@@ -2,15 +2,19 @@
 //! plugin (inside a real daemon, through the host's `wasi:http`) against
 //! `curl --upload-file` of the same file to the same local server, in the
 //! same run. Throughput is measured by the server, from the request's
-//! arrival to its last body byte, the same way for both. Also the daemon's
-//! peak RSS for a 64 MiB and a 1 GiB artifact: it must not grow with size.
+//! arrival to its last body byte, the same way for both. Plain HTTP for a
+//! 64 MiB and a 1 GiB artifact, then 1 GiB over TLS (the server's
+//! certificate from a local CA: `[upload] ca_file` for the daemon,
+//! `--cacert` for curl). Also the daemon's peak RSS: it must not grow with
+//! size.
 //!
 //! `cargo bench -p autocollect --bench upload` (needs ~2.5 GiB of disk in
-//! the temp dir)
+//! the temp dir); `UPLOAD_BENCH=tls` runs the TLS row alone.
 
 mod common;
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,6 +22,7 @@ use std::time::{Duration, Instant};
 use autocollect::client::StartOptions;
 use autocollect::cluster::LocalCluster;
 use autocollect::coordinator::task::NodeState;
+use autocollect::local_tls::{LocalCa, serve_tls};
 use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode};
 use common::*;
@@ -60,15 +65,37 @@ async fn receive(State(log): State<Log>, request: Request) -> StatusCode {
     StatusCode::OK
 }
 
-async fn serve() -> anyhow::Result<(SocketAddr, Log)> {
+/// Where the server listens: plain HTTP, and HTTPS with a certificate for
+/// 127.0.0.1 signed by a CA made for the run (its PEM in a file).
+struct Server {
+    http: SocketAddr,
+    https: SocketAddr,
+    ca_file: PathBuf,
+    log: Log,
+}
+
+async fn serve(dir: &Path) -> anyhow::Result<Server> {
     let log = Log::default();
     let app = axum::Router::new()
         .fallback(receive)
         .with_state(log.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    Ok((addr, log))
+    let http = listener.local_addr()?;
+    let plain = app.clone();
+    tokio::spawn(async move { axum::serve(listener, plain).await });
+
+    let ca = LocalCa::new("autocollect upload bench CA")?;
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, ca.pem())?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let https = listener.local_addr()?;
+    tokio::spawn(serve_tls(listener, ca.server_config(&["127.0.0.1"])?, app));
+    Ok(Server {
+        http,
+        https,
+        ca_file,
+        log,
+    })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -77,10 +104,14 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async {
         println!("upload on {}", machine());
-        let (addr, log) = serve().await?;
-        for size in [64u64 << 20, 1 << 30] {
-            bench(size, addr, &log).await?;
+        let dir = tempfile::tempdir()?;
+        let server = serve(dir.path()).await?;
+        if std::env::var("UPLOAD_BENCH").as_deref() != Ok("tls") {
+            for size in [64u64 << 20, 1 << 30] {
+                bench(size, false, &server).await?;
+            }
         }
+        bench(1 << 30, true, &server).await?;
         Ok(())
     })
 }
@@ -94,10 +125,16 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-async fn bench(size: u64, server: SocketAddr, log: &Log) -> anyhow::Result<()> {
+async fn bench(size: u64, tls: bool, server: &Server) -> anyhow::Result<()> {
+    let log = &server.log;
+    let (scheme, addr, target) = match tls {
+        false => ("http", server.http, 0.8),
+        true => ("https", server.https, 0.9),
+    };
     let tmp = tempfile::tempdir()?;
     let cluster = LocalCluster::launch(&daemon_exe(), tmp.path(), &["n1"], |config| {
         config.upload.allow_http = true;
+        config.upload.ca_file = Some(server.ca_file.clone());
         config
             .collector
             .options
@@ -109,7 +146,7 @@ async fn bench(size: u64, server: SocketAddr, log: &Log) -> anyhow::Result<()> {
     let idle = proc_status_bytes(pid, "VmRSS").unwrap_or(0);
     let options = StartOptions {
         nodes: "all".into(),
-        upload_host: Some(format!("http://{server}")),
+        upload_host: Some(format!("{scheme}://{addr}")),
         customer: Some("bench".into()),
         ticket: Some("1".into()),
         bypass_reachability_checks: false,
@@ -138,16 +175,11 @@ async fn bench(size: u64, server: SocketAddr, log: &Log) -> anyhow::Result<()> {
         log.lock().unwrap().clear();
         let t = Instant::now();
         let out = Command::new("curl")
-            .args([
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--upload-file",
-            ])
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(&server.ca_file)
+            .arg("--upload-file")
             .arg(&artifact)
-            .arg(format!("http://{server}/curl/{i}/artifact.zip"))
+            .arg(format!("{scheme}://{addr}/curl/{i}/artifact.zip"))
             .output()?;
         curl_wall.push(t.elapsed());
         anyhow::ensure!(out.stdout == b"200", "curl: {out:?}");
@@ -159,13 +191,14 @@ async fn bench(size: u64, server: SocketAddr, log: &Log) -> anyhow::Result<()> {
     let p = median(plugin.iter().map(gib_per_s).collect());
     let c = median(curl.iter().map(gib_per_s).collect());
     println!(
-        "{}: http-uploader {:.2} GiB/s, curl {:.2} GiB/s (median of {RUNS}; curl wall {}) -> ratio {:.2}x curl (target >= 0.8x: {})",
+        "{} over {}: http-uploader {:.2} GiB/s, curl {:.2} GiB/s (median of {RUNS}; curl wall {}) -> ratio {:.2}x curl (target >= {target}x: {})",
         mib(size),
+        if tls { "TLS" } else { "HTTP" },
         p,
         c,
         fmt_duration(Samples::new(curl_wall).median()),
         p / c,
-        if p / c >= 0.8 { "met" } else { "NOT met" }
+        if p / c >= target { "met" } else { "NOT met" }
     );
     println!(
         "          daemon RSS idle {}, peak over {RUNS} collect+upload runs {}",

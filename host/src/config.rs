@@ -419,6 +419,9 @@ impl Config {
         if let Some(TlsSetting::On(files)) = &config.tls {
             config.tls = Some(TlsSetting::On(files.resolved(base)));
         }
+        if let Some(file) = &config.upload.ca_file {
+            config.upload.ca_file = Some(base.join(file));
+        }
         config.check()?;
         Ok(config)
     }
@@ -619,5 +622,22 @@ mod tests {
         parse("[upload]\nproxy = \"http://proxy:3128\"\n")
             .check()
             .unwrap();
+    }
+
+    #[test]
+    fn the_upload_ca_file_is_relative_to_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n1.toml");
+        std::fs::write(
+            &path,
+            format!("{BASE}\n[upload]\nca_file = \"certs/ca.pem\"\n"),
+        )
+        .unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.upload.ca_file, Some(dir.path().join("certs/ca.pem")));
+
+        std::fs::write(&path, format!("{BASE}\n[upload]\nca_only = true\n")).unwrap();
+        let e = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(e.contains("upload.ca_only = true needs ca_file"), "{e}");
     }
 }

@@ -18,7 +18,9 @@
 //!   host operation on a directory a plugin can write).
 //! - [`upload`]: upload destinations: validation, policy, preflight.
 //! - [`client`], [`cluster`]: API client and a local-cluster launcher
-//!   (used by the CLI's `demo`, the tests and the benchmarks).
+//!   (used by the CLI's `demo`, the tests and the benchmarks);
+//!   [`local_tls`]: a throwaway CA and a TLS listener for the tests' and
+//!   benchmarks' stand-in upload hosts.
 
 pub mod api;
 pub mod auth;
@@ -28,6 +30,7 @@ pub mod cluster;
 pub mod config;
 pub mod coordinator;
 pub mod files;
+pub mod local_tls;
 pub mod node;
 pub mod peer_auth;
 pub mod plugin;

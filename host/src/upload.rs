@@ -9,7 +9,12 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +61,14 @@ pub struct UploadPolicy {
     /// to one is refused.
     #[serde(default)]
     pub allow_link_local: bool,
+    /// A PEM file of CA certificates trusted for uploads (the upload host,
+    /// directly or inside a proxy's tunnel, and the preflight), added to
+    /// the public roots. Relative to the config file's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Trust `ca_file` alone, not the public roots.
+    #[serde(default)]
+    pub ca_only: bool,
 }
 
 /// Addresses of cloud instance metadata and host services outside the
@@ -68,13 +81,63 @@ impl UploadPolicy {
         self.proxy.as_deref().map(Proxy::parse).transpose()
     }
 
-    /// Config-time checks; the message starts with the key.
+    /// Config-time checks; the message starts with the key. The CA file
+    /// is read by [`UploadPolicy::tls_config`].
     pub fn check(&self) -> Result<(), String> {
+        if self.ca_only && self.ca_file.is_none() {
+            return Err(
+                "ca_only = true needs ca_file: with ca_only, only ca_file's certificates are trusted"
+                    .into(),
+            );
+        }
         self.proxy().map_err(|e| format!("proxy {e}"))?;
         for p in &self.allowed_proxies {
             Proxy::parse(&proxy_url(p)).map_err(|e| format!("allowed_proxies: {p:?} {e}"))?;
         }
         Ok(())
+    }
+
+    /// The TLS client configuration of every upload connection (to the
+    /// upload host, directly or inside the proxy's tunnel) and of the
+    /// preflight: the public roots built into the binary and the
+    /// certificates of `ca_file`, or `ca_file`'s alone with `ca_only`.
+    /// Reads `ca_file`: the daemon calls it once at start (and again to
+    /// reload). The message starts with the key.
+    pub fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>, String> {
+        self.check()?;
+        let mut roots = rustls::RootCertStore::empty();
+        if !self.ca_only {
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        }
+        if let Some(file) = &self.ca_file {
+            let at = |what: String| format!("ca_file {}: {what}", file.display());
+            let pem = std::fs::read(file).map_err(|e| at(format!("cannot be read: {e}")))?;
+            let mut found = 0;
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                found += 1;
+                let cert =
+                    cert.map_err(|e| at(format!("certificate {found} is not valid PEM: {e}")))?;
+                roots.add(cert).map_err(|e| {
+                    at(format!(
+                        "certificate {found} is not a usable CA certificate: {e}"
+                    ))
+                })?;
+            }
+            if found == 0 {
+                return Err(at(
+                    "holds no certificate (expected PEM blocks \"-----BEGIN CERTIFICATE-----\")"
+                        .into(),
+                ));
+            }
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Ok(Arc::new(config))
     }
 
     /// May a start request route its uploads through `proxy`? Compared by
@@ -425,22 +488,66 @@ pub fn quote_plus(s: &str) -> String {
     out
 }
 
+/// Words for the operator when `error` (or an error it wraps) is the
+/// refusal of the upload host's certificate; `None` for any other error.
+pub fn certificate_problem(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    use rustls::CertificateError as C;
+    let mut next = Some(error);
+    let mut found = None;
+    while let Some(e) = next {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            found = Some(tls);
+            break;
+        }
+        // An io::Error shows its inner error's source, not the inner
+        // error itself (which may be another io::Error): look inside.
+        next = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+    }
+    let rustls::Error::InvalidCertificate(problem) = found? else {
+        return None;
+    };
+    let (detail, hint) = match problem {
+        C::UnknownIssuer => (
+            "it is not signed by a certificate authority this node trusts".to_string(),
+            true,
+        ),
+        C::BadSignature => (
+            "its signature does not match the certificate authority it names".to_string(),
+            true,
+        ),
+        other => (other.to_string(), false),
+    };
+    let hint = if hint { " (set [upload] ca_file?)" } else { "" };
+    Some(format!(
+        "the upload host's certificate is not trusted: {detail}{hint}"
+    ))
+}
+
 /// Can the upload host be reached? A `HEAD` of the base URL; any HTTP
 /// answer counts (the real PUT decides), only transport failures do not.
 /// Redirects are never followed (an allowed host could point anywhere).
 /// Without a proxy, the request goes to the addresses `policy` checked.
-/// The error is ns_server's message.
+/// TLS trusts what the uploads trust (`tls`, from
+/// [`UploadPolicy::tls_config`]). The error is ns_server's message.
 pub async fn preflight(
     destination: &Destination,
     policy: &UploadPolicy,
+    tls: &Arc<rustls::ClientConfig>,
     proxy: Option<&Proxy>,
 ) -> Result<(), String> {
     let url = &destination.base_url;
     // The uploads' route exactly: the configured proxy or none, never the
-    // environment's.
+    // environment's; the uploads' trust, never the system's.
     let builder = reqwest::Client::builder()
         .timeout(PREFLIGHT_TIMEOUT)
-        .redirect(reqwest::redirect::Policy::none());
+        .redirect(reqwest::redirect::Policy::none())
+        .use_preconfigured_tls(rustls::ClientConfig::clone(tls));
     let builder = match proxy {
         None => {
             let origin = Origin::of(url).map_err(|e| format!("Unable to access '{url}' : {e}"))?;
@@ -465,7 +572,7 @@ pub async fn preflight(
         Ok(_) => Ok(()),
         Err(e) => Err(format!(
             "Unable to access '{url}' : {}",
-            crate::client::error_chain(&e)
+            certificate_problem(&e).unwrap_or_else(|| crate::client::error_chain(&e))
         )),
     }
 }
@@ -647,5 +754,116 @@ mod tests {
         assert_eq!(quote_plus("Example inc."), "Example+inc.");
         assert_eq!(quote_plus("a/b&c=d"), "a%2Fb%26c%3Dd");
         assert_eq!(quote_plus("~_-."), "~_-.");
+    }
+
+    fn policy_with_ca(file: &std::path::Path, ca_only: bool) -> UploadPolicy {
+        UploadPolicy {
+            ca_file: Some(file.to_path_buf()),
+            ca_only,
+            ..Default::default()
+        }
+    }
+
+    /// A TLS handshake in memory with a server whose certificate `ca`
+    /// signed: the client's error, if any.
+    async fn handshake(
+        client: &Arc<rustls::ClientConfig>,
+        ca: &crate::local_tls::LocalCa,
+    ) -> Result<(), std::io::Error> {
+        let server = ca.server_config(&["uploads.example.com"]).unwrap();
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let accept = tokio_rustls::TlsAcceptor::from(server).accept(b);
+        let name = rustls::pki_types::ServerName::try_from("uploads.example.com").unwrap();
+        let connect = tokio_rustls::TlsConnector::from(client.clone()).connect(name, a);
+        let (connected, _) = tokio::join!(connect, accept);
+        connected.map(drop)
+    }
+
+    #[tokio::test]
+    async fn the_ca_file_adds_to_the_public_roots_or_replaces_them() {
+        use crate::local_tls::LocalCa;
+        let dir = tempfile::tempdir().unwrap();
+        let (ours, other) = (
+            LocalCa::new("ours").unwrap(),
+            LocalCa::new("other").unwrap(),
+        );
+        // Two certificates, with text around them, as bundles have.
+        let both = dir.path().join("both.pem");
+        std::fs::write(
+            &both,
+            format!("# ours\n{}\n# other\n{}", ours.pem(), other.pem()),
+        )
+        .unwrap();
+        let just_other = dir.path().join("other.pem");
+        std::fs::write(&just_other, other.pem()).unwrap();
+
+        let public = UploadPolicy::default().tls_config().unwrap();
+        let e = handshake(&public, &ours).await.unwrap_err();
+        assert_eq!(
+            certificate_problem(&e).as_deref(),
+            Some(
+                "the upload host's certificate is not trusted: it is not signed by a \
+                 certificate authority this node trusts (set [upload] ca_file?)"
+            ),
+            "{e}"
+        );
+        for ca_only in [false, true] {
+            let config = policy_with_ca(&both, ca_only).tls_config().unwrap();
+            handshake(&config, &ours).await.unwrap();
+            handshake(&config, &other).await.unwrap();
+        }
+        let config = policy_with_ca(&just_other, true).tls_config().unwrap();
+        let e = handshake(&config, &ours).await.unwrap_err();
+        assert!(certificate_problem(&e).is_some(), "{e}");
+        // Not a certificate problem: no words about certificates.
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert_eq!(certificate_problem(&refused), None);
+    }
+
+    #[test]
+    fn a_bad_ca_file_is_refused_in_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let e = policy_with_ca(&missing, false).tls_config().unwrap_err();
+        assert!(
+            e.starts_with(&format!("ca_file {}: cannot be read: ", missing.display())),
+            "{e}"
+        );
+
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "no certificate here\n").unwrap();
+        let e = policy_with_ca(&empty, false).tls_config().unwrap_err();
+        assert!(e.contains("holds no certificate"), "{e}");
+
+        let key_only = dir.path().join("key.pem");
+        std::fs::write(
+            &key_only,
+            rcgen::KeyPair::generate().unwrap().serialize_pem(),
+        )
+        .unwrap();
+        let e = policy_with_ca(&key_only, true).tls_config().unwrap_err();
+        assert!(e.contains("holds no certificate"), "{e}");
+
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(
+            &garbage,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let e = policy_with_ca(&garbage, false).tls_config().unwrap_err();
+        assert!(
+            e.contains("certificate 1 is not a usable CA certificate"),
+            "{e}"
+        );
+
+        let no_file = UploadPolicy {
+            ca_only: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            no_file.check().unwrap_err(),
+            "ca_only = true needs ca_file: with ca_only, only ca_file's certificates are trusted"
+        );
+        assert!(no_file.tls_config().is_err());
     }
 }

@@ -1,7 +1,7 @@
 //! End-to-end tests: real `autocollect` daemons on loopback, real plugins
 //! compiled from `plugins/`, driven through the public HTTP API; uploads
-//! go to a real HTTP server in the test process, directly or through a
-//! real proxy.
+//! go to a real HTTP server in the test process (plain, or over TLS with
+//! a test CA), directly or through a real proxy.
 
 mod api_errors;
 mod cancel;
@@ -23,3 +23,4 @@ mod support;
 mod tls;
 mod upload;
 mod upload_server;
+mod upload_tls;

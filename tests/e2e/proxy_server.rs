@@ -1,7 +1,8 @@
 //! A real HTTP proxy standing in for a customer's outbound proxy. It
 //! serves `CONNECT` tunnels (what the uploader's requests use) and
 //! absolute-form requests (what the preflight's HTTP client sends for an
-//! `http://` host), and records each request line it was asked for.
+//! `http://` host), and records each request line it was asked for and
+//! the bytes the client sent into each tunnel.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -9,9 +10,17 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, copy_bidirectional};
 use tokio::net::{TcpListener, TcpStream};
 
+/// What the client sent into each tunnel (the first [`TUNNEL_KEPT`]
+/// bytes), recorded before they are passed on.
+type Tunnels = Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>;
+
+/// Bytes of each tunnel kept for inspection.
+pub const TUNNEL_KEPT: usize = 16 << 20;
+
 pub struct ProxyServer {
     pub addr: SocketAddr,
     requests: Arc<Mutex<Vec<String>>>,
+    tunnels: Tunnels,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -30,18 +39,20 @@ impl ProxyServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let log = requests.clone();
+        let tunneled = Tunnels::default();
+        let (log, taps) = (requests.clone(), tunneled.clone());
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let log = log.clone();
+                let (log, taps) = (log.clone(), taps.clone());
                 tokio::spawn(async move {
-                    let _ = relay(client, log, tunnels).await;
+                    let _ = relay(client, log, taps, tunnels).await;
                 });
             }
         });
         ProxyServer {
             addr,
             requests,
+            tunnels: tunneled,
             task,
         }
     }
@@ -55,6 +66,13 @@ impl ProxyServer {
     pub fn requests(&self) -> Vec<String> {
         self.requests.lock().unwrap().clone()
     }
+
+    /// The bytes the client sent into each tunnel so far, in order of
+    /// `CONNECT`.
+    pub fn tunneled(&self) -> Vec<Vec<u8>> {
+        let tunnels = self.tunnels.lock().unwrap();
+        tunnels.iter().map(|t| t.lock().unwrap().clone()).collect()
+    }
 }
 
 impl Drop for ProxyServer {
@@ -66,6 +84,7 @@ impl Drop for ProxyServer {
 async fn relay(
     mut client: TcpStream,
     log: Arc<Mutex<Vec<String>>>,
+    taps: Tunnels,
     tunnels: bool,
 ) -> std::io::Result<()> {
     let mut head = Vec::new();
@@ -98,11 +117,13 @@ async fn relay(
                 .await?;
             return Ok(());
         }
-        let upstream = TcpStream::connect(target).await?;
+        let mut upstream = TcpStream::connect(target).await?;
         client
             .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
             .await?;
-        upstream
+        let tap = Arc::new(Mutex::new(Vec::new()));
+        taps.lock().unwrap().push(tap.clone());
+        return tunnel(client, &mut upstream, &head[end..], &tap).await;
     } else {
         // Absolute form: rewrite to origin form for the host.
         let rest = target.strip_prefix("http://").unwrap_or(target);
@@ -124,4 +145,39 @@ async fn relay(
     upstream.write_all(&head[end..]).await?;
     copy_bidirectional(&mut client, &mut upstream).await?;
     Ok(())
+}
+
+/// Relay a tunnel both ways, recording what the client sends (`early`:
+/// what it sent with its `CONNECT`) before passing it on.
+async fn tunnel(
+    mut client: TcpStream,
+    upstream: &mut TcpStream,
+    early: &[u8],
+    tap: &Mutex<Vec<u8>>,
+) -> std::io::Result<()> {
+    let record = |bytes: &[u8]| {
+        let mut kept = tap.lock().unwrap();
+        let room = TUNNEL_KEPT.saturating_sub(kept.len());
+        kept.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    };
+    record(early);
+    upstream.write_all(early).await?;
+    let (mut from_client, mut to_client) = client.split();
+    let (mut from_upstream, mut to_upstream) = upstream.split();
+    let up = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = from_client.read(&mut buf).await?;
+            if n == 0 {
+                return to_upstream.shutdown().await;
+            }
+            record(&buf[..n]);
+            to_upstream.write_all(&buf[..n]).await?;
+        }
+    };
+    let down = async {
+        tokio::io::copy(&mut from_upstream, &mut to_client).await?;
+        to_client.shutdown().await
+    };
+    tokio::try_join!(up, down).map(drop)
 }

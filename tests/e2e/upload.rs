@@ -24,7 +24,7 @@ fn uploads_over_http(config: &mut Config) {
         .insert("initial-backoff-ms".into(), 20i64.into());
 }
 
-fn upload_to(host: &str) -> StartOptions {
+pub fn upload_to(host: &str) -> StartOptions {
     StartOptions {
         nodes: "all".into(),
         upload_host: Some(host.into()),
@@ -35,14 +35,14 @@ fn upload_to(host: &str) -> StartOptions {
     }
 }
 
-async fn upload_and_wait(admin: &ApiClient, options: &StartOptions) -> TaskStatus {
+pub async fn upload_and_wait(admin: &ApiClient, options: &StartOptions) -> TaskStatus {
     let started = admin.start_with(options).await.expect("start accepted");
     let task = wait_for_end(admin, &started.task_id).await;
     assert_ended(&task, TaskState::Completed);
     task
 }
 
-fn output(status: &NodeStatus) -> &str {
+pub fn output(status: &NodeStatus) -> &str {
     status.upload_output.as_deref().unwrap_or_default()
 }
 

@@ -1,4 +1,5 @@
-//! A real HTTP server standing in for the support upload host. It records
+//! A real HTTP server standing in for the support upload host, over plain
+//! HTTP or over TLS with a certificate from a CA made for it. It records
 //! each PUT (path, body SHA-256, size), streaming bodies so large uploads
 //! cost no memory, and answers from a script: a queue of responses, then
 //! 200 for the rest.
@@ -8,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use autocollect::local_tls::{LocalCa, serve_tls};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -49,25 +51,65 @@ struct Shared {
 
 pub struct UploadServer {
     pub addr: SocketAddr,
+    /// Over TLS: the certificate (PEM) of the CA that signed ours.
+    ca_pem: Option<String>,
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl UploadServer {
+    /// Plain HTTP.
     pub async fn start() -> UploadServer {
+        Self::serve(None).await
+    }
+
+    /// HTTPS, with a certificate for `localhost` and `127.0.0.1` signed by
+    /// a CA made for this server alone ([`UploadServer::ca_pem`]).
+    pub async fn start_tls() -> UploadServer {
+        let ca = LocalCa::new("autocollect test upload CA").unwrap();
+        let tls = ca.server_config(&["localhost", "127.0.0.1"]).unwrap();
+        Self::serve(Some((ca.pem(), tls))).await
+    }
+
+    async fn serve(tls: Option<(String, Arc<rustls::ServerConfig>)>) -> UploadServer {
         let shared = Arc::new(Shared::default());
         let app = Router::new().fallback(handle).with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        UploadServer { addr, shared, task }
+        let (ca_pem, task) = match tls {
+            None => (
+                None,
+                tokio::spawn(async move { axum::serve(listener, app).await.unwrap() }),
+            ),
+            Some((pem, config)) => (Some(pem), tokio::spawn(serve_tls(listener, config, app))),
+        };
+        UploadServer {
+            addr,
+            ca_pem,
+            shared,
+            task,
+        }
     }
 
-    /// `http://127.0.0.1:PORT` (what a user passes as upload host).
+    /// `http://127.0.0.1:PORT`, or `https://` over TLS (what a user
+    /// passes as upload host).
     pub fn host(&self) -> String {
-        format!("http://{}", self.addr)
+        self.host_named(&self.addr.ip().to_string())
+    }
+
+    /// The same with another name for this machine (`localhost`).
+    pub fn host_named(&self, name: &str) -> String {
+        let scheme = if self.ca_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{name}:{}", self.addr.port())
+    }
+
+    /// The CA's certificate (PEM), for `[upload] ca_file`; TLS only.
+    pub fn ca_pem(&self) -> &str {
+        self.ca_pem.as_deref().expect("a TLS upload server")
     }
 
     /// Answer the next PUTs with these, in order; then 200.

@@ -95,6 +95,8 @@ pub struct Coordinator {
     peers: Peers,
     settings: CoordinatorSettings,
     upload_policy: UploadPolicy,
+    /// What the preflight's TLS trusts (built from `upload_policy`).
+    upload_tls: Arc<rustls::ClientConfig>,
     /// Serialises starts on this node (the sessions serialise the cluster).
     start_lock: tokio::sync::Mutex<()>,
     running: Mutex<Option<RunningTask>>,
@@ -122,6 +124,7 @@ impl Coordinator {
         peers: Peers,
         settings: CoordinatorSettings,
         upload_policy: UploadPolicy,
+        upload_tls: Arc<rustls::ClientConfig>,
         data_dir: &std::path::Path,
     ) -> Arc<Coordinator> {
         let store = TaskStore::new(data_dir);
@@ -131,6 +134,7 @@ impl Coordinator {
             peers,
             settings,
             upload_policy,
+            upload_tls,
             start_lock: Default::default(),
             running: Mutex::new(None),
             latest: watch::Sender::new(latest),
@@ -202,9 +206,14 @@ impl Coordinator {
             self.check_destination(destination)?;
             if !request.bypass_reachability_checks {
                 let proxy = self.upload_policy.proxy_for(request.upload_proxy.as_ref());
-                upload::preflight(destination, &self.upload_policy, proxy.as_ref())
-                    .await
-                    .map_err(StartError::Unreachable)?;
+                upload::preflight(
+                    destination,
+                    &self.upload_policy,
+                    &self.upload_tls,
+                    proxy.as_ref(),
+                )
+                .await
+                .map_err(StartError::Unreachable)?;
             }
         }
         let _serialised = self.start_lock.lock().await;

@@ -232,6 +232,7 @@ pub(super) async fn upload(
                         url: &url,
                         origin,
                         route,
+                        tls: node.roles.upload_tls.clone(),
                         limits: role.limits,
                         progress: progress_tx,
                         cancel,

@@ -49,6 +49,8 @@ pub struct Roles {
     pub collector: Role<CollectorPlugin>,
     pub uploader: Role<UploaderPlugin>,
     pub upload_policy: UploadPolicy,
+    /// What uploads' TLS trusts (built from `upload_policy`).
+    pub upload_tls: Arc<rustls::ClientConfig>,
 }
 
 /// The task this node most recently took part in, and who coordinated it.

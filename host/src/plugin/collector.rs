@@ -242,6 +242,7 @@ impl CollectorPlugin {
                 artifact_dir: None,
                 http_origin: None,
                 http_route: None,
+                http_tls: None,
                 exec: Some(exec),
                 task_parameters: parameters,
                 limits,

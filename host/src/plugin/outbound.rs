@@ -3,11 +3,13 @@
 //! is never resolved again, so DNS cannot move the upload elsewhere), or
 //! through the operator's HTTP proxy ([`Route::Proxy`]: a `CONNECT`
 //! tunnel to the destination). Then TLS for `https` (SNI and certificate
-//! checked against the URL's host name, webpki roots) and the request over
+//! checked against the URL's host name, with the trust `[upload]` gives:
+//! [`crate::upload::UploadPolicy::tls_config`]) and the request over
 //! HTTP/1.1. The origin check has already been made by
 //! [`super::sandbox::OutboundPolicy`]; this only carries the bytes.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::Scheme;
@@ -31,6 +33,11 @@ pub enum Route {
 
 /// Longest proxy answer to `CONNECT` we read.
 const CONNECT_ANSWER_MAX: usize = 16 * 1024;
+/// How much a TLS connection takes (and encrypts) per write before it
+/// flushes to the socket: rustls' default, 64 KiB, cut each of the
+/// uploader's 256 KiB body chunks into four encrypt-and-send rounds.
+/// With 1 MiB a chunk goes out in one (`BENCHMARKS.md`).
+const TLS_BUFFER: usize = 1 << 20;
 /// What `wasi:http` defaults to when the guest sets no timeout.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -42,9 +49,10 @@ pub type Sent = (
     Box<dyn Future<Output = Result<(), HttpError>> + Send>,
 );
 
-/// Send `request` by `route`.
+/// Send `request` by `route`; TLS (for `https`) trusts what `tls` does.
 pub async fn send(
     route: &Route,
+    tls_config: &Arc<rustls::ClientConfig>,
     mut request: http::Request<WasiBody>,
     options: Option<RequestOptions>,
 ) -> Result<Sent, HttpError> {
@@ -82,7 +90,7 @@ pub async fn send(
         .await
         .map_err(|_| HttpError::ConnectionTimeout)??;
     let stream: Box<dyn Stream> = if tls {
-        Box::new(tls_client(stream, &host).await?)
+        Box::new(tls_client(tls_config, stream, &host).await?)
     } else {
         Box::new(stream)
     };
@@ -191,28 +199,27 @@ fn refused(proxy: &Proxy, target: &str, what: &str) -> HttpError {
     )))
 }
 
-/// TLS to `host` over `stream`, verified against the webpki roots, as
-/// `wasi:http`'s direct connections are.
+/// TLS to `host` over `stream`, verified with `config`. A refused
+/// certificate is said in words (the guest sees the message).
 async fn tls_client(
+    config: &Arc<rustls::ClientConfig>,
     stream: TcpStream,
     host: &str,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, HttpError> {
     use rustls::pki_types::ServerName;
-    let roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.into(),
-    };
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let connector = tokio_rustls::TlsConnector::from(config.clone());
     let name = match host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
         Ok(ip) => ServerName::from(ip),
         Err(_) => ServerName::try_from(host.to_string()).map_err(HttpError::from)?,
     };
     connector
-        .connect(name, stream)
+        .connect_with(name, stream, |c| c.set_buffer_limit(Some(TLS_BUFFER)))
         .await
-        .map_err(HttpError::Tls)
+        .map_err(|e| {
+            let words = crate::upload::certificate_problem(&e)
+                .unwrap_or_else(|| format!("TLS with the upload host {host} failed: {e}"));
+            HttpError::InternalError(Some(words))
+        })
 }
 
 #[cfg(test)]
@@ -242,6 +249,10 @@ mod tests {
         (addr, task)
     }
 
+    fn no_tls() -> Arc<rustls::ClientConfig> {
+        crate::upload::UploadPolicy::default().tls_config().unwrap()
+    }
+
     #[tokio::test]
     async fn a_direct_request_goes_to_the_checked_address_not_to_a_new_lookup() {
         let (addr, server) = one_request_server().await;
@@ -251,7 +262,7 @@ mod tests {
         let request = http::Request::put(uri)
             .body(Empty::new().map_err(|never| match never {}).boxed_unsync())
             .unwrap();
-        let (response, io) = send(&Route::Direct(vec![addr]), request, None)
+        let (response, io) = send(&Route::Direct(vec![addr]), &no_tls(), request, None)
             .await
             .expect("sent to the pinned address");
         assert_eq!(response.status(), 200);

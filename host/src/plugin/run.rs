@@ -85,6 +85,7 @@ pub(super) fn validation_store(
             artifact_dir: None,
             http_origin: None,
             http_route: None,
+            http_tls: None,
             exec: None,
             task_parameters: Vec::new(),
             limits: VALIDATION_LIMITS,

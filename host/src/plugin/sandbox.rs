@@ -133,6 +133,8 @@ pub struct RunSetup<'a> {
     /// How allowed requests get there: the checked addresses, or the
     /// operator's proxy.
     pub http_route: Option<Route>,
+    /// What TLS to the origin trusts (`[upload]`'s CA file and roots).
+    pub http_tls: Option<Arc<rustls::ClientConfig>>,
     /// Programs the run may start (collectors); they run in `output_dir`.
     pub exec: Option<Arc<ExecPolicy>>,
     /// The start request's parameters (collectors' `task.parameters()`).
@@ -168,6 +170,7 @@ pub fn new_store(
     let outbound = OutboundPolicy {
         allowed: setup.http_origin,
         route: setup.http_route,
+        tls: setup.http_tls,
         refused: Vec::new(),
         plugin: setup.labels.plugin.clone(),
     };
@@ -295,6 +298,7 @@ fn truncate(s: &str, max: usize) -> &str {
 pub struct OutboundPolicy {
     allowed: Option<Origin>,
     route: Option<Route>,
+    tls: Option<Arc<rustls::ClientConfig>>,
     refused: Vec<String>,
     plugin: String,
 }
@@ -326,8 +330,8 @@ impl WasiHttpHooks for OutboundPolicy {
     ) -> ResponseFuture {
         let origin = Origin::of_uri(request.uri());
         let permitted = matches!((&self.allowed, &origin), (Some(a), Ok(o)) if a == o);
-        let route = self.route.clone().filter(|_| permitted);
-        let Some(route) = route else {
+        let way = self.route.clone().zip(self.tls.clone());
+        let Some((route, tls)) = way.filter(|_| permitted) else {
             let target = format!("{} {}", request.method(), request.uri());
             tracing::warn!(plugin = %self.plugin, %target, allowed = ?self.allowed.as_ref().map(|o| o.to_string()),
                 "refused an outgoing request: not the upload destination");
@@ -336,7 +340,7 @@ impl WasiHttpHooks for OutboundPolicy {
             }
             return Box::new(async { Err(HttpError::HttpRequestDenied) });
         };
-        Box::new(async move { super::outbound::send(&route, request, options).await })
+        Box::new(async move { super::outbound::send(&route, &tls, request, options).await })
     }
 }
 

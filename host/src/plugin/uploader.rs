@@ -58,6 +58,8 @@ pub struct UploadJob<'a> {
     /// How allowed requests reach the destination: its checked
     /// addresses, or the proxy.
     pub route: Route,
+    /// What TLS to the destination trusts.
+    pub tls: Arc<rustls::ClientConfig>,
     pub limits: RunLimits,
     pub progress: watch::Sender<Option<PluginEvent>>,
     pub cancel: CancellationToken,
@@ -133,6 +135,7 @@ impl UploaderPlugin {
                 artifact_dir: Some(dir),
                 http_origin: Some(job.origin),
                 http_route: Some(job.route),
+                http_tls: Some(job.tls),
                 exec: None,
                 task_parameters: Vec::new(),
                 limits,

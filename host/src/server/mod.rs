@@ -30,6 +30,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Build the application from `config` (`config_dir` resolves relative
 /// plugin paths). Compiles and checks the collector plugin.
 pub async fn build(config: &Config, config_dir: &Path) -> Result<(AppState, api::AppRouter)> {
+    // Read the CA file once, before the slow part of the start.
+    let upload_tls = config
+        .upload
+        .tls_config()
+        .map_err(|e| anyhow!("upload.{e}"))?;
     let plugins = PluginHost::new(config.plugin_cache_dir.clone())?;
     let collector = load_role(
         &plugins,
@@ -63,6 +68,7 @@ pub async fn build(config: &Config, config_dir: &Path) -> Result<(AppState, api:
         collector,
         uploader,
         upload_policy: config.upload.clone(),
+        upload_tls: upload_tls.clone(),
     };
     let tls = config
         .tls_files()
@@ -88,6 +94,7 @@ pub async fn build(config: &Config, config_dir: &Path) -> Result<(AppState, api:
         peers,
         config.coordinator.clone(),
         config.upload.clone(),
+        upload_tls,
         &config.data_dir,
     );
     let state = AppState {
