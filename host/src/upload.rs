@@ -9,12 +9,9 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 
 use serde::{Deserialize, Serialize};
 
@@ -105,39 +102,28 @@ impl UploadPolicy {
     /// reload). The message starts with the key.
     pub fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>, String> {
         self.check()?;
-        let mut roots = rustls::RootCertStore::empty();
-        if !self.ca_only {
-            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        }
+        let mut roots = match self.ca_only {
+            true => rustls::RootCertStore::empty(),
+            false => crate::tls::public_roots(),
+        };
         if let Some(file) = &self.ca_file {
-            let at = |what: String| format!("ca_file {}: {what}", file.display());
-            let pem = std::fs::read(file).map_err(|e| at(format!("cannot be read: {e}")))?;
-            let mut found = 0;
-            for cert in CertificateDer::pem_slice_iter(&pem) {
-                found += 1;
-                let cert =
-                    cert.map_err(|e| at(format!("certificate {found} is not valid PEM: {e}")))?;
-                roots.add(cert).map_err(|e| {
-                    at(format!(
-                        "certificate {found} is not a usable CA certificate: {e}"
-                    ))
-                })?;
-            }
-            if found == 0 {
-                return Err(at(
-                    "holds no certificate (expected PEM blocks \"-----BEGIN CERTIFICATE-----\")"
-                        .into(),
-                ));
-            }
+            crate::tls::add_roots(&mut roots, file)
+                .map_err(|e| format!("ca_file {}: {e}", file.display()))?;
         }
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         Ok(Arc::new(config))
+    }
+
+    /// The uploads' TLS configuration, reloadable ([`UploadTls`]).
+    pub fn upload_tls(&self) -> Result<Arc<UploadTls>, String> {
+        Ok(Arc::new(UploadTls {
+            policy: self.clone(),
+            current: std::sync::RwLock::new(self.tls_config()?),
+        }))
     }
 
     /// May a start request route its uploads through `proxy`? Compared by
@@ -574,6 +560,31 @@ pub async fn preflight(
             "Unable to access '{url}' : {}",
             certificate_problem(&e).unwrap_or_else(|| crate::client::error_chain(&e))
         )),
+    }
+}
+
+/// The TLS client configuration of uploads and the preflight, read
+/// again from `[upload] ca_file` on SIGHUP. An upload in flight keeps the
+/// configuration it started with.
+pub struct UploadTls {
+    policy: UploadPolicy,
+    current: std::sync::RwLock<Arc<rustls::ClientConfig>>,
+}
+
+impl UploadTls {
+    pub fn current(&self) -> Arc<rustls::ClientConfig> {
+        self.current.read().unwrap().clone()
+    }
+
+    /// Read `ca_file` again; on an error the previous configuration stays.
+    pub fn reload(&self) -> Result<(), String> {
+        let fresh = self.policy.tls_config()?;
+        *self.current.write().unwrap() = fresh;
+        Ok(())
+    }
+
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.policy.ca_file.as_deref()
     }
 }
 

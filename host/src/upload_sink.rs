@@ -1,7 +1,9 @@
 //! A minimal support upload host, for the `demo` command: it stores the
 //! body of each `PUT /CUSTOMER/[TICKET/]FILE` under a directory, streamed
 //! to disk, and answers any other request (the preflight's `HEAD`) with
-//! 200. Plain HTTP on loopback; not for real data.
+//! 200. HTTPS on loopback, with a certificate from a CA made for it
+//! (written as `ca.pem` beside the directory, for `[upload] ca_file`);
+//! not for real data.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,36 +15,42 @@ use axum::http::{Method, StatusCode};
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 
+use crate::local_tls::{LocalCa, serve_tls};
+
 pub struct UploadSink {
     pub addr: SocketAddr,
     pub dir: PathBuf,
+    /// The CA that signed its certificate (PEM), for `[upload] ca_file`.
+    pub ca_file: PathBuf,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl UploadSink {
-    /// Serve on an ephemeral loopback port, storing uploads under `dir`.
+    /// Serve HTTPS on an ephemeral loopback port, storing uploads under
+    /// `dir`; the CA goes to `dir/../upload-ca.pem`.
     pub async fn start(dir: &Path) -> Result<UploadSink> {
         std::fs::create_dir_all(dir)?;
+        let ca = LocalCa::new("autocollect demo upload CA")?;
+        let ca_file = dir.with_file_name("upload-ca.pem");
+        std::fs::write(&ca_file, ca.pem())?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let app = axum::Router::new()
             .fallback(store)
             .with_state(Arc::new(dir.to_path_buf()));
-        let task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::warn!("upload sink stopped: {e}");
-            }
-        });
+        let tls = ca.server_config(&["127.0.0.1"])?;
+        let task = tokio::spawn(serve_tls(listener, tls, app));
         Ok(UploadSink {
             addr,
             dir: dir.to_path_buf(),
+            ca_file,
             task,
         })
     }
 
     /// What to pass as the upload host.
     pub fn host(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("https://{}", self.addr)
     }
 }
 

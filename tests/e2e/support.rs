@@ -76,6 +76,24 @@ pub async fn tls_connect(
         .expect("TLS handshake")
 }
 
+/// Wait until `node`'s log has a line containing `text`.
+pub async fn wait_for_log(c: &LocalCluster, node: &str, text: &str) {
+    let path = c.node(node).log_path.clone();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    // The log is a file another process appends to: read it again until
+    // the line is there (no event to await across processes).
+    while !std::fs::read_to_string(&path)
+        .unwrap_or_default()
+        .contains(text)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{node}'s log never said {text:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// The deliberately hostile test plugin, built from plugins/test-misbehave.
 pub fn misbehave_plugin() -> String {
     autocollect::plugin::builtin::build_output("test_misbehave")

@@ -168,24 +168,6 @@ async fn certificates_are_reloaded_on_sighup_without_dropping_a_running_collecti
     assert!(all_nodes(&next, NodeState::Collected), "{next:?}");
 }
 
-/// Wait until `node`'s log has a line containing `text`.
-async fn wait_for_log(c: &TestCluster, node: &str, text: &str) {
-    let path = c.node(node).log_path.clone();
-    let deadline = std::time::Instant::now() + PATIENCE;
-    // The log is a file another process appends to: read it again until
-    // the line is there (no event to await across processes).
-    while !std::fs::read_to_string(&path)
-        .unwrap_or_default()
-        .contains(text)
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{node}'s log never said {text:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn plain_http_is_refused_off_loopback_unless_explicitly_allowed() {
     let exe = Path::new(env!("CARGO_BIN_EXE_autocollect"));

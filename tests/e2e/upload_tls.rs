@@ -151,12 +151,42 @@ async fn an_upload_host_the_node_does_not_trust_is_refused_in_words() {
     assert!(server.received().is_empty(), "nothing was sent");
 }
 
+#[tokio::test]
+async fn the_upload_ca_file_is_reloaded_on_sighup() {
+    let server = UploadServer::start_tls().await;
+    let certs = tempfile::tempdir().unwrap();
+    let other = LocalCa::new("a CA that did not sign the server").unwrap();
+    // At first the node trusts only a CA that did not sign the server.
+    let ca = pem_file(certs.path(), "ca.pem", &other.pem());
+    let c = cluster(&["n1"], |config| trusting(config, Some(&ca), true)).await;
+    let admin = c.admin("n1");
+    let start = upload_to(&server.host_named("localhost"));
+    // (Past the preflight, which refuses it too.)
+    let bypassed = autocollect::client::StartOptions {
+        bypass_reachability_checks: true,
+        ..start.clone()
+    };
+    let refused = upload_and_wait(&admin, &bypassed).await;
+    assert!(
+        output(&refused.per_node["n1"]).contains(UNTRUSTED),
+        "{refused:?}"
+    );
+
+    // The operator puts the right CA in the file and sends SIGHUP.
+    std::fs::write(&ca, server.ca_pem()).unwrap();
+    c.signal("n1", libc::SIGHUP);
+    wait_for_log(&c, "n1", "[upload] ca_file reloaded").await;
+    let task = upload_and_wait(&admin, &start).await;
+    assert_eq!(task.per_node["n1"].status, NodeState::Uploaded, "{task:?}");
+    assert_eq!(server.received().len(), 1);
+}
+
 /// `autocollect serve` with `[upload]` set to `upload` (TOML lines):
 /// what it printed if it stopped (it must, within [`PATIENCE`]).
 async fn serve_stops_with(dir: &Path, upload: &str) -> String {
     let config = dir.join("n1.toml");
     let text = format!(
-        "node = \"n1\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\
+        "node = \"n1\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\ntls = \"off\"\n\
          cluster_secret = \"0123456789abcdef\"\n[nodes]\nn1 = \"127.0.0.1:9\"\n\
          [upload]\n{upload}\n"
     );

@@ -428,14 +428,15 @@ async fn demo(
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     println!("starting {nodes} daemons under {}", root.display());
     let exe = std::env::current_exe()?;
-    // A local support upload host: plain HTTP on loopback, which the
-    // demo's nodes are configured to allow.
+    // A local support upload host over HTTPS, with a CA of its own that
+    // the demo's nodes trust (`[upload] ca_file`).
     let sink = match upload {
         true => Some(UploadSink::start(&root.join("upload-host")).await?),
         false => None,
     };
+    let upload_ca = sink.as_ref().map(|s| s.ca_file.clone());
     let cluster = LocalCluster::launch(&exe, &root, &names, |config| {
-        config.upload.allow_http = true;
+        config.upload.ca_file = upload_ca.clone();
         let options = &mut config.collector.options;
         options.insert("delay-ms".into(), OptionValue::Integer(delay_ms as i64));
         options.insert(

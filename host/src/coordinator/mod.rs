@@ -96,7 +96,7 @@ pub struct Coordinator {
     settings: CoordinatorSettings,
     upload_policy: UploadPolicy,
     /// What the preflight's TLS trusts (built from `upload_policy`).
-    upload_tls: Arc<rustls::ClientConfig>,
+    upload_tls: Arc<crate::upload::UploadTls>,
     /// Serialises starts on this node (the sessions serialise the cluster).
     start_lock: tokio::sync::Mutex<()>,
     running: Mutex<Option<RunningTask>>,
@@ -124,7 +124,7 @@ impl Coordinator {
         peers: Peers,
         settings: CoordinatorSettings,
         upload_policy: UploadPolicy,
-        upload_tls: Arc<rustls::ClientConfig>,
+        upload_tls: Arc<crate::upload::UploadTls>,
         data_dir: &std::path::Path,
     ) -> Arc<Coordinator> {
         let store = TaskStore::new(data_dir);
@@ -209,7 +209,7 @@ impl Coordinator {
                 upload::preflight(
                     destination,
                     &self.upload_policy,
-                    &self.upload_tls,
+                    &self.upload_tls.current(),
                     proxy.as_ref(),
                 )
                 .await

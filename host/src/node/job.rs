@@ -232,7 +232,7 @@ pub(super) async fn upload(
                         url: &url,
                         origin,
                         route,
-                        tls: node.roles.upload_tls.clone(),
+                        tls: node.roles.upload_tls.current(),
                         limits: role.limits,
                         progress: progress_tx,
                         cancel,

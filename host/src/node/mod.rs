@@ -50,7 +50,7 @@ pub struct Roles {
     pub uploader: Role<UploaderPlugin>,
     pub upload_policy: UploadPolicy,
     /// What uploads' TLS trusts (built from `upload_policy`).
-    pub upload_tls: Arc<rustls::ClientConfig>,
+    pub upload_tls: Arc<crate::upload::UploadTls>,
 }
 
 /// The task this node most recently took part in, and who coordinated it.
@@ -137,6 +137,11 @@ pub enum StartJobError {
 }
 
 impl NodeService {
+    /// The uploads' TLS configuration (reloaded on SIGHUP).
+    pub fn upload_tls(&self) -> &Arc<crate::upload::UploadTls> {
+        &self.roles.upload_tls
+    }
+
     pub fn new(
         name: String,
         storage: Storage,

@@ -23,6 +23,7 @@ use crate::plugin::exec::ExecPolicy;
 use crate::plugin::uploader::UploaderPlugin;
 use crate::plugin::{PluginHost, PluginSource, RunLimits};
 use crate::tls::{NodeIdentities, TlsContext};
+use crate::upload::UploadTls;
 
 /// How long shutdown waits for a cancelled job to clean up.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -33,7 +34,7 @@ pub async fn build(config: &Config, config_dir: &Path) -> Result<(AppState, api:
     // Read the CA file once, before the slow part of the start.
     let upload_tls = config
         .upload
-        .tls_config()
+        .upload_tls()
         .map_err(|e| anyhow!("upload.{e}"))?;
     let plugins = PluginHost::new(config.plugin_cache_dir.clone())?;
     let collector = load_role(
@@ -188,7 +189,7 @@ pub async fn serve(
     // so we stop serving, then cancel and clean up.
     tokio::select! {
         _ = listener::serve(listener, app, limits, state.tls.clone(), std::future::pending()) => {}
-        _ = reload_on_hangup(state.tls.clone()) => {}
+        _ = reload_on_hangup(state.tls.clone(), state.node.upload_tls().clone()) => {}
         signal = termination() => tracing::info!("{signal}: shutting down"),
     }
     state.coordinator.shutdown(SHUTDOWN_GRACE).await;
@@ -212,14 +213,15 @@ fn return_large_allocations_to_the_system() {
     }
 }
 
-/// On each SIGHUP, read the `[tls]` files again. Running collections are
-/// untouched: open connections keep the certificates they started with.
-async fn reload_on_hangup(tls: Option<Arc<TlsContext>>) {
+/// On each SIGHUP, read the `[tls]` files and `[upload] ca_file` again.
+/// Running collections are untouched: open connections and uploads in
+/// flight keep the configuration they started with.
+async fn reload_on_hangup(tls: Option<Arc<TlsContext>>, upload_tls: Arc<UploadTls>) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangup = signal(SignalKind::hangup()).expect("SIGHUP handler");
     while hangup.recv().await.is_some() {
         match &tls {
-            None => tracing::info!("SIGHUP: nothing to reload (tls = \"off\")"),
+            None => tracing::info!("SIGHUP: no TLS certificates to reload (tls = \"off\")"),
             Some(tls) => match tls.reload() {
                 Ok(()) => tracing::info!(
                     cert_file = %tls.files().cert_file.display(),
@@ -229,6 +231,15 @@ async fn reload_on_hangup(tls: Option<Arc<TlsContext>>) {
                     "SIGHUP: TLS certificates not reloaded, the previous ones stay in use: {e:#}"
                 ),
             },
+        }
+        if let Some(ca_file) = upload_tls.ca_file() {
+            match upload_tls.reload() {
+                Ok(()) => tracing::info!(ca_file = %ca_file.display(),
+                    "SIGHUP: [upload] ca_file reloaded; new uploads use it"),
+                Err(e) => tracing::error!(
+                    "SIGHUP: [upload] ca_file not reloaded, the previous one stays in use: {e}"
+                ),
+            }
         }
     }
 }

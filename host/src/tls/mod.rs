@@ -133,12 +133,28 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
 /// A root store of every certificate in a PEM file.
 pub fn read_roots(path: &Path) -> Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
-    for cert in read_certs(path)? {
+    add_roots(&mut roots, path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    Ok(roots)
+}
+
+/// Add every certificate of a PEM file to `roots`; the error says which
+/// one is wrong and how.
+pub fn add_roots(roots: &mut RootCertStore, path: &Path) -> Result<(), String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot be read: {e}"))?;
+    let mut found = 0;
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        found += 1;
+        let cert = cert.map_err(|e| format!("certificate {found} is not valid PEM: {e}"))?;
         roots
             .add(cert)
-            .with_context(|| format!("a CA certificate in {}", path.display()))?;
+            .map_err(|e| format!("certificate {found} is not a usable CA certificate: {e}"))?;
     }
-    Ok(roots)
+    if found == 0 {
+        return Err(
+            "holds no certificate (expected PEM blocks \"-----BEGIN CERTIFICATE-----\")".into(),
+        );
+    }
+    Ok(())
 }
 
 /// The public web roots.
