@@ -205,11 +205,18 @@ pub async fn serve(
 /// own mappings, returned to the system when freed: glibc's default
 /// raises that threshold after the first such free, and then keeps the
 /// memory in its arenas for good.
+///
+/// Setting it also freezes the trim threshold at its 128 KiB default
+/// (glibc no longer raises it either), and then every free of an upload's
+/// 256 KiB body chunks gave the heap top back and the next chunk faulted
+/// it in again: uploads ran at 1.3 GiB/s instead of 2.1. Up to 16 MiB of
+/// free heap is kept instead.
 fn return_large_allocations_to_the_system() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets an allocator parameter.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
     }
 }
 
