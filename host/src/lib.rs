@@ -35,6 +35,7 @@ pub mod node;
 pub mod peer_auth;
 pub mod plugin;
 pub mod protocol;
+pub mod redact;
 pub mod safe_dir;
 pub mod server;
 pub mod settings;

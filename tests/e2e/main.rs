@@ -18,6 +18,7 @@ mod hostile_plugin;
 mod netns;
 mod network_policy;
 mod proxy_server;
+mod redaction;
 mod sandbox;
 mod support;
 mod tls;
