@@ -174,6 +174,7 @@ fn job<'a>(
         output_dir: out,
         limits: limits(),
         exec: Arc::new(ExecPolicy::default()),
+        inputs: &[],
         parameters: Vec::new(),
         progress,
         cancel: CancellationToken::new(),

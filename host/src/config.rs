@@ -127,6 +127,24 @@ pub struct PluginRole {
         skip_serializing_if = "is_default_exec_max_processes"
     )]
     pub exec_max_processes: usize,
+    /// Host directories the plugin may read (collectors only), each
+    /// preopened read-only at its guest path. Empty: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<InputGrant>,
+}
+
+/// One `[[collector.inputs]]` entry: a host directory the collector may
+/// read, preopened read-only at `guest`, listed to the plugin as `name`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputGrant {
+    /// The operator's name for it (unique): what the plugin sees.
+    pub name: String,
+    /// An existing host directory, absolute.
+    pub host: PathBuf,
+    /// Where the plugin finds it: an absolute guest path, outside
+    /// `/output` and any other grant.
+    pub guest: String,
 }
 
 impl Default for PluginRole {
@@ -142,6 +160,7 @@ impl Default for PluginRole {
             exec_env_allow: Vec::new(),
             exec_grace_secs: default_exec_grace_secs(),
             exec_max_processes: default_exec_max_processes(),
+            inputs: Vec::new(),
         }
     }
 }
@@ -160,6 +179,7 @@ impl PluginRole {
             exec_env_allow: Vec::new(),
             exec_grace_secs: default_exec_grace_secs(),
             exec_max_processes: default_exec_max_processes(),
+            inputs: Vec::new(),
         }
     }
 
@@ -183,8 +203,16 @@ fn uploader_section<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PluginRole
         options: BTreeMap<String, OptionValue>,
         timeout_secs: Option<f64>,
         memory_limit_mb: Option<u64>,
+        /// Only to refuse it in words: grants are for collectors.
+        inputs: Option<toml::Value>,
     }
     let section = Section::deserialize(d)?;
+    if section.inputs.is_some() {
+        return Err(serde::de::Error::custom(
+            "uploader.inputs: input grants are for collectors only ([[collector.inputs]]); \
+             an uploader reads only its artifact",
+        ));
+    }
     let defaults = PluginRole::uploader();
     Ok(PluginRole {
         plugin: section.plugin,
@@ -509,6 +537,7 @@ impl Config {
         if self.coordinator.peer_timeout_ms == 0 || self.coordinator.connect_timeout_ms == 0 {
             bail!("coordinator.peer_timeout_ms and connect_timeout_ms must be positive");
         }
+        check_inputs(&self.collector.inputs)?;
         if self.collector.exec_max_processes == 0 && !self.collector.exec_allow.is_empty() {
             bail!("collector.exec_max_processes must be positive when exec_allow lists programs");
         }
@@ -547,6 +576,101 @@ impl Config {
 
     pub fn secret(&self) -> &str {
         self.cluster_secret.as_deref().unwrap_or_default()
+    }
+}
+
+/// `[[collector.inputs]]`: unique names and guest paths; absolute host
+/// paths that exist and are directories; absolute, normal guest paths
+/// outside the output directory and not nested in one another.
+fn check_inputs(inputs: &[InputGrant]) -> Result<()> {
+    let output = Path::new(crate::plugin::sandbox::GUEST_OUTPUT_DIR);
+    for (i, grant) in inputs.iter().enumerate() {
+        let name = &grant.name;
+        let what = format!("collector.inputs {name:?}");
+        if name.is_empty() || name.trim() != name || name.chars().any(char::is_control) {
+            bail!(
+                "collector.inputs: name {name:?} must be non-empty, without outer spaces or control characters"
+            );
+        }
+        if inputs[..i].iter().any(|g| g.name == *name) {
+            bail!("collector.inputs: the name {name:?} is used twice");
+        }
+        let host = &grant.host;
+        if !host.is_absolute() {
+            bail!("{what}: host {} must be an absolute path", host.display());
+        }
+        match std::fs::metadata(host) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => bail!(
+                "{what}: host {} is not a directory (grant the directory that holds the file)",
+                host.display()
+            ),
+            Err(e) => bail!("{what}: host {} cannot be opened: {e}", host.display()),
+        }
+        if let Ok(real) = std::fs::canonicalize(host)
+            && exposes_processes(&real)
+        {
+            bail!(
+                "{what}: host {} is {}: it holds processes' memory and environment \
+                 (the daemon's own, with its keys, included); grant a directory below it \
+                 such as /proc/sys/kernel or /proc/pressure, not /proc or a process's directory",
+                host.display(),
+                real.display()
+            );
+        }
+        let guest = Path::new(&grant.guest);
+        let normal = grant.guest.strip_prefix('/').is_some_and(|rest| {
+            rest.split('/')
+                .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+        });
+        if !normal {
+            bail!(
+                "{what}: guest {:?} must be an absolute path such as \"/inputs/{name}\", \
+                 without \".\", \"..\", \"//\" or a trailing \"/\"",
+                grant.guest
+            );
+        }
+        if guest.starts_with(output) || output.starts_with(guest) {
+            bail!(
+                "{what}: guest {:?} overlaps the output directory {}",
+                grant.guest,
+                output.display()
+            );
+        }
+        if let Some(other) = inputs[..i].iter().find(|g| {
+            let g = Path::new(&g.guest);
+            g.starts_with(guest) || guest.starts_with(g)
+        }) {
+            bail!(
+                "{what}: guest {:?} is the same as, or nested with, {:?}'s guest {:?}",
+                grant.guest,
+                other.name,
+                other.guest
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `/proc` itself, or a process's directory in it (`/proc/PID`,
+/// `/proc/PID/task`, `/proc/PID/task/TID`; `/proc/self` resolves to one):
+/// each holds `mem` and `environ`, which read the daemon's secrets when
+/// the process is the daemon.
+fn exposes_processes(real: &Path) -> bool {
+    let Ok(rest) = real.strip_prefix("/proc") else {
+        return false;
+    };
+    let parts: Vec<String> = rest
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    let numeric = |s: &String| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    match parts.as_slice() {
+        [] => true,
+        [pid] => numeric(pid),
+        [pid, task] => numeric(pid) && task == "task",
+        [pid, task, tid] => numeric(pid) && task == "task" && numeric(tid),
+        _ => false,
     }
 }
 
@@ -639,5 +763,113 @@ mod tests {
         std::fs::write(&path, format!("{BASE}\n[upload]\nca_only = true\n")).unwrap();
         let e = format!("{:#}", Config::load(&path).unwrap_err());
         assert!(e.contains("upload.ca_only = true needs ca_file"), "{e}");
+    }
+
+    #[test]
+    fn input_grants_are_checked_with_clear_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().display().to_string();
+        std::fs::write(dir.path().join("f"), b"x").unwrap();
+        let parse = |grants: &str| parse(&format!("[collector]\nplugin = \"c.wasm\"\n{grants}"));
+        let grant = |name: &str, host: &str, guest: &str| {
+            format!(
+                "[[collector.inputs]]\nname = \"{name}\"\nhost = \"{host}\"\nguest = \"{guest}\"\n"
+            )
+        };
+        let ok = parse(
+            &(grant("logs", &host, "/inputs/logs")
+                + &grant("kernel", "/proc/sys/kernel", "/proc/sys/kernel")
+                + &grant("net", "/proc/self/net", "/inputs/net")),
+        );
+        ok.check().unwrap();
+        assert_eq!(ok.collector.inputs[1].guest, "/proc/sys/kernel");
+        for proc in [
+            "/proc",
+            "/proc/self",
+            "/proc/1",
+            "/proc/thread-self",
+            "/proc/self/task",
+        ] {
+            let e = parse(&grant("p", proc, "/inputs/p"))
+                .check()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("holds processes' memory"), "{proc}: {e}");
+        }
+
+        let missing = format!("{host}/gone");
+        let file = format!("{host}/f");
+        for (toml, expected) in [
+            (
+                grant("logs", &missing, "/inputs/logs"),
+                "collector.inputs \"logs\": host ",
+            ),
+            (grant("logs", &file, "/inputs/logs"), "is not a directory"),
+            (
+                grant("logs", "relative", "/inputs/logs"),
+                "must be an absolute path",
+            ),
+            (
+                grant("logs", &host, "inputs/logs"),
+                "must be an absolute path such as",
+            ),
+            (
+                grant("logs", &host, "/inputs/../etc"),
+                "must be an absolute path such as",
+            ),
+            (
+                grant("logs", &host, "/inputs/./logs"),
+                "must be an absolute path such as",
+            ),
+            (
+                grant("logs", &host, "/inputs/"),
+                "must be an absolute path such as",
+            ),
+            (
+                grant("logs", &host, "/"),
+                "must be an absolute path such as",
+            ),
+            (
+                grant("logs", &host, "/output"),
+                "overlaps the output directory",
+            ),
+            (
+                grant("logs", &host, "/output/logs"),
+                "overlaps the output directory",
+            ),
+            (grant("", &host, "/inputs/logs"), "must be non-empty"),
+            (
+                grant("a", &host, "/inputs/a") + &grant("a", &host, "/inputs/b"),
+                "the name \"a\" is used twice",
+            ),
+            (
+                grant("a", &host, "/inputs") + &grant("b", &host, "/inputs/b"),
+                "nested with",
+            ),
+            (
+                grant("a", &host, "/inputs/x") + &grant("b", &host, "/inputs/x"),
+                "nested with",
+            ),
+        ] {
+            let e = parse(&toml).check().unwrap_err().to_string();
+            assert!(e.contains(expected), "{toml}: {e}");
+        }
+        let e = parse(&grant("logs", &missing, "/inputs/logs"))
+            .check()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&missing) && e.contains("cannot be opened"),
+            "{e}"
+        );
+
+        let uploader = format!(
+            "{BASE}\n[uploader]\nplugin = \"u\"\n[[uploader.inputs]]\nname = \"a\"\nhost = \"/\"\nguest = \"/a\"\n"
+        );
+        let e = toml::from_str::<Config>(&uploader).unwrap_err().to_string();
+        assert!(e.contains("input grants are for collectors only"), "{e}");
+        let unknown = format!("{}key = 1\n", grant("logs", &host, "/inputs/logs"));
+        let unknown = format!("{BASE}\n[collector]\nplugin = \"c\"\n{unknown}");
+        assert!(toml::from_str::<Config>(&unknown).is_err());
     }
 }

@@ -12,6 +12,7 @@ mod couchbase_cli;
 mod demo;
 mod disk;
 mod encryption;
+mod grants;
 mod hostile_client;
 mod hostile_peer;
 mod hostile_plugin;

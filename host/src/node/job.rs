@@ -372,6 +372,7 @@ async fn run_collector(
             limits: role.limits,
             exec: role.exec.clone(),
             parameters: parameters.plugin_parameters(),
+            inputs: &role.inputs,
             progress: progress_tx,
             cancel,
             urgent,

@@ -42,6 +42,8 @@ pub struct Role<P> {
     pub limits: RunLimits,
     /// Programs the plugin may start (collectors).
     pub exec: Arc<ExecPolicy>,
+    /// Host directories the plugin may read (collectors).
+    pub inputs: Vec<crate::config::InputGrant>,
 }
 
 /// The plugins this node runs, and where it lets data go.

@@ -14,7 +14,9 @@ use super::run::{
     VALIDATION_LIMITS, World, classify, finish, link, new_run_store, store_deadline, supervise,
     validation_store,
 };
-use super::sandbox::{GUEST_OUTPUT_DIR, PluginEvent, RunLabels, RunLimits, RunSetup, RunState};
+use super::sandbox::{
+    GUEST_OUTPUT_DIR, InputGrant, PluginEvent, RunLabels, RunLimits, RunSetup, RunState,
+};
 use super::{PluginHost, PluginSource};
 use wasmtime::component::Resource;
 
@@ -31,7 +33,7 @@ pub(super) mod bindings {
 }
 
 use bindings::CollectorPre;
-use bindings::autocollect::plugin::{exec, log, progress, task, types};
+use bindings::autocollect::plugin::{exec, inputs, log, progress, task, types};
 use bindings::exports::autocollect::plugin::collect::CollectRequest;
 
 impl types::Host for RunState {}
@@ -59,6 +61,18 @@ impl task::Host for RunState {
     fn parameters(&mut self) -> Vec<(String, String)> {
         self.parameters_read = true;
         self.task_parameters.clone()
+    }
+}
+
+impl inputs::Host for RunState {
+    fn grants(&mut self) -> Vec<inputs::Grant> {
+        self.grants
+            .iter()
+            .map(|(name, guest_path)| inputs::Grant {
+                name: name.clone(),
+                guest_path: guest_path.clone(),
+            })
+            .collect()
     }
 }
 
@@ -158,6 +172,8 @@ pub struct CollectJob<'a> {
     pub exec: Arc<ExecPolicy>,
     /// The start request's parameters (`task.parameters()`).
     pub parameters: Vec<(String, String)>,
+    /// Host directories the plugin may read (`[[collector.inputs]]`).
+    pub inputs: &'a [InputGrant],
     pub progress: watch::Sender<Option<PluginEvent>>,
     /// Stops the run at once.
     pub cancel: CancellationToken,
@@ -216,6 +232,7 @@ impl CollectorPlugin {
             limits,
             exec,
             parameters,
+            inputs,
             progress,
             cancel,
             urgent,
@@ -245,6 +262,7 @@ impl CollectorPlugin {
                 http_tls: None,
                 exec: Some(exec),
                 task_parameters: parameters,
+                inputs,
                 limits,
                 progress: Some(progress),
                 cancel: cancel.clone(),

@@ -13,7 +13,7 @@ use wasmtime::component::{HasSelf, Linker};
 use anyhow::Context as _;
 use wasmtime::component::InstancePre;
 
-use super::collector::bindings::autocollect::plugin::{exec, log, progress, task, types};
+use super::collector::bindings::autocollect::plugin::{exec, inputs, log, progress, task, types};
 use super::sandbox::{
     Interrupted, OutputTail, RunLabels, RunLimits, RunSetup, RunState, new_store,
 };
@@ -37,6 +37,7 @@ pub(super) fn linker(engine: &wasmtime::Engine, world: World) -> Result<Linker<R
         World::Collector => {
             exec::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
             task::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+            inputs::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
         }
         World::Uploader => wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?,
     }
@@ -88,6 +89,7 @@ pub(super) fn validation_store(
             http_tls: None,
             exec: None,
             task_parameters: Vec::new(),
+            inputs: &[],
             limits: VALIDATION_LIMITS,
             progress: None,
             cancel: cancel.clone(),

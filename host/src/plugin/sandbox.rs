@@ -1,8 +1,9 @@
 //! Per-run store state: what a plugin may touch, and how it is stopped.
 //!
 //! Every run gets a fresh [`RunState`]: a WASI context whose only
-//! filesystem is the run's output directory (collectors) or its artifact's
-//! directory, read-only (uploaders), no environment, no sockets,
+//! filesystem is the run's output directory and the operator's input
+//! grants, read-only (collectors), or its artifact's directory, read-only
+//! (uploaders), no environment, no sockets,
 //! stdout/stderr captured into a bounded tail; outgoing HTTP allowed only
 //! to one origin (uploaders; checked in `send_request`); a memory limiter;
 //! the log and progress sinks behind the host imports; and the deadline
@@ -31,6 +32,7 @@ use wasmtime_wasi_http::{
 
 use super::exec::{ExecCtx, ExecPolicy, ProcessGroups};
 pub use super::outbound::Route;
+pub use crate::config::InputGrant;
 use crate::upload::Origin;
 
 /// Where the output directory appears inside the guest.
@@ -100,6 +102,9 @@ pub struct RunState {
     pub(super) task_parameters: Vec<(String, String)>,
     /// Whether the plugin asked for them (redaction is refused otherwise).
     pub(super) parameters_read: bool,
+    /// The input grants preopened for this run: (name, guest path), for
+    /// `inputs.grants()`.
+    pub(super) grants: Vec<(String, String)>,
 }
 
 impl WasiHttpView for RunState {
@@ -139,6 +144,9 @@ pub struct RunSetup<'a> {
     pub exec: Option<Arc<ExecPolicy>>,
     /// The start request's parameters (collectors' `task.parameters()`).
     pub task_parameters: Vec<(String, String)>,
+    /// Host directories preopened read-only at their guest paths
+    /// (collectors' `[[collector.inputs]]`).
+    pub inputs: &'a [InputGrant],
     pub limits: RunLimits,
     pub progress: Option<watch::Sender<Option<PluginEvent>>>,
     pub cancel: CancellationToken,
@@ -159,6 +167,19 @@ pub fn new_store(
         .socket_addr_check(|_, _| Box::pin(async { false }));
     if let Some(dir) = setup.output_dir {
         wasi.preopened_dir(dir, GUEST_OUTPUT_DIR, FsPerms::ReadWrite)?;
+    }
+    // Read-only: wasmtime-wasi refuses every mutation (create, write,
+    // rename, remove, set times) with `not-permitted`, and cap-std opens
+    // within the directory, refusing a path or symlink that leaves it.
+    for grant in setup.inputs {
+        wasi.preopened_dir(&grant.host, &grant.guest, FsPerms::ReadOnly)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "input {:?}: opening {}: {e:#}",
+                    grant.name,
+                    grant.host.display()
+                )
+            })?;
     }
     if let Some(dir) = setup.artifact_dir {
         wasi.preopened_dir(dir, GUEST_ARTIFACT_DIR, FsPerms::ReadOnly)?;
@@ -197,6 +218,11 @@ pub fn new_store(
         exec,
         task_parameters: setup.task_parameters,
         parameters_read: false,
+        grants: setup
+            .inputs
+            .iter()
+            .map(|g| (g.name.clone(), g.guest.clone()))
+            .collect(),
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.memory);

@@ -138,6 +138,7 @@ impl UploaderPlugin {
                 http_tls: Some(job.tls),
                 exec: None,
                 task_parameters: Vec::new(),
+                inputs: &[],
                 limits,
                 progress: Some(job.progress),
                 cancel: job.cancel.clone(),

@@ -151,6 +151,7 @@ async fn load_role<P: Send + Sync + 'static>(
             grace: Duration::from_secs_f64(config.exec_grace_secs),
             max_processes: config.exec_max_processes,
         }),
+        inputs: config.inputs.clone(),
     })
 }
 

@@ -17,9 +17,11 @@
 //! | `fill-disk` | writes one file without end | stop it at its byte budget |
 //! | `many-files` | creates empty files without end | stop it at its file budget |
 //! | `spawn-many` | starts `program` (with `args`) until refused | refuse beyond `exec_max_processes` |
+//! | `grants` | lists its input grants, reads the files in `read`, lists the directories in `list`, tries to change `write` in every way; reports each attempt in its artifact `report.txt` | read what is granted, refuse every change, refuse symlinks out of a grant |
 //!
 //! `target` (symlink modes) is the path the link points to; `program` and
-//! `args` (space-separated) are what `spawn-many` starts.
+//! `args` (space-separated) are what `spawn-many` starts. `read`, `list`
+//! and `write` (mode `grants`) are space-separated guest paths.
 
 wit_bindgen::generate!({
     path: "../../wit",
@@ -27,6 +29,7 @@ wit_bindgen::generate!({
 });
 
 use autocollect::plugin::exec::{Command, spawn};
+use autocollect::plugin::inputs::grants;
 use autocollect::plugin::log::{Level, log};
 use autocollect::plugin::types::{Failure, OptionError};
 use exports::autocollect::plugin::collect::{
@@ -177,12 +180,97 @@ impl Guest for Misbehave {
                     }
                 }
             }
+            "grants" => {
+                let report = try_grants(&request.options);
+                std::fs::write(format!("{}/report.txt", request.output_dir), report)
+                    .map_err(io("write report.txt"))?;
+                Ok(one_artifact("report.txt"))
+            }
             other => Err(PluginError::InvalidOption(OptionError {
                 key: "mode".into(),
                 message: format!("unknown mode {other:?}"),
             })),
         }
     }
+}
+
+/// Mode `grants`: one line per grant (`grant NAME GUEST`), then one per
+/// attempt, `what PATH: allowed|denied (detail)`; what a read returned is
+/// the detail, escaped on one line.
+fn try_grants(options: &Options) -> String {
+    let paths = |key: &str| -> Vec<String> {
+        option(options, key)
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(String::from)
+            .collect()
+    };
+    let mut report: Vec<String> = grants()
+        .into_iter()
+        .map(|g| format!("grant {} {}", g.name, g.guest_path))
+        .collect();
+    let mut attempt = |what: &str, path: &str, result: std::io::Result<String>| {
+        report.push(match result {
+            Ok(detail) => format!("{what} {path}: allowed ({detail})"),
+            Err(e) => format!("{what} {path}: denied ({e})"),
+        });
+    };
+    for path in paths("read") {
+        // To the end, not by the size stat gives: /proc files say 0.
+        let read = std::fs::read(&path)
+            .map(|b| format!("{:?}", String::from_utf8_lossy(&b[..b.len().min(400)])));
+        attempt("read", &path, read);
+    }
+    for path in paths("list") {
+        let list = std::fs::read_dir(&path).and_then(|d| {
+            let mut names = d
+                .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect::<std::io::Result<Vec<_>>>()?;
+            names.sort();
+            Ok(names.join(","))
+        });
+        attempt("list", &path, list);
+    }
+    for path in paths("write") {
+        use std::io::Write;
+        let done = |r: std::io::Result<()>| r.map(|()| "done".to_string());
+        let dir = path.rsplit_once('/').map_or("", |(d, _)| d).to_string();
+        attempt(
+            "open-for-write",
+            &path,
+            done(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|mut f| f.write_all(b"overwritten")),
+            ),
+        );
+        attempt(
+            "append",
+            &path,
+            done(
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&path)
+                    .and_then(|mut f| f.write_all(b"appended")),
+            ),
+        );
+        attempt("truncate", &path, done(std::fs::write(&path, b"")));
+        let new = format!("{dir}/created-by-plugin");
+        attempt("create", &new, done(std::fs::write(&new, b"new")));
+        attempt("mkdir", &new, done(std::fs::create_dir(&new)));
+        attempt(
+            "rename",
+            &path,
+            done(std::fs::rename(&path, format!("{dir}/renamed-by-plugin"))),
+        );
+        attempt("remove", &path, done(std::fs::remove_file(&path)));
+        #[allow(deprecated)]
+        let link = std::fs::soft_link(&path, format!("{dir}/linked-by-plugin"));
+        attempt("symlink", &path, done(link));
+        attempt("remove-dir", &dir, done(std::fs::remove_dir_all(&dir)));
+    }
+    report.join("\n") + "\n"
 }
 
 /// Try every way out we can think of; report one line per attempt as
