@@ -15,6 +15,7 @@ mod encryption;
 mod hostile_client;
 mod hostile_peer;
 mod hostile_plugin;
+mod manifest;
 mod netns;
 mod network_policy;
 mod proxy_server;
