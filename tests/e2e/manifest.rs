@@ -174,7 +174,7 @@ async fn the_manifest_is_uploaded_after_the_zip_and_describes_the_bytes_received
     .await;
     let task = upload_and_wait(&c.admin("n1"), &upload_to(&server.host())).await;
 
-    let received = server.received();
+    let received = server.received_with_manifests();
     assert_eq!(received.len(), 4, "a zip and a manifest each: {received:?}");
     for node in ["n1", "n2"] {
         let status = &task.per_node[node];
@@ -233,7 +233,7 @@ async fn a_manifest_the_server_refuses_fails_the_upload_and_says_so() {
             && output.contains("no manifests here"),
         "{output}"
     );
-    assert_eq!(server.received().len(), 2);
+    assert_eq!(server.received_with_manifests().len(), 2);
 }
 
 #[tokio::test]
