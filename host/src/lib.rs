@@ -14,6 +14,8 @@
 //! - [`plugin`]: wasmtime engine, compiled-component cache, sandbox.
 //! - [`protocol`]: the node-to-node wire types; [`peer_auth`]: their
 //!   signatures.
+//! - [`manifest`]: the host's manifest of each node's artifact, and
+//!   `verify`.
 //! - [`safe_dir`]: directory handles that never follow a symlink (every
 //!   host operation on a directory a plugin can write).
 //! - [`upload`]: upload destinations: validation, policy, preflight.
@@ -31,6 +33,7 @@ pub mod config;
 pub mod coordinator;
 pub mod files;
 pub mod local_tls;
+pub mod manifest;
 pub mod node;
 pub mod peer_auth;
 pub mod plugin;

@@ -276,6 +276,10 @@ pub enum NodeEvent {
         path: String,
         size: u64,
         summary: String,
+        /// The artifact's SHA-256 (lowercase hex), computed by the host.
+        /// Absent from nodes that predate it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sha256: Option<String>,
     },
     /// The collector failed. `status_code` is the tool's own status, when
     /// it got as far as having one; `output` explains.

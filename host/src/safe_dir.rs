@@ -218,6 +218,31 @@ impl SafeDir {
         copied
     }
 
+    /// Write `bytes` as a new file `name` (mode 0600), atomically: it
+    /// appears whole or not at all, and never replaces an existing file.
+    pub fn write_new(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        let name = plain(name)?;
+        let tmp = format!(
+            ".{name}.tmp-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        );
+        let fd = rustix::fs::openat(
+            &self.fd,
+            tmp.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?;
+        let mut file = File::from(fd);
+        let written = io::Write::write_all(&mut file, bytes)
+            .and_then(|()| file.sync_all())
+            .and_then(|()| self.rename_to(&tmp, self, name));
+        if written.is_err() {
+            let _ = self.remove_file(&tmp);
+        }
+        written
+    }
+
     pub fn remove_file(&self, name: &str) -> io::Result<()> {
         rustix::fs::unlinkat(&self.fd, plain(name)?, AtFlags::empty())?;
         Ok(())

@@ -96,9 +96,14 @@ async fn a_planted_upload_symlink_steers_nothing_and_the_uploader_sees_only_its_
         "entry /artifact/a.zip",
         "the uploader saw: {seen}"
     );
-    // The zip is in logDir, and no job, staging or temporary directory is
-    // left on the node.
-    assert_eq!(tree(logs.path()), ["a.zip"]);
+    // Its manifest's run saw the manifest alone.
+    let all = server.received_with_manifests();
+    assert_eq!(all.len(), 2);
+    let seen = String::from_utf8_lossy(&all[1].head).into_owned();
+    assert_eq!(seen.trim(), "entry /artifact/a.zip.manifest.json", "{seen}");
+    // The zip and the host's manifest are in logDir, and no job, staging
+    // or temporary directory is left on the node.
+    assert_eq!(tree(logs.path()), ["a.zip", "a.zip.manifest.json"]);
     let data = &c.node("n1").data_dir;
     for area in ["jobs", "staging", "tmp"] {
         assert_eq!(tree(&data.join(area)), Vec::<String>::new(), "{area}");

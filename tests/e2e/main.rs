@@ -16,6 +16,7 @@ mod grants;
 mod hostile_client;
 mod hostile_peer;
 mod hostile_plugin;
+mod manifest;
 mod netns;
 mod network_policy;
 mod proxy_server;

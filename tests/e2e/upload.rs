@@ -182,7 +182,7 @@ async fn nodes_upload_one_at_a_time_by_default() {
         "{task:?}"
     );
     let mut intervals = server.intervals();
-    assert_eq!(intervals.len(), 3);
+    assert_eq!(intervals.len(), 6, "a zip and its manifest per node");
     intervals.sort();
     for pair in intervals.windows(2) {
         assert!(pair[0].1 <= pair[1].0, "uploads overlapped: {intervals:?}");
@@ -208,7 +208,12 @@ async fn uploads_and_the_preflight_go_through_the_configured_proxy() {
     let preflight = format!("HEAD {}/Example+inc./12345/", server.host());
     let tunnel = format!("CONNECT {}", server.addr);
     assert_eq!(requests[0], preflight, "{requests:?}");
-    assert_eq!(requests[1..], [tunnel.clone(), tunnel], "{requests:?}");
+    // One tunnel per uploader run: each node's zip, then its manifest.
+    assert_eq!(
+        requests[1..],
+        [tunnel.clone(), tunnel.clone(), tunnel.clone(), tunnel],
+        "{requests:?}"
+    );
 }
 
 #[tokio::test]

@@ -122,7 +122,17 @@ impl UploadServer {
         self.shared.intervals.lock().unwrap().clone()
     }
 
+    /// The artifacts received: every PUT but the host's manifests
+    /// (`<zip>.manifest.json`, sent after each zip).
     pub fn received(&self) -> Vec<Received> {
+        let all = self.received_with_manifests();
+        all.into_iter()
+            .filter(|r| !r.path.ends_with(".manifest.json"))
+            .collect()
+    }
+
+    /// Every PUT received, manifests included, in arrival order.
+    pub fn received_with_manifests(&self) -> Vec<Received> {
         self.shared.received.lock().unwrap().clone()
     }
 

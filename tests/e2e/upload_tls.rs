@@ -88,10 +88,10 @@ async fn https_uploads_through_the_proxy_run_tls_inside_the_tunnel() {
     assert_eq!(received.len(), 1);
     assert_eq!(received[0].sha256, sha256_file(artifact), "bytes differ");
 
-    // The preflight and the upload each asked for a tunnel, and nothing
-    // else: no request in the clear.
+    // The preflight, the upload and the manifest's upload each asked for
+    // a tunnel, and nothing else: no request in the clear.
     let tunnel = format!("CONNECT {}", server.addr);
-    assert_eq!(proxy.requests(), [tunnel.clone(), tunnel]);
+    assert_eq!(proxy.requests(), [tunnel.clone(), tunnel.clone(), tunnel]);
     // Inside, TLS from the first byte (a handshake record), and none of
     // the request or the artifact in the clear.
     let sample = &received[0].head[4096..4096 + 64];

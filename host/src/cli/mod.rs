@@ -84,6 +84,15 @@ enum Command {
     CollectLogsStop(couchbase::Connection),
     /// Hash a password (read from stdin) for a `[[users]]` entry.
     HashPassword,
+    /// Check a received zip against its host-made manifest (name, size,
+    /// SHA-256, every entry's CRC). Exit 0 if all match, 1 otherwise.
+    Verify {
+        /// The zip.
+        zip: PathBuf,
+        /// Its manifest (default: ZIP.manifest.json, then manifest.json
+        /// beside the zip).
+        manifest: Option<PathBuf>,
+    },
     /// TLS certificates for a cluster.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -169,6 +178,39 @@ impl TlsArgs {
     }
 }
 
+/// `autocollect verify`: what matches on stdout, what differs on stderr.
+fn verify(zip: &Path, manifest: Option<&Path>) -> ExitCode {
+    match crate::manifest::verify(zip, manifest) {
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+        Ok(report) => {
+            println!("manifest: {}", report.manifest.display());
+            for line in &report.matches {
+                println!("ok: {line}");
+            }
+            for line in &report.notes {
+                println!("note: {line}");
+            }
+            for line in &report.differs {
+                eprintln!("DIFFERS: {line}");
+            }
+            if report.ok() {
+                println!("{}: matches its manifest", zip.display());
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "{}: does not match its manifest ({} differences)",
+                    zip.display(),
+                    report.differs.len()
+                );
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(matches!(cli.command, Command::Serve { .. }));
@@ -250,6 +292,7 @@ async fn run(command: Command) -> Result<ExitCode> {
         Command::CollectLogsStart(args) => Ok(couchbase::start(args).await),
         Command::CollectLogsStatus(c) => Ok(couchbase::status(c).await),
         Command::CollectLogsStop(c) => Ok(couchbase::stop(c).await),
+        Command::Verify { zip, manifest } => Ok(verify(&zip, manifest.as_deref())),
         Command::HashPassword => {
             let mut password = String::new();
             std::io::stdin().read_line(&mut password)?;

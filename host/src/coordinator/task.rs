@@ -95,6 +95,10 @@ pub struct NodeStatus {
     /// The artifact, on that node's filesystem.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// The artifact's SHA-256, as the node's host computed it (not in
+    /// Couchbase's shape). Set with `path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub collection_status_code: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -116,6 +120,7 @@ impl NodeStatus {
         NodeStatus {
             status,
             path: None,
+            sha256: None,
             collection_status_code: None,
             collection_output: None,
             url: None,
@@ -222,9 +227,10 @@ impl TaskStatus {
                     message: message.clone(),
                 })
             }
-            NodeEvent::Collected { path, .. } => {
+            NodeEvent::Collected { path, sha256, .. } => {
                 entry.status = NodeState::Collected;
                 entry.path = Some(path.clone());
+                entry.sha256 = sha256.clone();
             }
             NodeEvent::Failed {
                 status_code,
@@ -253,6 +259,7 @@ impl TaskStatus {
                 // A cancelled job's directory is removed: no artifact left.
                 entry.status = NodeState::Cancelled;
                 entry.path = None;
+                entry.sha256 = None;
             }
         }
         let after = entry.status;
@@ -271,6 +278,7 @@ impl TaskStatus {
             entry.status = state;
             if state == NodeState::Cancelled {
                 entry.path = None; // the node removes a cancelled job's files
+                entry.sha256 = None;
             }
             self.update_progress();
         }
@@ -299,8 +307,12 @@ mod tests {
             path: "/p".into(),
             size: 1,
             summary: String::new(),
+            sha256: Some("ab".repeat(32)),
         };
         assert_eq!(t.apply("a", &collected), Some(NodeState::Collected));
+        assert_eq!(t.per_node["a"].sha256, Some("ab".repeat(32)));
+        let v = serde_json::to_value(&t).unwrap();
+        assert_eq!(v["perNode"]["a"]["sha256"], "ab".repeat(32));
         assert_eq!(t.progress, 33);
         let failed = NodeEvent::Failed {
             status_code: Some("2".into()),
@@ -319,6 +331,7 @@ mod tests {
             path: "/p".into(),
             size: 1,
             summary: String::new(),
+            sha256: None,
         };
         t.apply("a", &collected);
         t.apply("a", &NodeEvent::Cancelled);

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::NodeService;
 use super::budget::{self, BudgetWatch, Limits};
 use super::storage::{JobDirs, Kept};
+use crate::manifest::{self, Manifest};
 use crate::plugin::collector::{CollectJob, Collected, RunError};
 use crate::plugin::sandbox::{Route, RunLabels};
 use crate::plugin::uploader::{Receipt, UploadFailure, UploadJob};
@@ -70,13 +71,16 @@ pub(super) async fn collect(
     let breach = Breach::default();
     let urgent = Arc::new(AtomicBool::new(false));
     let watch = start_budget(&node, &dirs, &breach, &urgent, &cancel);
+    let started = std::time::Instant::now();
     let result = run_collector(&node, &task_id, &dirs, &parameters, &events, cancel, urgent).await;
+    let wall_time = started.elapsed();
     drop(watch);
 
     let storage = node.storage.clone();
     let task = task_id.clone();
     let log_dir = parameters.log_dir.clone();
     let breached = breach.reason();
+    let manifest_node = node.clone();
     let event = tokio::task::spawn_blocking(move || {
         storage.remove_tmp(&task, &dirs);
         let outcome = match (result, breached) {
@@ -88,7 +92,27 @@ pub(super) async fn collect(
                 let names: Vec<String> =
                     collected.artifacts.iter().map(|a| a.name.clone()).collect();
                 match storage.keep(&task, &dirs, &names, log_dir.as_deref()) {
-                    Ok(kept) => Ok((kept, collected.summary)),
+                    Ok(mut kept) => {
+                        let manifest = manifest_of(
+                            &manifest_node,
+                            &task,
+                            &kept,
+                            &parameters,
+                            &collected,
+                            wall_time,
+                        );
+                        match storage.write_manifest(&task, &mut kept, &manifest.to_json()) {
+                            Ok(()) => Ok((kept, collected.summary)),
+                            Err(output) => {
+                                // Kept in logDir: not left there without its manifest.
+                                storage.discard(&task, Some(&kept));
+                                Err(NodeEvent::Failed {
+                                    status_code: None,
+                                    output,
+                                })
+                            }
+                        }
+                    }
                     Err(output) => Err(NodeEvent::Failed {
                         status_code: None,
                         output,
@@ -124,6 +148,7 @@ pub(super) async fn collect(
                 path: kept.path.display().to_string(),
                 size: kept.size,
                 summary,
+                sha256: Some(kept.sha256.clone()),
             };
             tracing::info!(task = %task_id, state = "collected", path = %kept.path.display(), "collection finished");
             node.record_artifact(&task_id, kept);
@@ -145,6 +170,35 @@ pub(super) async fn collect(
         }
     };
     let _ = events.send(event);
+}
+
+/// The host's manifest of a kept collection.
+fn manifest_of(
+    node: &NodeService,
+    task: &TaskId,
+    kept: &Kept,
+    parameters: &CollectParameters,
+    collected: &Collected,
+    wall_time: Duration,
+) -> Manifest {
+    let role = &node.roles.collector;
+    Manifest::new(manifest::Inputs {
+        task_id: task.as_str(),
+        node: &node.name,
+        artifact: manifest::ArtifactInfo {
+            name: kept.file.clone(),
+            size: kept.size,
+            sha256: kept.sha256.clone(),
+        },
+        plugin_source: role.plugin.source().to_string(),
+        plugin: role.plugin.identity(),
+        options: &role.options,
+        parameters,
+        exec_runs: &collected.exec_runs,
+        wall_time,
+        peak_memory_bytes: collected.memory_peak,
+        bytes_written: kept.bytes_kept,
+    })
 }
 
 /// Watch the job's directories; on a breach, stop the run at once (its
@@ -220,26 +274,28 @@ pub(super) async fn upload(
                 output,
             },
             Ok(staged) => {
-                let role = &node.roles.uploader;
                 let (forwarder, progress_tx) = ProgressForwarder::start(&events);
-                let result = role
-                    .plugin
-                    .upload(UploadJob {
-                        labels: labels(&node, role.plugin.source(), task_id),
-                        options: &role.options,
-                        artifact: &staged,
-                        artifact_size: order.artifact.size,
-                        url: &url,
-                        origin,
-                        route,
-                        tls: node.roles.upload_tls.current(),
-                        limits: role.limits,
-                        progress: progress_tx,
-                        cancel,
-                    })
-                    .await;
+                let result = run_uploader(
+                    &node,
+                    &order,
+                    &staged,
+                    order.artifact.size,
+                    &url,
+                    (origin.clone(), route.clone()),
+                    progress_tx,
+                    cancel.clone(),
+                )
+                .await;
                 forwarder.finish().await;
-                upload_event(url.clone(), result)
+                match upload_event(url.clone(), result) {
+                    NodeEvent::Uploaded { url, bytes_sent } => {
+                        match upload_manifest(&node, &order, origin, route, cancel).await {
+                            Ok(()) => NodeEvent::Uploaded { url, bytes_sent },
+                            Err(event) => event,
+                        }
+                    }
+                    other => other,
+                }
             }
         },
     };
@@ -290,6 +346,94 @@ async fn prepare_upload(
             let addrs = policy.resolve(&origin).await?;
             Ok((origin, Route::Direct(addrs)))
         }
+    }
+}
+
+/// Run the uploader on one staged file.
+#[allow(clippy::too_many_arguments)]
+async fn run_uploader(
+    node: &NodeService,
+    order: &UploadOrder,
+    staged: &std::path::Path,
+    size: u64,
+    url: &str,
+    (origin, route): (crate::upload::Origin, Route),
+    progress: watch::Sender<Option<PluginEvent>>,
+    cancel: CancellationToken,
+) -> Result<Receipt, UploadFailure> {
+    let role = &node.roles.uploader;
+    role.plugin
+        .upload(UploadJob {
+            labels: labels(node, role.plugin.source(), &order.task_id),
+            options: &role.options,
+            artifact: staged,
+            artifact_size: size,
+            url,
+            origin,
+            route,
+            tls: node.roles.upload_tls.current(),
+            limits: role.limits,
+            progress,
+            cancel,
+        })
+        .await
+}
+
+/// After the artifact: its manifest, as `<artifact>.manifest.json` at the
+/// same base URL, through the same uploader and staging. A failure fails
+/// the node's upload (`failedUpload`), saying the artifact itself arrived.
+async fn upload_manifest(
+    node: &NodeService,
+    order: &UploadOrder,
+    origin: crate::upload::Origin,
+    route: Route,
+    cancel: CancellationToken,
+) -> Result<(), NodeEvent> {
+    let artifact_url = order.url.clone();
+    let name = manifest::name_for(&order.artifact.file);
+    let url = order.destination.url_for(&name);
+    let failed = |status_code, output: String| NodeEvent::UploadFailed {
+        url: artifact_url.clone(),
+        status_code,
+        output: tail(
+            &format!("the artifact was uploaded, but its manifest was not ({url}): {output}"),
+            OUTPUT_TAIL,
+        ),
+    };
+    let storage = node.storage.clone();
+    let (task, kept) = (order.task_id.clone(), order.artifact.clone());
+    let staged = tokio::task::spawn_blocking(move || storage.stage_manifest(&task, &kept))
+        .await
+        .map_err(|e| format!("staging the manifest: {e}"))
+        .and_then(|r| r)
+        .map_err(|output| failed(None, output))?;
+    let size = std::fs::metadata(&staged)
+        .map(|m| m.len())
+        .map_err(|e| failed(None, format!("staged manifest: {e}")))?;
+    // Progress stays the artifact's: the manifest's is not forwarded.
+    let (progress, _) = watch::channel(None);
+    let result = run_uploader(
+        node,
+        order,
+        &staged,
+        size,
+        &url,
+        (origin, route),
+        progress,
+        cancel,
+    )
+    .await;
+    match upload_event(url.clone(), result) {
+        NodeEvent::Uploaded { .. } => {
+            tracing::info!(task = %order.task_id, %url, "manifest uploaded");
+            Ok(())
+        }
+        NodeEvent::UploadFailed {
+            status_code,
+            output,
+            ..
+        } => Err(failed(status_code, output)),
+        other => Err(other),
     }
 }
 

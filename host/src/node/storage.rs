@@ -89,6 +89,13 @@ pub struct Kept {
     pub size: u64,
     pub file: String,
     pub dir: KeptIn,
+    /// SHA-256 of the kept file (lowercase hex), computed by the host
+    /// after the move, from the file itself.
+    pub sha256: String,
+    /// The bytes of every artifact kept (this one and the others).
+    pub bytes_kept: u64,
+    /// The host's manifest beside it, once written: its file name.
+    pub manifest: Option<String>,
 }
 
 pub struct Storage {
@@ -307,13 +314,15 @@ impl Storage {
             None => (results, KeptIn::Results),
         };
         let size = move_checked(&dirs.output, first, &target)?;
-        let in_results = match dir {
-            KeptIn::Results => size,
-            KeptIn::LogDir(_) => 0,
-        } + artifacts[1..]
+        let sha256 = hash_kept(&target, first, size)?;
+        let others = artifacts[1..]
             .iter()
             .filter_map(|name| results_dir_size(&self.root, task, name))
             .sum::<u64>();
+        let in_results = match dir {
+            KeptIn::Results => size,
+            KeptIn::LogDir(_) => 0,
+        } + others;
         self.results
             .lock()
             .unwrap()
@@ -323,7 +332,39 @@ impl Storage {
             size,
             file: first.clone(),
             dir,
+            sha256,
+            bytes_kept: size + others,
+            manifest: None,
         })
+    }
+
+    /// Write the host's manifest beside a kept artifact (atomically, never
+    /// replacing a file): `manifest.json` in `results/TASK/`, or
+    /// `<artifact>.manifest.json` in a `logDir` (shared by tasks). Records
+    /// its name in `kept`.
+    pub fn write_manifest(
+        &self,
+        task: &TaskId,
+        kept: &mut Kept,
+        bytes: &[u8],
+    ) -> Result<(), String> {
+        let dir = self.kept_dir(task, kept)?;
+        let name = match kept.dir {
+            KeptIn::Results => crate::manifest::RESULTS_NAME.to_string(),
+            KeptIn::LogDir(_) => crate::manifest::name_for(&kept.file),
+        };
+        dir.write_new(&name, bytes).map_err(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists => format!(
+                "could not write the manifest: {} already has a file named {name}",
+                dir.path().display()
+            ),
+            _ => format!(
+                "could not write the manifest {}: {e}",
+                dir.path().join(&name).display()
+            ),
+        })?;
+        kept.manifest = Some(name);
+        Ok(())
     }
 
     /// Open the directory of a kept artifact.
@@ -340,22 +381,41 @@ impl Storage {
     /// Show `kept` to an uploader: hard-linked (or, from another
     /// filesystem, copied) alone into `staging/TASK/`; its path there.
     pub fn stage(&self, task: &TaskId, kept: &Kept) -> Result<PathBuf, String> {
+        self.stage_file(task, kept, &kept.file, &kept.file)
+    }
+
+    /// Show `kept`'s manifest to an uploader, alone in `staging/TASK/`,
+    /// under its upload name `<artifact>.manifest.json`; its path there.
+    pub fn stage_manifest(&self, task: &TaskId, kept: &Kept) -> Result<PathBuf, String> {
+        let Some(name) = &kept.manifest else {
+            return Err(format!("{} has no manifest", kept.file));
+        };
+        self.stage_file(task, kept, name, &crate::manifest::name_for(&kept.file))
+    }
+
+    fn stage_file(
+        &self,
+        task: &TaskId,
+        kept: &Kept,
+        name: &str,
+        as_name: &str,
+    ) -> Result<PathBuf, String> {
         let from = self.kept_dir(task, kept)?;
         let staging = self
             .fresh(STAGING, task)
             .map_err(|e| format!("could not create the upload staging directory: {e}"))?;
-        let staged = match from.link_to(&kept.file, &staging, &kept.file) {
+        let staged = match from.link_to(name, &staging, as_name) {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-                from.copy_to(&kept.file, &staging, &kept.file).map(drop)
+                from.copy_to(name, &staging, as_name).map(drop)
             }
             Err(e) => Err(e),
         };
-        staged.map_err(|e| format!("could not stage {} for the upload: {e}", kept.file))?;
+        staged.map_err(|e| format!("could not stage {name} for the upload: {e}"))?;
         staging
-            .regular_file(&kept.file)
-            .map_err(|e| format!("staged artifact {}: {e}", kept.file))?;
-        Ok(staging.path().join(&kept.file))
+            .regular_file(as_name)
+            .map_err(|e| format!("staged file {as_name}: {e}"))?;
+        Ok(staging.path().join(as_name))
     }
 
     pub fn unstage(&self, task: &TaskId) {
@@ -384,6 +444,9 @@ impl Storage {
             && let Ok(dir) = self.kept_dir(task, kept)
         {
             log_err("removing the job's artifact", dir.remove_all(&kept.file));
+            if let Some(manifest) = &kept.manifest {
+                log_err("removing the job's manifest", dir.remove_all(manifest));
+            }
         }
         self.unstage(task);
     }
@@ -564,6 +627,23 @@ fn move_checked(from: &SafeDir, name: &str, to: &SafeDir) -> Result<u64, String>
             Err(format!("artifact {name:?} changed while it was being kept"))
         }
     }
+}
+
+/// SHA-256 of a kept file, read back from where it now is, out of the
+/// plugin's reach (never the plugin's word); its size must be the one
+/// the move saw.
+fn hash_kept(dir: &SafeDir, name: &str, size: u64) -> Result<String, String> {
+    let (file, _) = dir
+        .open_file(name)
+        .map_err(|e| format!("artifact {name:?}: cannot read it back: {e}"))?;
+    let (sha256, read) = crate::manifest::sha256_of(file)
+        .map_err(|e| format!("artifact {name:?}: cannot read it back: {e}"))?;
+    if read != size {
+        return Err(format!(
+            "artifact {name:?} changed while it was being kept ({size} bytes, then {read})"
+        ));
+    }
+    Ok(sha256)
 }
 
 /// A node name as a file-name fragment.

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::exec::{ExecPolicy, Exit, Process, SpawnError, Stream};
+use super::exec::{ExecPolicy, ExecRun, Exit, Process, SpawnError, Stream};
 use super::run::{
     VALIDATION_LIMITS, World, classify, finish, link, new_run_store, store_deadline, supervise,
     validation_store,
@@ -17,7 +17,7 @@ use super::run::{
 use super::sandbox::{
     GUEST_OUTPUT_DIR, InputGrant, PluginEvent, RunLabels, RunLimits, RunSetup, RunState,
 };
-use super::{PluginHost, PluginSource};
+use super::{PluginHost, PluginIdentity, PluginSource};
 use wasmtime::component::Resource;
 
 pub use super::run::RunError;
@@ -157,6 +157,10 @@ pub struct Artifact {
 pub struct Collected {
     pub artifacts: Vec<Artifact>,
     pub summary: String,
+    /// The programs the run started (for the host's manifest).
+    pub exec_runs: Vec<ExecRun>,
+    /// The largest linear memory of the run, in bytes.
+    pub memory_peak: u64,
 }
 
 /// One collection to run.
@@ -186,6 +190,7 @@ pub struct CollectJob<'a> {
 pub struct CollectorPlugin {
     host: Arc<PluginHost>,
     source: PluginSource,
+    identity: PluginIdentity,
     pre: CollectorPre<RunState>,
 }
 
@@ -194,18 +199,26 @@ impl CollectorPlugin {
     /// clear message if the component imports something the sandbox does
     /// not offer or does not export the `collector` world.
     pub fn load(host: &Arc<PluginHost>, source: PluginSource) -> Result<CollectorPlugin> {
-        let pre = CollectorPre::new(link(host, &source, World::Collector)?)
+        let pre = link(host, &source, World::Collector)?;
+        let identity = host.identity(pre.component());
+        let pre = CollectorPre::new(pre)
             .map_err(anyhow::Error::from)
             .with_context(|| format!("plugin {source} does not export the collector world"))?;
         Ok(CollectorPlugin {
             host: host.clone(),
             source,
+            identity,
             pre,
         })
     }
 
     pub fn source(&self) -> &PluginSource {
         &self.source
+    }
+
+    /// The component's SHA-256 and the WIT version it was built against.
+    pub fn identity(&self) -> &PluginIdentity {
+        &self.identity
     }
 
     /// Ask the plugin whether `options` are acceptable (no filesystem).
@@ -280,6 +293,8 @@ impl CollectorPlugin {
         }
         .await;
         let parameters_read = store.data().parameters_read;
+        let exec_runs = store.data().exec.runs.snapshot();
+        let memory_peak = store.data().memory_peak();
         // However the run ended: the store (and every child's stdin) goes,
         // then whatever the plugin started is stopped before we return.
         drop(store);
@@ -314,6 +329,8 @@ impl CollectorPlugin {
                 })
                 .collect(),
             summary: outcome.summary,
+            exec_runs,
+            memory_peak,
         })
     }
 }

@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin};
@@ -80,6 +80,49 @@ pub struct ExecCtx {
     /// Host directory children run in (the job's output directory).
     pub cwd: Option<PathBuf>,
     pub groups: ProcessGroups,
+    /// Every program the run started, for the host's manifest.
+    pub runs: ExecRuns,
+}
+
+/// One program a run started: what, and how it ended (if the plugin
+/// waited for it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecRun {
+    pub program: String,
+    pub args: Vec<String>,
+    /// `None`: the plugin never waited for it (it was stopped with the run).
+    pub exit: Option<Exit>,
+    /// From the start to the end the plugin's `wait` saw.
+    pub duration: Option<Duration>,
+}
+
+/// The programs a run started, in order (shared with its processes, which
+/// fill in how they ended).
+#[derive(Clone, Default)]
+pub struct ExecRuns(Arc<Mutex<Vec<ExecRun>>>);
+
+impl ExecRuns {
+    pub fn snapshot(&self) -> Vec<ExecRun> {
+        self.0.lock().unwrap().clone()
+    }
+
+    fn start(&self, program: &str, args: &[String]) -> usize {
+        let mut runs = self.0.lock().unwrap();
+        runs.push(ExecRun {
+            program: program.to_string(),
+            args: args.to_vec(),
+            exit: None,
+            duration: None,
+        });
+        runs.len() - 1
+    }
+
+    fn ended(&self, index: usize, exit: Exit, duration: Duration) {
+        if let Some(run) = self.0.lock().unwrap().get_mut(index) {
+            run.exit = Some(exit);
+            run.duration = Some(duration);
+        }
+    }
 }
 
 /// The process groups a run started (by their leader's pid).
@@ -92,6 +135,9 @@ pub struct Process {
     child: Child,
     stdin: Option<ChildStdin>,
     lines: mpsc::Receiver<OutputLine>,
+    started: Instant,
+    /// Where its end is recorded (its index in the run's [`ExecRuns`]).
+    record: (ExecRuns, usize),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,6 +211,7 @@ impl ExecCtx {
             .map_err(|e| SpawnError::Failed(format!("starting {program}: {e}")))?;
         let pid = child.id().expect("a child that was just spawned has a pid");
         self.groups.0.lock().unwrap().push(pid);
+        let record = (self.runs.clone(), self.runs.start(program, args));
         tracing::info!(%plugin, %program, pid, "started a program");
 
         let (tx, lines) = mpsc::channel(LINES_BUFFERED);
@@ -181,6 +228,8 @@ impl ExecCtx {
             stdin: child.stdin.take(),
             child,
             lines,
+            started: Instant::now(),
+            record,
         })
     }
 }
@@ -207,11 +256,14 @@ impl Process {
     pub async fn wait(&mut self) -> Result<Exit, String> {
         use std::os::unix::process::ExitStatusExt;
         let status = self.child.wait().await.map_err(|e| e.to_string())?;
-        Ok(match (status.code(), status.signal()) {
+        let exit = match (status.code(), status.signal()) {
             (Some(code), _) => Exit::Code(code),
             (None, Some(signal)) => Exit::Signal(signal),
             (None, None) => Exit::Code(-1),
-        })
+        };
+        let (runs, index) = &self.record;
+        runs.ended(*index, exit, self.started.elapsed());
+        Ok(exit)
     }
 
     pub fn kill(&mut self) {

@@ -35,6 +35,20 @@ pub use sandbox::{PluginEvent, RunLimits};
 /// checked (and running plugins yield to the async runtime) at this pace.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
+/// The version of the `autocollect:plugin` WIT package this host speaks
+/// (`wit/*.wit`; a unit test keeps them equal).
+pub const WIT_VERSION: &str = "0.1.2";
+
+/// What identifies a loaded component, for the host's manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginIdentity {
+    /// SHA-256 of the component's bytes (the compile cache's key), hex.
+    pub sha256: String,
+    /// The `autocollect:plugin` version in the component's own import and
+    /// export names (the highest one), if it names any.
+    pub wit_version: Option<String>,
+}
+
 /// The engine, its epoch ticker and the compiled-component cache.
 pub struct PluginHost {
     engine: Engine,
@@ -135,6 +149,27 @@ impl PluginHost {
         Ok(component)
     }
 
+    /// The identity of a component this host compiled: its cache key (the
+    /// SHA-256 of the bytes it was compiled from) and its WIT version.
+    pub fn identity(&self, component: &Component) -> PluginIdentity {
+        let key = self
+            .compiled
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, c)| c.image_range() == component.image_range())
+            .map(|(key, _)| *key);
+        let ty = component.component_type();
+        let names = ty
+            .imports(&self.engine)
+            .map(|(name, _)| name)
+            .chain(ty.exports(&self.engine).map(|(name, _)| name));
+        PluginIdentity {
+            sha256: key.map(|k| hex(&k)).unwrap_or_default(),
+            wit_version: wit_version(names),
+        }
+    }
+
     /// Compile `bytes` without consulting or filling any cache (benchmarks).
     pub fn compile_uncached(&self, bytes: &[u8]) -> Result<Component> {
         Ok(Component::new(&self.engine, bytes)?)
@@ -168,9 +203,24 @@ impl PluginHost {
     fn cache_file_stem(&self, key: &[u8; 32]) -> String {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         self.engine.precompile_compatibility_hash().hash(&mut h);
-        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-        format!("{hex}-{:016x}", h.finish())
+        format!("{}-{:016x}", hex(key), h.finish())
     }
+}
+
+/// Lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The highest `autocollect:plugin@VERSION` among interface names.
+fn wit_version<'a>(names: impl Iterator<Item = &'a str>) -> Option<String> {
+    let parse = |v: &str| -> Option<Vec<u64>> { v.split('.').map(|p| p.parse().ok()).collect() };
+    names
+        .filter_map(|name| name.strip_prefix("autocollect:plugin/"))
+        .filter_map(|rest| rest.split_once('@').map(|(_, v)| v))
+        .filter_map(|v| parse(v).map(|key| (key, v.to_string())))
+        .max()
+        .map(|(_, v)| v)
 }
 
 fn store_in_cache(path: &Path, component: &Component) -> Result<()> {
@@ -181,5 +231,31 @@ fn store_in_cache(path: &Path, component: &Component) -> Result<()> {
 impl Drop for PluginHost {
     fn drop(&mut self) {
         self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_wit_version_is_the_one_in_wit() {
+        let types = include_str!("../../../wit/types.wit");
+        assert!(
+            types.contains(&format!("package autocollect:plugin@{WIT_VERSION};")),
+            "update WIT_VERSION"
+        );
+    }
+
+    #[test]
+    fn the_highest_package_version_in_the_names_wins() {
+        let names = [
+            "wasi:io/streams@0.2.6",
+            "autocollect:plugin/log@0.1.0",
+            "autocollect:plugin/collect@0.1.10",
+            "autocollect:plugin/exec@0.1.2",
+        ];
+        assert_eq!(wit_version(names.into_iter()).as_deref(), Some("0.1.10"));
+        assert_eq!(wit_version(["wasi:cli/env@0.2.0"].into_iter()), None);
     }
 }

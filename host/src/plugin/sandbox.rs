@@ -199,6 +199,7 @@ pub fn new_store(
         policy: setup.exec.unwrap_or_default(),
         cwd: setup.output_dir.map(Path::to_path_buf),
         groups: ProcessGroups::default(),
+        runs: Default::default(),
     };
     let state = RunState {
         wasi: wasi.build(),
@@ -206,6 +207,7 @@ pub fn new_store(
         memory: MemoryCap {
             limit: setup.limits.memory_bytes,
             exceeded: false,
+            peak: 0,
         },
         labels: setup.labels,
         log_budget: LOG_BUDGET,
@@ -256,6 +258,11 @@ impl RunState {
 
     pub fn memory_cap_hit(&self) -> bool {
         self.memory.exceeded
+    }
+
+    /// The largest size a linear memory of this run grew to, in bytes.
+    pub fn memory_peak(&self) -> u64 {
+        self.memory.peak as u64
     }
 
     /// Outgoing requests the host refused during this run.
@@ -375,6 +382,8 @@ impl WasiHttpHooks for OutboundPolicy {
 pub struct MemoryCap {
     limit: usize,
     exceeded: bool,
+    /// The largest size granted to a linear memory (for the manifest).
+    peak: usize,
 }
 
 impl ResourceLimiter for MemoryCap {
@@ -386,6 +395,9 @@ impl ResourceLimiter for MemoryCap {
     ) -> wasmtime::Result<bool> {
         let ok = desired <= self.limit;
         self.exceeded |= !ok;
+        if ok {
+            self.peak = self.peak.max(desired);
+        }
         Ok(ok)
     }
 
