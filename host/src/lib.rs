@@ -45,3 +45,14 @@ pub mod settings;
 pub mod tls;
 pub mod upload;
 pub mod upload_sink;
+
+/// Lowercase hex of `bytes` (digests, keys).
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(2 * bytes.len());
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    out
+}

@@ -22,12 +22,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sha1::Sha1;
 use sha2::{Digest, Sha256};
 
+use crate::hex;
 use crate::plugin::exec::{ExecRun, Exit};
-use crate::plugin::hex;
 use crate::protocol::CollectParameters;
+pub use crate::redact::hash_of_salt;
 
 /// The manifest's format; bumped when a field changes meaning.
 pub const FORMAT_VERSION: u32 = 1;
@@ -212,14 +212,6 @@ impl Manifest {
         bytes.push(b'\n');
         bytes
     }
-}
-
-/// Couchbase's `HashOfSalt`: lowercase hex SHA-1 of the salt, twice.
-pub fn hash_of_salt(salt: &str) -> String {
-    let mut h = Sha1::new();
-    h.update(salt.as_bytes());
-    h.update(salt.as_bytes());
-    hex(&h.finalize())
 }
 
 /// The secret values of the start parameters (non-empty ones).

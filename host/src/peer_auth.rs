@@ -9,6 +9,7 @@
 //! captured request can therefore not be replayed (same nonce), nor
 //! altered (signature), nor held back and sent later (timestamp).
 
+use crate::hex;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -242,10 +243,6 @@ pub fn unix_now() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn unhex32(text: &str) -> Option<[u8; 32]> {

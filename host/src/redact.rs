@@ -33,6 +33,8 @@
 
 use sha1::{Digest, Sha1};
 
+use crate::hex;
+
 const OPEN: &[u8] = b"<ud>";
 const CLOSE: &[u8] = b"</ud>";
 const SALT_KEY: &[u8] = b"log-redaction-salt";
@@ -48,16 +50,6 @@ fn hash(salt: &[u8], text: &[u8]) -> String {
     h.update(salt);
     h.update(text);
     hex(&h.finalize())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(2 * bytes.len());
-    for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)] as char);
-        out.push(DIGITS[usize::from(b & 15)] as char);
-    }
-    out
 }
 
 /// `HashOfSalt`: the hex SHA-1 of salt + salt, which identifies the salt

@@ -75,8 +75,11 @@ async fn cbcollect_writes_a_manifest_with_the_sha256_and_no_secret() {
 
     assert_eq!(m["plugin"]["source"], "builtin:cbcollect");
     assert_eq!(m["plugin"]["sha256"].as_str().unwrap().len(), 64);
-    assert_eq!(m["plugin"]["witVersion"], "0.1.2");
-    assert_eq!(m["plugin"]["hostWitVersion"], "0.1.2");
+    assert_eq!(m["plugin"]["witVersion"], autocollect::plugin::WIT_VERSION);
+    assert_eq!(
+        m["plugin"]["hostWitVersion"],
+        autocollect::plugin::WIT_VERSION
+    );
     assert_eq!(m["plugin"]["options"]["program"], standin());
     assert_eq!(
         m["parameters"],

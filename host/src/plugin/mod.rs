@@ -18,6 +18,7 @@ mod run;
 pub mod sandbox;
 pub mod uploader;
 
+use crate::hex;
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -37,7 +38,7 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// The version of the `autocollect:plugin` WIT package this host speaks
 /// (`wit/*.wit`; a unit test keeps them equal).
-pub const WIT_VERSION: &str = "0.1.2";
+pub const WIT_VERSION: &str = "0.1.3";
 
 /// What identifies a loaded component, for the host's manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -205,11 +206,6 @@ impl PluginHost {
         self.engine.precompile_compatibility_hash().hash(&mut h);
         format!("{}-{:016x}", hex(key), h.finish())
     }
-}
-
-/// Lowercase hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The highest `autocollect:plugin@VERSION` among interface names.
