@@ -66,9 +66,24 @@ pub struct Manifest {
     /// The start parameters this node's collection got, secrets masked.
     pub parameters: BTreeMap<String, String>,
     pub redaction: Redaction,
+    /// The read-only input grants the plugin was given
+    /// (`[[collector.inputs]]`); absent when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grants: Vec<GrantRecord>,
     /// Every program the plugin started through `exec`, in order.
     pub exec: Vec<ExecRecord>,
     pub run: RunInfo,
+}
+
+/// One input grant, as the operator configured it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrantRecord {
+    pub name: String,
+    /// The host directory.
+    pub host: String,
+    /// Where the plugin saw it.
+    pub guest: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,6 +168,7 @@ pub struct Inputs<'a> {
     pub plugin: &'a crate::plugin::PluginIdentity,
     pub options: &'a [(String, String)],
     pub parameters: &'a CollectParameters,
+    pub grants: &'a [crate::config::InputGrant],
     pub exec_runs: &'a [ExecRun],
     pub wall_time: Duration,
     pub peak_memory_bytes: u64,
@@ -186,6 +202,15 @@ impl Manifest {
                     .filter(|_| partial)
                     .map(hash_of_salt),
             },
+            grants: i
+                .grants
+                .iter()
+                .map(|g| GrantRecord {
+                    name: g.name.clone(),
+                    host: g.host.display().to_string(),
+                    guest: g.guest.clone(),
+                })
+                .collect(),
             exec: i
                 .exec_runs
                 .iter()
@@ -558,6 +583,11 @@ mod tests {
             plugin: &identity,
             options: &[],
             parameters: &parameters,
+            grants: &[crate::config::InputGrant {
+                name: "logs".into(),
+                host: "/var/log/app".into(),
+                guest: "/inputs/logs".into(),
+            }],
             exec_runs: &runs,
             wall_time: Duration::from_millis(50),
             peak_memory_bytes: 1 << 20,
@@ -570,6 +600,10 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(v["redaction"]["HashOfSalt"], hash_of_salt("pepper-salt"));
+        assert_eq!(
+            v["grants"],
+            serde_json::json!([{"name": "logs", "host": "/var/log/app", "guest": "/inputs/logs"}])
+        );
         assert_eq!(v["exec"][0]["exit"]["code"], 0);
         assert_eq!(v["exec"][0]["durationMs"], 12);
         assert_eq!(v["exec"][0]["args"][0], "--log-redaction-salt=*****");

@@ -73,6 +73,15 @@ async fn report(inputs: Vec<InputGrant>, read: &str, list: &str, write: &str) ->
     let path = node.path.as_deref().expect("the report's path");
     let report = std::fs::read_to_string(path).expect("the report");
     eprintln!("{report}");
+    // The host's manifest records what was granted.
+    let manifest = std::path::Path::new(path).with_file_name("manifest.json");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).expect("the manifest")).unwrap();
+    let granted: Vec<serde_json::Value> = inputs
+        .iter()
+        .map(|g| serde_json::json!({"name": g.name, "host": g.host, "guest": g.guest}))
+        .collect();
+    assert_eq!(manifest["grants"], serde_json::json!(granted), "{manifest}");
     report
 }
 

@@ -194,6 +194,7 @@ fn manifest_of(
         plugin: role.plugin.identity(),
         options: &role.options,
         parameters,
+        grants: &role.inputs,
         exec_runs: &collected.exec_runs,
         wall_time,
         peak_memory_bytes: collected.memory_peak,
