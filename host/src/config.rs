@@ -463,6 +463,7 @@ impl Config {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading cluster_secret_file {}", file.display()))?;
             self.cluster_secret = Some(text.lines().next().unwrap_or("").trim().to_string());
+            self.cluster_secret_file = Some(file);
         }
         Ok(())
     }
@@ -537,7 +538,7 @@ impl Config {
         if self.coordinator.peer_timeout_ms == 0 || self.coordinator.connect_timeout_ms == 0 {
             bail!("coordinator.peer_timeout_ms and connect_timeout_ms must be positive");
         }
-        check_inputs(&self.collector.inputs)?;
+        check_inputs(&self.collector.inputs, &self.own_secrets())?;
         if self.collector.exec_max_processes == 0 && !self.collector.exec_allow.is_empty() {
             bail!("collector.exec_max_processes must be positive when exec_allow lists programs");
         }
@@ -566,6 +567,22 @@ impl Config {
         Ok(())
     }
 
+    /// What a plugin must never be granted: this daemon's secrets and the
+    /// directories it keeps its state and compiled code in.
+    fn own_secrets(&self) -> Vec<(&'static str, PathBuf)> {
+        let mut paths = vec![("data_dir", self.data_dir.clone())];
+        if let Some(file) = &self.cluster_secret_file {
+            paths.push(("cluster_secret_file", file.clone()));
+        }
+        if let Some(files) = self.tls_files() {
+            paths.push(("tls.key_file", files.key_file.clone()));
+        }
+        if let Some(dir) = &self.plugin_cache_dir {
+            paths.push(("plugin_cache_dir", dir.clone()));
+        }
+        paths
+    }
+
     /// The `[tls]` files, if TLS is on.
     pub fn tls_files(&self) -> Option<&TlsFiles> {
         match &self.tls {
@@ -582,7 +599,7 @@ impl Config {
 /// `[[collector.inputs]]`: unique names and guest paths; absolute host
 /// paths that exist and are directories; absolute, normal guest paths
 /// outside the output directory and not nested in one another.
-fn check_inputs(inputs: &[InputGrant]) -> Result<()> {
+fn check_inputs(inputs: &[InputGrant], own_secrets: &[(&str, PathBuf)]) -> Result<()> {
     let output = Path::new(crate::plugin::sandbox::GUEST_OUTPUT_DIR);
     for (i, grant) in inputs.iter().enumerate() {
         let name = &grant.name;
@@ -607,9 +624,26 @@ fn check_inputs(inputs: &[InputGrant]) -> Result<()> {
             ),
             Err(e) => bail!("{what}: host {} cannot be opened: {e}", host.display()),
         }
-        if let Ok(real) = std::fs::canonicalize(host)
-            && exposes_processes(&real)
-        {
+        let real = std::fs::canonicalize(host).unwrap_or_else(|_| host.clone());
+        if Path::new("/proc").starts_with(&real) && real != Path::new("/proc") {
+            bail!(
+                "{what}: host {} holds /proc, and with it processes' memory (the daemon's \
+                 own, with its keys): grant the directories the plugin needs instead",
+                host.display()
+            );
+        }
+        for (key, secret) in own_secrets {
+            let secret = std::fs::canonicalize(secret).unwrap_or_else(|_| absolute(secret));
+            if secret.starts_with(&real) {
+                bail!(
+                    "{what}: host {} holds this daemon's {key} ({}): a plugin must never be \
+                     able to read it",
+                    host.display(),
+                    secret.display()
+                );
+            }
+        }
+        if exposes_processes(&real) {
             bail!(
                 "{what}: host {} is {}: it holds processes' memory and environment \
                  (the daemon's own, with its keys, included); grant a directory below it \
@@ -650,6 +684,13 @@ fn check_inputs(inputs: &[InputGrant]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `path` made absolute against the working directory (lexically).
+fn absolute(path: &Path) -> PathBuf {
+    std::env::current_dir()
+        .map(|cwd| cwd.join(path))
+        .unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// `/proc` itself, or a process's directory in it (`/proc/PID`,
@@ -796,6 +837,26 @@ mod tests {
                 .to_string();
             assert!(e.contains("holds processes' memory"), "{proc}: {e}");
         }
+
+        // Nothing that holds /proc or the daemon's own secrets.
+        let e = parse(&grant("root", "/", "/inputs/root"))
+            .check()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("holds /proc"), "{e}");
+        let mut own = parse(&grant("logs", &host, "/inputs/logs"));
+        own.data_dir = dir.path().join("data");
+        let e = own.check().unwrap_err().to_string();
+        assert!(e.contains("holds this daemon's data_dir"), "{e}");
+        let mut own = parse(&grant("logs", &host, "/inputs/logs"));
+        own.tls = Some(TlsSetting::On(TlsFiles {
+            cert_file: dir.path().join("n1.pem"),
+            key_file: dir.path().join("n1-key.pem"),
+            ca_file: None,
+            client_ca_file: None,
+        }));
+        let e = own.check().unwrap_err().to_string();
+        assert!(e.contains("holds this daemon's tls.key_file"), "{e}");
 
         let missing = format!("{host}/gone");
         let file = format!("{host}/f");
