@@ -175,6 +175,7 @@ fn job<'a>(
         limits: limits(),
         exec: Arc::new(ExecPolicy::default()),
         inputs: &[],
+        budget: None,
         parameters: Vec::new(),
         progress,
         cancel: CancellationToken::new(),

@@ -73,6 +73,15 @@ pub struct Manifest {
     /// Every program the plugin started through `exec`, in order.
     pub exec: Vec<ExecRecord>,
     pub run: RunInfo,
+    /// Present when the collection stopped early and kept what it had
+    /// (the plugin wrapped up near a limit): why, in its words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial: Option<PartialRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartialRecord {
+    pub reason: String,
 }
 
 /// One input grant, as the operator configured it.
@@ -170,6 +179,7 @@ pub struct Inputs<'a> {
     pub parameters: &'a CollectParameters,
     pub grants: &'a [crate::config::InputGrant],
     pub exec_runs: &'a [ExecRun],
+    pub partial: Option<&'a str>,
     pub wall_time: Duration,
     pub peak_memory_bytes: u64,
     pub bytes_written: u64,
@@ -224,6 +234,11 @@ impl Manifest {
                     duration_ms: run.duration.map(|d| d.as_millis() as u64),
                 })
                 .collect(),
+            partial: i.partial.map(|reason| PartialRecord {
+                reason: secrets
+                    .iter()
+                    .fold(reason.to_string(), |r, s| r.replace(s.as_str(), MASK)),
+            }),
             run: RunInfo {
                 wall_time_ms: i.wall_time.as_millis() as u64,
                 peak_memory_bytes: i.peak_memory_bytes,
@@ -589,6 +604,7 @@ mod tests {
                 guest: "/inputs/logs".into(),
             }],
             exec_runs: &runs,
+            partial: None,
             wall_time: Duration::from_millis(50),
             peak_memory_bytes: 1 << 20,
             bytes_written: 3,

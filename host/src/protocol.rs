@@ -280,6 +280,10 @@ pub enum NodeEvent {
         /// Absent from nodes that predate it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         sha256: Option<String>,
+        /// Why the collection is partial (the plugin wrapped up early,
+        /// `budget.partial`); absent when it is whole.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        partial: Option<String>,
     },
     /// The collector failed. `status_code` is the tool's own status, when
     /// it got as far as having one; `output` explains.

@@ -99,6 +99,13 @@ pub struct NodeStatus {
     /// Couchbase's shape). Set with `path`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+    /// The collection stopped early (near a limit) and kept what it had
+    /// (not in Couchbase's shape). Set with `path`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
+    /// Why it is partial: what was left out, in the plugin's words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub collection_status_code: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -121,6 +128,8 @@ impl NodeStatus {
             status,
             path: None,
             sha256: None,
+            partial: false,
+            partial_reason: None,
             collection_status_code: None,
             collection_output: None,
             url: None,
@@ -227,10 +236,17 @@ impl TaskStatus {
                     message: message.clone(),
                 })
             }
-            NodeEvent::Collected { path, sha256, .. } => {
+            NodeEvent::Collected {
+                path,
+                sha256,
+                partial,
+                ..
+            } => {
                 entry.status = NodeState::Collected;
                 entry.path = Some(path.clone());
                 entry.sha256 = sha256.clone();
+                entry.partial = partial.is_some();
+                entry.partial_reason = partial.clone();
             }
             NodeEvent::Failed {
                 status_code,
@@ -308,6 +324,7 @@ mod tests {
             size: 1,
             summary: String::new(),
             sha256: Some("ab".repeat(32)),
+            partial: None,
         };
         assert_eq!(t.apply("a", &collected), Some(NodeState::Collected));
         assert_eq!(t.per_node["a"].sha256, Some("ab".repeat(32)));
@@ -332,6 +349,7 @@ mod tests {
             size: 1,
             summary: String::new(),
             sha256: None,
+            partial: Some("near the deadline".into()),
         };
         t.apply("a", &collected);
         t.apply("a", &NodeEvent::Cancelled);

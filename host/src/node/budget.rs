@@ -40,6 +40,24 @@ pub struct Limits {
     pub min_free_bytes: u64,
 }
 
+/// What the job holds right now, as the watcher last counted it: read by
+/// the collector's `budget.wrap-up` to tell the plugin when to finish.
+#[derive(Debug, Default)]
+pub struct Usage {
+    pub bytes: std::sync::atomic::AtomicU64,
+    pub entries: std::sync::atomic::AtomicU64,
+}
+
+impl Usage {
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn entries(&self) -> u64 {
+        self.entries.load(Ordering::Relaxed)
+    }
+}
+
 /// Watches until dropped.
 pub struct BudgetWatch {
     stop: Arc<AtomicBool>,
@@ -62,12 +80,14 @@ impl Drop for BudgetWatch {
     }
 }
 
-/// Watch `dirs` (and `free_space_of` for the reserve); call `breach` once,
-/// with the reason, when the job goes over a limit.
+/// Watch `dirs` (and `free_space_of` for the reserve); keep `usage` up to
+/// date; call `breach` once, with the reason, when the job goes over a
+/// limit.
 pub fn watch(
     dirs: Vec<SafeDir>,
     free_space_of: SafeDir,
     limits: Limits,
+    usage: Arc<Usage>,
     breach: impl FnOnce(String) + Send + 'static,
 ) -> io::Result<BudgetWatch> {
     let inotify = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK)?;
@@ -80,6 +100,7 @@ pub fn watch(
         entries: 0,
     };
     tree.rescan();
+    tree.publish(&usage);
     let stop = Arc::new(AtomicBool::new(false));
     let stopping = stop.clone();
     // SAFETY: eventfd returns a new descriptor we own, or -1.
@@ -95,7 +116,15 @@ pub fn watch(
         .name("job-budget".into())
         .spawn(move || {
             let mut tree = tree;
-            run(&mut tree, free_space_of, limits, stopping, &woken, breach);
+            run(
+                &mut tree,
+                free_space_of,
+                limits,
+                &usage,
+                stopping,
+                &woken,
+                breach,
+            );
             let _ = stopped_tx.send(());
             drop(tree);
         })?;
@@ -126,6 +155,11 @@ const MASK: WatchFlags = WatchFlags::MODIFY
     .union(WatchFlags::ONLYDIR);
 
 impl Tree {
+    fn publish(&self, usage: &Usage) {
+        usage.bytes.store(self.bytes, Ordering::Relaxed);
+        usage.entries.store(self.entries, Ordering::Relaxed);
+    }
+
     /// Walk everything again, from the roots.
     fn rescan(&mut self) {
         self.dirs.clear();
@@ -285,6 +319,7 @@ fn run(
     tree: &mut Tree,
     free_space_of: SafeDir,
     limits: Limits,
+    usage: &Usage,
     stop: Arc<AtomicBool>,
     wake: &OwnedFd,
     breach: impl FnOnce(String),
@@ -328,6 +363,7 @@ fn run(
             free = free_space_of.free_bytes().ok();
             last_free = Instant::now();
         }
+        tree.publish(usage);
         if let Some(reason) = over(tree, free, &limits)
             && let Some(breach) = breach.take()
         {
@@ -354,7 +390,10 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         let root = SafeDir::open_root(dir, false).unwrap();
         let free = SafeDir::open_root(dir, false).unwrap();
-        let w = watch(vec![root], free, limits, move |r| tx.send(r).unwrap()).unwrap();
+        let w = watch(vec![root], free, limits, Default::default(), move |r| {
+            tx.send(r).unwrap()
+        })
+        .unwrap();
         (w, rx)
     }
 
@@ -398,9 +437,13 @@ mod tests {
         let root = SafeDir::open_root(tmp.path(), false).unwrap();
         let free = SafeDir::open_root(tmp.path(), false).unwrap();
         let (tx, rx) = mpsc::channel();
-        let _w = watch(vec![root], free, limits(1000, 10), move |r| {
-            tx.send(r).unwrap()
-        })
+        let _w = watch(
+            vec![root],
+            free,
+            limits(1000, 10),
+            Default::default(),
+            move |r| tx.send(r).unwrap(),
+        )
         .unwrap();
         assert!(rx.recv_timeout(Duration::from_millis(1500)).is_err());
     }

@@ -15,7 +15,7 @@ use super::budget::{self, BudgetWatch, Limits};
 use super::storage::{JobDirs, Kept};
 use crate::manifest::{self, Manifest};
 use crate::plugin::collector::{CollectJob, Collected, RunError};
-use crate::plugin::sandbox::{Route, RunLabels};
+use crate::plugin::sandbox::{JobBudget, Route, RunLabels};
 use crate::plugin::uploader::{Receipt, UploadFailure, UploadJob};
 use crate::plugin::{PluginEvent, PluginSource};
 use crate::protocol::{CollectParameters, NodeEvent, TaskId};
@@ -70,9 +70,23 @@ pub(super) async fn collect(
 
     let breach = Breach::default();
     let urgent = Arc::new(AtomicBool::new(false));
-    let watch = start_budget(&node, &dirs, &breach, &urgent, &cancel);
+    let usage = Arc::new(budget::Usage::default());
+    let watch = start_budget(&node, &dirs, &breach, &urgent, &cancel, &usage);
     let started = std::time::Instant::now();
-    let result = run_collector(&node, &task_id, &dirs, &parameters, &events, cancel, urgent).await;
+    let job_budget = watch.as_ref().map(|_| {
+        let settings = node.storage.settings();
+        JobBudget {
+            max_bytes: settings.job_max_mb << 20,
+            max_files: settings.job_max_files,
+            usage: Arc::new(move || (usage.bytes(), usage.entries())),
+        }
+    });
+    let controls = RunControls {
+        cancel,
+        urgent,
+        budget: job_budget,
+    };
+    let result = run_collector(&node, &task_id, &dirs, &parameters, &events, controls).await;
     let wall_time = started.elapsed();
     drop(watch);
 
@@ -102,7 +116,7 @@ pub(super) async fn collect(
                             wall_time,
                         );
                         match storage.write_manifest(&task, &mut kept, &manifest.to_json()) {
-                            Ok(()) => Ok((kept, collected.summary)),
+                            Ok(()) => Ok((kept, collected.summary, collected.partial)),
                             Err(output) => {
                                 // Kept in logDir: not left there without its manifest.
                                 storage.discard(&task, Some(&kept));
@@ -123,10 +137,10 @@ pub(super) async fn collect(
         };
         drop(dirs);
         match outcome {
-            Ok((kept, summary)) => {
+            Ok(kept) => {
                 storage.remove_output(&task);
                 storage.apply_retention(Some(&task));
-                Ok((kept, summary))
+                Ok(kept)
             }
             Err(event) => {
                 storage.discard(&task, None);
@@ -143,12 +157,16 @@ pub(super) async fn collect(
     });
 
     let event = match event {
-        Ok((kept, summary)) => {
+        Ok((kept, summary, partial)) => {
+            if let Some(why) = &partial {
+                tracing::info!(task = %task_id, partial = %why, "the collection is partial");
+            }
             let event = NodeEvent::Collected {
                 path: kept.path.display().to_string(),
                 size: kept.size,
                 summary,
                 sha256: Some(kept.sha256.clone()),
+                partial,
             };
             tracing::info!(task = %task_id, state = "collected", path = %kept.path.display(), "collection finished");
             node.record_artifact(&task_id, kept);
@@ -196,6 +214,7 @@ fn manifest_of(
         parameters,
         grants: &role.inputs,
         exec_runs: &collected.exec_runs,
+        partial: collected.partial.as_deref(),
         wall_time,
         peak_memory_bytes: collected.memory_peak,
         bytes_written: kept.bytes_kept,
@@ -210,6 +229,7 @@ fn start_budget(
     breach: &Breach,
     urgent: &Arc<AtomicBool>,
     cancel: &CancellationToken,
+    usage: &Arc<budget::Usage>,
 ) -> Option<BudgetWatch> {
     let settings = node.storage.settings();
     let limits = Limits {
@@ -225,11 +245,17 @@ fn start_budget(
     let free_space_of = dirs.output.try_clone();
     let (breach, urgent, cancel) = (breach.clone(), urgent.clone(), cancel.clone());
     let started = roots.and_then(|roots| {
-        budget::watch(roots, free_space_of?, limits, move |reason| {
-            *breach.0.lock().unwrap() = Some(reason);
-            urgent.store(true, Ordering::Relaxed);
-            cancel.cancel();
-        })
+        budget::watch(
+            roots,
+            free_space_of?,
+            limits,
+            usage.clone(),
+            move |reason| {
+                *breach.0.lock().unwrap() = Some(reason);
+                urgent.store(true, Ordering::Relaxed);
+                cancel.cancel();
+            },
+        )
     });
     match started {
         Ok(watch) => Some(watch),
@@ -491,15 +517,28 @@ fn labels(node: &NodeService, plugin: &PluginSource, task_id: &TaskId) -> RunLab
 
 /// Run the collector; its result, or the event that says why there is
 /// none.
+/// How a collector run is stopped and what it may hold.
+struct RunControls {
+    cancel: CancellationToken,
+    /// Set (before `cancel`) when the run must stop without grace.
+    urgent: Arc<AtomicBool>,
+    /// The job's disk budget, for `budget.wrap-up`.
+    budget: Option<JobBudget>,
+}
+
 async fn run_collector(
     node: &NodeService,
     task_id: &TaskId,
     dirs: &JobDirs,
     parameters: &CollectParameters,
     events: &mpsc::UnboundedSender<NodeEvent>,
-    cancel: CancellationToken,
-    urgent: Arc<AtomicBool>,
+    controls: RunControls,
 ) -> Result<Collected, NodeEvent> {
+    let RunControls {
+        cancel,
+        urgent,
+        budget,
+    } = controls;
     let role = &node.roles.collector;
     let (forwarder, progress_tx) = ProgressForwarder::start(events);
     let labels = labels(node, role.plugin.source(), task_id);
@@ -518,6 +557,7 @@ async fn run_collector(
             exec: role.exec.clone(),
             parameters: parameters.plugin_parameters(),
             inputs: &role.inputs,
+            budget,
             progress: progress_tx,
             cancel,
             urgent,

@@ -15,7 +15,7 @@ use super::run::{
     validation_store,
 };
 use super::sandbox::{
-    GUEST_OUTPUT_DIR, InputGrant, PluginEvent, RunLabels, RunLimits, RunSetup, RunState,
+    GUEST_OUTPUT_DIR, InputGrant, JobBudget, PluginEvent, RunLabels, RunLimits, RunSetup, RunState,
 };
 use super::{PluginHost, PluginIdentity, PluginSource};
 use wasmtime::component::Resource;
@@ -33,7 +33,7 @@ pub(super) mod bindings {
 }
 
 use bindings::CollectorPre;
-use bindings::autocollect::plugin::{exec, inputs, log, progress, task, types};
+use bindings::autocollect::plugin::{budget, exec, inputs, log, progress, task, types};
 use bindings::exports::autocollect::plugin::collect::CollectRequest;
 
 impl types::Host for RunState {}
@@ -75,6 +75,42 @@ impl inputs::Host for RunState {
             .collect()
     }
 }
+
+impl budget::Host for RunState {
+    fn limits(&mut self) -> budget::JobLimits {
+        let left = self
+            .deadline()
+            .saturating_duration_since(std::time::Instant::now());
+        let (max_bytes, max_files) = self
+            .budget
+            .as_ref()
+            .map_or((u64::MAX, u64::MAX), |b| (b.max_bytes, b.max_files));
+        budget::JobLimits {
+            deadline_ms: left.as_millis() as u64,
+            max_bytes,
+            max_files,
+        }
+    }
+
+    fn wrap_up(&mut self) -> Option<String> {
+        RunState::wrap_up(self)
+    }
+
+    fn partial(&mut self, reason: String) {
+        let mut reason = reason;
+        if reason.len() > MAX_PARTIAL_REASON {
+            let mut end = MAX_PARTIAL_REASON;
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason.truncate(end);
+        }
+        self.partial = Some(reason);
+    }
+}
+
+/// Longest `budget.partial` reason kept.
+const MAX_PARTIAL_REASON: usize = 1000;
 
 impl exec::Host for RunState {
     async fn spawn(
@@ -161,6 +197,8 @@ pub struct Collected {
     pub exec_runs: Vec<ExecRun>,
     /// The largest linear memory of the run, in bytes.
     pub memory_peak: u64,
+    /// Why the plugin said the collection is partial (`budget.partial`).
+    pub partial: Option<String>,
 }
 
 /// One collection to run.
@@ -178,6 +216,8 @@ pub struct CollectJob<'a> {
     pub parameters: Vec<(String, String)>,
     /// Host directories the plugin may read (`[[collector.inputs]]`).
     pub inputs: &'a [InputGrant],
+    /// The job's disk budget, for `budget.limits` and `budget.wrap-up`.
+    pub budget: Option<JobBudget>,
     pub progress: watch::Sender<Option<PluginEvent>>,
     /// Stops the run at once.
     pub cancel: CancellationToken,
@@ -246,6 +286,7 @@ impl CollectorPlugin {
             exec,
             parameters,
             inputs,
+            budget,
             progress,
             cancel,
             urgent,
@@ -264,6 +305,13 @@ impl CollectorPlugin {
             .iter()
             .any(|(k, v)| k == "log-redaction-level" && v == "partial");
         let encryption_asked = parameters.iter().any(|(k, _)| k == "encryption-password");
+        let secrets: Vec<String> = parameters
+            .iter()
+            .filter(|(k, v)| {
+                !v.is_empty() && (k == "log-redaction-salt" || k == "encryption-password")
+            })
+            .map(|(_, v)| v.clone())
+            .collect();
         let (mut store, tail) = new_run_store(
             &self.host,
             RunSetup {
@@ -276,6 +324,7 @@ impl CollectorPlugin {
                 exec: Some(exec),
                 task_parameters: parameters,
                 inputs,
+                budget,
                 limits,
                 progress: Some(progress),
                 cancel: cancel.clone(),
@@ -295,6 +344,13 @@ impl CollectorPlugin {
         let parameters_read = store.data().parameters_read;
         let exec_runs = store.data().exec.runs.snapshot();
         let memory_peak = store.data().memory_peak();
+        // The plugin holds the salt and the password: its words never
+        // carry them into status or the manifest.
+        let partial = store.data().partial.clone().map(|reason| {
+            secrets
+                .iter()
+                .fold(reason, |r, secret| r.replace(secret.as_str(), "*****"))
+        });
         // However the run ended: the store (and every child's stdin) goes,
         // then whatever the plugin started is stopped before we return.
         drop(store);
@@ -331,6 +387,7 @@ impl CollectorPlugin {
             summary: outcome.summary,
             exec_runs,
             memory_peak,
+            partial,
         })
     }
 }

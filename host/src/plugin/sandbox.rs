@@ -95,6 +95,7 @@ pub struct RunState {
     logs_dropped: u32,
     progress: Option<watch::Sender<Option<PluginEvent>>>,
     deadline: Instant,
+    timeout: std::time::Duration,
     cancel: CancellationToken,
     http: WasiHttpCtx,
     outbound: OutboundPolicy,
@@ -105,6 +106,56 @@ pub struct RunState {
     /// The input grants preopened for this run: (name, guest path), for
     /// `inputs.grants()`.
     pub(super) grants: Vec<(String, String)>,
+    /// The job's disk budget and what it holds, for `budget` (collectors).
+    pub(super) budget: Option<JobBudget>,
+    /// Why the plugin said its collection is partial (`budget.partial`).
+    pub(super) partial: Option<String>,
+}
+
+/// A job's disk budget as a collector sees it: the limits, and what the
+/// job holds now (bytes, files), as whoever watches it counts.
+#[derive(Clone)]
+pub struct JobBudget {
+    pub max_bytes: u64,
+    pub max_files: u64,
+    pub usage: Arc<dyn Fn() -> (u64, u64) + Send + Sync>,
+}
+
+/// The share of a limit past which `budget.wrap-up` answers.
+const SOFT_SHARE: f64 = 0.9;
+
+impl RunState {
+    /// Why to wrap up now, if a soft limit (90 % of the deadline or of
+    /// the disk budget) is passed.
+    pub(super) fn wrap_up(&self) -> Option<String> {
+        let total = self.timeout.as_secs_f64();
+        let left = self
+            .deadline
+            .saturating_duration_since(Instant::now())
+            .as_secs_f64();
+        let used = total - left;
+        if used >= SOFT_SHARE * total {
+            return Some(format!(
+                "the job is near its deadline: {used:.1} of {total:.1} s used"
+            ));
+        }
+        let budget = self.budget.as_ref()?;
+        let (bytes, files) = (budget.usage)();
+        if bytes as f64 >= SOFT_SHARE * budget.max_bytes as f64 {
+            return Some(format!(
+                "the job is near its disk budget: {} of {} MiB used",
+                bytes >> 20,
+                budget.max_bytes >> 20
+            ));
+        }
+        if files as f64 >= SOFT_SHARE * budget.max_files as f64 {
+            return Some(format!(
+                "the job is near its file budget: {files} of {} files",
+                budget.max_files
+            ));
+        }
+        None
+    }
 }
 
 impl WasiHttpView for RunState {
@@ -147,6 +198,8 @@ pub struct RunSetup<'a> {
     /// Host directories preopened read-only at their guest paths
     /// (collectors' `[[collector.inputs]]`).
     pub inputs: &'a [InputGrant],
+    /// The job's disk budget (collectors).
+    pub budget: Option<JobBudget>,
     pub limits: RunLimits,
     pub progress: Option<watch::Sender<Option<PluginEvent>>>,
     pub cancel: CancellationToken,
@@ -214,6 +267,7 @@ pub fn new_store(
         logs_dropped: 0,
         progress: setup.progress,
         deadline: Instant::now() + setup.limits.timeout,
+        timeout: setup.limits.timeout,
         cancel: setup.cancel,
         http: WasiHttpCtx::new(),
         outbound,
@@ -225,6 +279,8 @@ pub fn new_store(
             .iter()
             .map(|g| (g.name.clone(), g.guest.clone()))
             .collect(),
+        budget: setup.budget,
+        partial: None,
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.memory);

@@ -130,6 +130,7 @@ impl UploaderPlugin {
         let (mut store, tail) = new_run_store(
             &self.host,
             RunSetup {
+                budget: None,
                 labels: job.labels,
                 output_dir: None,
                 artifact_dir: Some(dir),

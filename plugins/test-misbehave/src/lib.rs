@@ -73,6 +73,41 @@ fn one_artifact(name: &str) -> CollectOutcome {
     }
 }
 
+/// Write 256 KiB parts (every `sleep-ms`, or only wait when
+/// `write = false`) until the host says to wrap up; then keep a summary
+/// as the artifact and mark the collection partial with the host's
+/// reason.
+fn wrap_up_when_told(request: &CollectRequest) -> Result<CollectOutcome, PluginError> {
+    use autocollect::plugin::budget;
+    let sleep = option(&request.options, "sleep-ms")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20u64);
+    let write = option(&request.options, "write").map_or(true, |v| v != "false");
+    let limits = budget::limits();
+    let chunk = vec![0x5au8; 256 * 1024];
+    let mut parts = 0u64;
+    let reason = loop {
+        if let Some(why) = budget::wrap_up() {
+            break why;
+        }
+        if write {
+            std::fs::write(format!("{}/part-{parts}", request.output_dir), &chunk)
+                .map_err(io("write a part"))?;
+            parts += 1;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(sleep));
+    };
+    let summary = format!(
+        "{parts} parts written; limits: {} ms left at the start, {} bytes, {} files\n",
+        limits.deadline_ms, limits.max_bytes, limits.max_files
+    );
+    std::fs::write(format!("{}/summary.txt", request.output_dir), &summary)
+        .map_err(io("write the summary"))?;
+    budget::partial(&format!("{reason}; kept {parts} parts"));
+    Ok(one_artifact("summary.txt"))
+}
+
 impl Guest for Misbehave {
     fn validate_options(options: Options) -> Result<(), PluginError> {
         mode(&options).map(|_| ())
@@ -145,6 +180,7 @@ impl Guest for Misbehave {
                     file.write_all(&chunk).map_err(io("write"))?;
                 }
             }
+            "wrap-up" => wrap_up_when_told(&request),
             "many-files" => {
                 for i in 0u64.. {
                     std::fs::write(format!("{}/f{i}", request.output_dir), b"")

@@ -1,0 +1,72 @@
+//! Budgets with partial results: past 90 % of its deadline or disk budget
+//! a collector is told to wrap up (`budget.wrap-up`); one that does keeps
+//! what it has, and the node reports `collected` with `partial: true`
+//! and the reason, in status and in the manifest.
+
+use autocollect::coordinator::task::NodeState;
+use serde_json::Value;
+
+use crate::support::*;
+
+async fn collect_wrap_up(
+    customize: impl Fn(&mut autocollect::config::Config),
+) -> (TestCluster, autocollect::coordinator::task::NodeStatus) {
+    let c = cluster(&["n1"], |config| {
+        config.collector.plugin = misbehave_plugin();
+        set_option(config, "mode", "wrap-up");
+        customize(config);
+    })
+    .await;
+    let task = collect_once(&c.admin("n1")).await;
+    let n1 = task.per_node["n1"].clone();
+    (c, n1)
+}
+
+fn manifest_of(status: &autocollect::coordinator::task::NodeStatus) -> Value {
+    let path =
+        std::path::Path::new(status.path.as_deref().unwrap()).with_file_name("manifest.json");
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn near_its_disk_budget_a_collector_wraps_up_and_keeps_a_partial_result() {
+    let (_c, n1) = collect_wrap_up(|config| config.storage.job_max_mb = 4).await;
+    assert_eq!(n1.status, NodeState::Collected, "{n1:?}");
+    assert!(n1.partial, "{n1:?}");
+    let reason = n1.partial_reason.clone().unwrap();
+    assert!(
+        reason.starts_with("the job is near its disk budget: 3 of 4 MiB used; kept "),
+        "{reason}"
+    );
+    let summary = std::fs::read_to_string(n1.path.as_deref().unwrap()).unwrap();
+    assert!(summary.contains("4194304 bytes, 20000 files"), "{summary}");
+    assert_eq!(manifest_of(&n1)["partial"]["reason"], reason.as_str());
+}
+
+#[tokio::test]
+async fn near_its_deadline_a_collector_wraps_up_in_time() {
+    let (_c, n1) = collect_wrap_up(|config| {
+        config.collector.timeout_secs = 2.0;
+        set_option(config, "write", "false");
+    })
+    .await;
+    assert_eq!(n1.status, NodeState::Collected, "{n1:?}");
+    let reason = n1.partial_reason.clone().unwrap();
+    assert!(
+        reason.starts_with("the job is near its deadline: 1.8"),
+        "{reason}"
+    );
+    assert!(reason.ends_with(" of 2.0 s used; kept 0 parts"), "{reason}");
+    assert_eq!(manifest_of(&n1)["partial"]["reason"], reason.as_str());
+}
+
+#[tokio::test]
+async fn a_whole_collection_is_not_partial() {
+    let c = cluster(&["n1"], |_| {}).await;
+    let task = collect_once(&c.admin("n1")).await;
+    let n1 = &task.per_node["n1"];
+    assert!(!n1.partial && n1.partial_reason.is_none(), "{n1:?}");
+    let status = serde_json::to_value(n1).unwrap();
+    assert!(status.get("partial").is_none(), "{status}");
+    assert!(manifest_of(n1).get("partial").is_none());
+}
