@@ -10,6 +10,7 @@
 //! - [`collector`] and [`uploader`] bind their worlds and run them; what
 //!   they share (linker, supervision, error classification) is in `run`.
 
+pub mod archive;
 pub mod builtin;
 pub mod collector;
 pub mod exec;
@@ -38,7 +39,7 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// The version of the `autocollect:plugin` WIT package this host speaks
 /// (`wit/*.wit`; a unit test keeps them equal).
-pub const WIT_VERSION: &str = "0.1.3";
+pub const WIT_VERSION: &str = "0.1.4";
 
 /// What identifies a loaded component, for the host's manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,7 +13,9 @@ use wasmtime::component::{HasSelf, Linker};
 use anyhow::Context as _;
 use wasmtime::component::InstancePre;
 
-use super::collector::bindings::autocollect::plugin::{exec, inputs, log, progress, task, types};
+use super::collector::bindings::autocollect::plugin::{
+    archive, exec, inputs, log, progress, task, types,
+};
 use super::sandbox::{
     Interrupted, OutputTail, RunLabels, RunLimits, RunSetup, RunState, new_store,
 };
@@ -38,6 +40,7 @@ pub(super) fn linker(engine: &wasmtime::Engine, world: World) -> Result<Linker<R
             exec::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
             task::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
             inputs::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+            archive::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
         }
         World::Uploader => wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?,
     }

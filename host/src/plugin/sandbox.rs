@@ -30,6 +30,7 @@ use wasmtime_wasi_http::{
     WasiHttpView,
 };
 
+use super::archive::{ArchiveCtx, Redaction};
 use super::exec::{ExecCtx, ExecPolicy, ProcessGroups};
 pub use super::outbound::Route;
 pub use crate::config::InputGrant;
@@ -105,6 +106,9 @@ pub struct RunState {
     /// The input grants preopened for this run: (name, guest path), for
     /// `inputs.grants()`.
     pub(super) grants: Vec<(String, String)>,
+    /// What the `archive` import may use: the output directory, the
+    /// grants' host directories, the request's redaction.
+    pub(super) archive: Arc<ArchiveCtx>,
 }
 
 impl WasiHttpView for RunState {
@@ -201,6 +205,11 @@ pub fn new_store(
         groups: ProcessGroups::default(),
         runs: Default::default(),
     };
+    let archive = Arc::new(ArchiveCtx {
+        output_dir: setup.output_dir.map(Path::to_path_buf),
+        grants: setup.inputs.to_vec(),
+        redaction: Redaction::of_parameters(&setup.task_parameters),
+    });
     let state = RunState {
         wasi: wasi.build(),
         table: ResourceTable::new(),
@@ -225,6 +234,7 @@ pub fn new_store(
             .iter()
             .map(|g| (g.name.clone(), g.guest.clone()))
             .collect(),
+        archive,
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.memory);
