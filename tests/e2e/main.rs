@@ -4,6 +4,7 @@
 //! a test CA), directly or through a real proxy.
 
 mod api_errors;
+mod archive;
 mod cancel;
 mod cbcollect;
 mod collect;
