@@ -162,6 +162,53 @@ impl SafeDir {
         Ok((File::from(fd), file_id(&stat)))
     }
 
+    /// The regular file at `rel` below this directory (several components
+    /// allowed; no `..`, no symlink anywhere on the way, not even the last
+    /// component), opened for reading, with its metadata.
+    pub fn open_file_beneath(&self, rel: &Path) -> io::Result<(File, std::fs::Metadata)> {
+        let fd = open_beneath(
+            &self.fd,
+            rel,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY,
+            Mode::empty(),
+        )?;
+        let stat = rustix::fs::fstat(&fd)?;
+        if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a regular file", rel.display()),
+            ));
+        }
+        rustix::fs::fcntl_setfl(&fd, OFlags::RDONLY)?;
+        let file = File::from(fd);
+        let meta = file.metadata()?;
+        Ok((file, meta))
+    }
+
+    /// Create `name` (a plain name that must not exist yet, mode 0600)
+    /// and open it for reading and writing, never through a link.
+    pub fn create_new_file(&self, name: &str) -> io::Result<File> {
+        let fd = rustix::fs::openat(
+            &self.fd,
+            plain(name)?,
+            OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?;
+        Ok(File::from(fd))
+    }
+
+    /// An unnamed temporary file in this directory (`O_TMPFILE`), gone
+    /// when closed.
+    pub fn temp_file(&self) -> io::Result<File> {
+        let fd = rustix::fs::openat(
+            &self.fd,
+            ".",
+            OFlags::RDWR | OFlags::TMPFILE | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?;
+        Ok(File::from(fd))
+    }
+
     /// The identity of regular file `name` (not following links), or an
     /// error if it is anything else.
     pub fn regular_file(&self, name: &str) -> io::Result<FileId> {

@@ -4,6 +4,7 @@
 //! a test CA), directly or through a real proxy.
 
 mod api_errors;
+mod archive;
 mod budget;
 mod cancel;
 mod cbcollect;

@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::archive::{self as host_archive, Archive, ArchiveError, ArchiveHandle};
 use super::exec::{ExecPolicy, ExecRun, Exit, Process, SpawnError, Stream};
 use super::run::{
     VALIDATION_LIMITS, World, classify, finish, link, new_run_store, store_deadline, supervise,
@@ -26,14 +27,22 @@ pub(super) mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "collector",
-        imports: { "autocollect:plugin/exec": async | trappable },
+        imports: {
+            "autocollect:plugin/exec": async | trappable,
+            "autocollect:plugin/archive": async | trappable,
+        },
         exports: { default: async },
-        with: { "autocollect:plugin/exec.process": crate::plugin::exec::Process },
+        with: {
+            "autocollect:plugin/exec.process": crate::plugin::exec::Process,
+            "autocollect:plugin/archive.archive": crate::plugin::archive::ArchiveHandle,
+        },
     });
 }
 
 use bindings::CollectorPre;
-use bindings::autocollect::plugin::{budget, exec, inputs, log, progress, task, types};
+use bindings::autocollect::plugin::{
+    archive, budget, exec, inputs, log, progress, task, types,
+};
 use bindings::exports::autocollect::plugin::collect::CollectRequest;
 
 impl types::Host for RunState {}
@@ -177,6 +186,97 @@ impl exec::HostProcess for RunState {
     async fn drop(&mut self, process: Resource<Process>) -> wasmtime::Result<()> {
         // Closes its stdin; the group is stopped when the run ends.
         self.table().delete(process)?;
+        Ok(())
+    }
+}
+
+impl archive::Host for RunState {}
+
+fn wit_error(e: ArchiveError) -> archive::ArchiveError {
+    match e {
+        ArchiveError::InvalidName(m) => archive::ArchiveError::InvalidName(m),
+        ArchiveError::Denied(m) => archive::ArchiveError::Denied(m),
+        ArchiveError::Unsupported(m) => archive::ArchiveError::Unsupported(m),
+        ArchiveError::Failed(m) => archive::ArchiveError::Failed(m),
+    }
+}
+
+impl archive::HostArchive for RunState {
+    async fn create(
+        &mut self,
+        name: String,
+        options: archive::ArchiveOptions,
+    ) -> wasmtime::Result<Result<Resource<ArchiveHandle>, archive::ArchiveError>> {
+        let options = host_archive::ArchiveOptions {
+            compression: match options.compression {
+                archive::Compression::Stored => host_archive::Compression::Stored,
+                archive::Compression::Deflate(level) => host_archive::Compression::Deflate(level),
+            },
+            password: options.password,
+            max_entry_bytes: options.max_entry_bytes,
+        };
+        let ctx = self.archive.clone();
+        let created = tokio::task::spawn_blocking(move || Archive::create(ctx, &name, options))
+            .await
+            .unwrap_or_else(|e| Err(ArchiveError::Failed(format!("creating the archive: {e}"))));
+        Ok(match created {
+            Ok(archive) => Ok(self
+                .table()
+                .push(ArchiveHandle(Arc::new(std::sync::Mutex::new(archive))))?),
+            Err(e) => Err(wit_error(e)),
+        })
+    }
+
+    async fn add_bytes(
+        &mut self,
+        handle: Resource<ArchiveHandle>,
+        entry: String,
+        data: Vec<u8>,
+        mtime: Option<u64>,
+    ) -> wasmtime::Result<Result<(), archive::ArchiveError>> {
+        let archive = self.table().get(&handle)?.clone();
+        let added = archive
+            .with(move |a| a.add_bytes(&entry, data, mtime))
+            .await;
+        Ok(added.map_err(wit_error))
+    }
+
+    async fn add_file(
+        &mut self,
+        handle: Resource<ArchiveHandle>,
+        grant: String,
+        path: String,
+        entry: String,
+        redact: bool,
+    ) -> wasmtime::Result<Result<archive::EntryInfo, archive::ArchiveError>> {
+        let archive = self.table().get(&handle)?.clone();
+        let added = archive
+            .with(move |a| a.add_file(&grant, &path, &entry, redact))
+            .await;
+        Ok(added
+            .map(|i| archive::EntryInfo {
+                size: i.size,
+                truncated: i.truncated,
+                redacted: i.redacted,
+            })
+            .map_err(wit_error))
+    }
+
+    async fn finish(
+        &mut self,
+        handle: Resource<ArchiveHandle>,
+    ) -> wasmtime::Result<Result<types::Artifact, archive::ArchiveError>> {
+        let archive = self.table().get(&handle)?.clone();
+        let finished = archive.with(|a| a.finish()).await;
+        Ok(finished
+            .map(|(name, size)| types::Artifact { name, size })
+            .map_err(wit_error))
+    }
+
+    async fn drop(&mut self, handle: Resource<ArchiveHandle>) -> wasmtime::Result<()> {
+        let archive = self.table().delete(handle)?;
+        // The last reference may remove an unfinished zip: off the runtime.
+        tokio::task::spawn_blocking(move || drop(archive));
         Ok(())
     }
 }

@@ -10,6 +10,7 @@
 //! - [`collector`] and [`uploader`] bind their worlds and run them; what
 //!   they share (linker, supervision, error classification) is in `run`.
 
+pub mod archive;
 pub mod builtin;
 pub mod collector;
 pub mod exec;

@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use wasmtime::component::InstancePre;
 
 use super::collector::bindings::autocollect::plugin::{
-    budget, exec, inputs, log, progress, task, types,
+    archive, budget, exec, inputs, log, progress, task, types,
 };
 use super::sandbox::{
     Interrupted, OutputTail, RunLabels, RunLimits, RunSetup, RunState, new_store,
@@ -41,6 +41,7 @@ pub(super) fn linker(engine: &wasmtime::Engine, world: World) -> Result<Linker<R
             task::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
             inputs::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
             budget::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+            archive::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
         }
         World::Uploader => wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?,
     }

@@ -30,6 +30,7 @@ use wasmtime_wasi_http::{
     WasiHttpView,
 };
 
+use super::archive::{ArchiveCtx, Redaction};
 use super::exec::{ExecCtx, ExecPolicy, ProcessGroups};
 pub use super::outbound::Route;
 pub use crate::config::InputGrant;
@@ -110,6 +111,9 @@ pub struct RunState {
     pub(super) budget: Option<JobBudget>,
     /// Why the plugin said its collection is partial (`budget.partial`).
     pub(super) partial: Option<String>,
+    /// What the `archive` import may use: the output directory, the
+    /// grants' host directories, the request's redaction.
+    pub(super) archive: Arc<ArchiveCtx>,
 }
 
 /// A job's disk budget as a collector sees it: the limits, and what the
@@ -254,6 +258,11 @@ pub fn new_store(
         groups: ProcessGroups::default(),
         runs: Default::default(),
     };
+    let archive = Arc::new(ArchiveCtx {
+        output_dir: setup.output_dir.map(Path::to_path_buf),
+        grants: setup.inputs.to_vec(),
+        redaction: Redaction::of_parameters(&setup.task_parameters),
+    });
     let state = RunState {
         wasi: wasi.build(),
         table: ResourceTable::new(),
@@ -281,6 +290,7 @@ pub fn new_store(
             .collect(),
         budget: setup.budget,
         partial: None,
+        archive,
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.memory);

@@ -18,19 +18,26 @@
 //! | `many-files` | creates empty files without end | stop it at its file budget |
 //! | `spawn-many` | starts `program` (with `args`) until refused | refuse beyond `exec_max_processes` |
 //! | `grants` | lists its input grants, reads the files in `read`, lists the directories in `list`, tries to change `write` in every way; reports each attempt in its artifact `report.txt` | read what is granted, refuse every change, refuse symlinks out of a grant |
+//! | `archive` | writes `archive.zip` with the host's `archive`: `gen/0.txt`..`gen/2.txt` from bytes, `files/PATH` for each of `files` and `redacted/PATH` for each of `redact` (add-file from grant `grant`), tries each of `escape`; `report.txt` (last entry) has one line per call | write the entries natively, refuse escaping paths |
 //!
 //! `target` (symlink modes) is the path the link points to; `program` and
 //! `args` (space-separated) are what `spawn-many` starts. `read`, `list`
-//! and `write` (mode `grants`) are space-separated guest paths.
+//! and `write` (mode `grants`) are space-separated guest paths. Mode
+//! `archive`: `files`, `redact` and `escape` are space-separated paths
+//! relative to the grant named by `grant` (default `logs`); `level` the
+//! deflate level (0: stored; default 6); `max-entry-bytes`, `password`
+//! and `name` (default `archive.zip`) go to the archive as they are.
 
 wit_bindgen::generate!({
     path: "../../wit",
     world: "collector",
 });
 
+use autocollect::plugin::archive::{Archive, ArchiveOptions, Compression};
 use autocollect::plugin::exec::{Command, spawn};
 use autocollect::plugin::inputs::grants;
 use autocollect::plugin::log::{Level, log};
+use autocollect::plugin::task::parameters;
 use autocollect::plugin::types::{Failure, OptionError};
 use exports::autocollect::plugin::collect::{
     Artifact, CollectOutcome, CollectRequest, Guest, Options, PluginError,
@@ -222,12 +229,78 @@ impl Guest for Misbehave {
                     .map_err(io("write report.txt"))?;
                 Ok(one_artifact("report.txt"))
             }
+            "archive" => try_archive(&request.options),
             other => Err(PluginError::InvalidOption(OptionError {
                 key: "mode".into(),
                 message: format!("unknown mode {other:?}"),
             })),
         }
     }
+}
+
+/// Mode `archive`: a zip written by the host; see the module's table.
+fn try_archive(options: &Options) -> Result<CollectOutcome, PluginError> {
+    let _ = parameters(); // the host redacts by the request's level
+    let list = |key: &str| -> Vec<String> {
+        option(options, key)
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(String::from)
+            .collect()
+    };
+    let grant = option(options, "grant").unwrap_or_else(|_| "logs".into());
+    let level: u8 = option(options, "level")
+        .ok()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(6);
+    let archive_options = ArchiveOptions {
+        compression: if level == 0 {
+            Compression::Stored
+        } else {
+            Compression::Deflate(level)
+        },
+        password: option(options, "password").ok(),
+        max_entry_bytes: option(options, "max-entry-bytes")
+            .ok()
+            .and_then(|m| m.parse().ok()),
+    };
+    let name = option(options, "name").unwrap_or_else(|_| "archive.zip".into());
+    let archive = Archive::create(&name, &archive_options).map_err(|e| {
+        PluginError::Failed(Failure {
+            status_code: 3,
+            output: format!("create {name}: {e:?}"),
+        })
+    })?;
+    let mut report = Vec::new();
+    for i in 0..3u64 {
+        let data = format!("generated entry {i}\n").repeat(1000 * (i as usize + 1));
+        let mtime = (i == 0).then_some(1_700_000_000);
+        let added = archive.add_bytes(&format!("gen/{i}.txt"), data.as_bytes(), mtime);
+        report.push(format!("add-bytes gen/{i}.txt: {added:?}"));
+    }
+    for (key, prefix, redact) in [("files", "files", false), ("redact", "redacted", true)] {
+        for path in list(key) {
+            let added = archive.add_file(&grant, &path, &format!("{prefix}/{path}"), redact);
+            report.push(format!("add-file {prefix} {path}: {added:?}"));
+        }
+    }
+    for (i, path) in list("escape").into_iter().enumerate() {
+        let added = archive.add_file(&grant, &path, &format!("escape/{i}"), false);
+        report.push(format!("escape {path}: {added:?}"));
+    }
+    let bad = archive.add_bytes("../outside.txt", b"x", None);
+    report.push(format!("bad-entry ../outside.txt: {bad:?}"));
+    let text = report.join("\n") + "\n";
+    archive
+        .add_bytes("report.txt", text.as_bytes(), None)
+        .map_err(|e| PluginError::Internal(format!("report.txt: {e:?}")))?;
+    let artifact = archive
+        .finish()
+        .map_err(|e| PluginError::Internal(format!("finish: {e:?}")))?;
+    Ok(CollectOutcome {
+        artifacts: vec![artifact],
+        summary: text,
+    })
 }
 
 /// Mode `grants`: one line per grant (`grant NAME GUEST`), then one per
