@@ -71,7 +71,17 @@ impl task::Host for RunState {
         self.parameters_read = true;
         self.task_parameters.clone()
     }
+
+    fn honour(&mut self, key: String) {
+        if HONOURABLE.contains(&key.as_str()) {
+            self.honoured.insert(key);
+        }
+    }
 }
+
+/// Start parameters a collector says it honours (`task.honour`); a node
+/// whose collector was given one and did not reports it as ignored.
+const HONOURABLE: &[&str] = &["since", "until"];
 
 impl inputs::Host for RunState {
     fn grants(&mut self) -> Vec<inputs::Grant> {
@@ -299,6 +309,8 @@ pub struct Collected {
     pub memory_peak: u64,
     /// Why the plugin said the collection is partial (`budget.partial`).
     pub partial: Option<String>,
+    /// Start parameters it was given but did not honour (`since`, `until`).
+    pub ignored: Vec<String>,
 }
 
 /// One collection to run.
@@ -405,6 +417,7 @@ impl CollectorPlugin {
             .iter()
             .any(|(k, v)| k == "log-redaction-level" && v == "partial");
         let encryption_asked = parameters.iter().any(|(k, _)| k == "encryption-password");
+        let given: Vec<String> = parameters.iter().map(|(k, _)| k.clone()).collect();
         let secrets: Vec<String> = parameters
             .iter()
             .filter(|(k, v)| {
@@ -444,6 +457,12 @@ impl CollectorPlugin {
         let parameters_read = store.data().parameters_read;
         let exec_runs = store.data().exec.runs.snapshot();
         let memory_peak = store.data().memory_peak();
+        let ignored: Vec<String> = HONOURABLE
+            .iter()
+            .filter(|key| given.iter().any(|g| g == *key))
+            .filter(|key| !store.data().honoured.contains(**key))
+            .map(|key| key.to_string())
+            .collect();
         // The plugin holds the salt and the password: its words never
         // carry them into status or the manifest.
         let partial = store.data().partial.clone().map(|reason| {
@@ -488,6 +507,7 @@ impl CollectorPlugin {
             exec_runs,
             memory_peak,
             partial,
+            ignored,
         })
     }
 }

@@ -111,6 +111,8 @@ pub struct RunState {
     pub(super) budget: Option<JobBudget>,
     /// Why the plugin said its collection is partial (`budget.partial`).
     pub(super) partial: Option<String>,
+    /// The start parameters the plugin said it honours (`task.honour`).
+    pub(super) honoured: std::collections::BTreeSet<String>,
     /// What the `archive` import may use: the output directory, the
     /// grants' host directories, the request's redaction.
     pub(super) archive: Arc<ArchiveCtx>,
@@ -290,6 +292,7 @@ pub fn new_store(
             .collect(),
         budget: setup.budget,
         partial: None,
+        honoured: Default::default(),
         archive,
     };
     let mut store = Store::new(engine, state);
