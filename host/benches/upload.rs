@@ -151,6 +151,8 @@ async fn bench(size: u64, tls: bool, server: &Server) -> anyhow::Result<()> {
         ticket: Some("1".into()),
         bypass_reachability_checks: false,
         encryption_password: None,
+        since: None,
+        until: None,
     };
 
     let mut plugin = Vec::new();

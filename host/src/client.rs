@@ -172,6 +172,8 @@ impl ApiClient {
         add("customer", &options.customer);
         add("ticket", &options.ticket);
         add("encryptionPassword", &options.encryption_password);
+        add("since", &options.since);
+        add("until", &options.until);
         if options.bypass_reachability_checks {
             form.push(("bypassReachabilityChecks".into(), "true".into()));
         }
@@ -279,6 +281,10 @@ pub struct StartOptions {
     /// `encryptionPassword`: each node's zip is encrypted with it (a
     /// secret: `Debug` masks it).
     pub encryption_password: Option<String>,
+    /// The time window (`since`, `until`): RFC 3339, or a duration
+    /// before now (`2h`).
+    pub since: Option<String>,
+    pub until: Option<String>,
 }
 
 impl std::fmt::Debug for StartOptions {

@@ -282,6 +282,8 @@ pub fn mask_parameters(p: &CollectParameters) -> BTreeMap<String, String> {
             "encryptionPassword",
             p.encryption_password.as_ref().map(|_| MASK.to_string()),
         ),
+        ("since", p.since.clone()),
+        ("until", p.until.clone()),
     ]
     .into_iter()
     .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))

@@ -169,6 +169,12 @@ pub struct CollectParameters {
     /// (unredacted) zip with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption_password: Option<Secret>,
+    /// The request's time window, RFC 3339 UTC (made absolute by the
+    /// node that took the request, so every node has the same one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
 }
 
 /// A secret start parameter (the zip encryption password). Its `Debug`
@@ -211,6 +217,8 @@ impl std::fmt::Debug for CollectParameters {
             .field("log_dir", &self.log_dir)
             .field("task_regexp", &self.task_regexp)
             .field("encryption_password", &self.encryption_password)
+            .field("since", &self.since)
+            .field("until", &self.until)
             .finish()
     }
 }
@@ -229,6 +237,8 @@ impl CollectParameters {
             ("tmp-dir", &self.tmp_dir),
             ("task-regexp", &self.task_regexp),
             ("encryption-password", &password),
+            ("since", &self.since),
+            ("until", &self.until),
         ]
         .into_iter()
         .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v.clone())))
@@ -284,6 +294,10 @@ pub enum NodeEvent {
         /// `budget.partial`); absent when it is whole.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         partial: Option<String>,
+        /// Start parameters (`since`, `until`) the collector was given
+        /// but did not honour.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        ignored: Vec<String>,
     },
     /// The collector failed. `status_code` is the tool's own status, when
     /// it got as far as having one; `output` explains.

@@ -57,7 +57,7 @@ async fn start_requests_are_validated_with_couchbase_messages() {
         (
             form(&[("from", "allnodes"), ("tikcet", "1")]),
             StatusCode::BAD_REQUEST,
-            json!({"tikcet": "Unknown parameter (known: from, nodes, upload, upload_host, uploadHost, customer, ticket, bypassReachabilityChecks, logRedactionLevel, logRedactionSalt, tmpDir, logDir, taskRegexp, encryptionPassword)"}),
+            json!({"tikcet": "Unknown parameter (known: from, nodes, upload, upload_host, uploadHost, customer, ticket, bypassReachabilityChecks, logRedactionLevel, logRedactionSalt, tmpDir, logDir, taskRegexp, encryptionPassword, since, until)"}),
         ),
         (
             Some(RequestBody::Json(json!({"nodes": [1, 2]}))),

@@ -238,6 +238,8 @@ async fn an_upload_stages_from_the_kept_result_and_leaves_nothing_behind() {
             ticket: None,
             bypass_reachability_checks: false,
             encryption_password: None,
+            since: None,
+            until: None,
         })
         .await
         .unwrap();

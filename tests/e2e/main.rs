@@ -25,6 +25,7 @@ mod proxy_server;
 mod redaction;
 mod sandbox;
 mod support;
+mod time_window;
 mod tls;
 mod upload;
 mod upload_server;

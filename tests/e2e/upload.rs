@@ -32,6 +32,8 @@ pub fn upload_to(host: &str) -> StartOptions {
         ticket: Some("12345".into()),
         bypass_reachability_checks: false,
         encryption_password: None,
+        since: None,
+        until: None,
     }
 }
 

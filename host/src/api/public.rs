@@ -141,7 +141,40 @@ const START_PARAMS: &[&str] = &[
     "logDir",
     "taskRegexp",
     "encryptionPassword",
+    "since",
+    "until",
 ];
+
+/// A time of the request's window: RFC 3339 (`2026-11-29T10:00:00Z`,
+/// any offset), or a duration before `now` (`90s`, `30m`, `2h`, `7d`).
+fn parse_time(
+    value: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    const EXPECTED: &str = "Must be an RFC 3339 time such as 2026-11-29T10:00:00Z, or a \
+                            duration before now such as 90s, 30m, 2h or 7d";
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(value) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    let unit = value.chars().last().ok_or(EXPECTED)?;
+    let seconds = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(EXPECTED.into()),
+    };
+    let count: i64 = value[..value.len() - 1]
+        .parse()
+        .ok()
+        .filter(|n| *n >= 0 && *n <= 3650 * 86_400)
+        .ok_or(EXPECTED)?;
+    Ok(now - chrono::Duration::seconds(count * seconds))
+}
+
+fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
 
 /// Check a start request; every problem is reported at once, keyed by
 /// field, as ns_server does.
@@ -178,6 +211,30 @@ fn start_request(
         log_dir: text("logDir"),
         task_regexp: text("taskRegexp"),
         encryption_password: text("encryptionPassword").map(Secret::new),
+        since: None,
+        until: None,
+    };
+    // Made absolute here, so every node gets the same window.
+    let now = chrono::Utc::now();
+    let mut window_errors = Vec::new();
+    let mut window = |key: &str, value: Option<String>| {
+        parse_time(&value?, now)
+            .map_err(|message| window_errors.push((key.to_string(), message)))
+            .ok()
+    };
+    let (since, until) = (
+        window("since", text("since")),
+        window("until", text("until")),
+    );
+    if let (Some(a), Some(b)) = (since, until)
+        && a >= b
+    {
+        window_errors.push(("until".into(), "Must be later than since".into()));
+    }
+    let collect = CollectParameters {
+        since: since.map(rfc3339),
+        until: until.map(rfc3339),
+        ..collect
     };
     let host = match (text("upload_host"), text("uploadHost")) {
         (Some(_), Some(_)) => {
@@ -252,6 +309,9 @@ fn start_request(
             "uploadProxy".into(),
             "uploadProxy is only used with uploadHost".into(),
         );
+    }
+    for (key, message) in window_errors {
+        errors.entry(key).or_insert(message);
     }
     if !errors.is_empty() {
         return Err(ApiError::fields(StatusCode::BAD_REQUEST, errors));

@@ -58,6 +58,14 @@ enum Command {
         /// Skip checking that the upload host answers before starting.
         #[arg(long)]
         bypass_reachability_checks: bool,
+        /// Collect what was written since then: RFC 3339
+        /// (2026-11-29T10:00:00Z) or a duration before now (30m, 2h, 7d).
+        /// Collectors that cannot honour it say so in status.
+        #[arg(long)]
+        since: Option<String>,
+        /// Collect what was written until then (same forms as --since).
+        #[arg(long)]
+        until: Option<String>,
         /// Follow the task until it ends; exit 1 unless every node collected
         /// (and uploaded, when uploading).
         #[arg(long)]
@@ -246,6 +254,8 @@ async fn run(command: Command) -> Result<ExitCode> {
             customer,
             ticket,
             bypass_reachability_checks,
+            since,
+            until,
             wait,
         } => {
             let client = api.client()?;
@@ -256,6 +266,8 @@ async fn run(command: Command) -> Result<ExitCode> {
                 ticket,
                 bypass_reachability_checks,
                 encryption_password: None,
+                since,
+                until,
             };
             let task = client.start_with(&options).await.map_err(explain)?;
             println!("started task {} on {}", task.task_id, client.base());
@@ -371,9 +383,23 @@ async fn follow(client: &ApiClient, task_id: &str) -> Result<ExitCode> {
 }
 
 fn detail(status: &NodeStatus) -> String {
+    let mut notes = Vec::new();
+    if let Some(why) = &status.partial_reason {
+        notes.push(format!("partial: {why}"));
+    }
+    if !status.ignored_parameters.is_empty() {
+        notes.push(format!(
+            "ignored by its collector: {}",
+            status.ignored_parameters.join(", ")
+        ));
+    }
+    let notes = match notes.is_empty() {
+        true => String::new(),
+        false => format!(" ({})", notes.join("; ")),
+    };
     match status.status {
-        NodeState::Collected => status.path.clone().unwrap_or_default(),
-        NodeState::Uploaded => status.url.clone().unwrap_or_default(),
+        NodeState::Collected => status.path.clone().unwrap_or_default() + &notes,
+        NodeState::Uploaded => status.url.clone().unwrap_or_default() + &notes,
         NodeState::FailedUpload => {
             let output = status.upload_output.as_deref().unwrap_or("").trim();
             let output = output.lines().last().unwrap_or("");
@@ -503,6 +529,8 @@ async fn demo(
         ticket: sink.as_ref().map(|_| "1234".into()),
         bypass_reachability_checks: false,
         encryption_password: None,
+        since: None,
+        until: None,
     };
     if let Some(sink) = &sink {
         println!("  upload host listening on {}", sink.host());

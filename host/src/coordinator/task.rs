@@ -106,6 +106,10 @@ pub struct NodeStatus {
     /// Why it is partial: what was left out, in the plugin's words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partial_reason: Option<String>,
+    /// Start parameters this node's collector was given but does not
+    /// honour (`since`, `until`): it collected without them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignored_parameters: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub collection_status_code: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -130,6 +134,7 @@ impl NodeStatus {
             sha256: None,
             partial: false,
             partial_reason: None,
+            ignored_parameters: Vec::new(),
             collection_status_code: None,
             collection_output: None,
             url: None,
@@ -240,8 +245,10 @@ impl TaskStatus {
                 path,
                 sha256,
                 partial,
+                ignored,
                 ..
             } => {
+                entry.ignored_parameters = ignored.clone();
                 entry.status = NodeState::Collected;
                 entry.path = Some(path.clone());
                 entry.sha256 = sha256.clone();
@@ -325,6 +332,7 @@ mod tests {
             summary: String::new(),
             sha256: Some("ab".repeat(32)),
             partial: None,
+            ignored: vec![],
         };
         assert_eq!(t.apply("a", &collected), Some(NodeState::Collected));
         assert_eq!(t.per_node["a"].sha256, Some("ab".repeat(32)));
@@ -350,6 +358,7 @@ mod tests {
             summary: String::new(),
             sha256: None,
             partial: Some("near the deadline".into()),
+            ignored: vec!["since".into()],
         };
         t.apply("a", &collected);
         t.apply("a", &NodeEvent::Cancelled);

@@ -95,6 +95,8 @@ pub(super) async fn collect(
     let log_dir = parameters.log_dir.clone();
     let breached = breach.reason();
     let manifest_node = node.clone();
+    // One event per job: its size does not matter.
+    #[allow(clippy::result_large_err)]
     let event = tokio::task::spawn_blocking(move || {
         storage.remove_tmp(&task, &dirs);
         let outcome = match (result, breached) {
@@ -116,7 +118,12 @@ pub(super) async fn collect(
                             wall_time,
                         );
                         match storage.write_manifest(&task, &mut kept, &manifest.to_json()) {
-                            Ok(()) => Ok((kept, collected.summary, collected.partial)),
+                            Ok(()) => Ok((
+                                kept,
+                                collected.summary,
+                                collected.partial,
+                                collected.ignored,
+                            )),
                             Err(output) => {
                                 // Kept in logDir: not left there without its manifest.
                                 storage.discard(&task, Some(&kept));
@@ -157,7 +164,7 @@ pub(super) async fn collect(
     });
 
     let event = match event {
-        Ok((kept, summary, partial)) => {
+        Ok((kept, summary, partial, ignored)) => {
             if let Some(why) = &partial {
                 tracing::info!(task = %task_id, partial = %why, "the collection is partial");
             }
@@ -167,6 +174,7 @@ pub(super) async fn collect(
                 summary,
                 sha256: Some(kept.sha256.clone()),
                 partial,
+                ignored,
             };
             tracing::info!(task = %task_id, state = "collected", path = %kept.path.display(), "collection finished");
             node.record_artifact(&task_id, kept);
