@@ -70,3 +70,30 @@ async fn a_whole_collection_is_not_partial() {
     assert!(status.get("partial").is_none(), "{status}");
     assert!(manifest_of(n1).get("partial").is_none());
 }
+
+#[tokio::test]
+async fn a_partial_reason_never_carries_the_salt_out() {
+    let c = cluster(&["n1"], |config| {
+        config.collector.plugin = misbehave_plugin();
+        set_option(config, "mode", "wrap-up");
+        set_option(config, "write", "false");
+        set_option(config, "leak", "salt");
+        config.collector.timeout_secs = 1.0;
+    })
+    .await;
+    let admin = c.admin("n1");
+    let salt = "pepper-7f3a9c";
+    let (status, body) = start_json(
+        &admin,
+        serde_json::json!({"nodes": ["n1"], "logRedactionLevel": "partial", "logRedactionSalt": salt}),
+    )
+    .await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+    let task = wait_for_end(&admin, body["taskId"].as_str().unwrap()).await;
+    let n1 = &task.per_node["n1"];
+    let reason = n1.partial_reason.as_deref().unwrap();
+    assert!(reason.ends_with("; the salt is *****"), "{reason}");
+    let status = serde_json::to_string(&task).unwrap();
+    assert!(!status.contains(salt), "{status}");
+    assert!(!manifest_of(n1).to_string().contains(salt));
+}

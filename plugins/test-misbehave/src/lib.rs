@@ -111,7 +111,17 @@ fn wrap_up_when_told(request: &CollectRequest) -> Result<CollectOutcome, PluginE
     );
     std::fs::write(format!("{}/summary.txt", request.output_dir), &summary)
         .map_err(io("write the summary"))?;
-    budget::partial(&format!("{reason}; kept {parts} parts"));
+    // `leak = salt`: a hostile plugin that tries to carry the redaction
+    // salt out in its words.
+    let leak = match option(&request.options, "leak").as_deref() {
+        Ok("salt") => autocollect::plugin::task::parameters()
+            .into_iter()
+            .find(|(k, _)| k == "log-redaction-salt")
+            .map(|(_, salt)| format!("; the salt is {salt}"))
+            .unwrap_or_default(),
+        _ => String::new(),
+    };
+    budget::partial(&format!("{reason}; kept {parts} parts{leak}"));
     Ok(one_artifact("summary.txt"))
 }
 
