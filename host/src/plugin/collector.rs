@@ -40,9 +40,7 @@ pub(super) mod bindings {
 }
 
 use bindings::CollectorPre;
-use bindings::autocollect::plugin::{
-    archive, budget, exec, inputs, log, progress, task, types,
-};
+use bindings::autocollect::plugin::{archive, budget, exec, inputs, log, progress, task, types};
 use bindings::exports::autocollect::plugin::collect::CollectRequest;
 
 impl types::Host for RunState {}
