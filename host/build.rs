@@ -10,11 +10,12 @@ use std::env;
 use std::path::PathBuf;
 use std::process::Command;
 
-/// Components copied to OUT_DIR. `cbcollect`, `http_uploader` and
-/// `mock_collector` are embedded in the binary; the `test_*` ones are only exposed to tests and
+/// Components copied to OUT_DIR. `cbcollect`, `files_collector`,
+/// `http_uploader` and `mock_collector` are embedded in the binary; the `test_*` ones are only exposed to tests and
 /// benchmarks by path.
 const PLUGINS: &[&str] = &[
     "cbcollect",
+    "files_collector",
     "http_uploader",
     "mock_collector",
     "test_hostile_uploader",

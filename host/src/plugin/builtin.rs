@@ -8,6 +8,13 @@ const BUILTINS: &[(&str, &[u8])] = &[
         include_bytes!(concat!(env!("AUTOCOLLECT_PLUGIN_DIR"), "/cbcollect.wasm")),
     ),
     (
+        "files",
+        include_bytes!(concat!(
+            env!("AUTOCOLLECT_PLUGIN_DIR"),
+            "/files_collector.wasm"
+        )),
+    ),
+    (
         "http-uploader",
         include_bytes!(concat!(
             env!("AUTOCOLLECT_PLUGIN_DIR"),
