@@ -270,3 +270,42 @@ async fn files_collector_refuses_bad_options_by_key() {
         }
     }
 }
+
+#[tokio::test]
+async fn files_collector_takes_only_what_was_written_in_the_time_window() {
+    let (_dir, logs, files) = tree();
+    // Everything was written three days ago, but for two files: one an
+    // hour ago, one in the future (past `until`).
+    let at = |rel: &str, t: std::time::SystemTime| {
+        std::fs::File::options()
+            .write(true)
+            .open(logs.join(rel))
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    };
+    let now = std::time::SystemTime::now();
+    let hour = std::time::Duration::from_secs(3600);
+    for rel in files.keys() {
+        at(rel, now - 72 * hour);
+    }
+    at("debug.log", now - hour);
+    at("sub/indexer.log", now + 48 * hour);
+    let until = chrono::Utc::now() + chrono::Duration::hours(24);
+    let (_c, node, zip) = run(
+        &logs,
+        &[],
+        json!({"nodes": ["n1"], "since": "2h", "until": until.to_rfc3339()}),
+        |_| {},
+    )
+    .await;
+    assert!(node.ignored_parameters.is_empty(), "{node:?}");
+    let got = entries(&zip);
+    let taken: Vec<&str> = got
+        .keys()
+        .map(String::as_str)
+        .filter(|n| *n != "files-collector.txt")
+        .collect();
+    assert_eq!(taken, ["logs/debug.log"], "{got:?}");
+    assert_eq!(got["logs/debug.log"], files["debug.log"]);
+}
