@@ -59,7 +59,7 @@ fn unzip_aes(zip: &Path, member: &str, password: &str) -> Unzipped {
 
 /// `member` of `zip`, decrypted with `password`; and a wrong password
 /// does not open it.
-fn decrypt(zip: &Path, member: &str, password: &str) -> String {
+pub(crate) fn decrypt(zip: &Path, member: &str, password: &str) -> String {
     let right = unzip_aes(zip, member, password);
     assert_eq!(right.code, 0, "{}: {}", zip.display(), right.stderr);
     let wrong = unzip_aes(zip, member, &format!("{password}-wrong"));

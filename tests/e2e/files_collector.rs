@@ -309,3 +309,22 @@ async fn files_collector_takes_only_what_was_written_in_the_time_window() {
     assert_eq!(taken, ["logs/debug.log"], "{got:?}");
     assert_eq!(got["logs/debug.log"], files["debug.log"]);
 }
+
+#[tokio::test]
+async fn files_collector_encrypts_its_zip_with_the_encryption_password() {
+    let (_dir, logs, files) = tree();
+    let password = "zip-pass-9c2e";
+    let (c, _node, zip) = run(
+        &logs,
+        &[("include", "logs/debug.log")],
+        json!({"nodes": ["n1"], "encryptionPassword": password}),
+        |_| {},
+    )
+    .await;
+    // pyzipper: every entry AES-256, the right password opens it, a wrong
+    // one does not.
+    let text = crate::encryption::decrypt(&zip, "logs/debug.log", password);
+    assert_eq!(text.as_bytes(), files["debug.log"].as_slice());
+    let log = std::fs::read_to_string(&c.node("n1").log_path).unwrap();
+    assert!(!log.contains(password));
+}

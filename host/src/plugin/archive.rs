@@ -221,6 +221,8 @@ struct EntryJob {
     salt: Option<String>,
     max: Option<u64>,
     compression: Compression,
+    /// WinZip AES-256 with this password.
+    password: Option<Arc<str>>,
 }
 
 type Done = Result<Spool, String>;
@@ -287,6 +289,8 @@ pub struct Archive {
     /// The first failure: every later call reports it.
     failure: Option<ArchiveError>,
     finished: bool,
+    /// Every entry is encrypted with it (WinZip AES-256).
+    password: Option<Arc<str>>,
 }
 
 impl Archive {
@@ -297,11 +301,9 @@ impl Archive {
         options: ArchiveOptions,
     ) -> Result<Archive, ArchiveError> {
         check_archive_name(name)?;
-        if options.password.is_some() {
+        if options.password.as_deref() == Some("") {
             return Err(ArchiveError::Unsupported(
-                "password: the host does not encrypt archives yet; write an AES zip with \
-                 plain WASI (as mock-collector does) to encrypt"
-                    .into(),
+                "password: an empty password encrypts nothing".into(),
             ));
         }
         if let Compression::Deflate(level) = options.compression
@@ -331,6 +333,7 @@ impl Archive {
             name: name.to_string(),
             dir: Arc::new(dir),
             zip: Some(ZipWriter::new(file)),
+            password: options.password.as_deref().map(Arc::from),
             options,
             ctx,
             opened_grants: HashMap::new(),
@@ -389,6 +392,7 @@ impl Archive {
             salt: None,
             max: self.options.max_entry_bytes,
             compression: self.options.compression,
+            password: self.password.clone(),
         })
     }
 
@@ -448,6 +452,7 @@ impl Archive {
             salt,
             max,
             compression: self.options.compression,
+            password: self.password.clone(),
         })?;
         Ok(info)
     }
@@ -523,11 +528,10 @@ impl Archive {
         let Some(zip) = self.zip.as_mut() else {
             return Err("the zip is closed".into());
         };
-        let copy = || -> zip::result::ZipResult<()> {
-            let mut one = ZipArchive::new(spool)?;
-            let file = one.by_index_raw(0)?;
-            zip.raw_copy_file(file)
-        };
+        // `merge_archive` copies the entry's bytes and its headers as
+        // they are (`raw_copy_file` would drop an AES entry's
+        // encryption fields and leave its bytes unreadable).
+        let copy = || -> zip::result::ZipResult<()> { zip.merge_archive(ZipArchive::new(spool)?) };
         copy().map_err(|e| format!("entry {entry:?}: writing it into {}: {e}", self.name))
     }
 
@@ -588,6 +592,10 @@ fn compress(job: EntryJob, dir: &SafeDir, abandoned: &AtomicBool) -> io::Result<
         .last_modified_time(job.mtime)
         .unix_permissions(0o644)
         .large_file(job.size >= LARGE_ENTRY);
+    let options = match job.password.as_deref() {
+        Some(password) => options.with_aes_encryption(zip::AesMode::Aes256, password),
+        None => options,
+    };
     zip.start_file(job.entry.as_str(), options)
         .map_err(io::Error::other)?;
     let salt = job.salt.as_deref();
@@ -908,7 +916,7 @@ mod tests {
     }
 
     #[test]
-    fn a_dropped_archive_leaves_no_zip_and_a_password_is_unsupported() {
+    fn a_dropped_archive_leaves_no_zip_and_an_empty_password_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let ctx = ctx(tmp.path(), vec![], Redaction::MissingSalt);
         let options = ArchiveOptions {
@@ -924,13 +932,31 @@ mod tests {
         ));
         drop(a);
         assert!(!tmp.path().join("a.zip").exists());
-        let secret = ArchiveOptions {
-            password: Some("p".into()),
-            ..options
+        let empty = ArchiveOptions {
+            password: Some(String::new()),
+            ..options.clone()
         };
         assert!(matches!(
-            Archive::create(ctx, "b.zip", secret),
+            Archive::create(ctx.clone(), "b.zip", empty),
             Err(ArchiveError::Unsupported(_))
         ));
+        // With a password, entries are AES-encrypted: readable with it only.
+        let secret = ArchiveOptions {
+            password: Some("p4ss".into()),
+            ..options
+        };
+        let mut a = Archive::create(ctx, "c.zip", secret).unwrap();
+        a.add_bytes("x", b"secret bytes".to_vec(), None).unwrap();
+        a.finish().unwrap();
+        let mut zip =
+            ZipArchive::new(std::fs::File::open(tmp.path().join("c.zip")).unwrap()).unwrap();
+        assert!(
+            zip.by_index(0).is_err(),
+            "not readable without the password"
+        );
+        let mut entry = zip.by_index_decrypt(0, b"p4ss").unwrap();
+        let mut text = String::new();
+        entry.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "secret bytes");
     }
 }

@@ -334,6 +334,12 @@ impl Guest for FilesCollector {
         let redact = params
             .iter()
             .any(|(k, v)| k == "log-redaction-level" && v == "partial");
+        // `encryptionPassword`: the host encrypts every entry (WinZip
+        // AES-256). A secret: it goes to the host's archive and nowhere else.
+        let password = params
+            .iter()
+            .find(|(k, _)| k == "encryption-password")
+            .map(|(_, v)| v.clone());
 
         let mut found = Walk::default();
         for grant in grants() {
@@ -373,7 +379,7 @@ impl Guest for FilesCollector {
             &name,
             &ArchiveOptions {
                 compression: settings.compression,
-                password: None,
+                password,
                 max_entry_bytes: max,
             },
         )
