@@ -93,6 +93,13 @@ pub struct GrantRecord {
     pub host: String,
     /// Where the plugin saw it.
     pub guest: String,
+    /// Files the host added from it to the plugin's archives (`archive.add-file`),
+    /// and their bytes as read; absent when none (what the plugin read
+    /// itself through WASI is not counted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_added: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_added: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,6 +185,7 @@ pub struct Inputs<'a> {
     pub options: &'a [(String, String)],
     pub parameters: &'a CollectParameters,
     pub grants: &'a [crate::config::InputGrant],
+    pub grants_used: &'a BTreeMap<String, crate::plugin::archive::GrantUse>,
     pub exec_runs: &'a [ExecRun],
     pub partial: Option<&'a str>,
     pub wall_time: Duration,
@@ -215,10 +223,15 @@ impl Manifest {
             grants: i
                 .grants
                 .iter()
-                .map(|g| GrantRecord {
-                    name: g.name.clone(),
-                    host: g.host.display().to_string(),
-                    guest: g.guest.clone(),
+                .map(|g| {
+                    let used = i.grants_used.get(&g.name);
+                    GrantRecord {
+                        name: g.name.clone(),
+                        host: g.host.display().to_string(),
+                        guest: g.guest.clone(),
+                        files_added: used.map(|u| u.files),
+                        bytes_added: used.map(|u| u.bytes),
+                    }
                 })
                 .collect(),
             exec: i
@@ -605,6 +618,7 @@ mod tests {
                 host: "/var/log/app".into(),
                 guest: "/inputs/logs".into(),
             }],
+            grants_used: &BTreeMap::new(),
             exec_runs: &runs,
             partial: None,
             wall_time: Duration::from_millis(50),

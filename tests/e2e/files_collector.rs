@@ -134,6 +134,13 @@ async fn files_collector_takes_what_the_globs_select_byte_for_byte() {
     assert!(got == want, "contents differ");
     assert!(listing.contains("1 symlinks skipped"), "{listing}");
     assert!(!node.partial, "{node:?}");
+    // The host's manifest says what it added from the grant.
+    let manifest = path.with_file_name("manifest.json");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(manifest).unwrap()).unwrap();
+    let bytes: usize = want.values().map(Vec::len).sum();
+    assert_eq!(manifest["grants"][0]["filesAdded"], 4, "{manifest}");
+    assert_eq!(manifest["grants"][0]["bytesAdded"], bytes, "{manifest}");
 }
 
 #[tokio::test]

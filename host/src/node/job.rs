@@ -221,6 +221,7 @@ fn manifest_of(
         options: &role.options,
         parameters,
         grants: &role.inputs,
+        grants_used: &collected.grants_used,
         exec_runs: &collected.exec_runs,
         partial: collected.partial.as_deref(),
         wall_time,

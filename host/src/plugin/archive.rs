@@ -12,7 +12,7 @@
 //!   [`Archive`]'s pool size × 2 entries are in flight.
 //! - [`ArchiveHandle`]: the host side of the WIT `archive` resource.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::{self, Cursor, Read, Seek, SeekFrom, Write};
 use std::path::{Component, Path, PathBuf};
@@ -102,12 +102,22 @@ impl Redaction {
 }
 
 /// One run's archive context.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct ArchiveCtx {
     /// Host output directory (none: no archive can be created).
     pub output_dir: Option<PathBuf>,
     pub grants: Vec<InputGrant>,
     pub redaction: Redaction,
+    /// What the host read from each grant for the run's archives: files
+    /// added and their bytes, by grant name (for the manifest).
+    pub used: Mutex<BTreeMap<String, GrantUse>>,
+}
+
+/// Files added from one grant by the archive writer, and their bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GrantUse {
+    pub files: u64,
+    pub bytes: u64,
 }
 
 /// A plain file name for the zip itself.
@@ -454,6 +464,10 @@ impl Archive {
             compression: self.options.compression,
             password: self.password.clone(),
         })?;
+        let mut used = self.ctx.used.lock().unwrap();
+        let grant_use = used.entry(grant.to_string()).or_default();
+        grant_use.files += 1;
+        grant_use.bytes += size;
         Ok(info)
     }
 
@@ -827,6 +841,7 @@ mod tests {
 
     fn ctx(dir: &Path, grants: Vec<InputGrant>, redaction: Redaction) -> Arc<ArchiveCtx> {
         Arc::new(ArchiveCtx {
+            used: Default::default(),
             output_dir: Some(dir.to_path_buf()),
             grants,
             redaction,

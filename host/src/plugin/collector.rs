@@ -309,6 +309,8 @@ pub struct Collected {
     pub partial: Option<String>,
     /// Start parameters it was given but did not honour (`since`, `until`).
     pub ignored: Vec<String>,
+    /// What the host read from each grant for the run's archives.
+    pub grants_used: std::collections::BTreeMap<String, super::archive::GrantUse>,
 }
 
 /// One collection to run.
@@ -455,6 +457,7 @@ impl CollectorPlugin {
         let parameters_read = store.data().parameters_read;
         let exec_runs = store.data().exec.runs.snapshot();
         let memory_peak = store.data().memory_peak();
+        let grants_used = store.data().archive.used.lock().unwrap().clone();
         let ignored: Vec<String> = HONOURABLE
             .iter()
             .filter(|key| given.iter().any(|g| g == *key))
@@ -506,6 +509,7 @@ impl CollectorPlugin {
             memory_peak,
             partial,
             ignored,
+            grants_used,
         })
     }
 }

@@ -261,6 +261,7 @@ pub fn new_store(
         runs: Default::default(),
     };
     let archive = Arc::new(ArchiveCtx {
+        used: Default::default(),
         output_dir: setup.output_dir.map(Path::to_path_buf),
         grants: setup.inputs.to_vec(),
         redaction: Redaction::of_parameters(&setup.task_parameters),
