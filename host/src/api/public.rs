@@ -164,13 +164,20 @@ fn parse_time(
         'd' => 86_400,
         _ => return Err(EXPECTED.into()),
     };
-    let count: i64 = value[..value.len() - 1]
-        .parse()
+    // At most ten years back, whatever the unit (a larger one would take
+    // the date out of chrono's range, which panics).
+    let total = value[..value.len() - 1]
+        .parse::<i64>()
         .ok()
-        .filter(|n| *n >= 0 && *n <= 3650 * 86_400)
+        .and_then(|count| count.checked_mul(seconds))
+        .filter(|total| (0..=MAX_WINDOW_SECS).contains(total))
         .ok_or(EXPECTED)?;
-    Ok(now - chrono::Duration::seconds(count * seconds))
+    now.checked_sub_signed(chrono::Duration::seconds(total))
+        .ok_or_else(|| EXPECTED.into())
 }
+
+/// The longest a relative `since`/`until` may reach back: ten years.
+const MAX_WINDOW_SECS: i64 = 3650 * 86_400;
 
 fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
@@ -674,5 +681,37 @@ fn clamp_wait(wait: Option<f64>) -> Duration {
     match wait {
         Some(w) if w.is_finite() && w >= 0.0 => Duration::from_secs_f64(w).min(MAX_LONG_POLL),
         _ => DEFAULT_LONG_POLL,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_times_are_rfc3339_or_a_bounded_duration_before_now() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-29T12:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let at = |v: &str| parse_time(v, now).map(rfc3339);
+        assert_eq!(at("2h").unwrap(), "2026-11-29T10:00:00Z");
+        assert_eq!(at("90s").unwrap(), "2026-11-29T11:58:30Z");
+        assert_eq!(
+            at("2026-11-29T13:00:00+01:00").unwrap(),
+            "2026-11-29T12:00:00Z"
+        );
+        assert_eq!(at("3650d").unwrap(), "2016-12-01T12:00:00Z");
+        // Past ten years, in any unit, and sizes that would overflow.
+        for bad in [
+            "3651d",
+            "315360000d",
+            "9223372036854775807s",
+            "-1h",
+            "2w",
+            "é",
+            "",
+        ] {
+            assert!(at(bad).is_err(), "{bad}");
+        }
     }
 }
