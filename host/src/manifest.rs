@@ -32,26 +32,13 @@ pub use crate::redact::hash_of_salt;
 /// The manifest's format; bumped when a field changes meaning.
 pub const FORMAT_VERSION: u32 = 1;
 /// What a masked value reads as.
-pub const MASK: &str = "*****";
+pub use crate::protocol::MASK;
 /// The manifest's name beside the artifact in `results/TASK/`.
 pub const RESULTS_NAME: &str = "manifest.json";
 /// The manifest's name in a shared `logDir`, and when uploaded.
 pub fn name_for(artifact: &str) -> String {
     format!("{artifact}.manifest.json")
 }
-
-/// An option name holding one of these (in any case) is masked.
-const SECRET_WORDS: &[&str] = &[
-    "password",
-    "passwd",
-    "secret",
-    "salt",
-    "token",
-    "key",
-    "credential",
-    "auth",
-    "cookie",
-];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -187,6 +174,7 @@ pub struct Inputs<'a> {
     pub grants: &'a [crate::config::InputGrant],
     pub grants_used: &'a BTreeMap<String, crate::plugin::archive::GrantUse>,
     pub exec_runs: &'a [ExecRun],
+    /// Why the collection is partial, secrets already masked.
     pub partial: Option<&'a str>,
     pub wall_time: Duration,
     pub peak_memory_bytes: u64,
@@ -247,10 +235,9 @@ impl Manifest {
                     duration_ms: run.duration.map(|d| d.as_millis() as u64),
                 })
                 .collect(),
+            // Masked already by the collector's host, for status too.
             partial: i.partial.map(|reason| PartialRecord {
-                reason: secrets
-                    .iter()
-                    .fold(reason.to_string(), |r, s| r.replace(s.as_str(), MASK)),
+                reason: reason.to_string(),
             }),
             run: RunInfo {
                 wall_time_ms: i.wall_time.as_millis() as u64,
@@ -308,8 +295,7 @@ pub fn mask_options(options: &[(String, String)]) -> BTreeMap<String, String> {
     options
         .iter()
         .map(|(k, v)| {
-            let lower = k.to_ascii_lowercase();
-            let secret = SECRET_WORDS.iter().any(|w| lower.contains(w));
+            let secret = crate::protocol::is_secret_name(k);
             (k.clone(), if secret { MASK.into() } else { v.clone() })
         })
         .collect()

@@ -177,6 +177,28 @@ pub struct CollectParameters {
     pub until: Option<String>,
 }
 
+/// What a masked secret reads as (audit log, manifest, status).
+pub const MASK: &str = "*****";
+
+/// Whether a parameter or option name looks like it holds a secret (it
+/// holds, in any case, one of these words): its value is masked wherever
+/// it is recorded.
+pub fn is_secret_name(name: &str) -> bool {
+    const SECRET_WORDS: &[&str] = &[
+        "password",
+        "passwd",
+        "secret",
+        "salt",
+        "token",
+        "key",
+        "credential",
+        "auth",
+        "cookie",
+    ];
+    let name = name.to_ascii_lowercase();
+    SECRET_WORDS.iter().any(|w| name.contains(w))
+}
+
 /// A secret start parameter (the zip encryption password). Its `Debug`
 /// prints `<secret>` and it has no `Display`, so it cannot slip into a
 /// log line or an error message by accident; [`Secret::expose`] is the

@@ -12,22 +12,10 @@ use std::sync::Mutex;
 use serde_json::{Map, Value, json};
 
 use super::params::{Param, Params};
+use crate::protocol::{MASK, is_secret_name};
 
-/// A parameter whose name holds one of these (in any case) is a secret.
-const SECRET_WORDS: &[&str] = &[
-    "password",
-    "passwd",
-    "secret",
-    "salt",
-    "token",
-    "key",
-    "credential",
-    "auth",
-    "cookie",
-];
 /// Parameters that may hold `user:password@` in a URL.
 const URL_PARAMS: &[&str] = &["uploadProxy", "uploadHost", "upload_host"];
-const MASK: &str = "*****";
 
 pub struct AuditLog {
     path: PathBuf,
@@ -107,7 +95,7 @@ fn masked(params: &Params, known: &[&str]) -> Map<String, Value> {
     params
         .iter()
         .map(|(key, value)| {
-            let value = if !known.contains(&key.as_str()) || is_secret(key) {
+            let value = if !known.contains(&key.as_str()) || is_secret_name(key) {
                 Value::from(MASK)
             } else {
                 match value {
@@ -120,14 +108,8 @@ fn masked(params: &Params, known: &[&str]) -> Map<String, Value> {
         .collect()
 }
 
-/// Does this parameter name look like it holds a secret?
-fn is_secret(key: &str) -> bool {
-    let key = key.to_ascii_lowercase();
-    SECRET_WORDS.iter().any(|w| key.contains(w))
-}
-
 fn mask(key: &str, value: &str) -> String {
-    if is_secret(key) {
+    if is_secret_name(key) {
         return MASK.into();
     }
     if URL_PARAMS.contains(&key)

@@ -467,9 +467,9 @@ impl CollectorPlugin {
         // The plugin holds the salt and the password: its words never
         // carry them into status or the manifest.
         let partial = store.data().partial.clone().map(|reason| {
-            secrets
-                .iter()
-                .fold(reason, |r, secret| r.replace(secret.as_str(), "*****"))
+            secrets.iter().fold(reason, |r, secret| {
+                r.replace(secret.as_str(), crate::protocol::MASK)
+            })
         });
         // However the run ended: the store (and every child's stdin) goes,
         // then whatever the plugin started is stopped before we return.
