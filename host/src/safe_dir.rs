@@ -144,43 +144,17 @@ impl SafeDir {
     /// `name`, if it is a regular file directly in this directory (never
     /// through a symlink), opened for reading.
     pub fn open_file(&self, name: &str) -> io::Result<(File, FileId)> {
-        let fd = rustix::fs::openat(
-            &self.fd,
-            plain(name)?,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY,
-            Mode::empty(),
-        )?;
-        let stat = rustix::fs::fstat(&fd)?;
-        if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{name:?} is not a regular file"),
-            ));
-        }
-        // Reads block normally from here on.
-        rustix::fs::fcntl_setfl(&fd, OFlags::RDONLY)?;
-        Ok((File::from(fd), file_id(&stat)))
+        let fd = rustix::fs::openat(&self.fd, plain(name)?, OPEN_TO_READ, Mode::empty())?;
+        let (file, stat) = regular_file(fd, || format!("{name:?}"))?;
+        Ok((file, file_id(&stat)))
     }
 
     /// The regular file at `rel` below this directory (several components
     /// allowed; no `..`, no symlink anywhere on the way, not even the last
     /// component), opened for reading, with its metadata.
     pub fn open_file_beneath(&self, rel: &Path) -> io::Result<(File, std::fs::Metadata)> {
-        let fd = open_beneath(
-            &self.fd,
-            rel,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY,
-            Mode::empty(),
-        )?;
-        let stat = rustix::fs::fstat(&fd)?;
-        if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{} is not a regular file", rel.display()),
-            ));
-        }
-        rustix::fs::fcntl_setfl(&fd, OFlags::RDONLY)?;
-        let file = File::from(fd);
+        let fd = open_beneath(&self.fd, rel, OPEN_TO_READ, Mode::empty())?;
+        let (file, _) = regular_file(fd, || rel.display().to_string())?;
         let meta = file.metadata()?;
         Ok((file, meta))
     }
@@ -401,6 +375,28 @@ fn file_id(stat: &rustix::fs::Stat) -> FileId {
 /// `openat2` below `dir` with no symlinks and no `..` escapes; where the
 /// kernel has no `openat2` (before 5.6), one plain component at a time
 /// with `O_NOFOLLOW`, which refuses the same paths.
+/// How a file is opened for reading: never through a final symlink, and
+/// without blocking on a FIFO (checked to be a regular file at once).
+const OPEN_TO_READ: OFlags = OFlags::RDONLY
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::NONBLOCK)
+    .union(OFlags::CLOEXEC)
+    .union(OFlags::NOCTTY);
+
+/// `fd` as a file, if it is a regular one (`what` names it in the
+/// error); reads block normally from here on.
+fn regular_file(fd: OwnedFd, what: impl Fn() -> String) -> io::Result<(File, rustix::fs::Stat)> {
+    let stat = rustix::fs::fstat(&fd)?;
+    if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file", what()),
+        ));
+    }
+    rustix::fs::fcntl_setfl(&fd, OFlags::RDONLY)?;
+    Ok((File::from(fd), stat))
+}
+
 fn open_beneath(dir: &OwnedFd, rel: &Path, flags: OFlags, mode: Mode) -> io::Result<OwnedFd> {
     match rustix::fs::openat2(dir, rel, flags, mode, resolve_flags()) {
         Err(rustix::io::Errno::NOSYS) => {}
