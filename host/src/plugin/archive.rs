@@ -49,11 +49,22 @@ pub enum Compression {
     Deflate(u8),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ArchiveOptions {
     pub compression: Compression,
+    /// A secret: `Debug` masks it.
     pub password: Option<String>,
     pub max_entry_bytes: Option<u64>,
+}
+
+impl std::fmt::Debug for ArchiveOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArchiveOptions")
+            .field("compression", &self.compression)
+            .field("password", &self.password.as_ref().map(|_| "<secret>"))
+            .field("max_entry_bytes", &self.max_entry_bytes)
+            .finish()
+    }
 }
 
 /// What `add-file` queued.
@@ -78,13 +89,24 @@ pub enum ArchiveError {
 }
 
 /// The redaction the request asks for.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub enum Redaction {
     #[default]
     None,
+    /// With the salt (a secret: `Debug` masks it).
     Partial(String),
     /// `log-redaction-level=partial` without a salt.
     MissingSalt,
+}
+
+impl std::fmt::Debug for Redaction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Redaction::None => f.write_str("None"),
+            Redaction::Partial(_) => f.write_str("Partial(<secret>)"),
+            Redaction::MissingSalt => f.write_str("MissingSalt"),
+        }
+    }
 }
 
 impl Redaction {
@@ -928,6 +950,30 @@ mod tests {
         assert!(whole.ends_with(&red) && red.len() > 90_000, "a suffix");
         assert!(!red.windows(6).any(|w| w == b"user49"));
         assert_eq!(zip.len(), 3);
+    }
+
+    #[test]
+    fn debug_output_never_holds_the_password_or_the_salt() {
+        let options = ArchiveOptions {
+            compression: Compression::Stored,
+            password: Some("hunter2-zip".into()),
+            max_entry_bytes: None,
+        };
+        let redaction = Redaction::Partial("pepper-salt".into());
+        let ctx = ArchiveCtx {
+            redaction: redaction.clone(),
+            ..Default::default()
+        };
+        for text in [
+            format!("{options:?}"),
+            format!("{redaction:?}"),
+            format!("{ctx:?}"),
+        ] {
+            assert!(
+                !text.contains("hunter2-zip") && !text.contains("pepper-salt"),
+                "{text}"
+            );
+        }
     }
 
     #[test]
