@@ -4,35 +4,12 @@
 use crate::support::*;
 use crate::upload_server::UploadServer;
 
-struct Run {
-    code: i32,
-    stdout: String,
-}
-
-/// Run `autocollect ARGS -c NODE -u admin -p PASSWORD`.
-async fn cli(c: &TestCluster, node: &str, args: &[&str]) -> Run {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_autocollect"))
-        .args(args)
-        .args(["-c", &c.node(node).addr.to_string(), "-u", "admin", "-p"])
-        .arg(&c.admin_password)
-        .arg("--cacert")
-        .arg(&c.ca_file)
-        .env_remove("AUTOCOLLECT_URL")
-        .output()
-        .await
-        .expect("run the CLI");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-    }
-}
-
 #[tokio::test]
 async fn start_with_wait_follows_the_collection_to_its_end_then_status_shows_it() {
     let server = UploadServer::start().await;
     let c = cluster(&["n1", "n2"], |config| config.upload.allow_http = true).await;
     let host = server.host();
-    let run = cli(
+    let run = couchbase_cli(
         &c,
         "n1",
         &[
@@ -61,7 +38,7 @@ async fn start_with_wait_follows_the_collection_to_its_end_then_status_shows_it(
     }
     assert_eq!(server.received().len(), 2);
 
-    let run = cli(&c, "n2", &["collect-logs-status"]).await;
+    let run = couchbase_cli(&c, "n2", &["collect-logs-status"]).await;
     assert_eq!(run.code, 0);
     assert!(
         run.stdout.starts_with("Status: completed\nDetails:\n"),
@@ -88,22 +65,22 @@ async fn start_status_and_stop_print_success_and_errors_like_couchbase_cli() {
         set_option(config, "delay-ms", 60_000i64);
     })
     .await;
-    let run = cli(&c, "n1", &["collect-logs-status"]).await;
+    let run = couchbase_cli(&c, "n1", &["collect-logs-status"]).await;
     assert_eq!(
         (run.code, run.stdout.as_str()),
         (0, "No log collection tasks were found\n")
     );
-    let run = cli(&c, "n1", &["collect-logs-start"]).await;
+    let run = couchbase_cli(&c, "n1", &["collect-logs-start"]).await;
     assert_eq!(
         (run.code, run.stdout.as_str()),
         (1, "ERROR: Must specify either --all-nodes or --nodes\n")
     );
-    let run = cli(&c, "n1", &["collect-logs-start", "--nodes", "ghost"]).await;
+    let run = couchbase_cli(&c, "n1", &["collect-logs-start", "--nodes", "ghost"]).await;
     assert_eq!(
         (run.code, run.stdout.as_str()),
         (1, "ERROR: nodes - Unknown nodes: [\"ghost\"]\n")
     );
-    let run = cli(&c, "n1", &["collect-logs-start", "--all-nodes", "--upload"]).await;
+    let run = couchbase_cli(&c, "n1", &["collect-logs-start", "--all-nodes", "--upload"]).await;
     assert_eq!(
         (run.code, run.stdout.as_str()),
         (
@@ -112,28 +89,28 @@ async fn start_status_and_stop_print_success_and_errors_like_couchbase_cli() {
         )
     );
 
-    let run = cli(&c, "n1", &["collect-logs-start", "--nodes", "n1"]).await;
+    let run = couchbase_cli(&c, "n1", &["collect-logs-start", "--nodes", "n1"]).await;
     assert_eq!(
         (run.code, run.stdout.as_str()),
         (0, "SUCCESS: Log collection started\n")
     );
-    let run = cli(&c, "n1", &["collect-logs-start", "--all-nodes"]).await;
+    let run = couchbase_cli(&c, "n1", &["collect-logs-start", "--all-nodes"]).await;
     assert_eq!(
         (run.code, run.stdout.as_str()),
         (1, "ERROR: Logs collection task is already started\n")
     );
-    let run = cli(&c, "n1", &["collect-logs-status"]).await;
+    let run = couchbase_cli(&c, "n1", &["collect-logs-status"]).await;
     assert!(
         run.stdout.starts_with("Status: running\n"),
         "{}",
         run.stdout
     );
-    let run = cli(&c, "n1", &["collect-logs-stop"]).await;
+    let run = couchbase_cli(&c, "n1", &["collect-logs-stop"]).await;
     assert_eq!(
         (run.code, run.stdout.as_str()),
         (0, "SUCCESS: Log collection stopped\n")
     );
-    let run = cli(&c, "n1", &["collect-logs-status"]).await;
+    let run = couchbase_cli(&c, "n1", &["collect-logs-status"]).await;
     assert!(
         run.stdout.starts_with("Status: cancelled\n"),
         "{}",
@@ -150,7 +127,7 @@ async fn status_shows_a_failed_collection_with_its_code_and_output() {
     .await;
     let started = c.admin("n1").start("all").await.unwrap();
     wait_for_end(&c.admin("n1"), &started.task_id).await;
-    let run = cli(&c, "n1", &["collect-logs-status"]).await;
+    let run = couchbase_cli(&c, "n1", &["collect-logs-status"]).await;
     assert_eq!(
         (run.code, run.stdout.as_str()),
         (

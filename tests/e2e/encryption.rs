@@ -364,19 +364,20 @@ async fn bad_encryption_passwords_get_field_keyed_errors_and_start_nothing() {
 async fn collect_logs_start_takes_an_encryption_password() {
     let c = cluster(&["n1", "n2"], |_| {}).await;
     let password = password();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_autocollect"))
-        .args(["collect-logs-start", "--all-nodes", "--wait"])
-        .args(["--encryption-password", &password])
-        .args(["-c", &c.node("n2").addr.to_string(), "-u", "admin", "-p"])
-        .arg(&c.admin_password)
-        .arg("--cacert")
-        .arg(&c.ca_file)
-        .env_remove("AUTOCOLLECT_URL")
-        .output()
-        .await
-        .expect("run the CLI");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let run = couchbase_cli(
+        &c,
+        "n2",
+        &[
+            "collect-logs-start",
+            "--all-nodes",
+            "--wait",
+            "--encryption-password",
+            &password,
+        ],
+    )
+    .await;
+    let stdout = run.stdout;
+    assert_eq!(run.code, 0, "{stdout}");
     assert!(
         stdout.ends_with("SUCCESS: Log collection completed\n"),
         "{stdout}"
@@ -394,26 +395,19 @@ async fn collect_logs_start_takes_an_encryption_password() {
     assert_nowhere_on_the_nodes(&c, "n2", &password, &zips);
 
     // couchbase-cli's own refusal, through the same command.
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_autocollect"))
-        .args([
+    let run = couchbase_cli(
+        &c,
+        "n1",
+        &[
             "collect-logs-start",
             "--all-nodes",
             "--encryption-password",
             "",
-        ])
-        .args(["-c", &c.node("n1").addr.to_string(), "-u", "admin", "-p"])
-        .arg(&c.admin_password)
-        .arg("--cacert")
-        .arg(&c.ca_file)
-        .env_remove("AUTOCOLLECT_URL")
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "ERROR: encryptionPassword - cannot be empty\n"
-    );
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 1);
+    assert_eq!(run.stdout, "ERROR: encryptionPassword - cannot be empty\n");
 }
 
 #[tokio::test]

@@ -94,6 +94,50 @@ pub async fn wait_for_log(c: &LocalCluster, node: &str, text: &str) {
     }
 }
 
+/// What a run of the `autocollect` command printed, and its exit code.
+pub struct CliRun {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Run `autocollect ARGS`, with none of the CLI's environment variables
+/// of the machine running the tests.
+pub async fn autocollect_cli(args: &[&str]) -> CliRun {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_autocollect"))
+        .args(args)
+        .env_remove("AUTOCOLLECT_URL")
+        .env_remove("AUTOCOLLECT_CACERT")
+        .env_remove("AUTOCOLLECT_USER")
+        .env_remove("AUTOCOLLECT_PASSWORD")
+        .output()
+        .await
+        .expect("run the CLI");
+    CliRun {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Run couchbase-cli's form against `node`: `autocollect ARGS -c NODE -u
+/// admin -p PASSWORD --cacert CA`.
+pub async fn couchbase_cli(c: &LocalCluster, node: &str, args: &[&str]) -> CliRun {
+    let addr = c.node(node).addr.to_string();
+    let ca = c.ca_file.display().to_string();
+    let connection = [
+        "-c",
+        &addr,
+        "-u",
+        "admin",
+        "-p",
+        &c.admin_password,
+        "--cacert",
+        &ca,
+    ];
+    autocollect_cli(&[args, &connection[..]].concat()).await
+}
+
 /// The deliberately hostile test plugin, built from plugins/test-misbehave.
 pub fn misbehave_plugin() -> String {
     autocollect::plugin::builtin::build_output("test_misbehave")

@@ -79,23 +79,23 @@ async fn a_bad_window_gets_field_keyed_errors() {
 #[tokio::test]
 async fn the_cli_takes_a_window_and_shows_who_ignored_it() {
     let c = cluster(&["n1"], |_| {}).await;
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_autocollect"))
-        .args([
-            "start",
-            "--since",
-            "30m",
-            "--wait",
-            "--url",
-            &c.node("n1").url(),
-        ])
-        .args(["-p", &c.admin_password, "--cacert"])
-        .arg(&c.ca_file)
-        .env_remove("AUTOCOLLECT_URL")
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let ca = c.ca_file.display().to_string();
+    let url = c.node("n1").url();
+    let run = autocollect_cli(&[
+        "start",
+        "--since",
+        "30m",
+        "--wait",
+        "--url",
+        &url,
+        "-p",
+        &c.admin_password,
+        "--cacert",
+        &ca,
+    ])
+    .await;
+    let stdout = run.stdout;
+    assert_eq!(run.code, 0, "{stdout}");
     assert!(
         stdout.contains(".zip (ignored by its collector: since)"),
         "{stdout}"

@@ -239,27 +239,6 @@ async fn a_node_whose_certificate_is_not_trusted_is_reported_in_words() {
     );
 }
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-async fn autocollect(args: &[&str]) -> Run {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_autocollect"))
-        .args(args)
-        .env_remove("AUTOCOLLECT_URL")
-        .env_remove("AUTOCOLLECT_CACERT")
-        .output()
-        .await
-        .expect("run the CLI");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
 #[tokio::test]
 async fn the_cli_checks_the_certificate_with_cacert_or_not_at_all_when_told() {
     let c = cluster(&["n1"], |_| {}).await;
@@ -267,7 +246,7 @@ async fn the_cli_checks_the_certificate_with_cacert_or_not_at_all_when_told() {
     let ca = c.ca_file.display().to_string();
     let base = ["status", "--url", &url, "-p", &c.admin_password];
 
-    let run = autocollect(&[&base[..], &["--cacert", &ca]].concat()).await;
+    let run = autocollect_cli(&[&base[..], &["--cacert", &ca]].concat()).await;
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert!(
         run.stdout.contains("no collection has run yet"),
@@ -276,11 +255,11 @@ async fn the_cli_checks_the_certificate_with_cacert_or_not_at_all_when_told() {
     );
 
     // The public roots do not know the cluster CA.
-    let run = autocollect(&base).await;
+    let run = autocollect_cli(&base).await;
     assert_eq!(run.code, 1);
     assert!(run.stderr.contains("certificate"), "{}", run.stderr);
 
-    let run = autocollect(&[&base[..], &["--no-ssl-verify"]].concat()).await;
+    let run = autocollect_cli(&[&base[..], &["--no-ssl-verify"]].concat()).await;
     assert_eq!(run.code, 0, "{}", run.stderr);
 
     // couchbase-cli's form: -c HOST:PORT (https assumed) with --cacert.
@@ -295,7 +274,7 @@ async fn the_cli_checks_the_certificate_with_cacert_or_not_at_all_when_told() {
         "-p",
         &password,
     ];
-    let run = autocollect(&[&cb[..], &["--cacert", &ca]].concat()).await;
+    let run = autocollect_cli(&[&cb[..], &["--cacert", &ca]].concat()).await;
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert_eq!(run.stdout, "No log collection tasks were found\n");
     let https = format!("https://{addr}");
@@ -308,11 +287,11 @@ async fn the_cli_checks_the_certificate_with_cacert_or_not_at_all_when_told() {
         "-p",
         &password,
     ];
-    let run = autocollect(&[&cb[..], &["--no-ssl-verify"]].concat()).await;
+    let run = autocollect_cli(&[&cb[..], &["--no-ssl-verify"]].concat()).await;
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
 
     // A --cacert that is no certificate is said so.
-    let run = autocollect(&[&base[..], &["--cacert", "/etc/hostname"]].concat()).await;
+    let run = autocollect_cli(&[&base[..], &["--cacert", "/etc/hostname"]].concat()).await;
     assert_eq!(run.code, 1);
     assert!(run.stderr.contains("no PEM certificate"), "{}", run.stderr);
 }
@@ -329,7 +308,7 @@ async fn a_plain_http_request_to_a_tls_node_is_told_to_use_https() {
         json!({"_": "This node serves HTTPS: use an https:// URL (with --cacert for a private CA)"})
     );
     // And the CLI given http:// shows that message.
-    let run = autocollect(&[
+    let run = autocollect_cli(&[
         "status",
         "--url",
         &format!("http://{}", c.node("n1").addr),
@@ -351,7 +330,7 @@ async fn certs_init_makes_a_ca_and_node_certificates_with_private_keys_kept_priv
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
     let certs_arg = certs.display().to_string();
-    let run = autocollect(&[
+    let run = autocollect_cli(&[
         "certs",
         "init",
         "--nodes",
@@ -385,7 +364,7 @@ async fn certs_init_makes_a_ca_and_node_certificates_with_private_keys_kept_priv
     let n1 = &autocollect::tls::read_certs(&n1).unwrap()[0];
     assert!(autocollect::tls::cert_is_valid_for(n1, "10.0.0.1"));
 
-    let run = autocollect(&["certs", "init", "--nodes", "n3", "--dir", &certs_arg]).await;
+    let run = autocollect_cli(&["certs", "init", "--nodes", "n3", "--dir", &certs_arg]).await;
     assert_eq!(run.code, 1);
     assert!(run.stderr.contains("expected NAME=HOST"), "{}", run.stderr);
 }
