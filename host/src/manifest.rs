@@ -12,9 +12,11 @@
 //! run's wall time, peak linear memory and bytes kept, and the redaction
 //! level with Couchbase's `HashOfSalt` when partial.
 //!
-//! Not recorded yet (their features are being built): the plugin's input
-//! grants and what it read through them, and partial results; the
-//! manifest then gains the optional `grants` and `partial` fields.
+//! Optional fields: `grants` (the input grants, and what the host's
+//! archive writer read from each; what the plugin read itself through
+//! WASI is not counted), `partial` (why the collection stopped early) and
+//! `leftOut` (what the plugin says it did not collect, WIT 0.1.5
+//! `budget.left-out`).
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -64,11 +66,40 @@ pub struct Manifest {
     /// (the plugin wrapped up near a limit): why, in its words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partial: Option<PartialRecord>,
+    /// What the plugin said it did not collect (`budget.left-out`): when
+    /// it wrapped up early, and anything it skipped; absent when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left_out: Option<LeftOutRecord>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartialRecord {
     pub reason: String,
+}
+
+/// Items left out, in the plugin's words (secrets masked).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LeftOutRecord {
+    /// How many items, all told.
+    pub count: u64,
+    /// Their bytes, as the plugin gave them.
+    pub bytes: u64,
+    /// The first 10,000 of them.
+    pub items: Vec<LeftOutItem>,
+    /// `count` minus the items listed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub not_listed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeftOutItem {
+    pub item: String,
+    pub bytes: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One input grant, as the operator configured it.
@@ -176,6 +207,8 @@ pub struct Inputs<'a> {
     pub exec_runs: &'a [ExecRun],
     /// Why the collection is partial, secrets already masked.
     pub partial: Option<&'a str>,
+    /// What the plugin left out, secrets already masked.
+    pub left_out: &'a crate::plugin::sandbox::LeftOut,
     pub wall_time: Duration,
     pub peak_memory_bytes: u64,
     pub bytes_written: u64,
@@ -238,6 +271,20 @@ impl Manifest {
             // Masked already by the collector's host, for status too.
             partial: i.partial.map(|reason| PartialRecord {
                 reason: reason.to_string(),
+            }),
+            left_out: (i.left_out.count > 0).then(|| LeftOutRecord {
+                count: i.left_out.count,
+                bytes: i.left_out.bytes,
+                items: i
+                    .left_out
+                    .items
+                    .iter()
+                    .map(|(item, bytes)| LeftOutItem {
+                        item: item.clone(),
+                        bytes: *bytes,
+                    })
+                    .collect(),
+                not_listed: i.left_out.count - i.left_out.items.len() as u64,
             }),
             run: RunInfo {
                 wall_time_ms: i.wall_time.as_millis() as u64,
@@ -607,6 +654,11 @@ mod tests {
             grants_used: &BTreeMap::new(),
             exec_runs: &runs,
             partial: None,
+            left_out: &crate::plugin::sandbox::LeftOut {
+                items: vec![("logs/old.log".into(), 10)],
+                count: 3,
+                bytes: 30,
+            },
             wall_time: Duration::from_millis(50),
             peak_memory_bytes: 1 << 20,
             bytes_written: 3,
@@ -623,6 +675,11 @@ mod tests {
             serde_json::json!([{"name": "logs", "host": "/var/log/app", "guest": "/inputs/logs"}])
         );
         assert_eq!(v["exec"][0]["exit"]["code"], 0);
+        assert_eq!(
+            v["leftOut"],
+            serde_json::json!({"count": 3, "bytes": 30, "notListed": 2,
+                "items": [{"item": "logs/old.log", "bytes": 10}]})
+        );
         assert_eq!(v["exec"][0]["durationMs"], 12);
         assert_eq!(v["exec"][0]["args"][0], "--log-redaction-salt=*****");
         let back: Manifest = serde_json::from_str(&json).unwrap();

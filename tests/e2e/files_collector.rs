@@ -1,7 +1,8 @@
 //! The built-in `files` collector (`builtin:files`): granted files chosen
 //! by include/exclude globs, cut to their tail past `max_file_bytes`,
 //! redacted under partial redaction (`-redacted.zip`), and a valid zip
-//! with what fits when the job nears its disk budget.
+//! with what fits when the job nears any of its budgets (disk, files,
+//! deadline), the left-out files named in the manifest.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -214,30 +215,93 @@ async fn files_collector_near_its_disk_budget_keeps_a_valid_partial_zip() {
         config.storage.job_max_mb = 2
     })
     .await;
+    assert_partial(&node, &path, 40, "disk budget");
+}
+
+#[tokio::test]
+async fn files_collector_near_its_file_budget_keeps_a_valid_partial_zip() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    for i in 0..60 {
+        std::fs::write(logs.join(format!("part-{i:02}.log")), format!("line {i}\n")).unwrap();
+    }
+    // Entries in the host's zip count as files: 60 cannot fit in 30.
+    let (_c, node, path) = run(&logs, &[], json!({"nodes": "*"}), |config| {
+        config.storage.job_max_files = 30
+    })
+    .await;
+    let kept = assert_partial(&node, &path, 60, "file budget");
+    assert!(kept <= 27, "{kept} files kept against a budget of 30");
+}
+
+#[tokio::test]
+async fn files_collector_near_its_deadline_keeps_a_valid_partial_zip() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    // Sparse files: free to make, 8 MiB each to read and compress, far
+    // more than 4 s of work on any machine.
+    for i in 0..2000 {
+        let file = std::fs::File::create(logs.join(format!("part-{i:04}.log"))).unwrap();
+        file.set_len(8 << 20).unwrap();
+    }
+    let (_c, node, path) = run(&logs, &[], json!({"nodes": "*"}), |config| {
+        config.collector.timeout_secs = 4.0
+    })
+    .await;
+    assert_partial(&node, &path, 2000, "deadline");
+}
+
+/// `node` is collected and partial for `why`; the zip at `path` is valid,
+/// holds some but not all of the `total` files, and its listing and the
+/// manifest's `leftOut` name exactly the others. Returns how many it kept.
+fn assert_partial(node: &NodeStatus, path: &Path, total: usize, why: &str) -> usize {
     assert!(node.partial, "{node:?}");
     let reason = node.partial_reason.clone().unwrap();
-    assert!(reason.contains("disk budget"), "{reason}");
+    assert!(reason.contains(why), "{reason}");
     assert!(
-        reason.contains(" of 40 files (first: logs/part-"),
+        reason.contains(&format!(" of {total} files (first: logs/part-")),
         "{reason}"
     );
-    let got = entries(&path);
-    let kept = got.keys().filter(|k| k.starts_with("logs/")).count();
-    eprintln!("{reason}; {kept} kept");
-    assert!((1..40).contains(&kept), "{kept} files kept");
+    let got = entries(path);
+    let kept: Vec<&String> = got.keys().filter(|k| k.starts_with("logs/")).collect();
+    eprintln!("{reason}; {} kept", kept.len());
+    assert!(
+        (1..total).contains(&kept.len()),
+        "{} files kept",
+        kept.len()
+    );
     let listing = String::from_utf8(got["files-collector.txt"].clone()).unwrap();
     assert_eq!(
         listing
             .lines()
             .filter(|l| l.starts_with("left out "))
             .count(),
-        40 - kept,
+        total - kept.len(),
         "{listing}"
     );
     let manifest = path.with_file_name("manifest.json");
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(manifest).unwrap()).unwrap();
     assert_eq!(manifest["partial"]["reason"], reason.as_str());
+    let left_out = &manifest["leftOut"];
+    assert_eq!(left_out["count"], (total - kept.len()) as u64, "{left_out}");
+    let named: Vec<&str> = left_out["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["item"].as_str().unwrap())
+        .collect();
+    assert_eq!(named.len(), total - kept.len());
+    for name in named {
+        assert!(name.starts_with("logs/part-"), "{name}");
+        assert!(
+            !got.contains_key(name),
+            "{name} is both in the zip and left out"
+        );
+    }
+    kept.len()
 }
 
 #[tokio::test]
@@ -334,4 +398,63 @@ async fn files_collector_encrypts_its_zip_with_the_encryption_password() {
     assert_eq!(text.as_bytes(), files["debug.log"].as_slice());
     let log = std::fs::read_to_string(&c.node("n1").log_path).unwrap();
     assert!(!log.contains(password));
+}
+
+/// The README's example configuration for a Couchbase node's logs
+/// directory, as printed, over a directory laid out like one: the logs
+/// it names are collected, the access logs are not.
+#[tokio::test]
+async fn the_readmes_couchbase_logs_example_collects_a_couchbase_logs_directory() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    let after = readme
+        .split("Example: a Couchbase node's logs directory")
+        .nth(1)
+        .expect("the README's files collector example");
+    let block = after
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("its TOML block");
+    const DOCUMENTED: &str = "/opt/couchbase/var/lib/couchbase/logs";
+    assert!(block.contains(DOCUMENTED), "{block}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    let kept = [
+        "memcached.log.000000.txt",
+        "memcached.log.000001.txt",
+        "debug.log",
+        "info.log",
+        "error.log",
+        "babysitter.log",
+        "couchdb.log",
+        "stats.log",
+        "reports.log",
+        "analytics_info.log.gz",
+    ];
+    let left = ["http_access.log", "http_access_internal.log", "debug.log.1"];
+    for name in kept.iter().chain(&left) {
+        std::fs::write(logs.join(name), format!("[ns_server:info] {name}\n")).unwrap();
+    }
+    let block = block.replace(DOCUMENTED, logs.to_str().unwrap());
+    #[derive(serde::Deserialize)]
+    struct Example {
+        collector: autocollect::config::PluginRole,
+    }
+    let example: Example = toml::from_str(&block).expect("the example parses");
+    let c = cluster(&["n1"], move |config: &mut Config| {
+        config.collector = example.collector.clone();
+    })
+    .await;
+    let admin = c.admin("n1");
+    let task = collect_once(&admin).await;
+    let node = &task.per_node["n1"];
+    assert_eq!(node.status, NodeState::Collected, "{node:?}");
+    let got = entries(Path::new(node.path.as_deref().unwrap()));
+    let mut want: Vec<String> = kept.iter().map(|n| format!("logs/{n}")).collect();
+    want.push("files-collector.txt".into());
+    want.sort();
+    assert_eq!(got.keys().cloned().collect::<Vec<_>>(), want);
 }

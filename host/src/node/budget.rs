@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
 use rustix::fs::{AtFlags, FileType};
 
+use crate::plugin::archive::ArchiveHeld;
 use crate::safe_dir::SafeDir;
 
 /// Shortest time between two full walks triggered by events.
@@ -40,21 +41,24 @@ pub struct Limits {
     pub min_free_bytes: u64,
 }
 
-/// What the job holds right now, as the watcher last counted it: read by
-/// the collector's `budget.wrap-up` to tell the plugin when to finish.
+/// What the job holds right now: the directories as the watcher last
+/// counted them, and what the run's archives hold that no walk sees
+/// (spool files, zip entries). Read by the collector's `budget.wrap-up`
+/// to tell the plugin when to finish.
 #[derive(Debug, Default)]
 pub struct Usage {
     pub bytes: std::sync::atomic::AtomicU64,
     pub entries: std::sync::atomic::AtomicU64,
+    pub archives: Arc<ArchiveHeld>,
 }
 
 impl Usage {
     pub fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
+        self.bytes.load(Ordering::Relaxed) + self.archives.spool_bytes()
     }
 
     pub fn entries(&self) -> u64 {
-        self.entries.load(Ordering::Relaxed)
+        self.entries.load(Ordering::Relaxed) + self.archives.entries()
     }
 }
 
@@ -289,18 +293,21 @@ fn mib(bytes: u64) -> u64 {
     bytes.div_ceil(1 << 20)
 }
 
-fn over(tree: &Tree, free: Option<u64>, limits: &Limits) -> Option<String> {
-    if tree.bytes > limits.max_bytes {
+fn over(tree: &Tree, usage: &Usage, free: Option<u64>, limits: &Limits) -> Option<String> {
+    let bytes = tree.bytes + usage.archives.spool_bytes();
+    if bytes > limits.max_bytes {
         return Some(format!(
             "the job wrote {} MiB, over its budget of {} MiB (storage.job_max_mb): stopped",
-            mib(tree.bytes),
+            mib(bytes),
             mib(limits.max_bytes)
         ));
     }
-    if tree.entries > limits.max_entries {
+    let entries = tree.entries + usage.archives.entries();
+    if entries > limits.max_entries {
         return Some(format!(
-            "the job created {} files, over its budget of {} (storage.job_max_files): stopped",
-            tree.entries, limits.max_entries
+            "the job created {entries} files and archive entries, over its budget of {} \
+             (storage.job_max_files): stopped",
+            limits.max_entries
         ));
     }
     match free {
@@ -364,7 +371,7 @@ fn run(
             last_free = Instant::now();
         }
         tree.publish(usage);
-        if let Some(reason) = over(tree, free, &limits)
+        if let Some(reason) = over(tree, usage, free, &limits)
             && let Some(breach) = breach.take()
         {
             tracing::warn!(bytes = tree.bytes, files = tree.entries, "{reason}");

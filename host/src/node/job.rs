@@ -78,6 +78,7 @@ pub(super) async fn collect(
         JobBudget {
             max_bytes: settings.job_max_mb << 20,
             max_files: settings.job_max_files,
+            archives: usage.archives.clone(),
             usage: Arc::new(move || (usage.bytes(), usage.entries())),
         }
     });
@@ -224,6 +225,7 @@ fn manifest_of(
         grants_used: &collected.grants_used,
         exec_runs: &collected.exec_runs,
         partial: collected.partial.as_deref(),
+        left_out: &collected.left_out,
         wall_time,
         peak_memory_bytes: collected.memory_peak,
         bytes_written: kept.bytes_kept,

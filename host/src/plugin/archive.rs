@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::{self, Cursor, Read, Seek, SeekFrom, Write};
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -133,6 +133,80 @@ pub struct ArchiveCtx {
     /// What the host read from each grant for the run's archives: files
     /// added and their bytes, by grant name (for the manifest).
     pub used: Mutex<BTreeMap<String, GrantUse>>,
+    /// What the run's archives hold that a walk of the output directory
+    /// cannot see, for the job's budget.
+    pub held: Arc<ArchiveHeld>,
+}
+
+/// What a run's archives hold beyond what is visible in the output
+/// directory: the bytes of the unnamed temporary files entries compress
+/// into, and the entries inside the zips. The job's budget counts them
+/// with the directories' bytes and files, so an archive is held to the
+/// same `job_max_mb` and `job_max_files` as files written by hand.
+#[derive(Debug, Default)]
+pub struct ArchiveHeld {
+    spool_bytes: AtomicU64,
+    entries: AtomicU64,
+}
+
+impl ArchiveHeld {
+    /// Bytes in temporary spool files right now.
+    pub fn spool_bytes(&self) -> u64 {
+        self.spool_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Entries in the run's zips (queued or written; a zip removed
+    /// unfinished gives its entries back).
+    pub fn entries(&self) -> u64 {
+        self.entries.load(Ordering::Relaxed)
+    }
+}
+
+/// A spool in an unnamed temporary file: its bytes are counted in
+/// [`ArchiveHeld`] while it exists.
+struct SpoolFile {
+    file: File,
+    written: u64,
+    held: Arc<ArchiveHeld>,
+}
+
+impl Write for SpoolFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        // Past the end only: the zip writer seeks back to patch headers.
+        let end = self.file.stream_position()?;
+        if end > self.written {
+            self.held
+                .spool_bytes
+                .fetch_add(end - self.written, Ordering::Relaxed);
+            self.written = end;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl Read for SpoolFile {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.file.read(buf)
+    }
+}
+
+impl Seek for SpoolFile {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        self.file.seek(pos)
+    }
+}
+
+impl Drop for SpoolFile {
+    fn drop(&mut self) {
+        self.held
+            .spool_bytes
+            .fetch_sub(self.written, Ordering::Relaxed);
+    }
 }
 
 /// Files added from one grant by the archive writer, and their bytes.
@@ -323,6 +397,8 @@ pub struct Archive {
     finished: bool,
     /// Every entry is encrypted with it (WinZip AES-256).
     password: Option<Arc<str>>,
+    /// Entries queued, counted in the run's [`ArchiveHeld`].
+    entries: u64,
 }
 
 impl Archive {
@@ -375,6 +451,7 @@ impl Archive {
             abandoned: Arc::new(AtomicBool::new(false)),
             failure: None,
             finished: false,
+            entries: 0,
         })
     }
 
@@ -523,12 +600,16 @@ impl Archive {
         let entry = job.entry.clone();
         let dir = self.dir.clone();
         let abandoned = self.abandoned.clone();
+        let held = self.ctx.held.clone();
         self.pool.submit(Box::new(move || {
             let name = job.entry.clone();
-            let done = compress(job, &dir, &abandoned).map_err(|e| format!("entry {name:?}: {e}"));
+            let done =
+                compress(job, &dir, &held, &abandoned).map_err(|e| format!("entry {name:?}: {e}"));
             let _ = tx.send(done);
         }))?;
         self.pending.push_back(Pending { entry, done: rx });
+        self.entries += 1;
+        self.ctx.held.entries.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -603,15 +684,28 @@ impl Drop for Archive {
             // Unfinished (dropped, or failed): no half-written zip stays.
             drop(self.zip.take());
             let _ = self.dir.remove_file(&self.name);
+            self.ctx
+                .held
+                .entries
+                .fetch_sub(self.entries, Ordering::Relaxed);
         }
     }
 }
 
 /// Compress one entry into a one-entry zip of its own.
-fn compress(job: EntryJob, dir: &SafeDir, abandoned: &AtomicBool) -> io::Result<Spool> {
+fn compress(
+    job: EntryJob,
+    dir: &SafeDir,
+    held: &Arc<ArchiveHeld>,
+    abandoned: &AtomicBool,
+) -> io::Result<Spool> {
     let spool: Spool = if job.size >= SPOOL_IN_MEMORY_MAX {
         match dir.temp_file() {
-            Ok(file) => Box::new(file),
+            Ok(file) => Box::new(SpoolFile {
+                file,
+                written: 0,
+                held: held.clone(),
+            }),
             Err(_) => Box::new(Cursor::new(Vec::new())),
         }
     } else {
@@ -864,6 +958,7 @@ mod tests {
     fn ctx(dir: &Path, grants: Vec<InputGrant>, redaction: Redaction) -> Arc<ArchiveCtx> {
         Arc::new(ArchiveCtx {
             used: Default::default(),
+            held: Default::default(),
             output_dir: Some(dir.to_path_buf()),
             grants,
             redaction,
@@ -1019,5 +1114,48 @@ mod tests {
         let mut text = String::new();
         entry.read_to_string(&mut text).unwrap();
         assert_eq!(text, "secret bytes");
+    }
+
+    #[test]
+    fn entries_and_spools_are_held_against_the_budget_until_given_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let grant_dir = tmp.path().join("g");
+        std::fs::create_dir(&grant_dir).unwrap();
+        // Spooled to a temporary file (at least SPOOL_IN_MEMORY_MAX).
+        let big = grant_dir.join("big");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(SPOOL_IN_MEMORY_MAX)
+            .unwrap();
+        let out = tmp.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let grants = vec![InputGrant {
+            name: "g".into(),
+            host: grant_dir,
+            guest: "/inputs/g".into(),
+        }];
+        let ctx = ctx(&out, grants, Redaction::None);
+        let options = ArchiveOptions {
+            compression: Compression::Stored,
+            password: None,
+            max_entry_bytes: None,
+        };
+        let mut a = Archive::create(ctx.clone(), "a.zip", options.clone()).unwrap();
+        a.add_bytes("x", vec![1; 10], None).unwrap();
+        a.add_file("g", "big", "big", false).unwrap();
+        assert_eq!(ctx.held.entries(), 2);
+        // A stored 8 MiB entry's spool, while it waits to be copied in.
+        let pending = a.pending.pop_back().unwrap();
+        let spool = pending.done.recv().unwrap().unwrap();
+        assert!(ctx.held.spool_bytes() >= SPOOL_IN_MEMORY_MAX);
+        drop(spool);
+        assert_eq!(ctx.held.spool_bytes(), 0);
+        let mut b = Archive::create(ctx.clone(), "b.zip", options).unwrap();
+        b.add_bytes("y", vec![2; 10], None).unwrap();
+        assert_eq!(ctx.held.entries(), 3);
+        b.finish().unwrap();
+        // An unfinished zip is removed, and its entries with it.
+        drop(a);
+        assert_eq!(ctx.held.entries(), 1);
     }
 }

@@ -16,7 +16,8 @@ use super::run::{
     validation_store,
 };
 use super::sandbox::{
-    GUEST_OUTPUT_DIR, InputGrant, JobBudget, PluginEvent, RunLabels, RunLimits, RunSetup, RunState,
+    GUEST_OUTPUT_DIR, InputGrant, JobBudget, LeftOut, PluginEvent, RunLabels, RunLimits, RunSetup,
+    RunState, truncate_utf8,
 };
 use super::{PluginHost, PluginIdentity, PluginSource};
 use wasmtime::component::Resource;
@@ -114,15 +115,11 @@ impl budget::Host for RunState {
     }
 
     fn partial(&mut self, reason: String) {
-        let mut reason = reason;
-        if reason.len() > MAX_PARTIAL_REASON {
-            let mut end = MAX_PARTIAL_REASON;
-            while !reason.is_char_boundary(end) {
-                end -= 1;
-            }
-            reason.truncate(end);
-        }
-        self.partial = Some(reason);
+        self.partial = Some(truncate_utf8(reason, MAX_PARTIAL_REASON));
+    }
+
+    fn left_out(&mut self, item: String, bytes: u64) {
+        self.left_out.add(item, bytes);
     }
 }
 
@@ -307,6 +304,8 @@ pub struct Collected {
     pub memory_peak: u64,
     /// Why the plugin said the collection is partial (`budget.partial`).
     pub partial: Option<String>,
+    /// What it said it left out (`budget.left-out`), secrets masked.
+    pub left_out: LeftOut,
     /// Start parameters it was given but did not honour (`since`, `until`).
     pub ignored: Vec<String>,
     /// What the host read from each grant for the run's archives.
@@ -466,11 +465,16 @@ impl CollectorPlugin {
             .collect();
         // The plugin holds the salt and the password: its words never
         // carry them into status or the manifest.
-        let partial = store.data().partial.clone().map(|reason| {
-            secrets.iter().fold(reason, |r, secret| {
-                r.replace(secret.as_str(), crate::protocol::MASK)
+        let mask = |text: String| {
+            secrets.iter().fold(text, |t, secret| {
+                t.replace(secret.as_str(), crate::protocol::MASK)
             })
-        });
+        };
+        let partial = store.data().partial.clone().map(mask);
+        let mut left_out = store.data().left_out.clone();
+        for (item, _) in &mut left_out.items {
+            *item = mask(std::mem::take(item));
+        }
         // However the run ended: the store (and every child's stdin) goes,
         // then whatever the plugin started is stopped before we return.
         drop(store);
@@ -508,6 +512,7 @@ impl CollectorPlugin {
             exec_runs,
             memory_peak,
             partial,
+            left_out,
             ignored,
             grants_used,
         })

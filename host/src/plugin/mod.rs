@@ -39,7 +39,7 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// The version of the `autocollect:plugin` WIT package this host speaks
 /// (`wit/*.wit`; a unit test keeps them equal).
-pub const WIT_VERSION: &str = "0.1.4";
+pub const WIT_VERSION: &str = "0.1.5";
 
 /// What identifies a loaded component, for the host's manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -111,6 +111,8 @@ pub struct RunState {
     pub(super) budget: Option<JobBudget>,
     /// Why the plugin said its collection is partial (`budget.partial`).
     pub(super) partial: Option<String>,
+    /// What the plugin said it left out (`budget.left-out`).
+    pub(super) left_out: LeftOut,
     /// The start parameters the plugin said it honours (`task.honour`).
     pub(super) honoured: std::collections::BTreeSet<String>,
     /// What the `archive` import may use: the output directory, the
@@ -124,7 +126,48 @@ pub struct RunState {
 pub struct JobBudget {
     pub max_bytes: u64,
     pub max_files: u64,
+    /// Bytes and files (archive spools and entries included).
     pub usage: Arc<dyn Fn() -> (u64, u64) + Send + Sync>,
+    /// Where the run's archives count what they hold, for `usage` and
+    /// whoever enforces the hard limits.
+    pub archives: Arc<super::archive::ArchiveHeld>,
+}
+
+/// What a collector said it left out (`budget.left-out`): the first
+/// [`LeftOut::ITEMS_MAX`] items, and the count and bytes of all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeftOut {
+    pub items: Vec<(String, u64)>,
+    pub count: u64,
+    pub bytes: u64,
+}
+
+impl LeftOut {
+    /// Items listed; the rest are only counted.
+    pub const ITEMS_MAX: usize = 10_000;
+    /// Longest item name kept, in bytes.
+    pub const NAME_MAX: usize = 4096;
+
+    pub fn add(&mut self, item: String, bytes: u64) {
+        self.count += 1;
+        self.bytes = self.bytes.saturating_add(bytes);
+        if self.items.len() < Self::ITEMS_MAX {
+            self.items
+                .push((truncate_utf8(item, Self::NAME_MAX), bytes));
+        }
+    }
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+pub fn truncate_utf8(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
 }
 
 /// The share of a limit past which `budget.wrap-up` answers.
@@ -156,7 +199,7 @@ impl RunState {
         }
         if files as f64 >= SOFT_SHARE * budget.max_files as f64 {
             return Some(format!(
-                "the job is near its file budget: {files} of {} files",
+                "the job is near its file budget: {files} of {} files and archive entries",
                 budget.max_files
             ));
         }
@@ -262,6 +305,11 @@ pub fn new_store(
     };
     let archive = Arc::new(ArchiveCtx {
         used: Default::default(),
+        held: setup
+            .budget
+            .as_ref()
+            .map(|b| b.archives.clone())
+            .unwrap_or_default(),
         output_dir: setup.output_dir.map(Path::to_path_buf),
         grants: setup.inputs.to_vec(),
         redaction: Redaction::of_parameters(&setup.task_parameters),
@@ -293,6 +341,7 @@ pub fn new_store(
             .collect(),
         budget: setup.budget,
         partial: None,
+        left_out: LeftOut::default(),
         honoured: Default::default(),
         archive,
     };

@@ -28,7 +28,9 @@
 //! Progress is reported in bytes, with the file count in the message.
 //! Before each file it asks `budget.wrap-up`: when the job nears a limit
 //! it finishes the zip with what it has and marks the collection
-//! partial, naming how many files it left out. The zip's last entry,
+//! partial, naming how many files it left out; it names each file it
+//! left out (or that vanished) with `budget.left-out`, for the host's
+//! manifest. The zip's last entry,
 //! `files-collector.txt`, lists every file selected and what became of
 //! it (added, truncated, left out, vanished).
 
@@ -421,10 +423,12 @@ impl Guest for FilesCollector {
                 // The file changed since the walk (removed, replaced by a
                 // symlink): leave it out; anything else breaks the zip.
                 Err(ArchiveError::Denied(why)) => {
+                    budget::left_out(&entry, file.size);
                     vanished.push(entry.clone());
                     listing.push(format!("skipped {entry}: {why}"));
                 }
                 Err(ArchiveError::Failed(why)) if why.starts_with(&format!("{entry}:")) => {
+                    budget::left_out(&entry, file.size);
                     vanished.push(entry.clone());
                     listing.push(format!("skipped {entry}: {why}"));
                 }
@@ -441,7 +445,9 @@ impl Guest for FilesCollector {
         if let Some((why, next)) = &wrapped_up {
             let left = &found.files[*next..];
             for f in left {
-                listing.push(format!("left out {} ({} bytes)", f.entry(), f.size));
+                let entry = f.entry();
+                budget::left_out(&entry, f.size);
+                listing.push(format!("left out {entry} ({} bytes)", f.size));
             }
             let reason = format!(
                 "{why}; left out {} of {total_files} files (first: {})",
