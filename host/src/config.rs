@@ -131,6 +131,10 @@ pub struct PluginRole {
     /// preopened read-only at its guest path. Empty: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inputs: Vec<InputGrant>,
+    /// The SHA-256 (hex) the plugin's component must have: a file with
+    /// other bytes is refused, at start and on reload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 /// One `[[collector.inputs]]` entry: a host directory the collector may
@@ -161,6 +165,7 @@ impl Default for PluginRole {
             exec_grace_secs: default_exec_grace_secs(),
             exec_max_processes: default_exec_max_processes(),
             inputs: Vec::new(),
+            sha256: None,
         }
     }
 }
@@ -180,6 +185,7 @@ impl PluginRole {
             exec_grace_secs: default_exec_grace_secs(),
             exec_max_processes: default_exec_max_processes(),
             inputs: Vec::new(),
+            sha256: None,
         }
     }
 
@@ -530,6 +536,11 @@ impl Config {
             }
             if !role.exec_grace_secs.is_finite() || role.exec_grace_secs < 0.0 {
                 bail!("{name}.exec_grace_secs must be zero or positive");
+            }
+            if let Some(pin) = &role.sha256
+                && (pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                bail!("{name}.sha256: {pin:?} must be 64 hex digits (`sha256sum PLUGIN.wasm`)");
             }
         }
         if self.coordinator.heartbeat_interval_ms == 0 {

@@ -288,14 +288,33 @@ pub struct Busy {
     pub coordinator: String,
 }
 
+/// A plugin a node runs, as `/health` and a node's status name it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PluginRef {
+    /// `collector` or `uploader`.
+    pub role: String,
+    /// `builtin:NAME` or the component's path.
+    pub source: String,
+    /// SHA-256 of the component's bytes, lowercase hex.
+    pub sha256: String,
+    /// The `autocollect:plugin` version it was built against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wit_version: Option<String>,
+}
+
 /// One line of a session stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "camelCase")]
 pub enum NodeEvent {
     /// Sent every heartbeat interval so both ends notice a dead peer.
     Heartbeat,
-    /// The collector plugin is running.
-    Started,
+    /// The collector plugin is running. `plugin`: which one (absent from
+    /// nodes that predate it).
+    Started {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        plugin: Option<PluginRef>,
+    },
     /// The plugin reported progress.
     Progress {
         done: u64,
@@ -328,8 +347,13 @@ pub enum NodeEvent {
         status_code: Option<String>,
         output: String,
     },
-    /// The uploader started sending the artifact to `url`.
-    UploadStarted { url: String },
+    /// The uploader started sending the artifact to `url`; `plugin`: which
+    /// uploader (absent from nodes that predate it).
+    UploadStarted {
+        url: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        plugin: Option<PluginRef>,
+    },
     /// The artifact is stored at `url`.
     #[serde(rename_all = "camelCase")]
     Uploaded { url: String, bytes_sent: u64 },
@@ -412,5 +436,25 @@ mod tests {
         let none = CollectParameters::default();
         assert_eq!(serde_json::to_value(&none).unwrap(), serde_json::json!({}));
         assert!(none.plugin_parameters().is_empty());
+    }
+
+    #[test]
+    fn started_events_name_their_plugin_and_older_ones_still_parse() {
+        let old: NodeEvent = serde_json::from_str(r#"{"event":"started"}"#).unwrap();
+        assert_eq!(old, NodeEvent::Started { plugin: None });
+        let old: NodeEvent =
+            serde_json::from_str(r#"{"event":"uploadStarted","url":"https://h/c/f.zip"}"#).unwrap();
+        assert!(matches!(old, NodeEvent::UploadStarted { plugin: None, .. }));
+        let event = NodeEvent::Started {
+            plugin: Some(PluginRef {
+                role: "collector".into(),
+                source: "builtin:files".into(),
+                sha256: "ab".repeat(32),
+                wit_version: Some("0.1.5".into()),
+            }),
+        };
+        let line = serde_json::to_string(&event).unwrap();
+        assert!(line.contains(r#""witVersion":"0.1.5""#), "{line}");
+        assert_eq!(serde_json::from_str::<NodeEvent>(&line).unwrap(), event);
     }
 }

@@ -24,6 +24,7 @@ mod netns;
 mod network_policy;
 mod proxy_server;
 mod redaction;
+mod reload;
 mod sandbox;
 mod support;
 mod time_window;

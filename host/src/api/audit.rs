@@ -1,4 +1,4 @@
-//! The audit log: one JSON line per start or cancel request, on the node
+//! The audit log: one JSON line per start, cancel or reload request, on the node
 //! that received it, saying who asked for what and what came of it.
 //! Secrets never reach it: a parameter whose name looks secret (password,
 //! secret, salt, token, key...) is masked, and so is any parameter the
@@ -25,7 +25,7 @@ pub struct AuditLog {
 /// One audited request.
 pub struct Entry<'a> {
     pub user: &'a str,
-    /// `start` or `cancel`.
+    /// `start`, `cancel` or `reload`.
     pub action: &'a str,
     pub route: &'a str,
     pub params: Option<&'a Params>,

@@ -27,6 +27,8 @@ pub const START_URI: &str = "/collectLogs/start";
 pub const STATUS_URI: &str = "/collectLogs/status";
 pub const CANCEL_URI: &str = "/collectLogs/cancel";
 pub const HEALTH_URI: &str = "/health";
+/// Reload the configuration (admins), as SIGHUP does.
+pub const RELOAD_URI: &str = "/admin/reload";
 
 /// The address a request came from (set by the server on every request).
 #[derive(Debug, Clone, Copy)]
@@ -35,6 +37,8 @@ pub struct ClientAddr(pub SocketAddr);
 /// What every handler may reach.
 #[derive(Clone)]
 pub struct AppState {
+    /// Reloads the configuration (SIGHUP, `POST /admin/reload`).
+    pub reloader: Arc<crate::server::reload::Reloader>,
     pub node: Arc<NodeService>,
     pub coordinator: Arc<Coordinator>,
     pub users: Arc<Users>,

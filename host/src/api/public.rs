@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 
 use super::audit::Entry;
 use super::params::{self, Param};
-use super::{AppState, CANCEL_URI, ClientAddr, HEALTH_URI, START_URI, STATUS_URI};
+use super::{AppState, CANCEL_URI, ClientAddr, HEALTH_URI, RELOAD_URI, START_URI, STATUS_URI};
 use crate::auth::{AuthError, Caller};
 use crate::config::Role;
 use crate::coordinator::task::TaskStatus;
@@ -60,6 +60,29 @@ pub fn router(_state: AppState) -> Router<AppState> {
         .route(STATUS_URI, get(status))
         .route(CANCEL_URI, post(cancel))
         .route(HEALTH_URI, get(health))
+        .route(RELOAD_URI, post(reload))
+}
+
+/// Reload the configuration as SIGHUP does; the report. Audited.
+async fn reload(State(state): State<AppState>, Admin(caller): Admin) -> Json<Value> {
+    let report = state
+        .reloader
+        .reload(&format!("POST {RELOAD_URI} by {}", caller.user))
+        .await;
+    state.audit.record(Entry {
+        user: &caller.user,
+        action: "reload",
+        route: RELOAD_URI,
+        params: None,
+        known: &[],
+        task_id: None,
+        outcome: if report.ok {
+            Ok(())
+        } else {
+            Err("not everything was applied".into())
+        },
+    });
+    Json(serde_json::to_value(report).unwrap_or_default())
 }
 
 /// Any authenticated user.
@@ -661,12 +684,19 @@ async fn health(
             state.node.wait_idle(clamp_wait(Some(wait))).await;
         }
     }
-    Ok(Json(json!({
+    let plugins = state.node.plugins();
+    let mut health = json!({
         "node": state.node.name(),
         "status": "ok",
         "session": state.node.current_task().map(|t| t.task_id),
         "coordinating": state.coordinator.is_running(),
-    })))
+        "plugins": plugins.current().refs(),
+    });
+    let problems = plugins.problems();
+    if !problems.is_empty() {
+        health["reloadErrors"] = json!(problems);
+    }
+    Ok(Json(health))
 }
 
 pub(super) fn bad_query(e: axum::extract::rejection::QueryRejection) -> ApiError {

@@ -348,8 +348,7 @@ async fn serve(config_path: &Path, listen_fd: Option<i32>) -> Result<ExitCode> {
         None => std::net::TcpListener::bind(config.listen)
             .with_context(|| format!("listening on {}", config.listen))?,
     };
-    let dir = config_path.parent().unwrap_or(Path::new("."));
-    crate::server::serve(config, dir, listener).await?;
+    crate::server::serve(config, config_path, listener).await?;
     Ok(ExitCode::SUCCESS)
 }
 

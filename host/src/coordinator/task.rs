@@ -124,6 +124,10 @@ pub struct NodeStatus {
     /// Latest progress the plugin reported (not in Couchbase's shape).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<NodeProgress>,
+    /// The plugins that ran this node's collection and upload: role,
+    /// source, SHA-256, contract version (not in Couchbase's shape).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plugins: Vec<crate::protocol::PluginRef>,
 }
 
 impl NodeStatus {
@@ -141,6 +145,7 @@ impl NodeStatus {
             upload_status_code: None,
             upload_output: None,
             progress: None,
+            plugins: Vec::new(),
         }
     }
 
@@ -229,7 +234,10 @@ impl TaskStatus {
         let before = entry.status;
         match event {
             NodeEvent::Heartbeat => {}
-            NodeEvent::Started => entry.status = NodeState::Started,
+            NodeEvent::Started { plugin } => {
+                entry.status = NodeState::Started;
+                entry.plugins.extend(plugin.clone());
+            }
             NodeEvent::Progress {
                 done,
                 total,
@@ -258,8 +266,13 @@ impl TaskStatus {
             NodeEvent::Failed {
                 status_code,
                 output,
-            } => *entry = NodeStatus::failed(status_code.clone(), output.clone()),
-            NodeEvent::UploadStarted { url } => {
+            } => {
+                let plugins = std::mem::take(&mut entry.plugins);
+                *entry = NodeStatus::failed(status_code.clone(), output.clone());
+                entry.plugins = plugins;
+            }
+            NodeEvent::UploadStarted { url, plugin } => {
+                entry.plugins.extend(plugin.clone());
                 entry.status = NodeState::StartedUpload;
                 entry.url = Some(url.clone());
                 entry.progress = None;
@@ -324,7 +337,10 @@ mod tests {
     fn progress_counts_finished_nodes() {
         let mut t = task(&["a", "b", "c"]);
         assert_eq!(t.progress, 0);
-        assert_eq!(t.apply("a", &NodeEvent::Started), Some(NodeState::Started));
+        assert_eq!(
+            t.apply("a", &NodeEvent::Started { plugin: None }),
+            Some(NodeState::Started)
+        );
         assert_eq!(t.apply("a", &NodeEvent::Heartbeat), None);
         let collected = NodeEvent::Collected {
             path: "/p".into(),
@@ -346,7 +362,7 @@ mod tests {
         t.apply("b", &failed);
         assert_eq!(t.progress, 66);
         assert_eq!(t.per_node["b"].collection_status_code.as_deref(), Some("2"));
-        assert_eq!(t.apply("ghost", &NodeEvent::Started), None);
+        assert_eq!(t.apply("ghost", &NodeEvent::Started { plugin: None }), None);
     }
 
     #[test]

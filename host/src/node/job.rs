@@ -10,13 +10,13 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::NodeService;
 use super::budget::{self, BudgetWatch, Limits};
 use super::storage::{JobDirs, Kept};
+use super::{NodeService, Role};
 use crate::manifest::{self, Manifest};
-use crate::plugin::collector::{CollectJob, Collected, RunError};
+use crate::plugin::collector::{CollectJob, Collected, CollectorPlugin, RunError};
 use crate::plugin::sandbox::{JobBudget, Route, RunLabels};
-use crate::plugin::uploader::{Receipt, UploadFailure, UploadJob};
+use crate::plugin::uploader::{Receipt, UploadFailure, UploadJob, UploaderPlugin};
 use crate::plugin::{PluginEvent, PluginSource};
 use crate::protocol::{CollectParameters, NodeEvent, TaskId};
 use crate::safe_dir::SafeDir;
@@ -65,8 +65,12 @@ pub(super) async fn collect(
             return;
         }
     };
+    // This job runs on the plugins current now, whatever a reload brings.
+    let plugins = node.plugins().current();
     tracing::info!(task = %task_id, state = "started", "collector started");
-    let _ = events.send(NodeEvent::Started);
+    let _ = events.send(NodeEvent::Started {
+        plugin: Some(plugins.collector_ref()),
+    });
 
     let breach = Breach::default();
     let urgent = Arc::new(AtomicBool::new(false));
@@ -86,6 +90,7 @@ pub(super) async fn collect(
         cancel,
         urgent,
         budget: job_budget,
+        role: &plugins.collector,
     };
     let result = run_collector(&node, &task_id, &dirs, &parameters, &events, controls).await;
     let wall_time = started.elapsed();
@@ -112,6 +117,7 @@ pub(super) async fn collect(
                     Ok(mut kept) => {
                         let manifest = manifest_of(
                             &manifest_node,
+                            &plugins.collector,
                             &task,
                             &kept,
                             &parameters,
@@ -202,13 +208,13 @@ pub(super) async fn collect(
 /// The host's manifest of a kept collection.
 fn manifest_of(
     node: &NodeService,
+    role: &Role<CollectorPlugin>,
     task: &TaskId,
     kept: &Kept,
     parameters: &CollectParameters,
     collected: &Collected,
     wall_time: Duration,
 ) -> Manifest {
-    let role = &node.roles.collector;
     Manifest::new(manifest::Inputs {
         task_id: task.as_str(),
         node: &node.name,
@@ -296,7 +302,13 @@ pub(super) async fn upload(
 ) {
     let task_id = &order.task_id;
     let url = order.url.clone();
-    let _ = events.send(NodeEvent::UploadStarted { url: url.clone() });
+    // This upload (artifact and manifest) runs on the uploader current now.
+    let plugins = node.plugins().current();
+    let role = &plugins.uploader;
+    let _ = events.send(NodeEvent::UploadStarted {
+        url: url.clone(),
+        plugin: Some(plugins.uploader_ref()),
+    });
     tracing::info!(task = %task_id, state = "startedUpload", %url, "upload started");
 
     let event = match prepare_upload(&node, &order).await {
@@ -315,6 +327,7 @@ pub(super) async fn upload(
                 let (forwarder, progress_tx) = ProgressForwarder::start(&events);
                 let result = run_uploader(
                     &node,
+                    role,
                     &order,
                     &staged,
                     order.artifact.size,
@@ -327,7 +340,7 @@ pub(super) async fn upload(
                 forwarder.finish().await;
                 match upload_event(url.clone(), result) {
                     NodeEvent::Uploaded { url, bytes_sent } => {
-                        match upload_manifest(&node, &order, origin, route, cancel).await {
+                        match upload_manifest(&node, role, &order, origin, route, cancel).await {
                             Ok(()) => NodeEvent::Uploaded { url, bytes_sent },
                             Err(event) => event,
                         }
@@ -391,6 +404,7 @@ async fn prepare_upload(
 #[allow(clippy::too_many_arguments)]
 async fn run_uploader(
     node: &NodeService,
+    role: &Role<UploaderPlugin>,
     order: &UploadOrder,
     staged: &std::path::Path,
     size: u64,
@@ -399,7 +413,6 @@ async fn run_uploader(
     progress: watch::Sender<Option<PluginEvent>>,
     cancel: CancellationToken,
 ) -> Result<Receipt, UploadFailure> {
-    let role = &node.roles.uploader;
     role.plugin
         .upload(UploadJob {
             labels: labels(node, role.plugin.source(), &order.task_id),
@@ -422,6 +435,7 @@ async fn run_uploader(
 /// the node's upload (`failedUpload`), saying the artifact itself arrived.
 async fn upload_manifest(
     node: &NodeService,
+    role: &Role<UploaderPlugin>,
     order: &UploadOrder,
     origin: crate::upload::Origin,
     route: Route,
@@ -452,6 +466,7 @@ async fn upload_manifest(
     let (progress, _) = watch::channel(None);
     let result = run_uploader(
         node,
+        role,
         order,
         &staged,
         size,
@@ -526,31 +541,33 @@ fn labels(node: &NodeService, plugin: &PluginSource, task_id: &TaskId) -> RunLab
     }
 }
 
-/// Run the collector; its result, or the event that says why there is
-/// none.
-/// How a collector run is stopped and what it may hold.
-struct RunControls {
+/// How a collector run is stopped, what it may hold, and which collector.
+struct RunControls<'a> {
     cancel: CancellationToken,
     /// Set (before `cancel`) when the run must stop without grace.
     urgent: Arc<AtomicBool>,
     /// The job's disk budget, for `budget.wrap-up`.
     budget: Option<JobBudget>,
+    /// The collector, as the job started.
+    role: &'a Role<CollectorPlugin>,
 }
 
+/// Run the collector; its result, or the event that says why there is
+/// none.
 async fn run_collector(
     node: &NodeService,
     task_id: &TaskId,
     dirs: &JobDirs,
     parameters: &CollectParameters,
     events: &mpsc::UnboundedSender<NodeEvent>,
-    controls: RunControls,
+    controls: RunControls<'_>,
 ) -> Result<Collected, NodeEvent> {
     let RunControls {
         cancel,
         urgent,
         budget,
+        role,
     } = controls;
-    let role = &node.roles.collector;
     let (forwarder, progress_tx) = ProgressForwarder::start(events);
     let labels = labels(node, role.plugin.source(), task_id);
     // Programs get the job's own temporary directory, whatever was asked.

@@ -11,6 +11,7 @@
 
 mod budget;
 mod job;
+pub mod plugins;
 pub mod storage;
 mod stream;
 
@@ -24,15 +25,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::plugin::RunLimits;
-use crate::plugin::collector::CollectorPlugin;
 use crate::plugin::exec::ExecPolicy;
-use crate::plugin::uploader::UploaderPlugin;
 use crate::protocol::{
     Busy, CollectParameters, MAX_LEASE_MS, MIN_LEASE_MS, NodeEvent, OpenSession, TaskId,
 };
 use crate::upload::{Destination, Proxy, UploadPolicy};
 use storage::{Kept, Storage};
 
+pub use plugins::{ActivePlugins, PluginSet};
 pub use stream::SessionStream;
 
 /// How this node runs the plugin of one role.
@@ -46,10 +46,22 @@ pub struct Role<P> {
     pub inputs: Vec<crate::config::InputGrant>,
 }
 
+impl<P> Clone for Role<P> {
+    fn clone(&self) -> Self {
+        Role {
+            plugin: self.plugin.clone(),
+            options: self.options.clone(),
+            limits: self.limits,
+            exec: self.exec.clone(),
+            inputs: self.inputs.clone(),
+        }
+    }
+}
+
 /// The plugins this node runs, and where it lets data go.
 pub struct Roles {
-    pub collector: Role<CollectorPlugin>,
-    pub uploader: Role<UploaderPlugin>,
+    /// Replaced by a reload; each job keeps the set it started with.
+    pub plugins: ActivePlugins,
     pub upload_policy: UploadPolicy,
     /// What uploads' TLS trusts (built from `upload_policy`).
     pub upload_tls: Arc<crate::upload::UploadTls>,
@@ -142,6 +154,11 @@ impl NodeService {
     /// The uploads' TLS configuration (reloaded on SIGHUP).
     pub fn upload_tls(&self) -> &Arc<crate::upload::UploadTls> {
         &self.roles.upload_tls
+    }
+
+    /// The plugins this node runs (replaced by a reload).
+    pub fn plugins(&self) -> &ActivePlugins {
+        &self.roles.plugins
     }
 
     pub fn new(

@@ -77,23 +77,32 @@ pub struct UploadFailure {
 pub struct UploaderPlugin {
     host: Arc<PluginHost>,
     source: PluginSource,
+    identity: super::PluginIdentity,
     pre: UploaderPre<super::sandbox::RunState>,
 }
 
 impl UploaderPlugin {
     pub fn load(host: &Arc<PluginHost>, source: PluginSource) -> Result<UploaderPlugin> {
-        let pre = UploaderPre::new(link(host, &source, World::Uploader)?)
+        let pre = link(host, &source, World::Uploader)?;
+        let identity = host.identity(pre.component());
+        let pre = UploaderPre::new(pre)
             .map_err(anyhow::Error::from)
             .with_context(|| format!("plugin {source} does not export the uploader world"))?;
         Ok(UploaderPlugin {
             host: host.clone(),
             source,
+            identity,
             pre,
         })
     }
 
     pub fn source(&self) -> &PluginSource {
         &self.source
+    }
+
+    /// The component's SHA-256 and the WIT version it was built against.
+    pub fn identity(&self) -> &super::PluginIdentity {
+        &self.identity
     }
 
     /// Ask the plugin whether `options` are acceptable (no filesystem, no

@@ -4,6 +4,7 @@
 //! are in [`listener`].
 
 pub mod listener;
+pub mod reload;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,20 +18,21 @@ use crate::config::{Config, PluginRole};
 use crate::coordinator::Coordinator;
 use crate::coordinator::peers::Peers;
 use crate::node::storage::Storage;
-use crate::node::{NodeService, Role, Roles};
+use crate::node::{ActivePlugins, NodeService, PluginSet, Role, Roles};
 use crate::plugin::collector::CollectorPlugin;
 use crate::plugin::exec::ExecPolicy;
 use crate::plugin::uploader::UploaderPlugin;
 use crate::plugin::{PluginHost, PluginSource, RunLimits};
 use crate::tls::{NodeIdentities, TlsContext};
-use crate::upload::UploadTls;
 
 /// How long shutdown waits for a cancelled job to clean up.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// Build the application from `config` (`config_dir` resolves relative
-/// plugin paths). Compiles and checks the collector plugin.
-pub async fn build(config: &Config, config_dir: &Path) -> Result<(AppState, api::AppRouter)> {
+/// Build the application from `config`, read from `config_path` (whose
+/// directory resolves relative plugin paths, and which a reload reads
+/// again). Compiles and checks both plugins.
+pub async fn build(config: &Config, config_path: &Path) -> Result<(AppState, api::AppRouter)> {
+    let config_dir = config_path.parent().unwrap_or(Path::new("."));
     // Read the CA file once, before the slow part of the start.
     let upload_tls = config
         .upload
@@ -43,6 +45,7 @@ pub async fn build(config: &Config, config_dir: &Path) -> Result<(AppState, api:
         config_dir,
         "collector",
         CollectorPlugin::load,
+        |p| p.identity().sha256.clone(),
     )
     .await?;
     collector
@@ -56,6 +59,7 @@ pub async fn build(config: &Config, config_dir: &Path) -> Result<(AppState, api:
         config_dir,
         "uploader",
         UploaderPlugin::load,
+        |p| p.identity().sha256.clone(),
     )
     .await?;
     uploader
@@ -66,8 +70,10 @@ pub async fn build(config: &Config, config_dir: &Path) -> Result<(AppState, api:
     tracing::info!(collector = %collector.plugin.source(), uploader = %uploader.plugin.source(), "plugins loaded");
 
     let roles = Roles {
-        collector,
-        uploader,
+        plugins: ActivePlugins::new(PluginSet {
+            collector,
+            uploader,
+        }),
         upload_policy: config.upload.clone(),
         upload_tls: upload_tls.clone(),
     };
@@ -98,7 +104,15 @@ pub async fn build(config: &Config, config_dir: &Path) -> Result<(AppState, api:
         upload_tls,
         &config.data_dir,
     );
+    let reloader = Arc::new(reload::Reloader::new(
+        config_path.to_path_buf(),
+        config.clone(),
+        plugins.clone(),
+        node.clone(),
+        tls.clone(),
+    ));
     let state = AppState {
+        reloader,
         node,
         coordinator,
         users: Arc::new(Users::new(&config.users)),
@@ -121,18 +135,31 @@ pub async fn build(config: &Config, config_dir: &Path) -> Result<(AppState, api:
     Ok((state.clone(), api::router(state)))
 }
 
-/// Compile (off the async runtime) and configure one role's plugin.
+/// Compile (off the async runtime) and configure one role's plugin;
+/// `sha256_of` gives its component's SHA-256, for the `sha256` pin.
 async fn load_role<P: Send + Sync + 'static>(
     plugins: &Arc<PluginHost>,
     config: &PluginRole,
     config_dir: &Path,
     role: &str,
     load: fn(&Arc<PluginHost>, PluginSource) -> Result<P>,
+    sha256_of: fn(&P) -> String,
 ) -> Result<Role<P>> {
     let source = PluginSource::parse(&config.plugin, config_dir)
         .with_context(|| format!("[{role}] plugin"))?;
     let plugins = plugins.clone();
     let plugin = tokio::task::spawn_blocking(move || load(&plugins, source)).await??;
+    if let Some(pin) = &config.sha256 {
+        let actual = sha256_of(&plugin);
+        if !actual.eq_ignore_ascii_case(pin) {
+            anyhow::bail!(
+                "[{role}] plugin {}: its SHA-256 is {actual}, but [{role}] sha256 pins {}: \
+                 refusing to load it (a different build, or a tampered file)",
+                config.plugin,
+                pin.to_ascii_lowercase()
+            );
+        }
+    }
     Ok(Role {
         plugin: Arc::new(plugin),
         options: config.option_pairs(),
@@ -158,14 +185,14 @@ async fn load_role<P: Send + Sync + 'static>(
 /// Serve on `listener` until a termination signal.
 pub async fn serve(
     config: Config,
-    config_dir: &Path,
+    config_path: &Path,
     listener: std::net::TcpListener,
 ) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     return_large_allocations_to_the_system();
     let limits = listener::Limits::resolve(&config.server, config.nodes.len());
-    let (state, app) = build(&config, config_dir).await?;
+    let (state, app) = build(&config, config_path).await?;
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let addr = listener.local_addr()?;
@@ -190,7 +217,7 @@ pub async fn serve(
     // so we stop serving, then cancel and clean up.
     tokio::select! {
         _ = listener::serve(listener, app, limits, state.tls.clone(), std::future::pending()) => {}
-        _ = reload_on_hangup(state.tls.clone(), state.node.upload_tls().clone()) => {}
+        _ = reload_on_hangup(state.reloader.clone()) => {}
         signal = termination() => tracing::info!("{signal}: shutting down"),
     }
     state.coordinator.shutdown(SHUTDOWN_GRACE).await;
@@ -221,34 +248,14 @@ fn return_large_allocations_to_the_system() {
     }
 }
 
-/// On each SIGHUP, read the `[tls]` files and `[upload] ca_file` again.
-/// Running collections are untouched: open connections and uploads in
-/// flight keep the configuration they started with.
-async fn reload_on_hangup(tls: Option<Arc<TlsContext>>, upload_tls: Arc<UploadTls>) {
+/// On each SIGHUP, reload (see [`reload`]); never stop.
+async fn reload_on_hangup(reloader: Arc<reload::Reloader>) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangup = signal(SignalKind::hangup()).expect("SIGHUP handler");
     while hangup.recv().await.is_some() {
-        match &tls {
-            None => tracing::info!("SIGHUP: no TLS certificates to reload (tls = \"off\")"),
-            Some(tls) => match tls.reload() {
-                Ok(()) => tracing::info!(
-                    cert_file = %tls.files().cert_file.display(),
-                    "SIGHUP: TLS certificates reloaded; new connections use them"
-                ),
-                Err(e) => tracing::error!(
-                    "SIGHUP: TLS certificates not reloaded, the previous ones stay in use: {e:#}"
-                ),
-            },
-        }
-        if let Some(ca_file) = upload_tls.ca_file() {
-            match upload_tls.reload() {
-                Ok(()) => tracing::info!(ca_file = %ca_file.display(),
-                    "SIGHUP: [upload] ca_file reloaded; new uploads use it"),
-                Err(e) => tracing::error!(
-                    "SIGHUP: [upload] ca_file not reloaded, the previous one stays in use: {e}"
-                ),
-            }
-        }
+        tracing::info!("SIGHUP: reloading the configuration");
+        let report = reloader.reload("SIGHUP").await;
+        tracing::info!(ok = report.ok, "SIGHUP: reload done");
     }
 }
 

@@ -1,0 +1,328 @@
+//! Reloading a running daemon (SIGHUP, `POST /admin/reload`).
+//!
+//! The configuration file is read again. Each role's plugin (`[collector]`,
+//! `[uploader]`: the file, its options, limits, `exec_*`, inputs and
+//! `sha256` pin) is loaded and checked exactly as at start; one that
+//! passes replaces the running one, one that fails leaves it in place and
+//! its reason in the log and in `/health`. Jobs already running finish on
+//! the plugin they started with. The `[tls]` files and `[upload] ca_file`
+//! are read again too. Anything else that changed is reported as needing
+//! a restart. A reload never stops the daemon.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::load_role;
+use crate::config::Config;
+use crate::node::NodeService;
+use crate::plugin::PluginHost;
+use crate::plugin::collector::CollectorPlugin;
+use crate::plugin::uploader::UploaderPlugin;
+use crate::protocol::PluginRef;
+use crate::tls::TlsContext;
+
+/// What a reload did.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReloadReport {
+    /// Every part was read and applied.
+    pub ok: bool,
+    /// The file could not be read or checked: nothing was applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config_error: Option<String>,
+    pub roles: Vec<RoleReload>,
+    /// `[tls]` and `[upload] ca_file`: `reloaded`, or why not.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<String>,
+    /// Settings that changed in the file but only take effect at the
+    /// next start.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub restart_needed: Vec<String>,
+}
+
+/// One role's outcome.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoleReload {
+    pub role: String,
+    /// `reloaded` (a new plugin or new settings run from now on),
+    /// `unchanged`, or `failed` (the previous one still runs).
+    pub outcome: &'static str,
+    /// The plugin that runs for this role now.
+    pub plugin: PluginRef,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+pub struct Reloader {
+    config_path: PathBuf,
+    plugins: Arc<PluginHost>,
+    node: Arc<NodeService>,
+    tls: Option<Arc<TlsContext>>,
+    /// The configuration as it was at start (what a restart would change).
+    at_start: Config,
+    /// The role settings now in force.
+    roles_now: std::sync::Mutex<(crate::config::PluginRole, crate::config::PluginRole)>,
+    /// One reload at a time.
+    running: tokio::sync::Mutex<()>,
+}
+
+impl Reloader {
+    pub fn new(
+        config_path: PathBuf,
+        at_start: Config,
+        plugins: Arc<PluginHost>,
+        node: Arc<NodeService>,
+        tls: Option<Arc<TlsContext>>,
+    ) -> Reloader {
+        let roles_now = (at_start.collector.clone(), at_start.uploader.clone());
+        Reloader {
+            config_path,
+            plugins,
+            node,
+            tls,
+            at_start,
+            roles_now: std::sync::Mutex::new(roles_now),
+            running: Default::default(),
+        }
+    }
+
+    /// Reload; `why` names the trigger in the log (`SIGHUP`, `POST
+    /// /admin/reload by NAME`).
+    pub async fn reload(&self, why: &str) -> ReloadReport {
+        let _one = self.running.lock().await;
+        let mut report = ReloadReport {
+            ok: true,
+            config_error: None,
+            roles: Vec::new(),
+            files: Vec::new(),
+            restart_needed: Vec::new(),
+        };
+        let config = match Config::load(&self.config_path) {
+            Ok(config) => config,
+            Err(e) => {
+                let error = format!("{e:#}");
+                tracing::error!(
+                    trigger = why,
+                    "reload: the configuration was not applied: {error}"
+                );
+                report.ok = false;
+                self.node.plugins().set_problem("config", error.clone());
+                report.config_error = Some(error);
+                let current = self.node.plugins().current();
+                for plugin in current.refs() {
+                    report.roles.push(RoleReload {
+                        role: plugin.role.clone(),
+                        outcome: "unchanged",
+                        plugin,
+                        error: None,
+                    });
+                }
+                return report;
+            }
+        };
+        let dir = self
+            .config_path
+            .parent()
+            .unwrap_or(std::path::Path::new("."));
+        let (collector_now, uploader_now) = self.roles_now.lock().unwrap().clone();
+        let active = self.node.plugins();
+        active.clear_problem("config");
+
+        // The collector.
+        let before = active.current().collector_ref();
+        let outcome = match load_role(
+            &self.plugins,
+            &config.collector,
+            dir,
+            "collector",
+            CollectorPlugin::load,
+            |p| p.identity().sha256.clone(),
+        )
+        .await
+        {
+            Ok(role) => match role.plugin.validate_options(&role.options).await {
+                Ok(()) => {
+                    active.replace_collector(role);
+                    let after = active.current().collector_ref();
+                    let same = after == before && same_settings(&config.collector, &collector_now);
+                    self.roles_now.lock().unwrap().0 = config.collector.clone();
+                    Ok(same)
+                }
+                Err(e) => Err(format!("collector plugin {}: {e}", config.collector.plugin)),
+            },
+            Err(e) => Err(format!("{e:#}")),
+        };
+        report.push_role(
+            "collector",
+            outcome,
+            active.current().collector_ref(),
+            active,
+            why,
+        );
+
+        // The uploader.
+        let before = active.current().uploader_ref();
+        let outcome = match load_role(
+            &self.plugins,
+            &config.uploader,
+            dir,
+            "uploader",
+            UploaderPlugin::load,
+            |p| p.identity().sha256.clone(),
+        )
+        .await
+        {
+            Ok(role) => match role.plugin.validate_options(&role.options).await {
+                Ok(()) => {
+                    active.replace_uploader(role);
+                    let after = active.current().uploader_ref();
+                    let same = after == before && same_settings(&config.uploader, &uploader_now);
+                    self.roles_now.lock().unwrap().1 = config.uploader.clone();
+                    Ok(same)
+                }
+                Err(e) => Err(format!("uploader plugin {}: {e}", config.uploader.plugin)),
+            },
+            Err(e) => Err(format!("{e:#}")),
+        };
+        report.push_role(
+            "uploader",
+            outcome,
+            active.current().uploader_ref(),
+            active,
+            why,
+        );
+
+        // Certificates and the uploads' CA file.
+        if let Some(tls) = &self.tls {
+            match tls.reload() {
+                Ok(()) => {
+                    tracing::info!(trigger = why, cert_file = %tls.files().cert_file.display(),
+                        "reload: TLS certificates reloaded; new connections use them");
+                    report.files.push("[tls]: reloaded".into());
+                }
+                Err(e) => {
+                    tracing::error!(
+                        trigger = why,
+                        "reload: TLS certificates not reloaded, the previous ones stay in use: {e:#}"
+                    );
+                    report.ok = false;
+                    report.files.push(format!("[tls]: not reloaded: {e:#}"));
+                }
+            }
+        }
+        let upload_tls = self.node.upload_tls();
+        if let Some(ca_file) = upload_tls.ca_file() {
+            match upload_tls.reload() {
+                Ok(()) => {
+                    tracing::info!(trigger = why, ca_file = %ca_file.display(),
+                        "reload: [upload] ca_file reloaded; new uploads use it");
+                    report
+                        .files
+                        .push(format!("[upload] ca_file {}: reloaded", ca_file.display()));
+                }
+                Err(e) => {
+                    tracing::error!(
+                        trigger = why,
+                        "reload: [upload] ca_file not reloaded, the previous one stays in use: {e}"
+                    );
+                    report.ok = false;
+                    report
+                        .files
+                        .push(format!("[upload] ca_file: not reloaded: {e}"));
+                }
+            }
+        }
+        report.restart_needed = needs_restart(&self.at_start, &config);
+        if !report.restart_needed.is_empty() {
+            tracing::warn!(trigger = why, changed = ?report.restart_needed,
+                "reload: these settings changed and take effect at the next start");
+        }
+        report
+    }
+}
+
+impl ReloadReport {
+    fn push_role(
+        &mut self,
+        role: &str,
+        outcome: Result<bool, String>,
+        plugin: PluginRef,
+        active: &crate::node::ActivePlugins,
+        why: &str,
+    ) {
+        let (outcome, error) = match outcome {
+            Ok(true) => ("unchanged", None),
+            Ok(false) => {
+                tracing::info!(trigger = why, role, plugin = %plugin.source,
+                    sha256 = %plugin.sha256, "reload: new jobs use this plugin");
+                ("reloaded", None)
+            }
+            Err(e) => {
+                tracing::error!(trigger = why, role, running = %plugin.source,
+                    "reload: the {role} plugin was not replaced, the previous one keeps running: {e}");
+                active.set_problem(role, e.clone());
+                self.ok = false;
+                ("failed", Some(e))
+            }
+        };
+        self.roles.push(RoleReload {
+            role: role.to_string(),
+            outcome,
+            plugin,
+            error,
+        });
+    }
+}
+
+fn same_settings(a: &crate::config::PluginRole, b: &crate::config::PluginRole) -> bool {
+    serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
+}
+
+/// The top-level settings that differ between `old` and `new`, other
+/// than the roles (which a reload applies).
+fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(old)), Ok(serde_json::Value::Object(new))) =
+        (serde_json::to_value(old), serde_json::to_value(new))
+    else {
+        return Vec::new();
+    };
+    let mut keys: Vec<&String> = old.keys().chain(new.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| !matches!(k.as_str(), "collector" | "uploader"))
+        .filter(|k| old.get(*k) != new.get(*k))
+        .map(|k| k.to_string())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_settings_outside_the_roles_need_a_restart() {
+        let text = r#"
+            node = "n1"
+            listen = "127.0.0.1:9000"
+            data_dir = "/tmp/d"
+            tls = "off"
+            cluster_secret = "0123456789abcdef"
+            [nodes]
+            n1 = "127.0.0.1:9000"
+        "#;
+        let old: Config = toml::from_str(text).unwrap();
+        let mut new = old.clone();
+        new.collector.timeout_secs = 5.0;
+        new.uploader.plugin = "/x.wasm".into();
+        assert!(needs_restart(&old, &new).is_empty());
+        new.listen = "127.0.0.1:9001".parse().unwrap();
+        new.storage.job_max_files = 7;
+        assert_eq!(needs_restart(&old, &new), ["listen", "storage"]);
+        assert!(same_settings(&old.collector, &old.collector.clone()));
+        assert!(!same_settings(&old.collector, &new.collector));
+    }
+}
