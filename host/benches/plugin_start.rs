@@ -178,6 +178,7 @@ fn job<'a>(
         budget: None,
         parameters: Vec::new(),
         progress,
+        observer: None,
         cancel: CancellationToken::new(),
         urgent: Default::default(),
     }

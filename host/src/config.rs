@@ -610,7 +610,7 @@ impl Config {
 /// `[[collector.inputs]]`: unique names and guest paths; absolute host
 /// paths that exist and are directories; absolute, normal guest paths
 /// outside the output directory and not nested in one another.
-fn check_inputs(inputs: &[InputGrant], own_secrets: &[(&str, PathBuf)]) -> Result<()> {
+pub fn check_inputs(inputs: &[InputGrant], own_secrets: &[(&str, PathBuf)]) -> Result<()> {
     let output = Path::new(crate::plugin::sandbox::GUEST_OUTPUT_DIR);
     for (i, grant) in inputs.iter().enumerate() {
         let name = &grant.name;

@@ -42,6 +42,7 @@ pub mod redact;
 pub mod safe_dir;
 pub mod server;
 pub mod settings;
+pub mod testing;
 pub mod tls;
 pub mod upload;
 pub mod upload_sink;

@@ -16,6 +16,7 @@ mod disk;
 mod encryption;
 mod files_collector;
 mod grants;
+mod harness;
 mod hostile_client;
 mod hostile_peer;
 mod hostile_plugin;

@@ -425,6 +425,7 @@ async fn run_uploader(
             tls: node.roles.upload_tls.current(),
             limits: role.limits,
             progress,
+            observer: None,
             cancel,
         })
         .await
@@ -587,6 +588,7 @@ async fn run_collector(
             inputs: &role.inputs,
             budget,
             progress: progress_tx,
+            observer: None,
             cancel,
             urgent,
         })

@@ -9,7 +9,7 @@
 //! hangs, or the network between us is cut); a job still running is then
 //! stopped.
 
-mod budget;
+pub(crate) mod budget;
 mod job;
 pub mod plugins;
 pub mod storage;

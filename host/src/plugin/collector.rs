@@ -16,8 +16,8 @@ use super::run::{
     validation_store,
 };
 use super::sandbox::{
-    GUEST_OUTPUT_DIR, InputGrant, JobBudget, LeftOut, PluginEvent, RunLabels, RunLimits, RunSetup,
-    RunState, truncate_utf8,
+    GUEST_OUTPUT_DIR, InputGrant, JobBudget, LeftOut, PluginEvent, RunLabels, RunLimits,
+    RunObserver, RunSetup, RunState, truncate_utf8,
 };
 use super::{PluginHost, PluginIdentity, PluginSource};
 use wasmtime::component::Resource;
@@ -330,6 +330,8 @@ pub struct CollectJob<'a> {
     /// The job's disk budget, for `budget.limits` and `budget.wrap-up`.
     pub budget: Option<JobBudget>,
     pub progress: watch::Sender<Option<PluginEvent>>,
+    /// Sees every log line and progress report (local runs, tests).
+    pub observer: Option<Arc<dyn RunObserver>>,
     /// Stops the run at once.
     pub cancel: CancellationToken,
     /// Set (before `cancel`) when the run must end without the programs'
@@ -399,6 +401,7 @@ impl CollectorPlugin {
             inputs,
             budget,
             progress,
+            observer,
             cancel,
             urgent,
         } = job;
@@ -439,6 +442,7 @@ impl CollectorPlugin {
                 budget,
                 limits,
                 progress: Some(progress),
+                observer,
                 cancel: cancel.clone(),
             },
         )?;

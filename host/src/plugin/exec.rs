@@ -10,6 +10,9 @@
 //! - [`ProcessGroups::terminate`]: after the run: stdin closed (the store
 //!   is gone), a grace period, SIGTERM to each group, another grace
 //!   period, SIGKILL.
+//! - [`ExecScript`]: for plugin authors' tests (`autocollect::testing`),
+//!   programs that are not started: each start is answered by a script
+//!   (output lines, exit status), after the same policy checks.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -43,6 +46,65 @@ pub struct ExecPolicy {
     /// How many programs may be running at once (each with whatever it
     /// started in its process group).
     pub max_processes: usize,
+    /// Tests only: answer starts from this script instead of starting
+    /// anything.
+    pub script: Option<ExecScript>,
+}
+
+/// A program start as a script sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecCall {
+    pub program: String,
+    pub args: Vec<String>,
+    /// What the plugin set (the policy's `exec_env` not included).
+    pub env: Vec<(String, String)>,
+    /// The directory it would run in (the job's output directory): the
+    /// script may write the files the program would have written.
+    pub cwd: PathBuf,
+}
+
+/// What a scripted program does: its output lines, then its exit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScriptedRun {
+    pub stdout: Vec<String>,
+    pub stderr: Vec<String>,
+    pub exit: Exit,
+}
+
+/// One scripted start: the call, and what the plugin wrote to its stdin.
+#[derive(Debug, Clone)]
+pub struct ScriptedCall {
+    pub call: ExecCall,
+    pub stdin: Arc<Mutex<Vec<u8>>>,
+}
+
+type Respond = dyn Fn(&ExecCall) -> ScriptedRun + Send + Sync;
+
+/// Scripted programs: `respond` answers each start; every call is kept.
+#[derive(Clone)]
+pub struct ExecScript {
+    respond: Arc<Respond>,
+    calls: Arc<Mutex<Vec<ScriptedCall>>>,
+}
+
+impl std::fmt::Debug for ExecScript {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecScript").finish_non_exhaustive()
+    }
+}
+
+impl ExecScript {
+    pub fn new(respond: impl Fn(&ExecCall) -> ScriptedRun + Send + Sync + 'static) -> ExecScript {
+        ExecScript {
+            respond: Arc::new(respond),
+            calls: Default::default(),
+        }
+    }
+
+    /// Every start so far, in order.
+    pub fn calls(&self) -> Vec<ScriptedCall> {
+        self.calls.lock().unwrap().clone()
+    }
 }
 
 impl ExecPolicy {
@@ -129,11 +191,10 @@ impl ExecRuns {
 #[derive(Clone, Default)]
 pub struct ProcessGroups(Arc<Mutex<Vec<u32>>>);
 
-/// A started child, as the plugin holds it.
+/// A started child (or a scripted one), as the plugin holds it.
 pub struct Process {
     pid: u32,
-    child: Child,
-    stdin: Option<ChildStdin>,
+    child: Running,
     lines: mpsc::Receiver<OutputLine>,
     started: Instant,
     /// Where its end is recorded (its index in the run's [`ExecRuns`]).
@@ -195,6 +256,9 @@ impl ExecCtx {
             tracing::warn!(%plugin, %program, "refused to start a program: {reason}");
             return Err(SpawnError::Denied(reason));
         }
+        if let Some(script) = &self.policy.script {
+            return Ok(self.scripted(script, program, args, env, cwd));
+        }
         let mut command = tokio::process::Command::new(program);
         command
             .args(args)
@@ -225,13 +289,67 @@ impl ExecCtx {
         tokio::spawn(forward_lines(BufReader::new(stderr), Stream::Stderr, tx));
         Ok(Process {
             pid,
-            stdin: child.stdin.take(),
-            child,
+            child: Running::Child {
+                stdin: child.stdin.take(),
+                child: Box::new(child),
+            },
             lines,
             started: Instant::now(),
             record,
         })
     }
+
+    /// A start answered by `script`: its lines queued, its exit kept for
+    /// `wait`, its stdin recorded.
+    fn scripted(
+        &self,
+        script: &ExecScript,
+        program: &str,
+        args: &[String],
+        env: &[(String, String)],
+        cwd: &Path,
+    ) -> Process {
+        let call = ExecCall {
+            program: program.to_string(),
+            args: args.to_vec(),
+            env: env.to_vec(),
+            cwd: cwd.to_path_buf(),
+        };
+        let run = (script.respond)(&call);
+        let stdin = Arc::new(Mutex::new(Vec::new()));
+        script.calls.lock().unwrap().push(ScriptedCall {
+            call,
+            stdin: stdin.clone(),
+        });
+        let (tx, lines) = mpsc::channel(run.stdout.len() + run.stderr.len() + 1);
+        let stdout = run.stdout.into_iter().map(|text| (Stream::Stdout, text));
+        let stderr = run.stderr.into_iter().map(|text| (Stream::Stderr, text));
+        for (stream, text) in stdout.chain(stderr) {
+            let _ = tx.try_send(OutputLine { stream, text });
+        }
+        Process {
+            pid: 0,
+            child: Running::Scripted {
+                exit: run.exit,
+                stdin: Some(stdin),
+            },
+            lines,
+            started: Instant::now(),
+            record: (self.runs.clone(), self.runs.start(program, args)),
+        }
+    }
+}
+
+/// A real child, or a scripted one.
+enum Running {
+    Child {
+        child: Box<Child>,
+        stdin: Option<ChildStdin>,
+    },
+    Scripted {
+        exit: Exit,
+        stdin: Option<Arc<Mutex<Vec<u8>>>>,
+    },
 }
 
 impl Process {
@@ -240,13 +358,25 @@ impl Process {
     }
 
     pub async fn write_stdin(&mut self, data: &[u8]) -> Result<(), String> {
-        let stdin = self.stdin.as_mut().ok_or("stdin is closed")?;
-        stdin.write_all(data).await.map_err(|e| e.to_string())?;
-        stdin.flush().await.map_err(|e| e.to_string())
+        match &mut self.child {
+            Running::Child { stdin, .. } => {
+                let stdin = stdin.as_mut().ok_or("stdin is closed")?;
+                stdin.write_all(data).await.map_err(|e| e.to_string())?;
+                stdin.flush().await.map_err(|e| e.to_string())
+            }
+            Running::Scripted { stdin, .. } => {
+                let stdin = stdin.as_ref().ok_or("stdin is closed")?;
+                stdin.lock().unwrap().extend_from_slice(data);
+                Ok(())
+            }
+        }
     }
 
     pub fn close_stdin(&mut self) {
-        self.stdin = None;
+        match &mut self.child {
+            Running::Child { stdin, .. } => *stdin = None,
+            Running::Scripted { stdin, .. } => *stdin = None,
+        }
     }
 
     pub async fn read_line(&mut self) -> Option<OutputLine> {
@@ -255,11 +385,16 @@ impl Process {
 
     pub async fn wait(&mut self) -> Result<Exit, String> {
         use std::os::unix::process::ExitStatusExt;
-        let status = self.child.wait().await.map_err(|e| e.to_string())?;
-        let exit = match (status.code(), status.signal()) {
-            (Some(code), _) => Exit::Code(code),
-            (None, Some(signal)) => Exit::Signal(signal),
-            (None, None) => Exit::Code(-1),
+        let exit = match &mut self.child {
+            Running::Scripted { exit, .. } => *exit,
+            Running::Child { child, .. } => {
+                let status = child.wait().await.map_err(|e| e.to_string())?;
+                match (status.code(), status.signal()) {
+                    (Some(code), _) => Exit::Code(code),
+                    (None, Some(signal)) => Exit::Signal(signal),
+                    (None, None) => Exit::Code(-1),
+                }
+            }
         };
         let (runs, index) = &self.record;
         runs.ended(*index, exit, self.started.elapsed());
@@ -267,7 +402,9 @@ impl Process {
     }
 
     pub fn kill(&mut self) {
-        signal_group(self.pid, libc::SIGKILL);
+        if let Running::Child { .. } = self.child {
+            signal_group(self.pid, libc::SIGKILL);
+        }
     }
 }
 

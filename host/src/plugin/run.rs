@@ -97,6 +97,7 @@ pub(super) fn validation_store(
             inputs: &[],
             limits: VALIDATION_LIMITS,
             progress: None,
+            observer: None,
             cancel: cancel.clone(),
         },
     )?;

@@ -66,6 +66,14 @@ pub struct RunLabels {
     pub node: String,
 }
 
+/// Sees every log line and progress report of a run as it happens (what
+/// `autocollect plugin run` prints, what `testing` records). Called on
+/// the run's task: keep it quick.
+pub trait RunObserver: Send + Sync {
+    fn log(&self, level: tracing::Level, message: &str);
+    fn progress(&self, done: u64, total: u64, message: &str);
+}
+
 /// What a plugin reports while it runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PluginEvent {
@@ -95,6 +103,7 @@ pub struct RunState {
     log_budget: u32,
     logs_dropped: u32,
     progress: Option<watch::Sender<Option<PluginEvent>>>,
+    observer: Option<Arc<dyn RunObserver>>,
     deadline: Instant,
     timeout: std::time::Duration,
     cancel: CancellationToken,
@@ -251,6 +260,8 @@ pub struct RunSetup<'a> {
     pub budget: Option<JobBudget>,
     pub limits: RunLimits,
     pub progress: Option<watch::Sender<Option<PluginEvent>>>,
+    /// Sees every log line and progress report.
+    pub observer: Option<Arc<dyn RunObserver>>,
     pub cancel: CancellationToken,
 }
 
@@ -326,6 +337,7 @@ pub fn new_store(
         log_budget: LOG_BUDGET,
         logs_dropped: 0,
         progress: setup.progress,
+        observer: setup.observer,
         deadline: Instant::now() + setup.limits.timeout,
         timeout: setup.limits.timeout,
         cancel: setup.cancel,
@@ -396,6 +408,9 @@ impl RunState {
         }
         self.log_budget -= 1;
         let message = truncate(message, LOG_MESSAGE_MAX);
+        if let Some(observer) = &self.observer {
+            observer.log(level, message);
+        }
         let l = &self.labels;
         macro_rules! emit {
             ($lvl:expr) => {
@@ -412,6 +427,9 @@ impl RunState {
     }
 
     pub(super) fn progress(&mut self, done: u64, total: u64, message: &str) {
+        if let Some(observer) = &self.observer {
+            observer.progress(done, total, truncate(message, PROGRESS_MESSAGE_MAX));
+        }
         if let Some(tx) = &self.progress {
             tx.send_replace(Some(PluginEvent::Progress {
                 done,

@@ -62,6 +62,8 @@ pub struct UploadJob<'a> {
     pub tls: Arc<rustls::ClientConfig>,
     pub limits: RunLimits,
     pub progress: watch::Sender<Option<PluginEvent>>,
+    /// Sees every log line and progress report (local runs, tests).
+    pub observer: Option<Arc<dyn super::sandbox::RunObserver>>,
     pub cancel: CancellationToken,
 }
 
@@ -151,6 +153,7 @@ impl UploaderPlugin {
                 inputs: &[],
                 limits,
                 progress: Some(job.progress),
+                observer: job.observer,
                 cancel: job.cancel.clone(),
             },
         )

@@ -177,6 +177,7 @@ async fn load_role<P: Send + Sync + 'static>(
             env_allowed: config.exec_env_allow.clone(),
             grace: Duration::from_secs_f64(config.exec_grace_secs),
             max_processes: config.exec_max_processes,
+            script: None,
         }),
         inputs: config.inputs.clone(),
     })
