@@ -117,7 +117,8 @@ impl RunObserver for Recorder {
     }
 }
 
-fn plugin_host() -> Result<Arc<PluginHost>> {
+/// The process's plugin host (one engine, its compiled components cached).
+pub(crate) fn plugin_host() -> Result<Arc<PluginHost>> {
     // One engine per process (compiled components are cached in it).
     static HOST: std::sync::OnceLock<Arc<PluginHost>> = std::sync::OnceLock::new();
     if let Some(host) = HOST.get() {

@@ -23,6 +23,7 @@ mod hostile_plugin;
 mod manifest;
 mod netns;
 mod network_policy;
+mod plugin_run;
 mod proxy_server;
 mod redaction;
 mod reload;

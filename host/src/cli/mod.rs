@@ -1,6 +1,7 @@
 //! The `autocollect` command: a thin layer over the library.
 
 mod couchbase;
+mod plugin_run;
 
 use std::io::Write as _;
 use std::os::fd::FromRawFd;
@@ -104,6 +105,9 @@ enum Command {
     /// TLS certificates for a cluster.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Tools for plugin authors.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
     /// Start a local cluster, collect with the mock plugin, print results.
     Demo {
         /// How many nodes.
@@ -122,6 +126,16 @@ enum Command {
         #[arg(long)]
         no_upload: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Run one collection (or, for an uploader, one upload) with a plugin
+    /// file, locally: no cluster, no configuration file, the daemon's
+    /// sandbox and limits. Streams the plugin's log lines and progress,
+    /// then prints the outcome, the artifacts and the run receipt. Exit 0
+    /// if it succeeded.
+    Run(plugin_run::RunArgs),
 }
 
 #[derive(Subcommand)]
@@ -313,6 +327,7 @@ async fn run(command: Command) -> Result<ExitCode> {
             println!("{}", crate::auth::hash_password(password));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Plugin(PluginCommand::Run(args)) => plugin_run::run(args).await,
         Command::Certs(CertsCommand::Init { nodes, dir }) => {
             let nodes = nodes
                 .iter()
