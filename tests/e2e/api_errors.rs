@@ -135,6 +135,12 @@ async fn only_authenticated_admins_may_start_or_cancel() {
         let (status, body) = post(&reader, path, form(&[("from", "allnodes")])).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{path}");
         assert!(body["_"].as_str().unwrap().contains("read-only"), "{body}");
+        // ns_server's shape, which couchbase-cli prints as one line.
+        assert_eq!(
+            body["message"],
+            "Forbidden. User needs the following permissions"
+        );
+        assert_eq!(body["permissions"], json!(["cluster.admin.diag!write"]));
     }
 
     // Status: any authenticated user; nobody else.

@@ -411,11 +411,15 @@ async fn pools_answer_what_couchbase_cli_reads_and_its_node_names_are_accepted()
         .request(Method::GET, "/pools/default", None, true)
         .await
         .unwrap();
+    // What couchbase-cli's server-list and host-list read, too.
     let expected: Vec<Value> = ["n1", "n2"]
         .iter()
         .map(|n| {
+            let address = c.node(n).addr.to_string();
             json!({"otpNode": format!("{n}@127.0.0.1"),
-                   "hostname": c.node(n).addr.to_string(), "ports": {}})
+                   "hostname": address, "configuredHostname": address,
+                   "status": "healthy", "clusterMembership": "active",
+                   "thisNode": *n == "n2", "ports": {}})
         })
         .collect();
     assert_eq!(pool["nodes"], json!(expected));
@@ -426,6 +430,16 @@ async fn pools_answer_what_couchbase_cli_reads_and_its_node_names_are_accepted()
     assert_eq!((status, body), (StatusCode::OK, json!([])));
     let task = wait_for(&admin, |t| t.status != TaskState::Running).await;
     assert_eq!(task.per_node.keys().collect::<Vec<_>>(), ["n2"]);
+
+    // A node that does not answer is listed, unhealthy.
+    let mut c = c;
+    c.kill("n1");
+    let (_, pool) = reader
+        .request(Method::GET, "/pools/default", None, true)
+        .await
+        .unwrap();
+    assert_eq!(pool["nodes"][0]["status"], "unhealthy", "{pool}");
+    assert_eq!(pool["nodes"][1]["status"], "healthy", "{pool}");
 }
 
 /// Couchbase's order of a node's states in a collection with upload.

@@ -174,15 +174,50 @@ async fn pools(_: Reader) -> Json<Value> {
     }))
 }
 
-/// The cluster's nodes, for couchbase-cli's `--nodes HOST:PORT`: each
-/// with its Couchbase-style name (`otpNode`) and API address.
+/// How long `/pools/default` waits for each node's `/health`.
+const REACHABLE_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+/// Nodes probed at once.
+const PROBES_AT_ONCE: usize = 64;
+
+/// The cluster's nodes, for couchbase-cli's `--nodes HOST:PORT`,
+/// `server-list` and `host-list`: each with its Couchbase-style name
+/// (`otpNode`), API address (`hostname`, `configuredHostname`), `status`
+/// (`healthy` if its `/health` answered within 2 s, else `unhealthy`; this
+/// node is always `healthy`) and `clusterMembership` (`active`).
 async fn pool(State(state): State<AppState>, _: Reader) -> Json<Value> {
+    use futures::StreamExt;
     let peers = state.coordinator.peers();
-    let nodes: Vec<Value> = peers
-        .names()
+    let me = state.node.name().to_string();
+    let names: Vec<String> = peers.names().cloned().collect();
+    let health: std::collections::HashMap<String, bool> = futures::stream::iter(names.clone())
+        .map(|name| {
+            let me = me.as_str();
+            async move {
+                let up = name == me || peers.reachable(&name, REACHABLE_WITHIN).await;
+                (name, up)
+            }
+        })
+        .buffer_unordered(PROBES_AT_ONCE)
+        .collect()
+        .await;
+    let nodes: Vec<Value> = names
+        .iter()
         .map(|name| {
             let hostname = peers.address(name).unwrap_or_default();
-            json!({"otpNode": otp_name(name, hostname), "hostname": hostname, "ports": {}})
+            let status = if health.get(name) == Some(&true) {
+                "healthy"
+            } else {
+                "unhealthy"
+            };
+            json!({
+                "otpNode": otp_name(name, hostname),
+                "hostname": hostname,
+                "configuredHostname": hostname,
+                "status": status,
+                "clusterMembership": "active",
+                "thisNode": *name == me,
+                "ports": {},
+            })
         })
         .collect();
     Json(json!({"name": "default", "nodes": nodes}))

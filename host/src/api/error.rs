@@ -12,7 +12,14 @@ pub struct ApiError {
     pub fields: BTreeMap<String, String>,
     /// `Retry-After`, in seconds (429 and 503).
     pub retry_after: Option<u64>,
+    /// 403 only: the permissions the caller lacks, sent with ns_server's
+    /// `message` beside the fields (couchbase-cli prints
+    /// `MESSAGE: PERMISSIONS`).
+    pub permissions: Option<Vec<String>>,
 }
+
+/// ns_server's 403 message.
+pub const FORBIDDEN_MESSAGE: &str = "Forbidden. User needs the following permissions";
 
 impl ApiError {
     pub fn fields(status: StatusCode, fields: BTreeMap<String, String>) -> ApiError {
@@ -20,7 +27,16 @@ impl ApiError {
             status,
             fields,
             retry_after: None,
+            permissions: None,
         }
+    }
+
+    /// 403 for a caller without `permissions`: `message` under `_`, and
+    /// ns_server's `message` and `permissions`.
+    pub fn forbidden(message: impl Into<String>, permissions: &[&str]) -> ApiError {
+        let mut e = ApiError::general(StatusCode::FORBIDDEN, message);
+        e.permissions = Some(permissions.iter().map(|p| p.to_string()).collect());
+        e
     }
 
     pub fn retry_after(mut self, secs: u64) -> ApiError {
@@ -52,7 +68,16 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status, axum::Json(self.fields)).into_response();
+        let body = match self.permissions {
+            None => serde_json::json!(self.fields),
+            Some(permissions) => {
+                let mut body = serde_json::json!(self.fields);
+                body["message"] = FORBIDDEN_MESSAGE.into();
+                body["permissions"] = permissions.into();
+                body
+            }
+        };
+        let mut response = (self.status, axum::Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

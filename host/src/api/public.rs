@@ -85,6 +85,10 @@ async fn reload(State(state): State<AppState>, Admin(caller): Admin) -> Json<Val
     Json(serde_json::to_value(report).unwrap_or_default())
 }
 
+/// What ns_server asks of a user who starts or stops log collection, as
+/// a 403 names it; here, the `admin` role.
+pub const ADMIN_PERMISSION: &str = "cluster.admin.diag!write";
+
 /// Any authenticated user.
 pub struct Reader;
 /// A user with the `admin` role.
@@ -137,12 +141,12 @@ impl FromRequestParts<AppState> for Admin {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let caller = authenticate(parts, state).await?;
         if caller.role != Role::Admin {
-            return Err(ApiError::general(
-                StatusCode::FORBIDDEN,
+            return Err(ApiError::forbidden(
                 format!(
-                    "Forbidden: user {:?} has the read-only role; starting or cancelling a collection needs admin",
+                    "Forbidden: user {:?} has the read-only role; starting or cancelling a collection, changing settings and reloading need admin",
                     caller.user
                 ),
+                &[ADMIN_PERMISSION],
             ));
         }
         Ok(Admin(caller))

@@ -289,6 +289,18 @@ impl Peers {
         self.session_command(node, task_id, "cancel").await
     }
 
+    /// Whether `node` answers its `/health` within `deadline` (for
+    /// `/pools/default`'s `status`).
+    pub async fn reachable(&self, node: &str, deadline: Duration) -> bool {
+        match self.request(Method::GET, node, "/health", None) {
+            Ok(request) => self
+                .answer(node, request.timeout(deadline), deadline)
+                .await
+                .is_ok(),
+            Err(_) => false,
+        }
+    }
+
     /// Tell the node we are still here (renews the session's lease).
     pub async fn ping(&self, node: &str, task_id: &str) -> Result<(), PeerError> {
         self.session_command(node, task_id, "ping").await
