@@ -149,10 +149,7 @@ async fn bench(size: u64, tls: bool, server: &Server) -> anyhow::Result<()> {
         upload_host: Some(format!("{scheme}://{addr}")),
         customer: Some("bench".into()),
         ticket: Some("1".into()),
-        bypass_reachability_checks: false,
-        encryption_password: None,
-        since: None,
-        until: None,
+        ..Default::default()
     };
 
     let mut plugin = Vec::new();

@@ -174,6 +174,7 @@ impl ApiClient {
         add("encryptionPassword", &options.encryption_password);
         add("since", &options.since);
         add("until", &options.until);
+        add("taskRegexp", &options.task_regexp);
         if options.bypass_reachability_checks {
             form.push(("bypassReachabilityChecks".into(), "true".into()));
         }
@@ -285,6 +286,8 @@ pub struct StartOptions {
     /// before now (`2h`).
     pub since: Option<String>,
     pub until: Option<String>,
+    /// `taskRegexp`: only the collector tasks whose names match.
+    pub task_regexp: Option<String>,
 }
 
 impl std::fmt::Debug for StartOptions {

@@ -369,3 +369,49 @@ async fn a_collector_that_ignores_the_redaction_request_fails_instead_of_leaking
         "{output}"
     );
 }
+
+/// `--task-regexp` on both CLIs reaches `cbcollect_info` as ns_server
+/// passes it.
+#[tokio::test]
+async fn both_clis_pass_a_task_regexp_to_cbcollect_info() {
+    let records = tempfile::tempdir().unwrap();
+    let c = cluster(&["n1"], |config| cbcollect(config, records.path(), &[])).await;
+    let ca = c.ca_file.display().to_string();
+    let url = c.node("n1").url();
+    let run = autocollect_cli(&[
+        "start",
+        "--task-regexp",
+        "^ns_server",
+        "--wait",
+        "--url",
+        &url,
+        "-p",
+        &c.admin_password,
+        "--cacert",
+        &ca,
+    ])
+    .await;
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    let run = couchbase_cli(
+        &c,
+        "n1",
+        &[
+            "collect-logs-start",
+            "--all-nodes",
+            "--task-regexp",
+            "^memcached",
+            "--wait",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    let runs = recorded(records.path(), "n1");
+    let regexps: Vec<String> = runs
+        .iter()
+        .map(|r| argv(r).last().cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        regexps,
+        ["--task-regexp=^ns_server", "--task-regexp=^memcached"]
+    );
+}

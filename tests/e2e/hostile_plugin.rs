@@ -235,11 +235,7 @@ async fn an_upload_stages_from_the_kept_result_and_leaves_nothing_behind() {
             nodes: "all".into(),
             upload_host: Some(server.host()),
             customer: Some("acme".into()),
-            ticket: None,
-            bypass_reachability_checks: false,
-            encryption_password: None,
-            since: None,
-            until: None,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -30,10 +30,7 @@ pub fn upload_to(host: &str) -> StartOptions {
         upload_host: Some(host.into()),
         customer: Some("Example inc.".into()),
         ticket: Some("12345".into()),
-        bypass_reachability_checks: false,
-        encryption_password: None,
-        since: None,
-        until: None,
+        ..Default::default()
     }
 }
 

@@ -93,6 +93,10 @@ pub struct StartArgs {
     /// Encrypt each node's (unredacted) zip with this password (AES-256).
     #[arg(long)]
     encryption_password: Option<String>,
+    /// Only run the collector tasks whose names match this regular
+    /// expression.
+    #[arg(long)]
+    task_regexp: Option<String>,
     /// Follow the collection with a progress line per node until it ends.
     #[arg(long)]
     wait: bool,
@@ -169,6 +173,7 @@ pub async fn start(args: StartArgs) -> ExitCode {
         ("logDir", &args.output_directory),
         ("tmpDir", &args.temporary_directory),
         ("encryptionPassword", &args.encryption_password),
+        ("taskRegexp", &args.task_regexp),
     ];
     for (key, value) in optional {
         if let Some(v) = value {

@@ -67,6 +67,10 @@ enum Command {
         /// Collect what was written until then (same forms as --since).
         #[arg(long)]
         until: Option<String>,
+        /// Only run the collector tasks whose names match this regular
+        /// expression (`taskRegexp`; cbcollect_info's --task-regexp).
+        #[arg(long)]
+        task_regexp: Option<String>,
         /// Follow the task until it ends; exit 1 unless every node collected
         /// (and uploaded, when uploading).
         #[arg(long)]
@@ -270,6 +274,7 @@ async fn run(command: Command) -> Result<ExitCode> {
             bypass_reachability_checks,
             since,
             until,
+            task_regexp,
             wait,
         } => {
             let client = api.client()?;
@@ -282,6 +287,7 @@ async fn run(command: Command) -> Result<ExitCode> {
                 encryption_password: None,
                 since,
                 until,
+                task_regexp,
             };
             let task = client.start_with(&options).await.map_err(explain)?;
             println!("started task {} on {}", task.task_id, client.base());
@@ -542,9 +548,7 @@ async fn demo(
         customer: sink.as_ref().map(|_| "Demo Customer".into()),
         ticket: sink.as_ref().map(|_| "1234".into()),
         bypass_reachability_checks: false,
-        encryption_password: None,
-        since: None,
-        until: None,
+        ..Default::default()
     };
     if let Some(sink) = &sink {
         println!("  upload host listening on {}", sink.host());
