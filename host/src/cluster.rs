@@ -37,6 +37,7 @@ pub struct LocalNode {
     pub tls: bool,
     exe: PathBuf,
     netns: Option<PathBuf>,
+    daemon_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -71,6 +72,8 @@ pub struct NodeSpec {
     /// A network namespace to run it in (`/run/netns/NAME`), if any: its
     /// socket is bound there and the daemon starts there.
     pub netns: Option<PathBuf>,
+    /// More arguments for `autocollect serve` (e.g. `--log-format json`).
+    pub daemon_args: Vec<String>,
 }
 
 impl NodeSpec {
@@ -80,6 +83,7 @@ impl NodeSpec {
             name: name.to_string(),
             ip: std::net::Ipv4Addr::LOCALHOST.into(),
             netns: None,
+            daemon_args: Vec::new(),
         }
     }
 }
@@ -201,6 +205,7 @@ impl LocalCluster {
                 &log_path,
                 listener,
                 spec.netns.as_deref(),
+                &spec.daemon_args,
             )
             .with_context(|| format!("starting node {name}"))?;
             cluster.nodes.push(LocalNode {
@@ -212,6 +217,7 @@ impl LocalCluster {
                 tls: matches!(config.tls, Some(TlsSetting::On(_))),
                 exe: exe.to_path_buf(),
                 netns: spec.netns.clone(),
+                daemon_args: spec.daemon_args.clone(),
                 child: Some(child),
             });
         }
@@ -305,6 +311,7 @@ impl LocalCluster {
             &node.log_path,
             &listener,
             node.netns.as_deref(),
+            &node.daemon_args,
         )
         .with_context(|| format!("restarting node {name}"))?;
         drop(listener);
@@ -384,6 +391,7 @@ fn spawn_daemon(
     log: &Path,
     listener: &TcpListener,
     netns: Option<&Path>,
+    args: &[String],
 ) -> Result<Child> {
     let netns = netns.map(File::open).transpose()?;
     let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
@@ -396,6 +404,7 @@ fn spawn_daemon(
         .arg(config)
         .arg("--listen-fd")
         .arg(LISTEN_FD.to_string())
+        .args(args)
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

@@ -3,6 +3,7 @@
 //! call into [`crate::coordinator`] and [`crate::node`]; they hold no
 //! collection logic of their own.
 
+mod access_log;
 pub mod audit;
 mod couchbase;
 mod error;
@@ -79,6 +80,7 @@ pub fn router(state: AppState) -> AppRouter {
         .merge(internal::router(state.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(access_log::record))
         .with_state(state)
 }
 

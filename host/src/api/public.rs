@@ -107,6 +107,11 @@ async fn authenticate(parts: &Parts, state: &AppState) -> Result<Caller, ApiErro
         .users
         .authenticate(header, client)
         .await
+        .inspect(|caller| {
+            if let Some(user) = parts.extensions.get::<super::access_log::AccessUser>() {
+                user.set(&caller.user);
+            }
+        })
         .map_err(|e: AuthError| {
             let message = e.to_string();
             match e {

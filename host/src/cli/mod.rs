@@ -39,6 +39,10 @@ enum Command {
         /// Serve on this already-listening socket instead of `listen`.
         #[arg(long)]
         listen_fd: Option<i32>,
+        /// `text` (default) or `json`: one JSON object per line, with the
+        /// level, target, message and fields (for log shippers).
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
     /// Start a collection.
     Start {
@@ -237,9 +241,18 @@ fn verify(zip: &Path, manifest: Option<&Path>) -> ExitCode {
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(matches!(cli.command, Command::Serve { .. }));
+    match &cli.command {
+        Command::Serve { log_format, .. } => init_tracing(true, *log_format),
+        _ => init_tracing(false, LogFormat::Text),
+    }
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     match runtime.block_on(run(cli.command)) {
         Ok(code) => code,
@@ -250,21 +263,25 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(daemon: bool) {
+fn init_tracing(daemon: bool, format: LogFormat) {
     let default = if daemon { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
 }
 
 async fn run(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Serve { config, listen_fd } => serve(&config, listen_fd).await,
+        Command::Serve {
+            config, listen_fd, ..
+        } => serve(&config, listen_fd).await,
         Command::Start {
             api,
             nodes,
