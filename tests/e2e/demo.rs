@@ -57,3 +57,56 @@ fn find(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
     }
     None
 }
+
+/// The systemd unit's command line is one the daemon takes: it gets as
+/// far as reading the (missing) configuration.
+#[tokio::test]
+async fn the_systemd_units_command_line_is_accepted() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/autocollect.service"
+    ))
+    .unwrap();
+    let exec_start = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("an ExecStart line");
+    let mut words = exec_start.split_whitespace();
+    assert_eq!(words.next(), Some("/usr/local/bin/autocollect"));
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("autocollect.toml");
+    let args: Vec<String> = words
+        .map(|w| {
+            if w == "/etc/autocollect/autocollect.toml" {
+                config.display().to_string()
+            } else {
+                w.to_string()
+            }
+        })
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let run = crate::support::autocollect_cli(&args).await;
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains(&format!("reading config {}", config.display())),
+        "{}",
+        run.stderr
+    );
+}
+
+/// The install guide's configuration has only keys the daemon knows.
+#[test]
+fn the_install_guides_configuration_parses() {
+    let guide = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/install.md"))
+        .unwrap();
+    let block = guide
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a TOML block");
+    let block = block.replace("password_hash = \"...\"", "password_hash = \"x\"");
+    let config: autocollect::config::Config = toml::from_str(&block).expect("it parses");
+    assert_eq!(config.collector.plugin, "builtin:cbcollect");
+    assert_eq!(config.nodes.len(), 3);
+}
