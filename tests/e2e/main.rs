@@ -19,6 +19,7 @@ mod grants;
 mod hostile_client;
 mod hostile_peer;
 mod hostile_plugin;
+mod lang_plugins;
 mod manifest;
 mod netns;
 mod network_policy;
