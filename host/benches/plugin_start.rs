@@ -2,13 +2,16 @@
 //! on-disk cache, and, with the compiled component cached in memory (the
 //! daemon's steady state), a fresh sandboxed instance plus one call.
 //! Then the mock collector writing a 64 MiB zip against `zip -0` storing
-//! a 64 MiB file.
+//! a 64 MiB file. Then, when `plugins/examples/build.sh` has built them
+//! into `target/examples/`, the example collectors written in Python and
+//! JavaScript next to the Rust mock: size, compile, and a run.
 //!
 //! `cargo bench -p autocollect --bench plugin_start`
+//! (`PLUGIN_START_BENCH=languages` runs only the languages part.)
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +37,9 @@ fn main() -> anyhow::Result<()> {
 async fn run() -> anyhow::Result<()> {
     println!("plugin_start on {}", machine());
     let tmp = tempfile::tempdir()?;
+    if std::env::var("PLUGIN_START_BENCH").as_deref() == Ok("languages") {
+        return languages(tmp.path()).await;
+    }
     let mock = PluginSource::Builtin("mock-collector");
     let (_, mock_bytes) = builtin::lookup("mock-collector").unwrap();
 
@@ -78,7 +84,92 @@ async fn run() -> anyhow::Result<()> {
         }
     );
 
-    mock_zip_vs_zip(&host, tmp.path()).await
+    mock_zip_vs_zip(&host, tmp.path()).await?;
+    languages(tmp.path()).await
+}
+
+/// The example collectors in other languages (`plugins/examples/`), next
+/// to the Rust mock, each as a file the daemon would load: its size, a
+/// cold compile, a load from the disk cache, then with the compiled
+/// component cached, instantiate + `validate-options` (a no-op call) and
+/// instantiate + one `collect` (each writes a small zip of its own: the
+/// mock its default few hundred bytes, the examples their three-entry
+/// report). Each run gets a fresh output directory (made and removed
+/// outside the timing).
+async fn languages(tmp: &Path) -> anyhow::Result<()> {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/examples");
+    let mock = tmp.join("mock_collector.wasm");
+    std::fs::write(&mock, builtin::lookup("mock-collector").unwrap().1)?;
+    let mut plugins: Vec<(&str, PathBuf)> = vec![("rust (mock-collector)", mock)];
+    for (label, file) in [
+        ("python (componentize-py)", "python_collector.wasm"),
+        ("javascript (componentize-js)", "js_collector.wasm"),
+    ] {
+        let path = examples.join(file);
+        if path.exists() {
+            plugins.push((label, path));
+        } else {
+            println!(
+                "{label}: {} is not built (plugins/examples/build.sh): skipped",
+                path.display()
+            );
+        }
+    }
+    let cache = tmp.join("languages-cache");
+    for (label, path) in plugins {
+        let bytes = std::fs::read(&path)?;
+        println!(
+            "{label}: {} ({} bytes)",
+            mib(bytes.len() as u64),
+            bytes.len()
+        );
+        let host = PluginHost::new(None)?;
+        let cold = time_n(0, 3, || {
+            host.compile_uncached(&bytes).unwrap();
+        });
+        row("  compile (cold)", &cold);
+
+        let source = PluginSource::File(path.clone());
+        PluginHost::new(Some(cache.clone()))?.component(&source)?;
+        let mut samples = Vec::new();
+        for _ in 0..10 {
+            let host = PluginHost::new(Some(cache.clone()))?;
+            let t = Instant::now();
+            host.component(&source)?;
+            samples.push(t.elapsed());
+        }
+        row("  load from disk cache", &Samples::new(samples));
+
+        let host = PluginHost::new(Some(cache.clone()))?;
+        let plugin = CollectorPlugin::load(&host, source)?;
+        let mut samples = Vec::new();
+        for i in 0..220 {
+            let t = Instant::now();
+            plugin
+                .validate_options(&[])
+                .await
+                .expect("validate-options");
+            if i >= 20 {
+                samples.push(t.elapsed());
+            }
+        }
+        row("  instantiate + validate-options", &Samples::new(samples));
+
+        let mut samples = Vec::new();
+        for i in 0..220 {
+            let out = tmp.join("languages-out");
+            std::fs::create_dir_all(&out)?;
+            let (tx, _rx) = watch::channel(None);
+            let t = Instant::now();
+            plugin.collect(job(&[], &out, tx)).await.expect("collect");
+            if i >= 20 {
+                samples.push(t.elapsed());
+            }
+            std::fs::remove_dir_all(&out)?;
+        }
+        row("  instantiate + one small collect", &Samples::new(samples));
+    }
+    Ok(())
 }
 
 /// Time `n` collect runs of `plugin` (the first `warmup` not recorded).

@@ -20,6 +20,7 @@ mod harness;
 mod hostile_client;
 mod hostile_peer;
 mod hostile_plugin;
+mod lang_plugins;
 mod logging;
 mod manifest;
 mod netns;
