@@ -29,12 +29,12 @@
 // and throws E for `err`; an import that returns `err(e)` throws an
 // error whose `payload` is e.
 
-import { log } from 'autocollect:plugin/log@0.1.4';
-import { report } from 'autocollect:plugin/progress@0.1.4';
-import { parameters } from 'autocollect:plugin/task@0.1.4';
-import { grants } from 'autocollect:plugin/inputs@0.1.4';
-import { limits } from 'autocollect:plugin/budget@0.1.4';
-import { Archive } from 'autocollect:plugin/archive@0.1.4';
+import { log } from 'autocollect:plugin/log@0.1.5';
+import { report } from 'autocollect:plugin/progress@0.1.5';
+import { parameters } from 'autocollect:plugin/task@0.1.5';
+import { grants } from 'autocollect:plugin/inputs@0.1.5';
+import { limits } from 'autocollect:plugin/budget@0.1.5';
+import { Archive } from 'autocollect:plugin/archive@0.1.5';
 
 const KNOWN_OPTIONS = ['note', 'fail-with'];
 // Start parameters that are secrets: never logged, masked in the report.
