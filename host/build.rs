@@ -11,13 +11,15 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// Components copied to OUT_DIR. `cbcollect`, `files_collector`,
-/// `http_uploader` and `mock_collector` are embedded in the binary; the `test_*` ones are only exposed to tests and
+/// `http_uploader` and `mock_collector` are embedded in the binary;
+/// `template_uploader` and the `test_*` ones are only exposed to tests and
 /// benchmarks by path.
 const PLUGINS: &[&str] = &[
     "cbcollect",
     "files_collector",
     "http_uploader",
     "mock_collector",
+    "template_uploader",
     "test_hostile_uploader",
     "test_misbehave",
 ];

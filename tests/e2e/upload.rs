@@ -131,6 +131,46 @@ async fn an_unreachable_server_fails_the_upload_with_the_reason() {
     assert!(output(n1).to_lowercase().contains("connection"), "{n1:?}");
 }
 
+/// The template uploader (plugins/template-uploader, built on the SDK):
+/// one PUT, byte-identical; a refusal comes back with its status and body.
+#[tokio::test]
+async fn the_template_uploader_uploads_and_reports_a_refusal() {
+    let server = UploadServer::start().await;
+    let c = cluster(&["n1", "n2"], |config| {
+        uploads_over_http(config);
+        set_option(config, "artifact-size", 200_000i64);
+        config.uploader.plugin = autocollect::plugin::builtin::build_output("template_uploader")
+            .display()
+            .to_string();
+        config.uploader.options.clear();
+    })
+    .await;
+    let task = upload_and_wait(&c.admin("n1"), &upload_to(&server.host())).await;
+    let received = server.received();
+    for node in ["n1", "n2"] {
+        let status = &task.per_node[node];
+        assert_eq!(status.status, NodeState::Uploaded, "{node}: {status:?}");
+        let artifact = Path::new(status.path.as_deref().expect("path kept"));
+        let file = artifact.file_name().unwrap().to_str().unwrap();
+        let path = format!("/Example+inc./12345/{file}");
+        let got = received.iter().find(|r| r.path == path).expect("received");
+        assert_eq!(got.sha256, sha256_file(artifact), "{node}: bytes differ");
+        let progress = status.progress.as_ref().expect("upload progress");
+        assert_eq!((progress.done, progress.total), (got.size, got.size));
+    }
+
+    server.script([Reply::Status(403, "ticket 12345 is closed")]);
+    let options = StartOptions {
+        nodes: "n1".into(),
+        ..upload_to(&server.host())
+    };
+    let task = upload_and_wait(&c.admin("n1"), &options).await;
+    let n1 = &task.per_node["n1"];
+    assert_eq!(n1.status, NodeState::FailedUpload, "{n1:?}");
+    assert_eq!(n1.upload_status_code.as_deref(), Some("403"));
+    assert_eq!(output(n1), "ticket 12345 is closed");
+}
+
 #[tokio::test]
 async fn the_host_refuses_a_plugin_that_sends_data_elsewhere() {
     let server = UploadServer::start().await;

@@ -37,22 +37,13 @@
 //! with ns_server: `--encrypt-unredacted` protects the zip that holds
 //! user data.
 
-wit_bindgen::generate!({
-    path: "../../wit",
-    world: "collector",
-    generate_all,
-});
-
 use std::collections::VecDeque;
 use std::time::SystemTime;
 
-use autocollect::plugin::exec::{Command, ExecError, ExitStatus, spawn};
-use autocollect::plugin::log::{Level, log};
-use autocollect::plugin::progress::report;
-use autocollect::plugin::task::parameters;
-use autocollect::plugin::types::{Failure, OptionError};
-use exports::autocollect::plugin::collect::{
-    Artifact, CollectOutcome, CollectRequest, Guest, Options, PluginError,
+use autocollect_sdk::exec::{Command, ExitStatus, spawn};
+use autocollect_sdk::task::Parameters;
+use autocollect_sdk::{
+    Artifact, CollectOutcome, CollectRequest, Collector, Context, Error, Options, progress,
 };
 
 /// Output lines kept for a failure report (the host keeps the last 4 KiB).
@@ -67,42 +58,33 @@ struct Settings {
     env: Vec<(String, String)>,
 }
 
-fn invalid(key: &str, message: &str) -> PluginError {
-    PluginError::InvalidOption(OptionError {
-        key: key.to_string(),
-        message: message.to_string(),
-    })
-}
-
 impl Settings {
-    fn from_options(options: &Options) -> Result<Settings, PluginError> {
-        let mut program = None;
-        let mut s = Settings {
-            program: String::new(),
-            initargs: None,
-            extra_args: Vec::new(),
-            env: Vec::new(),
-        };
-        for (key, value) in options {
-            match key.as_str() {
-                "program" if value.starts_with('/') => program = Some(value.clone()),
-                "program" => return Err(invalid(key, "must be an absolute path")),
-                "initargs" => s.initargs = Some(value.clone()),
-                "extra-args" => s.extra_args = value.split_whitespace().map(String::from).collect(),
-                k if k.starts_with("env.") && k.len() > 4 => {
-                    s.env.push((k[4..].to_string(), value.clone()))
-                }
-                other => {
-                    return Err(invalid(
-                        other,
-                        "unknown option (known: program, initargs, extra-args, env.NAME)",
-                    ));
-                }
-            }
+    fn from_options(options: &Options) -> Result<Settings, Error> {
+        options.check_known_by(
+            |k| {
+                matches!(k, "program" | "initargs" | "extra-args")
+                    || (k.starts_with("env.") && k.len() > 4)
+            },
+            "program, initargs, extra-args, env.NAME",
+        )?;
+        let program = options.get("program").ok_or_else(|| {
+            Error::invalid_option("program", "is required: the path of cbcollect_info")
+        })?;
+        if !program.starts_with('/') {
+            return Err(Error::invalid_option("program", "must be an absolute path"));
         }
-        s.program =
-            program.ok_or_else(|| invalid("program", "is required: the path of cbcollect_info"))?;
-        Ok(s)
+        Ok(Settings {
+            program: program.to_string(),
+            initargs: options.get("initargs").map(String::from),
+            extra_args: options
+                .get("extra-args")
+                .map(|v| v.split_whitespace().map(String::from).collect())
+                .unwrap_or_default(),
+            env: options
+                .iter()
+                .filter_map(|(k, v)| Some((k.strip_prefix("env.")?.to_string(), v.to_string())))
+                .collect(),
+        })
     }
 }
 
@@ -117,25 +99,21 @@ struct Request {
 }
 
 impl Request {
-    fn from_parameters(params: Vec<(String, String)>) -> Result<Request, PluginError> {
-        let get = |k: &str| {
-            params
-                .iter()
-                .find(|(key, _)| key == k)
-                .map(|(_, v)| v.clone())
+    fn from_parameters(params: &Parameters) -> Result<Request, Error> {
+        let partial_salt = match params.redact() {
+            true => Some(
+                params
+                    .redaction_salt()
+                    .ok_or_else(|| Error::internal("partial redaction without a salt"))?
+                    .to_string(),
+            ),
+            false => None,
         };
-        let partial_salt =
-            match get("log-redaction-level").as_deref() {
-                Some("partial") => Some(get("log-redaction-salt").ok_or_else(|| {
-                    PluginError::Internal("partial redaction without a salt".into())
-                })?),
-                _ => None,
-            };
         Ok(Request {
             partial_salt,
-            tmp_dir: get("tmp-dir"),
-            task_regexp: get("task-regexp"),
-            encryption_password: get("encryption-password"),
+            tmp_dir: params.tmp_dir().map(String::from),
+            task_regexp: params.task_regexp().map(String::from),
+            encryption_password: params.encryption_password().map(String::from),
         })
     }
 }
@@ -166,45 +144,36 @@ fn arguments(settings: &Settings, request: &Request, zip: &str) -> Vec<String> {
     args
 }
 
-impl Guest for Cbcollect {
-    fn validate_options(options: Options) -> Result<(), PluginError> {
-        Settings::from_options(&options).map(|_| ())
+impl Collector for Cbcollect {
+    fn validate_options(options: &Options) -> Result<(), Error> {
+        Settings::from_options(options).map(|_| ())
     }
 
-    fn collect(request: CollectRequest) -> Result<CollectOutcome, PluginError> {
-        let settings = Settings::from_options(&request.options)?;
-        let task = Request::from_parameters(parameters())?;
+    fn collect(request: CollectRequest) -> Result<CollectOutcome, Error> {
+        let settings = Settings::from_options(&request.options())?;
+        let task = Request::from_parameters(&Parameters::get())?;
         let zip = collectinfo_name::zip_name(&request.context.node, SystemTime::now());
         let process = spawn(&Command {
             program: settings.program.clone(),
             args: arguments(&settings, &task, &zip),
             env: settings.env.clone(),
-        })
-        .map_err(|e| match e {
-            ExecError::Denied(m) => PluginError::Internal(format!("exec denied: {m}")),
-            ExecError::Failed(m) => PluginError::Internal(m),
         })?;
         // Never log the command line: it may hold the redaction salt.
-        log(
-            Level::Info,
-            &format!("started {} (pid {})", settings.program, process.pid()),
-        );
+        autocollect_sdk::info!("started {} (pid {})", settings.program, process.pid());
         if let Some(password) = &task.encryption_password {
             // One line, as `--use-stdin` reads it. Stdin stays open after
             // it: `--watch-stdin` stops the program when it closes.
             let line = format!("{password}\n");
-            process.write_stdin(line.as_bytes()).map_err(|e| {
-                PluginError::Internal(format!(
-                    "could not give cbcollect_info its encryption password on stdin: {e}"
-                ))
-            })?;
+            process
+                .write_stdin(line.as_bytes())
+                .context("could not give cbcollect_info its encryption password on stdin")?;
         }
 
         let mut tail = VecDeque::with_capacity(TAIL_LINES);
         let mut lines = 0u64;
         while let Some(line) = process.read_line() {
             lines += 1;
-            report(lines, 0, &line.text);
+            progress(lines, 0, &line.text);
             if tail.len() == TAIL_LINES {
                 tail.pop_front();
             }
@@ -214,16 +183,13 @@ impl Guest for Cbcollect {
         match process.wait() {
             ExitStatus::Exited(0) => {}
             ExitStatus::Exited(code) => {
-                return Err(PluginError::Failed(Failure {
-                    status_code: code,
-                    output: output(),
-                }));
+                return Err(Error::failed(code, output()));
             }
             ExitStatus::Signaled(signal) => {
-                return Err(PluginError::Failed(Failure {
-                    status_code: 128 + signal,
-                    output: format!("{}\ncbcollect_info was killed by signal {signal}", output()),
-                }));
+                return Err(Error::failed(
+                    128 + signal,
+                    format!("{}\ncbcollect_info was killed by signal {signal}", output()),
+                ));
             }
         }
 
@@ -231,22 +197,17 @@ impl Guest for Cbcollect {
             Some(_) => format!("{}-redacted.zip", zip.strip_suffix(".zip").unwrap_or(&zip)),
             None => zip,
         };
-        let path = format!("{}/{name}", request.output_dir.trim_end_matches('/'));
-        let size = std::fs::metadata(&path)
-            .map_err(|e| {
-                PluginError::Internal(format!(
-                    "cbcollect_info exited 0 but {name} is missing: {e}"
-                ))
-            })?
+        let size = std::fs::metadata(request.output_path(&name))
+            .with_context(|| format!("cbcollect_info exited 0 but {name} is missing"))?
             .len();
-        Ok(CollectOutcome {
-            artifacts: vec![Artifact {
+        Ok(CollectOutcome::new(
+            Artifact {
                 name: name.clone(),
                 size,
-            }],
-            summary: format!("cbcollect_info wrote {name} ({size} bytes)"),
-        })
+            },
+            format!("cbcollect_info wrote {name} ({size} bytes)"),
+        ))
     }
 }
 
-export!(Cbcollect);
+autocollect_sdk::export_collector!(Cbcollect);

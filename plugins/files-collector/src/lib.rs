@@ -34,29 +34,18 @@
 //! `files-collector.txt`, lists every file selected and what became of
 //! it (added, truncated, left out, vanished).
 
-wit_bindgen::generate!({
-    path: "../../wit",
-    world: "collector",
-});
-
 mod glob;
-mod rfc3339;
 
-use autocollect::plugin::archive::{Archive, ArchiveError, ArchiveOptions, Compression};
-use autocollect::plugin::budget;
-use autocollect::plugin::inputs::grants;
-use autocollect::plugin::log::{Level, log};
-use autocollect::plugin::progress::report;
-use autocollect::plugin::task::{honour, parameters};
-use autocollect::plugin::types::{Failure, OptionError};
-use exports::autocollect::plugin::collect::{
-    CollectOutcome, CollectRequest, Guest, Options, PluginError,
-};
+use autocollect_sdk::archive::{Archive, ArchiveError, ArchiveOptions, Compression};
+use autocollect_sdk::inputs::grants;
+use autocollect_sdk::task::{Parameters, TimeWindow};
+use autocollect_sdk::{CollectOutcome, CollectRequest, Collector, Context, Error, Options};
+use autocollect_sdk::{budget, progress};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 struct FilesCollector;
 
-const KNOWN: &str = "include, exclude, max_file_bytes, compression";
+const KNOWN: &[&str] = &["include", "exclude", "max_file_bytes", "compression"];
 
 /// Parsed, validated options.
 struct Settings {
@@ -66,81 +55,49 @@ struct Settings {
     compression: Compression,
 }
 
-fn invalid(key: &str, message: impl Into<String>) -> PluginError {
-    PluginError::InvalidOption(OptionError {
-        key: key.to_string(),
-        message: message.into(),
-    })
-}
-
-fn patterns(key: &str, value: &str) -> Result<Vec<glob::Pattern>, PluginError> {
+fn patterns(key: &str, value: &str) -> Result<Vec<glob::Pattern>, Error> {
     value
         .split(|c: char| c == ',' || c.is_whitespace())
         .filter(|p| !p.is_empty())
-        .map(|p| glob::Pattern::new(p).map_err(|e| invalid(key, format!("{p:?}: {e}"))))
+        .map(|p| {
+            glob::Pattern::new(p).map_err(|e| Error::invalid_option(key, format!("{p:?}: {e}")))
+        })
         .collect()
 }
 
 impl Settings {
-    fn from_options(options: &Options) -> Result<Self, PluginError> {
-        let mut settings = Settings {
-            include: vec![glob::Pattern::new("**").expect("a valid glob")],
-            exclude: Vec::new(),
-            max_file_bytes: None,
-            compression: Compression::Deflate(6),
+    fn from_options(options: &Options) -> Result<Self, Error> {
+        options.check_known(KNOWN)?;
+        let include = match options.get("include") {
+            Some(value) => patterns("include", value)?,
+            None => vec![glob::Pattern::new("**").expect("a valid glob")],
         };
-        for (key, value) in options {
-            match key.as_str() {
-                "include" => {
-                    settings.include = patterns(key, value)?;
-                    if settings.include.is_empty() {
-                        return Err(invalid(key, "no glob given (leave it out for every file)"));
-                    }
-                }
-                "exclude" => settings.exclude = patterns(key, value)?,
-                "max_file_bytes" => match value.trim().parse::<u64>() {
-                    Ok(n) if n > 0 => settings.max_file_bytes = Some(n),
-                    _ => {
-                        return Err(invalid(
-                            key,
-                            format!("must be a positive number of bytes, got {value:?}"),
-                        ));
-                    }
-                },
-                "compression" => settings.compression = compression(value)?,
-                other => return Err(invalid(other, format!("unknown option (known: {KNOWN})"))),
-            }
+        if include.is_empty() {
+            return Err(Error::invalid_option(
+                "include",
+                "no glob given (leave it out for every file)",
+            ));
         }
-        Ok(settings)
+        Ok(Settings {
+            include,
+            exclude: match options.get("exclude") {
+                Some(value) => patterns("exclude", value)?,
+                None => Vec::new(),
+            },
+            max_file_bytes: options.map(
+                "max_file_bytes",
+                |v| v.parse::<u64>().ok().filter(|n| *n > 0),
+                || "must be a positive number of bytes".to_string(),
+            )?,
+            compression: options
+                .compression("compression")?
+                .unwrap_or(Compression::Deflate(6)),
+        })
     }
 
     fn selects(&self, entry: &str) -> bool {
         self.include.iter().any(|p| p.matches(entry))
             && !self.exclude.iter().any(|p| p.matches(entry))
-    }
-}
-
-fn compression(value: &str) -> Result<Compression, PluginError> {
-    let bad = || {
-        invalid(
-            "compression",
-            format!("must be stored or deflate:1 to deflate:9, got {value:?}"),
-        )
-    };
-    match value.trim() {
-        "stored" => Ok(Compression::Stored),
-        "deflate" => Ok(Compression::Deflate(6)),
-        v => {
-            let level: u8 = v
-                .strip_prefix("deflate:")
-                .and_then(|l| l.parse().ok())
-                .ok_or_else(bad)?;
-            if (1..=9).contains(&level) {
-                Ok(Compression::Deflate(level))
-            } else {
-                Err(bad())
-            }
-        }
     }
 }
 
@@ -167,39 +124,6 @@ struct Walk {
     unreadable: Vec<String>,
 }
 
-/// The request's time window, in seconds since the epoch.
-#[derive(Default)]
-struct Window {
-    since: Option<i64>,
-    until: Option<i64>,
-}
-
-impl Window {
-    fn from_parameters(params: &[(String, String)]) -> Result<Self, PluginError> {
-        let mut window = Window::default();
-        for (key, value) in params {
-            let slot = match key.as_str() {
-                "since" => &mut window.since,
-                "until" => &mut window.until,
-                _ => continue,
-            };
-            let secs = rfc3339::parse(value).map_err(|e| {
-                PluginError::Failed(Failure {
-                    status_code: 2,
-                    output: format!("the start parameter {key} ({value:?}): {e}"),
-                })
-            })?;
-            *slot = Some(secs);
-            honour(key);
-        }
-        Ok(window)
-    }
-
-    fn contains(&self, mtime: i64) -> bool {
-        self.since.is_none_or(|s| mtime >= s) && self.until.is_none_or(|u| mtime <= u)
-    }
-}
-
 fn mtime_secs(meta: &std::fs::Metadata) -> i64 {
     match meta.modified() {
         Ok(t) => match t.duration_since(UNIX_EPOCH) {
@@ -212,7 +136,14 @@ fn mtime_secs(meta: &std::fs::Metadata) -> i64 {
 
 /// Walk `dir` (guest path) of grant `grant`, `rel` below its root, in name
 /// order, never following a symlink.
-fn walk(settings: &Settings, window: &Window, grant: &str, dir: &str, rel: &str, found: &mut Walk) {
+fn walk(
+    settings: &Settings,
+    window: &TimeWindow,
+    grant: &str,
+    dir: &str,
+    rel: &str,
+    found: &mut Walk,
+) {
     let shown = if rel.is_empty() {
         grant.to_string()
     } else {
@@ -228,7 +159,7 @@ fn walk(settings: &Settings, window: &Window, grant: &str, dir: &str, rel: &str,
             })
             .collect(),
         Err(e) => {
-            log(Level::Warn, &format!("cannot list {shown}: {e}"));
+            autocollect_sdk::warn!("cannot list {shown}: {e}");
             found.unreadable.push(shown);
             return;
         }
@@ -316,32 +247,23 @@ impl DiskGuard {
     }
 }
 
-fn archive_error(what: &str, e: ArchiveError) -> PluginError {
-    PluginError::Internal(format!("{what}: {e:?}"))
-}
-
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
-impl Guest for FilesCollector {
-    fn validate_options(options: Options) -> Result<(), PluginError> {
-        Settings::from_options(&options).map(|_| ())
+impl Collector for FilesCollector {
+    fn validate_options(options: &Options) -> Result<(), Error> {
+        Settings::from_options(options).map(|_| ())
     }
 
-    fn collect(request: CollectRequest) -> Result<CollectOutcome, PluginError> {
-        let settings = Settings::from_options(&request.options)?;
-        let params = parameters();
-        let window = Window::from_parameters(&params)?;
-        let redact = params
-            .iter()
-            .any(|(k, v)| k == "log-redaction-level" && v == "partial");
+    fn collect(request: CollectRequest) -> Result<CollectOutcome, Error> {
+        let settings = Settings::from_options(&request.options())?;
+        let params = Parameters::get();
+        let window = params.time_window()?;
+        let redact = params.redact();
         // `encryptionPassword`: the host encrypts every entry (WinZip
         // AES-256). A secret: it goes to the host's archive and nowhere else.
-        let password = params
-            .iter()
-            .find(|(k, _)| k == "encryption-password")
-            .map(|(_, v)| v.clone());
+        let password = params.encryption_password();
 
         let mut found = Walk::default();
         for grant in grants() {
@@ -361,14 +283,11 @@ impl Guest for FilesCollector {
             .iter()
             .map(|f| max.map_or(f.size, |m| f.size.min(m)))
             .sum();
-        log(
-            Level::Info,
-            &format!(
-                "files: {total_files} files selected ({}), {} symlinks skipped, {} outside the time window",
-                mib(total_bytes),
-                found.symlinks,
-                found.outside_window
-            ),
+        autocollect_sdk::info!(
+            "files: {total_files} files selected ({}), {} symlinks skipped, {} outside the time window",
+            mib(total_bytes),
+            found.symlinks,
+            found.outside_window
         );
 
         let name = collectinfo_name::zip_name(&request.context.node, SystemTime::now());
@@ -379,13 +298,11 @@ impl Guest for FilesCollector {
         };
         let archive = Archive::create(
             &name,
-            &ArchiveOptions {
-                compression: settings.compression,
-                password,
-                max_entry_bytes: max,
-            },
+            &ArchiveOptions::new(settings.compression)
+                .password(password)
+                .max_entry_bytes(max),
         )
-        .map_err(|e| archive_error(&format!("create {name}"), e))?;
+        .with_context(|| format!("create {name}"))?;
 
         let mut listing = Vec::with_capacity(total_files + 1);
         let mut added = 0u64;
@@ -393,8 +310,8 @@ impl Guest for FilesCollector {
         let mut truncated: Vec<String> = Vec::new();
         let mut vanished: Vec<String> = Vec::new();
         let mut wrapped_up = None;
-        report(0, total_bytes, &format!("0 of {total_files} files"));
-        let zip_path = format!("{}/{name}", request.output_dir.trim_end_matches('/'));
+        progress(0, total_bytes, &format!("0 of {total_files} files"));
+        let zip_path = request.output_path(&name);
         let mut guard = DiskGuard::new(budget::limits().max_bytes);
         for (i, file) in found.files.iter().enumerate() {
             let next = max.map_or(file.size, |m| file.size.min(m));
@@ -432,9 +349,9 @@ impl Guest for FilesCollector {
                     vanished.push(entry.clone());
                     listing.push(format!("skipped {entry}: {why}"));
                 }
-                Err(e) => return Err(archive_error(&format!("adding {entry}"), e)),
+                Err(e) => return Err(e).context(format!("adding {entry}")),
             }
-            report(
+            progress(
                 added_bytes.min(total_bytes),
                 total_bytes,
                 &format!("{} of {total_files} files", i + 1),
@@ -454,7 +371,7 @@ impl Guest for FilesCollector {
                 left.len(),
                 left.first().map(Selected::entry).unwrap_or_default()
             );
-            log(Level::Warn, &reason);
+            autocollect_sdk::log::warn(&reason);
             partial = Some(reason);
         }
         if !found.unreadable.is_empty() {
@@ -470,11 +387,9 @@ impl Guest for FilesCollector {
         let text = listing.join("\n") + "\n";
         archive
             .add_bytes("files-collector.txt", text.as_bytes(), None)
-            .map_err(|e| archive_error("files-collector.txt", e))?;
-        let artifact = archive
-            .finish()
-            .map_err(|e| archive_error(&format!("finish {name}"), e))?;
-        report(
+            .context("files-collector.txt")?;
+        let artifact = archive.finish().with_context(|| format!("finish {name}"))?;
+        progress(
             total_bytes,
             total_bytes,
             &format!("{added} of {total_files} files"),
@@ -518,4 +433,4 @@ impl Guest for FilesCollector {
     }
 }
 
-export!(FilesCollector);
+autocollect_sdk::export_collector!(FilesCollector);

@@ -18,21 +18,11 @@
 //! | `connect-timeout-ms` | how long to wait for the connection | `30000` |
 //! | `content-type` | the request's `content-type` | `application/zip` |
 
-wit_bindgen::generate!({
-    path: "../../wit",
-    world: "uploader",
-    generate_all,
-});
-
 mod put;
 
 use std::time::Duration;
 
-use autocollect::plugin::log::{Level, log};
-use autocollect::plugin::types::{Failure, OptionError};
-use exports::autocollect::plugin::upload::{
-    Guest, Options, PluginError, UploadReceipt, UploadRequest,
-};
+use autocollect_sdk::{Error, Options, UploadReceipt, UploadRequest, Uploader};
 use put::{Answer, AttemptError, Target};
 
 /// Most of the response body kept for the failure output.
@@ -50,60 +40,47 @@ pub(crate) struct Settings {
     pub(crate) content_type: String,
 }
 
-fn invalid(key: &str, message: impl Into<String>) -> PluginError {
-    PluginError::InvalidOption(OptionError {
-        key: key.to_string(),
-        message: message.into(),
-    })
-}
-
-fn parse<T: std::str::FromStr>(key: &str, value: &str, what: &str) -> Result<T, PluginError> {
-    value
-        .trim()
-        .parse()
-        .map_err(|_| invalid(key, format!("must be {what}, got {value:?}")))
-}
-
 impl Settings {
-    fn from_options(options: &Options) -> Result<Self, PluginError> {
-        let mut s = Settings {
-            attempts: 3,
-            initial_backoff: Duration::from_secs(1),
-            max_backoff: Duration::from_secs(30),
-            chunk_size: 256 << 10,
-            connect_timeout: Duration::from_secs(30),
-            content_type: "application/zip".into(),
+    fn from_options(options: &Options) -> Result<Self, Error> {
+        options.check_known(&[
+            "attempts",
+            "initial-backoff-ms",
+            "max-backoff-ms",
+            "chunk-size",
+            "connect-timeout-ms",
+            "content-type",
+        ])?;
+        let ms = |key: &str, default: Duration| -> Result<Duration, Error> {
+            Ok(options
+                .parse(key, "milliseconds")?
+                .map_or(default, Duration::from_millis))
         };
-        let ms =
-            |key: &str, value: &str| parse(key, value, "milliseconds").map(Duration::from_millis);
-        for (key, value) in options {
-            match key.as_str() {
-                "attempts" => {
-                    s.attempts = parse(key, value, "a whole number of attempts")?;
-                    if s.attempts == 0 {
-                        return Err(invalid(key, "must be at least 1"));
-                    }
-                }
-                "initial-backoff-ms" => s.initial_backoff = ms(key, value)?,
-                "max-backoff-ms" => s.max_backoff = ms(key, value)?,
-                "connect-timeout-ms" => s.connect_timeout = ms(key, value)?,
-                "chunk-size" => {
-                    s.chunk_size = parse(key, value, "a size in bytes")?;
-                    if !(4 << 10..=1 << 20).contains(&s.chunk_size) {
-                        return Err(invalid(key, "must be between 4096 and 1048576 bytes"));
-                    }
-                }
-                "content-type" => s.content_type = value.clone(),
-                other => {
-                    return Err(invalid(
-                        other,
-                        "unknown option (known: attempts, initial-backoff-ms, max-backoff-ms, \
-                         chunk-size, connect-timeout-ms, content-type)",
-                    ));
-                }
-            }
+        let attempts = options
+            .parse("attempts", "a whole number of attempts")?
+            .unwrap_or(3);
+        if attempts == 0 {
+            return Err(Error::invalid_option("attempts", "must be at least 1"));
         }
-        Ok(s)
+        let chunk_size = options
+            .parse("chunk-size", "a size in bytes")?
+            .unwrap_or(256 << 10);
+        if !(4 << 10..=1 << 20).contains(&chunk_size) {
+            return Err(Error::invalid_option(
+                "chunk-size",
+                "must be between 4096 and 1048576 bytes",
+            ));
+        }
+        Ok(Settings {
+            attempts,
+            initial_backoff: ms("initial-backoff-ms", Duration::from_secs(1))?,
+            max_backoff: ms("max-backoff-ms", Duration::from_secs(30))?,
+            chunk_size,
+            connect_timeout: ms("connect-timeout-ms", Duration::from_secs(30))?,
+            content_type: options
+                .get("content-type")
+                .unwrap_or("application/zip")
+                .to_string(),
+        })
     }
 }
 
@@ -113,14 +90,14 @@ enum LastFailure {
     Transport(String),
 }
 
-impl Guest for HttpUploader {
-    fn validate_options(options: Options) -> Result<(), PluginError> {
-        Settings::from_options(&options).map(|_| ())
+impl Uploader for HttpUploader {
+    fn validate_options(options: &Options) -> Result<(), Error> {
+        Settings::from_options(options).map(|_| ())
     }
 
-    fn upload(request: UploadRequest) -> Result<UploadReceipt, PluginError> {
-        let settings = Settings::from_options(&request.options)?;
-        let target = Target::parse(&request.url).map_err(PluginError::Internal)?;
+    fn upload(request: UploadRequest) -> Result<UploadReceipt, Error> {
+        let settings = Settings::from_options(&request.options())?;
+        let target = Target::parse(&request.url).map_err(Error::Internal)?;
         let url = &request.url;
         let mut backoff = settings.initial_backoff;
         let mut last = LastFailure::Transport("no attempt made".into());
@@ -128,12 +105,10 @@ impl Guest for HttpUploader {
         for attempt in 1..=settings.attempts {
             match put::attempt(&settings, &target, &request) {
                 Ok(answer) if (200..300).contains(&answer.status) => {
-                    log(
-                        Level::Info,
-                        &format!(
-                            "uploaded {} bytes to {url}: HTTP {} (attempt {attempt})",
-                            answer.bytes_sent, answer.status
-                        ),
+                    autocollect_sdk::info!(
+                        "uploaded {} bytes to {url}: HTTP {} (attempt {attempt})",
+                        answer.bytes_sent,
+                        answer.status
                     );
                     return Ok(UploadReceipt {
                         url: url.clone(),
@@ -143,20 +118,20 @@ impl Guest for HttpUploader {
                     });
                 }
                 Ok(answer) if answer.status >= 500 => {
-                    log(
-                        Level::Warn,
-                        &format!("attempt {attempt}: {url} answered HTTP {}", answer.status),
+                    autocollect_sdk::warn!(
+                        "attempt {attempt}: {url} answered HTTP {}",
+                        answer.status
                     );
                     last = LastFailure::ServerError(answer);
                 }
                 Ok(answer) => return Err(refused(answer)),
                 Err(AttemptError::Denied) => {
-                    return Err(PluginError::Internal(format!(
+                    return Err(Error::internal(format!(
                         "the host refused the request to {url}: HTTP-request-denied"
                     )));
                 }
                 Err(AttemptError::Transport(reason)) => {
-                    log(Level::Warn, &format!("attempt {attempt}: {reason}"));
+                    autocollect_sdk::warn!("attempt {attempt}: {reason}");
                     last = LastFailure::Transport(reason);
                 }
             }
@@ -168,7 +143,7 @@ impl Guest for HttpUploader {
 
         Err(match last {
             LastFailure::ServerError(answer) => refused(answer),
-            LastFailure::Transport(reason) => PluginError::Internal(format!(
+            LastFailure::Transport(reason) => Error::internal(format!(
                 "upload to {url} failed after {} attempts: {reason}",
                 settings.attempts
             )),
@@ -178,11 +153,11 @@ impl Guest for HttpUploader {
 
 /// The server answered and did not accept the upload: its status and what
 /// it said.
-fn refused(answer: Answer) -> PluginError {
-    PluginError::Failed(Failure {
-        status_code: i32::from(answer.status),
-        output: String::from_utf8_lossy(&answer.body_tail).into_owned(),
-    })
+fn refused(answer: Answer) -> Error {
+    Error::failed(
+        i32::from(answer.status),
+        String::from_utf8_lossy(&answer.body_tail),
+    )
 }
 
-export!(HttpUploader);
+autocollect_sdk::export_uploader!(HttpUploader);

@@ -4,16 +4,15 @@
 use std::fs::File;
 use std::io::Read;
 
-use crate::autocollect::plugin::progress::report;
-use crate::exports::autocollect::plugin::upload::UploadRequest;
-use crate::wasi::http::outgoing_handler::handle;
-use crate::wasi::http::types::{
+use crate::{ANSWER_TAIL_BYTES, Settings};
+use autocollect_sdk::UploadRequest;
+use autocollect_sdk::http::outgoing_handler::handle;
+use autocollect_sdk::http::poll::Pollable;
+use autocollect_sdk::http::streams::{OutputStream, StreamError};
+use autocollect_sdk::http::types::{
     ErrorCode, Fields, FutureIncomingResponse, IncomingResponse, Method, OutgoingBody,
     OutgoingRequest, RequestOptions, Scheme,
 };
-use crate::wasi::io::poll::Pollable;
-use crate::wasi::io::streams::{OutputStream, StreamError};
-use crate::{ANSWER_TAIL_BYTES, Settings};
 
 /// "No limit" for a `wasi:http` timeout: longer than any run may last.
 const NO_LIMIT: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
@@ -204,7 +203,7 @@ impl BodyStream {
             }
             self.write_all(&chunk[..n]).map_err(stream_error)?;
             sent += n as u64;
-            report(sent, size, "uploading");
+            autocollect_sdk::progress(sent, size, "uploading");
         }
         if sent != size {
             return Err(format!(
@@ -248,7 +247,7 @@ fn stream_error(e: StreamError) -> String {
     match e {
         StreamError::Closed => "the connection was closed".into(),
         StreamError::LastOperationFailed(error) => {
-            match crate::wasi::http::types::http_error_code(&error) {
+            match autocollect_sdk::http::types::http_error_code(&error) {
                 Some(code) => describe(&code),
                 None => error.to_debug_string(),
             }

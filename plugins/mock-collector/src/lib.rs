@@ -29,17 +29,9 @@
 //! each entry comes from WASI's random numbers. The password is never
 //! logged.
 
-wit_bindgen::generate!({
-    path: "../../wit",
-    world: "collector",
-});
-
-use autocollect::plugin::log::{Level, log};
-use autocollect::plugin::progress::report;
-use autocollect::plugin::task::parameters;
-use autocollect::plugin::types::{Failure, OptionError};
-use exports::autocollect::plugin::collect::{
-    Artifact, CollectOutcome, CollectRequest, Guest, Options, PluginError,
+use autocollect_sdk::task::Parameters;
+use autocollect_sdk::{
+    Artifact, CollectOutcome, CollectRequest, Collector, Context, Error, Options, progress,
 };
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -55,55 +47,29 @@ struct Settings {
     artifact_size: u64,
 }
 
-fn invalid(key: &str, message: impl Into<String>) -> PluginError {
-    PluginError::InvalidOption(OptionError {
-        key: key.to_string(),
-        message: message.into(),
-    })
-}
-
-fn parse<T: std::str::FromStr>(key: &str, value: &str, what: &str) -> Result<T, PluginError> {
-    value
-        .trim()
-        .parse()
-        .map_err(|_| invalid(key, format!("must be {what}, got {value:?}")))
-}
-
 impl Settings {
-    fn from_options(options: &Options) -> Result<Self, PluginError> {
-        let mut settings = Settings {
-            output: None,
-            result: 0,
-            delay: Duration::ZERO,
-            artifact_size: 0,
-        };
-        for (key, value) in options {
-            match key.as_str() {
-                "output" => settings.output = Some(value.clone()),
-                "result" => settings.result = parse(key, value, "an integer status code")?,
-                "delay-ms" => {
-                    settings.delay = Duration::from_millis(parse(key, value, "milliseconds")?)
-                }
-                "artifact-size" => settings.artifact_size = parse(key, value, "a size in bytes")?,
-                other => {
-                    return Err(invalid(
-                        other,
-                        "unknown option (known: output, result, delay-ms, artifact-size)",
-                    ));
-                }
-            }
-        }
-        Ok(settings)
+    fn from_options(options: &Options) -> Result<Self, Error> {
+        options.check_known(&["output", "result", "delay-ms", "artifact-size"])?;
+        Ok(Settings {
+            output: options.get("output").map(String::from),
+            result: options
+                .parse("result", "an integer status code")?
+                .unwrap_or(0),
+            delay: Duration::from_millis(options.parse("delay-ms", "milliseconds")?.unwrap_or(0)),
+            artifact_size: options
+                .parse("artifact-size", "a size in bytes")?
+                .unwrap_or(0),
+        })
     }
 }
 
-impl Guest for MockCollector {
-    fn validate_options(options: Options) -> Result<(), PluginError> {
-        Settings::from_options(&options).map(|_| ())
+impl Collector for MockCollector {
+    fn validate_options(options: &Options) -> Result<(), Error> {
+        Settings::from_options(options).map(|_| ())
     }
 
-    fn collect(request: CollectRequest) -> Result<CollectOutcome, PluginError> {
-        let settings = Settings::from_options(&request.options)?;
+    fn collect(request: CollectRequest) -> Result<CollectOutcome, Error> {
+        let settings = Settings::from_options(&request.options())?;
         let started = unix_ms(SystemTime::now());
         let ctx = &request.context;
         let output = settings.output.clone().unwrap_or_else(|| {
@@ -112,39 +78,29 @@ impl Guest for MockCollector {
                 ctx.node, ctx.task_id
             )
         });
-        log(
-            Level::Info,
-            &format!(
-                "mock collection: delay {:?}, artifact {} bytes",
-                settings.delay, settings.artifact_size
-            ),
+        autocollect_sdk::info!(
+            "mock collection: delay {:?}, artifact {} bytes",
+            settings.delay,
+            settings.artifact_size
         );
 
         pretend_to_work(settings.delay);
 
         if settings.result != 0 {
-            return Err(PluginError::Failed(Failure {
-                status_code: settings.result,
-                output,
-            }));
+            return Err(Error::failed(settings.result, output));
         }
 
         // The mock holds no user data, so "partial redaction" changes only
         // the name, as cbcollect_info names its redacted zip.
-        let parameters = parameters();
-        let partial = parameters
-            .iter()
-            .any(|(k, v)| k == "log-redaction-level" && v == "partial");
-        let password = parameters
-            .iter()
-            .find(|(k, _)| k == "encryption-password")
-            .map(|(_, v)| v.as_str());
+        let parameters = Parameters::get();
+        let partial = parameters.redact();
+        let password = parameters.encryption_password();
         let name = collectinfo_name::zip_name(&ctx.node, SystemTime::now());
         let name = match partial {
             true => format!("{}-redacted.zip", name.trim_end_matches(".zip")),
             false => name,
         };
-        let path = format!("{}/{}", request.output_dir.trim_end_matches('/'), name);
+        let path = request.output_path(&name);
         let run = format!(
             "node={}\ntask={}\nredaction={}\nstarted_unix_ms={started}\nfinished_unix_ms={}\n",
             ctx.node,
@@ -153,17 +109,17 @@ impl Guest for MockCollector {
             unix_ms(SystemTime::now())
         );
         let size = write_zip(&path, &output, &run, settings.artifact_size, password)
-            .map_err(|e| PluginError::Internal(format!("writing {name}: {e}")))?;
+            .with_context(|| format!("writing {name}"))?;
         if password.is_some() {
-            log(Level::Info, &format!("{name} is encrypted (AES-256)"));
+            autocollect_sdk::info!("{name} is encrypted (AES-256)");
         }
-        Ok(CollectOutcome {
-            artifacts: vec![Artifact {
+        Ok(CollectOutcome::new(
+            Artifact {
                 name: name.clone(),
                 size,
-            }],
-            summary: format!("wrote {name} ({size} bytes)"),
-        })
+            },
+            format!("wrote {name} ({size} bytes)"),
+        ))
     }
 }
 
@@ -181,10 +137,10 @@ fn pretend_to_work(delay: Duration) {
             break;
         }
         let done_ms = elapsed.as_millis() as u64;
-        report(done_ms, total_ms, "collecting (mock)");
+        progress(done_ms, total_ms, "collecting (mock)");
         std::thread::sleep((delay - elapsed).min(Duration::from_millis(100)));
     }
-    report(total_ms, total_ms, "collected (mock)");
+    progress(total_ms, total_ms, "collected (mock)");
 }
 
 /// Write a zip holding `output.txt` and, if `artifact_size` asks for more,
@@ -256,4 +212,4 @@ fn unix_ms(t: SystemTime) -> u128 {
         .unwrap_or(0)
 }
 
-export!(MockCollector);
+autocollect_sdk::export_collector!(MockCollector);
