@@ -1,6 +1,8 @@
 //! The `autocollect` command: a thin layer over the library.
 
 mod couchbase;
+mod plugin_new;
+mod plugin_new_rust;
 mod plugin_run;
 
 use std::io::Write as _;
@@ -144,6 +146,22 @@ enum PluginCommand {
     /// then prints the outcome, the artifacts and the run receipt. Exit 0
     /// if it succeeded.
     Run(plugin_run::RunArgs),
+    /// Make a plugin project (outside this repository) that builds with
+    /// `./build.sh`: the template collector (or uploader) in Rust on the
+    /// SDK, or the example collector in Python or JavaScript, with the
+    /// contract's WIT.
+    New {
+        /// The project's name (lowercase letters, digits, '-').
+        name: String,
+        /// An uploader instead of a collector (Rust only).
+        #[arg(long)]
+        uploader: bool,
+        #[arg(long, value_enum, default_value_t = plugin_new::Lang::Rust)]
+        lang: plugin_new::Lang,
+        /// Where to make it.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -351,6 +369,18 @@ async fn run(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Plugin(PluginCommand::Run(args)) => plugin_run::run(args).await,
+        Command::Plugin(PluginCommand::New {
+            name,
+            uploader,
+            lang,
+            dir,
+        }) => {
+            let root = plugin_new::scaffold(&name, &dir, lang, uploader)?;
+            println!("made {}", root.display());
+            println!("build it:  {}/build.sh", root.display());
+            println!("run it:    see {}/README.md", root.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Certs(CertsCommand::Init { nodes, dir }) => {
             let nodes = nodes
                 .iter()

@@ -18,15 +18,24 @@ const WIT: &[(&str, &str)] = &[
     ("archive.wit", include_str!("../../../wit/archive.wit")),
     ("budget.wit", include_str!("../../../wit/budget.wit")),
     ("deps/cli.wit", include_str!("../../../wit/deps/cli.wit")),
-    ("deps/clocks.wit", include_str!("../../../wit/deps/clocks.wit")),
+    (
+        "deps/clocks.wit",
+        include_str!("../../../wit/deps/clocks.wit"),
+    ),
     (
         "deps/filesystem.wit",
         include_str!("../../../wit/deps/filesystem.wit"),
     ),
     ("deps/http.wit", include_str!("../../../wit/deps/http.wit")),
     ("deps/io.wit", include_str!("../../../wit/deps/io.wit")),
-    ("deps/random.wit", include_str!("../../../wit/deps/random.wit")),
-    ("deps/sockets.wit", include_str!("../../../wit/deps/sockets.wit")),
+    (
+        "deps/random.wit",
+        include_str!("../../../wit/deps/random.wit"),
+    ),
+    (
+        "deps/sockets.wit",
+        include_str!("../../../wit/deps/sockets.wit"),
+    ),
 ];
 
 const PYTHON_APP: &str = include_str!("../../../plugins/examples/python-collector/app.py");
@@ -55,7 +64,11 @@ pub fn scaffold(name: &str, dir: &Path, lang: Lang, uploader: bool) -> Result<Pa
         bail!(
             "an uploader in {} is not offered yet (it needs wasi:http's streaming body, which \
              the example tools do not wrap): use --lang rust",
-            if lang == Lang::Python { "Python" } else { "JavaScript" }
+            if lang == Lang::Python {
+                "Python"
+            } else {
+                "JavaScript"
+            }
         );
     }
     let files = match lang {
@@ -71,14 +84,23 @@ pub fn scaffold(name: &str, dir: &Path, lang: Lang, uploader: bool) -> Result<Pa
         }
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
     };
+    // The contract: beside the sources, or, for Rust, in the vendored SDK
+    // that generates the bindings from it.
+    let wit_dir = match lang {
+        Lang::Rust => "vendor/autocollect-sdk/wit",
+        Lang::Python | Lang::Js => "wit",
+    };
     for (rel, text) in WIT {
-        write(&format!("wit/{rel}"), text)?;
+        write(&format!("{wit_dir}/{rel}"), text)?;
     }
     for (rel, text) in &files {
         write(rel, text)?;
     }
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(root.join("build.sh"), std::fs::Permissions::from_mode(0o755))?;
+    std::fs::set_permissions(
+        root.join("build.sh"),
+        std::fs::Permissions::from_mode(0o755),
+    )?;
     Ok(root)
 }
 
