@@ -9,9 +9,10 @@ use anyhow::{Context, Result};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::inspect::Role;
 use super::run::{
-    RunError, VALIDATION_LIMITS, World, classify, finish, link, new_run_store, store_deadline,
-    supervise, validation_store,
+    RunError, VALIDATION_LIMITS, classify, finish, link, new_run_store, store_deadline, supervise,
+    validation_store,
 };
 use super::sandbox::{GUEST_ARTIFACT_DIR, PluginEvent, Route, RunLabels, RunLimits, RunSetup};
 use super::{PluginHost, PluginSource};
@@ -82,7 +83,7 @@ pub struct UploaderPlugin {
 
 impl UploaderPlugin {
     pub fn load(host: &Arc<PluginHost>, source: PluginSource) -> Result<UploaderPlugin> {
-        let pre = UploaderPre::new(link(host, &source, World::Uploader)?)
+        let pre = UploaderPre::new(link(host, &source, Role::Uploader)?)
             .map_err(anyhow::Error::from)
             .with_context(|| format!("plugin {source} does not export the uploader world"))?;
         Ok(UploaderPlugin {

@@ -132,7 +132,9 @@ async fn load_role<P: Send + Sync + 'static>(
     let source = PluginSource::parse(&config.plugin, config_dir)
         .with_context(|| format!("[{role}] plugin"))?;
     let plugins = plugins.clone();
-    let plugin = tokio::task::spawn_blocking(move || load(&plugins, source)).await??;
+    let plugin = tokio::task::spawn_blocking(move || load(&plugins, source))
+        .await?
+        .with_context(|| format!("[{role}] plugin"))?;
     Ok(Role {
         plugin: Arc::new(plugin),
         options: config.option_pairs(),
