@@ -22,6 +22,7 @@ mod hostile_plugin;
 mod manifest;
 mod netns;
 mod network_policy;
+mod plugin_check;
 mod proxy_server;
 mod redaction;
 mod sandbox;

@@ -1,6 +1,7 @@
 //! The `autocollect` command: a thin layer over the library.
 
 mod couchbase;
+mod plugin;
 
 use std::io::Write as _;
 use std::os::fd::FromRawFd;
@@ -104,6 +105,9 @@ enum Command {
     /// TLS certificates for a cluster.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Tools for plugin authors.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
     /// Start a local cluster, collect with the mock plugin, print results.
     Demo {
         /// How many nodes.
@@ -139,6 +143,41 @@ enum CertsCommand {
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Inspect a plugin file: its world and role, the contract version it
+    /// was built against, its imports, size and SHA-256, whether this
+    /// daemon can run it (loaded and linked as the daemon does), and what
+    /// its validate-options says of the --option values. Exit 0 if it can
+    /// run with them, 1 otherwise.
+    Check {
+        /// The component (.wasm).
+        file: PathBuf,
+        /// Check it as this role (default: the role its exports say).
+        #[arg(long)]
+        role: Option<RoleArg>,
+        /// An option for validate-options, as in `[collector.options]`
+        /// (repeat it).
+        #[arg(long = "option", value_name = "KEY=VALUE", value_parser = plugin::parse_option)]
+        options: Vec<(String, String)>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    Collector,
+    Uploader,
+}
+
+impl From<RoleArg> for crate::plugin::inspect::Role {
+    fn from(r: RoleArg) -> Self {
+        match r {
+            RoleArg::Collector => Self::Collector,
+            RoleArg::Uploader => Self::Uploader,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -329,6 +368,11 @@ async fn run(command: Command) -> Result<ExitCode> {
             println!("# clients: --cacert {ca}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Plugin(PluginCommand::Check {
+            file,
+            role,
+            options,
+        }) => Ok(plugin::check(&file, role.map(Into::into), &options).await),
         Command::Demo {
             nodes,
             delay_ms,
