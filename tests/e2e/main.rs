@@ -25,6 +25,7 @@ mod logging;
 mod manifest;
 mod netns;
 mod network_policy;
+mod plugin_check;
 mod plugin_new;
 mod plugin_run;
 mod proxy_server;

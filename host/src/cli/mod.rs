@@ -1,6 +1,7 @@
 //! The `autocollect` command: a thin layer over the library.
 
 mod couchbase;
+mod plugin;
 mod plugin_new;
 mod plugin_new_rust;
 mod plugin_run;
@@ -145,7 +146,23 @@ enum PluginCommand {
     /// sandbox and limits. Streams the plugin's log lines and progress,
     /// then prints the outcome, the artifacts and the run receipt. Exit 0
     /// if it succeeded.
-    Run(plugin_run::RunArgs),
+    Run(Box<plugin_run::RunArgs>),
+    /// Inspect a plugin file: its world and role, the contract version it
+    /// was built against, its imports, size and SHA-256, whether this
+    /// daemon can run it (loaded and linked as the daemon does), and what
+    /// its validate-options says of the --option values. Exit 0 if it can
+    /// run with them, 1 otherwise.
+    Check {
+        /// The component (.wasm).
+        file: PathBuf,
+        /// Check it as this role (default: the role its exports say).
+        #[arg(long)]
+        role: Option<RoleArg>,
+        /// An option for validate-options, as in `[collector.options]`
+        /// (repeat it).
+        #[arg(long = "option", value_name = "KEY=VALUE", value_parser = plugin::parse_option)]
+        options: Vec<(String, String)>,
+    },
     /// Make a plugin project (outside this repository) that builds with
     /// `./build.sh`: the template collector (or uploader) in Rust on the
     /// SDK, or the example collector in Python or JavaScript, with the
@@ -179,6 +196,21 @@ enum CertsCommand {
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    Collector,
+    Uploader,
+}
+
+impl From<RoleArg> for crate::plugin::inspect::Role {
+    fn from(r: RoleArg) -> Self {
+        match r {
+            RoleArg::Collector => Self::Collector,
+            RoleArg::Uploader => Self::Uploader,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -368,7 +400,7 @@ async fn run(command: Command) -> Result<ExitCode> {
             println!("{}", crate::auth::hash_password(password));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Plugin(PluginCommand::Run(args)) => plugin_run::run(args).await,
+        Command::Plugin(PluginCommand::Run(args)) => plugin_run::run(*args).await,
         Command::Plugin(PluginCommand::New {
             name,
             uploader,
@@ -397,6 +429,11 @@ async fn run(command: Command) -> Result<ExitCode> {
             println!("# clients: --cacert {ca}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Plugin(PluginCommand::Check {
+            file,
+            role,
+            options,
+        }) => Ok(plugin::check(&file, role.map(Into::into), &options).await),
         Command::Demo {
             nodes,
             delay_ms,

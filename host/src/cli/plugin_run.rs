@@ -14,6 +14,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use crate::plugin::collector::RunError;
+use crate::plugin::inspect::{Inspection, Role};
 use crate::testing::{Collection, RunObserver, Upload};
 
 #[derive(Args, Debug, Clone)]
@@ -155,40 +156,21 @@ async fn once(args: &RunArgs) -> Result<ExitCode> {
     }
 }
 
-enum Role {
-    Collector,
-    Uploader,
-}
-
-/// Which world the component exports.
+/// Which role the component's exports say it has (the daemon's own
+/// inspection: `plugin check` says the same).
 fn role_of(file: &str) -> Result<Role> {
     let source = crate::plugin::PluginSource::parse(file, Path::new("."))?;
     let host = crate::testing::plugin_host()?;
     let component = host.component(&source)?;
-    let exports: Vec<String> = component
-        .component_type()
-        .exports(host.engine())
-        .map(|(name, _)| name.to_string())
-        .collect();
-    let exports_named = |interface: &str| {
-        exports
-            .iter()
-            .any(|e| e.starts_with(&format!("autocollect:plugin/{interface}")))
-    };
-    if exports_named("collect") {
-        Ok(Role::Collector)
-    } else if exports_named("upload") {
-        Ok(Role::Uploader)
-    } else {
-        bail!(
-            "{file} exports neither autocollect:plugin/collect nor autocollect:plugin/upload \
-             (it exports: {}); check it with `autocollect plugin check {file}`",
-            if exports.is_empty() {
-                "nothing".to_string()
-            } else {
-                exports.join(", ")
-            }
-        )
+    let inspection = Inspection::of(host.engine(), &component);
+    match inspection.role {
+        Some(role) => Ok(role),
+        None => {
+            let why = crate::plugin::inspect::diagnose(&inspection, Role::Collector)
+                .err()
+                .unwrap_or_default();
+            bail!("{file}: {why}; check it with `autocollect plugin check {file}`")
+        }
     }
 }
 

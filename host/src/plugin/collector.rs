@@ -11,8 +11,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::archive::{self as host_archive, Archive, ArchiveError, ArchiveHandle};
 use super::exec::{ExecPolicy, ExecRun, Exit, Process, SpawnError, Stream};
+use super::inspect::Role;
 use super::run::{
-    VALIDATION_LIMITS, World, classify, finish, link, new_run_store, store_deadline, supervise,
+    VALIDATION_LIMITS, classify, finish, link, new_run_store, store_deadline, supervise,
     validation_store,
 };
 use super::sandbox::{
@@ -352,7 +353,7 @@ impl CollectorPlugin {
     /// clear message if the component imports something the sandbox does
     /// not offer or does not export the `collector` world.
     pub fn load(host: &Arc<PluginHost>, source: PluginSource) -> Result<CollectorPlugin> {
-        let pre = link(host, &source, World::Collector)?;
+        let pre = link(host, &source, Role::Collector)?;
         let identity = host.identity(pre.component());
         let pre = CollectorPre::new(pre)
             .map_err(anyhow::Error::from)

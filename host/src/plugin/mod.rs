@@ -9,11 +9,14 @@
 //!   directory, memory limiter, captured stdout/stderr, log/progress sinks.
 //! - [`collector`] and [`uploader`] bind their worlds and run them; what
 //!   they share (linker, supervision, error classification) is in `run`.
+//! - [`inspect`] says what a plugin file is and why this host cannot run
+//!   it (`autocollect plugin check` and the daemon's start-up alike).
 
 pub mod archive;
 pub mod builtin;
 pub mod collector;
 pub mod exec;
+pub mod inspect;
 mod outbound;
 mod run;
 pub mod sandbox;
@@ -82,7 +85,8 @@ impl PluginSource {
         }
     }
 
-    fn bytes(&self) -> Result<std::borrow::Cow<'static, [u8]>> {
+    /// The component's bytes (a file is read again at each call).
+    pub fn bytes(&self) -> Result<std::borrow::Cow<'static, [u8]>> {
         match self {
             PluginSource::Builtin(name) => Ok(builtin::lookup(name).unwrap().1.into()),
             PluginSource::File(path) => std::fs::read(path)
@@ -144,6 +148,7 @@ impl PluginHost {
         if let Some(c) = self.compiled.lock().unwrap().get(&key) {
             return Ok(c.clone());
         }
+        inspect::check_encoding(&bytes).map_err(|why| anyhow::anyhow!("{source} {why}"))?;
         let component = self
             .load_or_compile(&bytes, &key)
             .with_context(|| format!("loading plugin {source}"))?;

@@ -10,40 +10,32 @@ use tokio_util::sync::CancellationToken;
 use wasmtime::Store;
 use wasmtime::component::{HasSelf, Linker};
 
-use anyhow::Context as _;
+use anyhow::anyhow;
 use wasmtime::component::InstancePre;
 
 use super::collector::bindings::autocollect::plugin::{
     archive, budget, exec, inputs, log, progress, task, types,
 };
+use super::inspect::{self, Role};
 use super::sandbox::{
     Interrupted, OutputTail, RunLabels, RunLimits, RunSetup, RunState, new_store,
 };
 use super::{PluginHost, PluginSource};
 
-/// Which world a plugin is loaded as: it decides the capabilities linked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum World {
-    /// `exec` (confined by the run's exec policy), no HTTP.
-    Collector,
-    /// `wasi:http` (confined by the run's outbound policy), no `exec`.
-    Uploader,
-}
-
 /// The imports a plugin may use: WASI preview 2 (confined by the run's
 /// `WasiCtx`), our `log` and `progress`, and its world's capability.
-pub(super) fn linker(engine: &wasmtime::Engine, world: World) -> Result<Linker<RunState>> {
+pub(super) fn linker(engine: &wasmtime::Engine, role: Role) -> Result<Linker<RunState>> {
     let mut linker = Linker::<RunState>::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-    match world {
-        World::Collector => {
+    match role {
+        Role::Collector => {
             exec::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
             task::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
             inputs::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
             budget::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
             archive::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
         }
-        World::Uploader => wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?,
+        Role::Uploader => wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?,
     }
     types::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
     log::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
@@ -52,17 +44,19 @@ pub(super) fn linker(engine: &wasmtime::Engine, world: World) -> Result<Linker<R
 }
 
 /// Compile (or fetch from cache) `source` and link it against the
-/// sandbox's imports, failing with a clear message if it needs more.
+/// sandbox's imports for `role`, failing with the [`inspect`] diagnosis
+/// (wrong role, another contract version, a missing import).
 pub(super) fn link(
     host: &PluginHost,
     source: &PluginSource,
-    world: World,
+    role: Role,
 ) -> Result<InstancePre<RunState>> {
     let component = host.component(source)?;
-    linker(host.engine(), world)?
+    let inspection = inspect::Inspection::of(host.engine(), &component);
+    inspect::diagnose(&inspection, role).map_err(|why| anyhow!("{source}: {why}"))?;
+    linker(host.engine(), role)?
         .instantiate_pre(&component)
-        .map_err(anyhow::Error::from)
-        .with_context(|| format!("plugin {source} needs imports the sandbox does not offer"))
+        .map_err(|e| anyhow!("{source}: {}", inspect::link_failure(&inspection, &e)))
 }
 
 /// Limits of a `validate-options` call.

@@ -9,9 +9,10 @@ use anyhow::{Context, Result};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::inspect::Role;
 use super::run::{
-    RunError, VALIDATION_LIMITS, World, classify, finish, link, new_run_store, store_deadline,
-    supervise, validation_store,
+    RunError, VALIDATION_LIMITS, classify, finish, link, new_run_store, store_deadline, supervise,
+    validation_store,
 };
 use super::sandbox::{GUEST_ARTIFACT_DIR, PluginEvent, Route, RunLabels, RunLimits, RunSetup};
 use super::{PluginHost, PluginSource};
@@ -85,7 +86,7 @@ pub struct UploaderPlugin {
 
 impl UploaderPlugin {
     pub fn load(host: &Arc<PluginHost>, source: PluginSource) -> Result<UploaderPlugin> {
-        let pre = link(host, &source, World::Uploader)?;
+        let pre = link(host, &source, Role::Uploader)?;
         let identity = host.identity(pre.component());
         let pre = UploaderPre::new(pre)
             .map_err(anyhow::Error::from)

@@ -148,7 +148,9 @@ async fn load_role<P: Send + Sync + 'static>(
     let source = PluginSource::parse(&config.plugin, config_dir)
         .with_context(|| format!("[{role}] plugin"))?;
     let plugins = plugins.clone();
-    let plugin = tokio::task::spawn_blocking(move || load(&plugins, source)).await??;
+    let plugin = tokio::task::spawn_blocking(move || load(&plugins, source))
+        .await?
+        .with_context(|| format!("[{role}] plugin"))?;
     if let Some(pin) = &config.sha256 {
         let actual = sha256_of(&plugin);
         if !actual.eq_ignore_ascii_case(pin) {
