@@ -228,9 +228,21 @@ impl LocalCluster {
 
     /// One request to each node: it is answered once the daemon serves.
     async fn wait_ready(&mut self) -> Result<()> {
-        for node in &self.nodes {
-            let client = self.client_of(node, "", "");
+        for i in 0..self.nodes.len() {
+            let client = self.client_of(&self.nodes[i], "", "");
             if let Err(e) = client.health().await {
+                let node = &mut self.nodes[i];
+                // A daemon that refuses its config closes its socket
+                // before it prints why: let it finish (or stop it).
+                if let Some(child) = node.child.as_mut() {
+                    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                    while matches!(child.try_wait(), Ok(None))
+                        && std::time::Instant::now() < deadline
+                    {
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    }
+                    let _ = child.kill();
+                }
                 bail!(
                     "node {} did not start: {e}\n--- its log ---\n{}",
                     node.name,
