@@ -13,6 +13,7 @@ mod couchbase;
 mod couchbase_cli;
 mod demo;
 mod disk;
+mod docs;
 mod encryption;
 mod files_collector;
 mod grants;
