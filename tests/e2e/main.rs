@@ -14,6 +14,7 @@ mod couchbase_cli;
 mod demo;
 mod disk;
 mod encryption;
+mod events;
 mod files_collector;
 mod grants;
 mod harness;

@@ -7,6 +7,7 @@ mod access_log;
 pub mod audit;
 mod couchbase;
 mod error;
+mod events;
 mod internal;
 mod params;
 mod public;
@@ -26,6 +27,8 @@ pub use error::ApiError;
 
 pub const START_URI: &str = "/collectLogs/start";
 pub const STATUS_URI: &str = "/collectLogs/status";
+/// Server-Sent Events with every change of the latest task.
+pub const EVENTS_URI: &str = "/collectLogs/events";
 pub const CANCEL_URI: &str = "/collectLogs/cancel";
 pub const HEALTH_URI: &str = "/health";
 /// Reload the configuration (admins), as SIGHUP does.
