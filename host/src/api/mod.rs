@@ -11,6 +11,7 @@ mod events;
 mod internal;
 mod params;
 mod public;
+mod ui;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -80,6 +81,7 @@ pub type AppRouter = Router;
 pub fn router(state: AppState) -> AppRouter {
     public::router(state.clone())
         .merge(couchbase::router())
+        .merge(ui::router())
         .merge(internal::router(state.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
