@@ -5,6 +5,7 @@
 
 mod api_errors;
 mod archive;
+mod browser;
 mod budget;
 mod cancel;
 mod cbcollect;
