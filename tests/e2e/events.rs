@@ -214,3 +214,63 @@ async fn events_need_a_signed_in_user() {
     let mut stream = c.reader("n1").events(None).await.unwrap();
     assert_eq!(stream.next().await.unwrap().unwrap().event, "snapshot");
 }
+
+#[tokio::test]
+async fn a_node_that_does_not_coordinate_sends_the_coordinators_task() {
+    let c = cluster(&["n1", "n2"], |_| {}).await;
+    let started = c.admin("n1").start("all").await.unwrap();
+    let ended = wait_for_end(&c.admin("n1"), &started.task_id).await;
+    let mut stream = c.reader("n2").events(None).await.unwrap();
+    let e = stream.next().await.unwrap().unwrap();
+    assert_eq!(e.event, "snapshot");
+    assert_eq!(e.json()["reason"], "polled");
+    let mut task = None;
+    e.apply(&mut task).unwrap();
+    assert_eq!(task.as_ref(), Some(&ended));
+    assert_eq!(e.id, Some(ended.version));
+}
+
+#[tokio::test]
+async fn the_console_is_served_from_the_binary_with_a_strict_csp() {
+    let c = cluster(&["n1"], |_| {}).await;
+    let http = c.http_client(None);
+    let base = c.node("n1").url();
+    for (path, kind) in [
+        ("/ui/", "text/html"),
+        ("/ui/app.js", "text/javascript"),
+        ("/ui/style.css", "text/css"),
+    ] {
+        let r = http.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+        let header = |name: &str| {
+            r.headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default()
+        };
+        assert!(header("content-type").starts_with(kind), "{path}");
+        let csp = header("content-security-policy");
+        assert!(csp.contains("default-src 'none'"), "{csp}");
+        assert!(csp.contains("script-src 'self'"), "{csp}");
+        assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+        assert_eq!(header("x-content-type-options"), "nosniff");
+    }
+    let r = http.get(format!("{base}/ui")).send().await.unwrap();
+    assert_eq!(r.url().path(), "/ui/");
+    // Nothing from elsewhere: no absolute URL in the page or its script.
+    let page = http.get(format!("{base}/ui/")).send().await.unwrap();
+    let page = page.text().await.unwrap();
+    for link in ["src=\"http", "href=\"http", "src=\"//", "href=\"//"] {
+        assert!(!page.contains(link), "{link}");
+    }
+    // Who am I: the role the console shows its actions by.
+    let (status, who) = c
+        .reader("n1")
+        .request(reqwest::Method::GET, "/whoami", None, true)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(who["roles"][0]["role"], "ro_admin");
+    let r = http.get(format!("{base}/whoami")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+}

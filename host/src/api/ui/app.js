@@ -11,7 +11,9 @@ let stream = null; // AbortController of the event stream
 
 function api(path, options = {}) {
   const headers = Object.assign({ Authorization: "Basic " + auth }, options.headers || {});
-  return fetch(path, Object.assign({}, options, { headers, cache: "no-store" }));
+  // credentials: "omit": no cookie or browser-cached login is ever sent,
+  // and a 401 never opens the browser's own sign-in dialog.
+  return fetch(path, Object.assign({}, options, { headers, cache: "no-store", credentials: "omit" }));
 }
 
 async function signIn(user, password) {
