@@ -2,7 +2,8 @@
 //! through chromedriver's WebDriver HTTP API (plain JSON over HTTP, from
 //! reqwest: no Selenium, no Python), against a real 3-node cluster and
 //! the test upload server. Screenshots of the main states are written to
-//! `target/ui-screenshots/`.
+//! `target/ui-screenshots/`. Uploads go to the test upload server over
+//! TLS, its CA trusted by the nodes through `[upload] ca_file`.
 //!
 //! The test browser skips certificate checks (`acceptInsecureCerts` and
 //! `--ignore-certificate-errors`): the cluster's CA is made per test run
@@ -21,7 +22,6 @@ use base64::Engine;
 use serde_json::{Value, json};
 
 use crate::support::*;
-use crate::upload::upload_to;
 use crate::upload_server::UploadServer;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -259,12 +259,17 @@ fn cards_in(state: &str, n: usize) -> String {
 
 #[tokio::test]
 async fn the_console_uploads_from_every_node_and_shows_the_urls() {
-    let server = UploadServer::start().await;
+    // Over TLS, from a CA the nodes trust through `[upload] ca_file`.
+    let server = UploadServer::start_tls().await;
+    let certs = tempfile::tempdir().unwrap();
+    let ca = certs.path().join("upload-ca.pem");
+    std::fs::write(&ca, server.ca_pem()).unwrap();
     let c = cluster(&["n1", "n2", "n3"], |config| {
-        config.upload.allow_http = true;
+        config.upload.ca_file = Some(ca.clone());
         set_option(config, "artifact-size", 2_000_000i64);
     })
     .await;
+    let upload_host = server.host_named("localhost");
     let url = c.node("n1").url();
     let b = Browser::start().await;
     b.goto(&format!("{url}/ui/")).await;
@@ -281,10 +286,8 @@ async fn the_console_uploads_from_every_node_and_shows_the_urls() {
     )
     .await;
 
-    let options = upload_to(&server.host());
     b.click("#upload").await;
-    b.type_into("#uploadHost", options.upload_host.as_deref().unwrap())
-        .await;
+    b.type_into("#uploadHost", &upload_host).await;
     b.type_into("#customer", "acme").await;
     b.type_into("#ticket", "4242").await;
     b.screenshot("02-start-form").await;
@@ -306,7 +309,10 @@ async fn the_console_uploads_from_every_node_and_shows_the_urls() {
     let page = b.text("#per-node").await;
     for (node, status) in &task.per_node {
         let url = status.url.as_deref().unwrap();
-        assert!(url.starts_with(&format!("{}/acme/4242/", server.host())));
+        assert!(
+            url.starts_with(&format!("{upload_host}/acme/4242/")),
+            "{url}"
+        );
         assert!(page.contains(url), "{node}'s URL in {page}");
         assert!(page.contains(status.sha256.as_deref().unwrap()), "{page}");
     }
