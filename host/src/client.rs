@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
-use crate::api::{CANCEL_URI, HEALTH_URI, START_URI, STATUS_URI};
+use crate::api::{CANCEL_URI, EVENTS_URI, HEALTH_URI, START_URI, STATUS_URI};
 use crate::coordinator::task::{TaskState, TaskStatus};
 
 /// Long-poll length asked of the server per request.
@@ -199,9 +199,90 @@ impl ApiClient {
         }
     }
 
-    /// Follow the latest task (long-polling) until `done` says so; each
-    /// change is passed to `on_change` first.
+    /// Follow the latest task until `done`, calling `on_change` with it
+    /// after every change: from the event stream
+    /// (`GET /collectLogs/events`, resumed with `Last-Event-ID` if the
+    /// connection drops), or by long-polls from a daemon without one.
     pub async fn wait_until(
+        &self,
+        timeout: Duration,
+        mut on_change: impl FnMut(&TaskStatus),
+        done: impl Fn(&TaskStatus) -> bool,
+    ) -> Result<TaskStatus, ClientError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut task: Option<TaskStatus> = None;
+        let mut last_id: Option<u64> = None;
+        let mut dropped = 0;
+        loop {
+            let mut stream = match self.events(last_id).await {
+                Ok(s) => s,
+                Err(ClientError::Api { status, .. })
+                    if status == StatusCode::NOT_FOUND
+                        || status == StatusCode::METHOD_NOT_ALLOWED =>
+                {
+                    return self.poll_until(timeout, on_change, done).await;
+                }
+                Err(e) => return Err(e),
+            };
+            loop {
+                let event = match tokio::time::timeout_at(deadline, stream.next()).await {
+                    Err(_) => return Err(ClientError::Timeout(timeout)),
+                    Ok(Some(Ok(event))) => event,
+                    Ok(Some(Err(e))) if dropped < 3 => {
+                        tracing::debug!("event stream: {e}");
+                        break;
+                    }
+                    Ok(Some(Err(e))) => return Err(e),
+                    Ok(None) => break,
+                };
+                if event.apply(&mut task).is_err() {
+                    // A change for a task we do not hold: start over.
+                    last_id = None;
+                    break;
+                }
+                last_id = event.id.or(last_id);
+                if let Some(t) = &task {
+                    on_change(t);
+                    if done(t) {
+                        return Ok(t.clone());
+                    }
+                }
+            }
+            dropped += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Open the event stream, resuming after `last_event_id`.
+    pub async fn events(&self, last_event_id: Option<u64>) -> Result<EventStream, ClientError> {
+        let url = format!("{}{EVENTS_URI}", self.base);
+        let mut request = self
+            .http
+            .get(&url)
+            .basic_auth(&self.user, Some(&self.password))
+            .header(reqwest::header::ACCEPT, "text/event-stream");
+        if let Some(id) = last_event_id {
+            request = request.header("Last-Event-ID", id.to_string());
+        }
+        let response = request.send().await.map_err(|e| ClientError::Transport {
+            url: url.clone(),
+            message: error_chain(&e),
+        })?;
+        let status = response.status();
+        if !status.is_success() {
+            let text = response.text().await.unwrap_or_default();
+            let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+            return Err(ClientError::Api { status, body });
+        }
+        Ok(EventStream {
+            url,
+            body: Box::pin(response.bytes_stream()),
+            buffer: Vec::new(),
+        })
+    }
+
+    /// [`ApiClient::wait_until`] by long-polls of the status.
+    pub async fn poll_until(
         &self,
         timeout: Duration,
         mut on_change: impl FnMut(&TaskStatus),
@@ -315,6 +396,128 @@ impl StartOptions {
             nodes: nodes.to_string(),
             ..Default::default()
         }
+    }
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    pub event: String,
+    pub id: Option<u64>,
+    pub data: String,
+}
+
+/// A task change the client does not hold the task for.
+#[derive(Debug)]
+pub struct Unknown;
+
+impl SseEvent {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.data).unwrap_or(Value::Null)
+    }
+
+    /// Apply this event to the task as last known.
+    pub fn apply(&self, task: &mut Option<TaskStatus>) -> Result<(), Unknown> {
+        let data = self.json();
+        match self.event.as_str() {
+            "snapshot" => *task = serde_json::from_value(data["task"].clone()).ok(),
+            "started" => *task = serde_json::from_value(data["task"].clone()).ok(),
+            "change" => {
+                let Some(t) = task
+                    .as_mut()
+                    .filter(|t| data["taskId"] == t.task_id.as_str())
+                else {
+                    return Err(Unknown);
+                };
+                if let Ok(status) = serde_json::from_value(data["status"].clone()) {
+                    t.status = status;
+                }
+                t.progress = data["progress"].as_u64().unwrap_or(0) as u32;
+                t.version = data["version"].as_u64().unwrap_or(t.version);
+                if let Some(nodes) = data["nodes"].as_object() {
+                    for (node, status) in nodes {
+                        if let Ok(status) = serde_json::from_value(status.clone()) {
+                            t.per_node.insert(node.clone(), status);
+                        }
+                    }
+                }
+                if t.status != TaskState::Running {
+                    t.recommended_refresh_period = None;
+                    t.cancel_uri = None;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+type ByteStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>;
+
+/// The events of `GET /collectLogs/events`, parsed.
+pub struct EventStream {
+    url: String,
+    body: ByteStream,
+    buffer: Vec<u8>,
+}
+
+impl EventStream {
+    /// The next event; `None` when the server ends the stream.
+    pub async fn next(&mut self) -> Option<Result<SseEvent, ClientError>> {
+        use futures::StreamExt;
+        loop {
+            if let Some(end) = find_blank_line(&self.buffer) {
+                let block: Vec<u8> = self.buffer.drain(..end.1).collect();
+                let text = String::from_utf8_lossy(&block[..end.0]).replace("\r\n", "\n");
+                let mut event = SseEvent {
+                    event: "message".into(),
+                    id: None,
+                    data: String::new(),
+                };
+                let mut data = Vec::new();
+                for line in text.lines() {
+                    let (field, value) = line.split_once(':').unwrap_or((line, ""));
+                    let value = value.strip_prefix(' ').unwrap_or(value);
+                    match field {
+                        "event" => event.event = value.to_string(),
+                        "id" => event.id = value.parse().ok(),
+                        "data" => data.push(value),
+                        _ => {} // comments (keep-alives), retry
+                    }
+                }
+                if data.is_empty() {
+                    continue;
+                }
+                event.data = data.join("\n");
+                return Some(Ok(event));
+            }
+            match self.body.next().await? {
+                Ok(chunk) => self.buffer.extend_from_slice(&chunk),
+                Err(e) => {
+                    return Some(Err(ClientError::Transport {
+                        url: self.url.clone(),
+                        message: error_chain(&e),
+                    }));
+                }
+            }
+        }
+    }
+}
+
+/// Where the first event block ends: (end of its text, end of its blank line).
+fn find_blank_line(buffer: &[u8]) -> Option<(usize, usize)> {
+    let lf = buffer
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .map(|i| (i, i + 2));
+    let crlf = buffer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| (i, i + 4));
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(if a.0 < b.0 { a } else { b }),
+        (a, b) => a.or(b),
     }
 }
 

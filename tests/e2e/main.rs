@@ -5,6 +5,7 @@
 
 mod api_errors;
 mod archive;
+mod browser;
 mod budget;
 mod cancel;
 mod cbcollect;
@@ -15,6 +16,7 @@ mod demo;
 mod disk;
 mod docs;
 mod encryption;
+mod events;
 mod files_collector;
 mod grants;
 mod harness;

@@ -7,9 +7,11 @@ mod access_log;
 pub mod audit;
 mod couchbase;
 mod error;
+mod events;
 mod internal;
 mod params;
 mod public;
+mod ui;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +28,8 @@ pub use error::ApiError;
 
 pub const START_URI: &str = "/collectLogs/start";
 pub const STATUS_URI: &str = "/collectLogs/status";
+/// Server-Sent Events with every change of the latest task.
+pub const EVENTS_URI: &str = "/collectLogs/events";
 pub const CANCEL_URI: &str = "/collectLogs/cancel";
 pub const HEALTH_URI: &str = "/health";
 /// Reload the configuration (admins), as SIGHUP does.
@@ -77,6 +81,7 @@ pub type AppRouter = Router;
 pub fn router(state: AppState) -> AppRouter {
     public::router(state.clone())
         .merge(couchbase::router())
+        .merge(ui::router())
         .merge(internal::router(state.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -6,6 +6,8 @@
 //! - `GET  /collectLogs/status` (any user): the latest task; `?since=V`
 //!   waits (up to `wait` seconds, default 30, at most 60) until its
 //!   version exceeds `V`
+//! - `GET  /collectLogs/events` (any user): Server-Sent Events (see
+//!   [`super::events`])
 //! - `POST /collectLogs/cancel` (admin)
 //! - `GET  /health` (no auth); `?waitIdle=S` first waits up to S seconds
 //!   for the node to hold no session
@@ -27,7 +29,9 @@ use serde_json::{Value, json};
 
 use super::audit::Entry;
 use super::params::{self, Param};
-use super::{AppState, CANCEL_URI, ClientAddr, HEALTH_URI, RELOAD_URI, START_URI, STATUS_URI};
+use super::{
+    AppState, CANCEL_URI, ClientAddr, EVENTS_URI, HEALTH_URI, RELOAD_URI, START_URI, STATUS_URI,
+};
 use crate::auth::{AuthError, Caller};
 use crate::config::Role;
 use crate::coordinator::task::TaskStatus;
@@ -58,6 +62,7 @@ pub fn router(_state: AppState) -> Router<AppState> {
     Router::new()
         .route(START_URI, post(start))
         .route(STATUS_URI, get(status))
+        .route(EVENTS_URI, get(super::events::events))
         .route(CANCEL_URI, post(cancel))
         .route(HEALTH_URI, get(health))
         .route(RELOAD_URI, post(reload))
@@ -138,6 +143,16 @@ impl FromRequestParts<AppState> for Reader {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         authenticate(parts, state).await.map(|_| Reader)
+    }
+}
+
+/// Any authenticated user, who they are.
+pub struct Who(pub Caller);
+
+impl FromRequestParts<AppState> for Who {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        authenticate(parts, state).await.map(Who)
     }
 }
 
@@ -520,6 +535,13 @@ pub struct StatusQuery {
 }
 
 impl StatusQuery {
+    pub(super) fn new(since: Option<u64>, wait: f64) -> StatusQuery {
+        StatusQuery {
+            since,
+            wait: Some(wait),
+        }
+    }
+
     fn wait(&self) -> Duration {
         clamp_wait(self.wait)
     }
@@ -527,7 +549,7 @@ impl StatusQuery {
 
 /// The coordinator of the latest task this node took part in, when that
 /// is another node.
-fn remote_coordinator(state: &AppState) -> Option<String> {
+pub(super) fn remote_coordinator(state: &AppState) -> Option<String> {
     state
         .node
         .last_task()

@@ -19,6 +19,7 @@
 //! the node to confirm. The task ends when every driver has.
 
 mod driver;
+pub mod events;
 pub mod peers;
 mod store;
 pub mod task;
@@ -102,6 +103,11 @@ pub struct Coordinator {
     running: Mutex<Option<RunningTask>>,
     /// The latest task (running or finished), for status and long-polls.
     latest: watch::Sender<Option<TaskStatus>>,
+    /// One event per version of `latest`, for `GET /collectLogs/events`
+    /// (written under `latest`'s lock, so in version order).
+    events: Mutex<events::EventRing>,
+    /// Event streams open right now (bounded by the API).
+    pub event_streams: std::sync::atomic::AtomicUsize,
     store: TaskStore,
 }
 
@@ -138,6 +144,8 @@ impl Coordinator {
             start_lock: Default::default(),
             running: Mutex::new(None),
             latest: watch::Sender::new(latest),
+            events: Default::default(),
+            event_streams: Default::default(),
             store,
         })
     }
@@ -363,6 +371,23 @@ impl Coordinator {
         self.latest()
     }
 
+    /// Follow changes of the latest task (see [`Coordinator::events_after`]).
+    pub fn subscribe(&self) -> watch::Receiver<Option<TaskStatus>> {
+        self.latest.subscribe()
+    }
+
+    /// Up to `max` events after version `last`, in order; `Behind` if the
+    /// ring no longer holds all of them (the reader needs a snapshot).
+    pub fn events_after(
+        &self,
+        last: u64,
+        max: usize,
+    ) -> Result<Vec<Arc<events::TaskEvent>>, events::Behind> {
+        let latest = self.latest.borrow();
+        let current = latest.as_ref().map_or(0, |t| t.version);
+        self.events.lock().unwrap().after(last, current, max)
+    }
+
     pub fn is_running(&self) -> bool {
         self.running.lock().unwrap().is_some()
     }
@@ -372,6 +397,10 @@ impl Coordinator {
         self.latest.send_modify(|latest| {
             task.version = latest.as_ref().map_or(0, |t| t.version) + 1;
             *latest = Some(task.clone());
+            self.events
+                .lock()
+                .unwrap()
+                .push(events::TaskEvent::Started { task: task.clone() });
         });
         task
     }
@@ -381,8 +410,13 @@ impl Coordinator {
         let mut result = None;
         self.latest.send_if_modified(|latest| match latest {
             Some(t) if t.task_id == task_id => {
+                let before = t.per_node.clone();
                 change(t);
                 t.version += 1;
+                self.events
+                    .lock()
+                    .unwrap()
+                    .push(events::TaskEvent::changed(&before, t));
                 result = Some(t.clone());
                 true
             }
