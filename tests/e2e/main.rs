@@ -22,6 +22,7 @@ mod hostile_peer;
 mod hostile_plugin;
 mod logging;
 mod manifest;
+mod metrics;
 mod netns;
 mod network_policy;
 mod plugin_run;

@@ -28,6 +28,8 @@ pub const START_URI: &str = "/collectLogs/start";
 pub const STATUS_URI: &str = "/collectLogs/status";
 pub const CANCEL_URI: &str = "/collectLogs/cancel";
 pub const HEALTH_URI: &str = "/health";
+/// Prometheus metrics (any user).
+pub const METRICS_URI: &str = "/metrics";
 /// Reload the configuration (admins), as SIGHUP does.
 pub const RELOAD_URI: &str = "/admin/reload";
 

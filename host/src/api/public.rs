@@ -7,6 +7,7 @@
 //!   waits (up to `wait` seconds, default 30, at most 60) until its
 //!   version exceeds `V`
 //! - `POST /collectLogs/cancel` (admin)
+//! - `GET  /metrics` (any user): Prometheus metrics
 //! - `GET  /health` (no auth); `?waitIdle=S` first waits up to S seconds
 //!   for the node to hold no session
 //!
@@ -27,7 +28,9 @@ use serde_json::{Value, json};
 
 use super::audit::Entry;
 use super::params::{self, Param};
-use super::{AppState, CANCEL_URI, ClientAddr, HEALTH_URI, RELOAD_URI, START_URI, STATUS_URI};
+use super::{
+    AppState, CANCEL_URI, ClientAddr, HEALTH_URI, METRICS_URI, RELOAD_URI, START_URI, STATUS_URI,
+};
 use crate::auth::{AuthError, Caller};
 use crate::config::Role;
 use crate::coordinator::task::TaskStatus;
@@ -61,6 +64,15 @@ pub fn router(_state: AppState) -> Router<AppState> {
         .route(CANCEL_URI, post(cancel))
         .route(HEALTH_URI, get(health))
         .route(RELOAD_URI, post(reload))
+        .route(METRICS_URI, get(metrics))
+}
+
+/// This node's metrics in Prometheus' text format (any user).
+async fn metrics(_: Reader) -> impl axum::response::IntoResponse {
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        crate::metrics::global().render(),
+    )
 }
 
 /// Reload the configuration as SIGHUP does; the report. Audited.
@@ -117,16 +129,19 @@ async fn authenticate(parts: &Parts, state: &AppState) -> Result<Caller, ApiErro
             match e {
                 AuthError::Missing | AuthError::Invalid => {
                     if e == AuthError::Invalid {
+                        crate::metrics::global().auth_failures.inc();
                         state.log_refusal(&format!("failed sign-in from {client}"));
                     }
                     ApiError::general(StatusCode::UNAUTHORIZED, message)
                 }
                 AuthError::Throttled { retry_after } => {
+                    crate::metrics::global().throttled(crate::metrics::Throttle::SignIn);
                     state.log_refusal(&format!("sign-ins from {client} throttled"));
                     ApiError::general(StatusCode::TOO_MANY_REQUESTS, message)
                         .retry_after(retry_after.as_secs_f64().ceil() as u64)
                 }
                 AuthError::Busy => {
+                    crate::metrics::global().throttled(crate::metrics::Throttle::Verification);
                     state.log_refusal("sign-in refused: the verification queue is full");
                     ApiError::general(StatusCode::SERVICE_UNAVAILABLE, message).retry_after(1)
                 }
