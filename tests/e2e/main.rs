@@ -25,6 +25,7 @@ mod manifest;
 mod metrics;
 mod netns;
 mod network_policy;
+mod openapi;
 mod plugin_run;
 mod proxy_server;
 mod redaction;

@@ -8,6 +8,7 @@ pub mod audit;
 mod couchbase;
 mod error;
 mod internal;
+mod openapi;
 mod params;
 mod public;
 
@@ -30,6 +31,8 @@ pub const CANCEL_URI: &str = "/collectLogs/cancel";
 pub const HEALTH_URI: &str = "/health";
 /// Prometheus metrics (any user).
 pub const METRICS_URI: &str = "/metrics";
+/// The OpenAPI 3.1 document of the public and Couchbase routes (no auth).
+pub const OPENAPI_URI: &str = "/openapi.json";
 /// Reload the configuration (admins), as SIGHUP does.
 pub const RELOAD_URI: &str = "/admin/reload";
 
@@ -80,6 +83,7 @@ pub fn router(state: AppState) -> AppRouter {
     public::router(state.clone())
         .merge(couchbase::router())
         .merge(internal::router(state.clone()))
+        .route(OPENAPI_URI, axum::routing::get(openapi::serve))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(access_log::record))

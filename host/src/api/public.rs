@@ -173,7 +173,7 @@ impl FromRequestParts<AppState> for Admin {
     }
 }
 
-const START_PARAMS: &[&str] = &[
+pub(super) const START_PARAMS: &[&str] = &[
     "from",
     "nodes",
     "upload",
