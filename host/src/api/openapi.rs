@@ -173,7 +173,7 @@ pub fn document() -> Value {
          "schema": {"type": "integer", "minimum": 0}},
         {"name": "wait", "in": "query", "required": false,
          "description": "With since: the longest wait in seconds (default 30, at most 60)",
-         "schema": {"type": "number"}}
+         "schema": {"type": "number", "minimum": 0}}
     ]});
     let gateway = error("The node coordinating the task cannot be reached");
     let paths = json!({
@@ -187,7 +187,7 @@ pub fn document() -> Value {
             "The latest task (long-polled with since)", "collectLogs", Some(false), status_query,
             json!({
                 "200": ok("The latest task", task.clone()),
-                "400": error("A malformed query"),
+                "400": error("A malformed query, or a negative wait"),
                 "404": error("No task has run yet"),
                 "502": gateway.clone(),
             }),
@@ -205,11 +205,11 @@ pub fn document() -> Value {
             json!({"parameters": [{
                 "name": "waitIdle", "in": "query", "required": false,
                 "description": "First wait up to this many seconds (at most 60) for the node to hold no session",
-                "schema": {"type": "number"}
+                "schema": {"type": "number", "minimum": 0}
             }]}),
             json!({
                 "200": ok("The node is up", json!({"$ref": "#/components/schemas/Health"})),
-                "400": error("A malformed query"),
+                "400": error("A malformed query, or a negative waitIdle"),
             }),
         )},
         RELOAD_URI: {"post": operation(

@@ -567,6 +567,7 @@ async fn status(
     query: Result<Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(query) = query.map_err(bad_query)?;
+    check_wait("wait", query.wait)?;
     latest_task(&state, &query).await
 }
 
@@ -700,6 +701,7 @@ async fn health(
     query: Result<Query<HealthQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(query) = query.map_err(bad_query)?;
+    check_wait("waitIdle", query.wait_idle)?;
     if let Some(wait) = query.wait_idle {
         // Anyone may ask, so only a few wait at once; the rest are
         // answered as things are.
@@ -728,6 +730,19 @@ pub(super) fn bad_query(e: axum::extract::rejection::QueryRejection) -> ApiError
         StatusCode::BAD_REQUEST,
         format!("Bad query: {}", e.body_text()),
     )
+}
+
+/// A client's wait must be a number of seconds, 0 or more (a negative or
+/// non-finite one used to mean the default 30 s, silently).
+fn check_wait(key: &str, wait: Option<f64>) -> Result<(), ApiError> {
+    match wait {
+        Some(w) if !w.is_finite() || w < 0.0 => Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            key,
+            "Must be a number of seconds, 0 or more",
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// A client-given wait, bounded; the default when absent or invalid.
