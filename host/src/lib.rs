@@ -34,6 +34,7 @@ pub mod coordinator;
 pub mod files;
 pub mod local_tls;
 pub mod manifest;
+pub mod metrics;
 pub mod node;
 pub mod peer_auth;
 pub mod plugin;

@@ -224,3 +224,44 @@ async fn unknown_routes_and_methods_get_json_errors() {
         )
     );
 }
+
+/// Found by schemathesis: a negative (or not finite) wait used to mean
+/// the default 30 s, so `status?since=0&wait=-1` hung half a minute
+/// before any task existed. It is a 400 now, at once.
+#[tokio::test]
+async fn a_negative_or_infinite_wait_is_refused_at_once() {
+    let c = cluster(&["n1"], |_| {}).await;
+    let reader = c.reader("n1");
+    for (path, key) in [
+        ("/collectLogs/status?since=0&wait=-1", "wait"),
+        ("/collectLogs/status?since=0&wait=inf", "wait"),
+        ("/collectLogs/status?since=0&wait=NaN", "wait"),
+        ("/health?waitIdle=-0.5", "waitIdle"),
+    ] {
+        let started = std::time::Instant::now();
+        let (status, body) = reader.request(Method::GET, path, None, true).await.unwrap();
+        assert_eq!(
+            (status, body),
+            (
+                StatusCode::BAD_REQUEST,
+                json!({key: "Must be a number of seconds, 0 or more"})
+            ),
+            "{path}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{path}"
+        );
+    }
+    // Zero is a valid wait: no task yet, so 404 at once.
+    let (status, _) = reader
+        .request(
+            Method::GET,
+            "/collectLogs/status?since=0&wait=0",
+            None,
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}

@@ -31,7 +31,7 @@ pub const POOL_URI: &str = "/pools/default";
 const COUCHBASE_API_VERSION: &str = "8.0.0";
 
 /// The parameters of `POST /controller/startLogsCollection`.
-const START_PARAMS: &[&str] = &[
+pub(super) const START_PARAMS: &[&str] = &[
     "nodes",
     "uploadHost",
     "customer",

@@ -9,6 +9,7 @@ mod couchbase;
 mod error;
 mod events;
 mod internal;
+mod openapi;
 mod params;
 mod public;
 mod ui;
@@ -32,6 +33,10 @@ pub const STATUS_URI: &str = "/collectLogs/status";
 pub const EVENTS_URI: &str = "/collectLogs/events";
 pub const CANCEL_URI: &str = "/collectLogs/cancel";
 pub const HEALTH_URI: &str = "/health";
+/// Prometheus metrics (any user).
+pub const METRICS_URI: &str = "/metrics";
+/// The OpenAPI 3.1 document of the public and Couchbase routes (no auth).
+pub const OPENAPI_URI: &str = "/openapi.json";
 /// Reload the configuration (admins), as SIGHUP does.
 pub const RELOAD_URI: &str = "/admin/reload";
 
@@ -83,6 +88,7 @@ pub fn router(state: AppState) -> AppRouter {
         .merge(couchbase::router())
         .merge(ui::router())
         .merge(internal::router(state.clone()))
+        .route(OPENAPI_URI, axum::routing::get(openapi::serve))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(access_log::record))

@@ -9,6 +9,7 @@
 //! - `GET  /collectLogs/events` (any user): Server-Sent Events (see
 //!   [`super::events`])
 //! - `POST /collectLogs/cancel` (admin)
+//! - `GET  /metrics` (any user): Prometheus metrics
 //! - `GET  /health` (no auth); `?waitIdle=S` first waits up to S seconds
 //!   for the node to hold no session
 //!
@@ -30,7 +31,8 @@ use serde_json::{Value, json};
 use super::audit::Entry;
 use super::params::{self, Param};
 use super::{
-    AppState, CANCEL_URI, ClientAddr, EVENTS_URI, HEALTH_URI, RELOAD_URI, START_URI, STATUS_URI,
+    AppState, CANCEL_URI, ClientAddr, EVENTS_URI, HEALTH_URI, METRICS_URI, RELOAD_URI, START_URI,
+    STATUS_URI,
 };
 use crate::auth::{AuthError, Caller};
 use crate::config::Role;
@@ -66,6 +68,15 @@ pub fn router(_state: AppState) -> Router<AppState> {
         .route(CANCEL_URI, post(cancel))
         .route(HEALTH_URI, get(health))
         .route(RELOAD_URI, post(reload))
+        .route(METRICS_URI, get(metrics))
+}
+
+/// This node's metrics in Prometheus' text format (any user).
+async fn metrics(_: Reader) -> impl axum::response::IntoResponse {
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        crate::metrics::global().render(),
+    )
 }
 
 /// Reload the configuration as SIGHUP does; the report. Audited.
@@ -122,16 +133,19 @@ async fn authenticate(parts: &Parts, state: &AppState) -> Result<Caller, ApiErro
             match e {
                 AuthError::Missing | AuthError::Invalid => {
                     if e == AuthError::Invalid {
+                        crate::metrics::global().auth_failures.inc();
                         state.log_refusal(&format!("failed sign-in from {client}"));
                     }
                     ApiError::general(StatusCode::UNAUTHORIZED, message)
                 }
                 AuthError::Throttled { retry_after } => {
+                    crate::metrics::global().throttled(crate::metrics::Throttle::SignIn);
                     state.log_refusal(&format!("sign-ins from {client} throttled"));
                     ApiError::general(StatusCode::TOO_MANY_REQUESTS, message)
                         .retry_after(retry_after.as_secs_f64().ceil() as u64)
                 }
                 AuthError::Busy => {
+                    crate::metrics::global().throttled(crate::metrics::Throttle::Verification);
                     state.log_refusal("sign-in refused: the verification queue is full");
                     ApiError::general(StatusCode::SERVICE_UNAVAILABLE, message).retry_after(1)
                 }
@@ -173,7 +187,7 @@ impl FromRequestParts<AppState> for Admin {
     }
 }
 
-const START_PARAMS: &[&str] = &[
+pub(super) const START_PARAMS: &[&str] = &[
     "from",
     "nodes",
     "upload",
@@ -574,6 +588,7 @@ async fn status(
     query: Result<Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(query) = query.map_err(bad_query)?;
+    check_wait("wait", query.wait)?;
     latest_task(&state, &query).await
 }
 
@@ -707,6 +722,7 @@ async fn health(
     query: Result<Query<HealthQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(query) = query.map_err(bad_query)?;
+    check_wait("waitIdle", query.wait_idle)?;
     if let Some(wait) = query.wait_idle {
         // Anyone may ask, so only a few wait at once; the rest are
         // answered as things are.
@@ -735,6 +751,19 @@ pub(super) fn bad_query(e: axum::extract::rejection::QueryRejection) -> ApiError
         StatusCode::BAD_REQUEST,
         format!("Bad query: {}", e.body_text()),
     )
+}
+
+/// A client's wait must be a number of seconds, 0 or more (a negative or
+/// non-finite one used to mean the default 30 s, silently).
+fn check_wait(key: &str, wait: Option<f64>) -> Result<(), ApiError> {
+    match wait {
+        Some(w) if !w.is_finite() || w < 0.0 => Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            key,
+            "Must be a number of seconds, 0 or more",
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// A client-given wait, bounded; the default when absent or invalid.

@@ -322,6 +322,7 @@ impl Coordinator {
             upload_slots: slots(self.settings.upload_concurrency),
         });
         refused.disarm();
+        crate::metrics::global().tasks_started.inc();
         tokio::spawn(run_task(ctx, chosen, sessions, ended_tx, pings));
         Ok(status)
     }
@@ -498,6 +499,15 @@ async fn run_task(
         t.finish(state, "the coordinator lost track of this node")
     }) {
         coordinator.store.save(&task);
+        let failed = task
+            .per_node
+            .values()
+            .any(|n| matches!(n.status, NodeState::Failed | NodeState::FailedUpload));
+        crate::metrics::global().task_ended(match state {
+            TaskState::Cancelled => crate::metrics::TaskOutcome::Cancelled,
+            _ if failed => crate::metrics::TaskOutcome::Failed,
+            _ => crate::metrics::TaskOutcome::Completed,
+        });
     }
     let _ = ended.send(true);
     tracing::info!(task = %ctx.task_id, status = state.as_str(), "collection ended");

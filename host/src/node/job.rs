@@ -14,6 +14,7 @@ use super::budget::{self, BudgetWatch, Limits};
 use super::storage::{JobDirs, Kept};
 use super::{NodeService, Role};
 use crate::manifest::{self, Manifest};
+use crate::metrics::{RunOutcome, RunRole};
 use crate::plugin::collector::{CollectJob, Collected, CollectorPlugin, RunError};
 use crate::plugin::sandbox::{JobBudget, Route, RunLabels};
 use crate::plugin::uploader::{Receipt, UploadFailure, UploadJob, UploaderPlugin};
@@ -94,6 +95,9 @@ pub(super) async fn collect(
     };
     let result = run_collector(&node, &task_id, &dirs, &parameters, &events, controls).await;
     let wall_time = started.elapsed();
+    crate::metrics::global()
+        .collection_seconds
+        .observe(wall_time);
     drop(watch);
 
     let storage = node.storage.clone();
@@ -184,6 +188,7 @@ pub(super) async fn collect(
                 ignored,
             };
             tracing::info!(task = %task_id, state = "collected", path = %kept.path.display(), "collection finished");
+            crate::metrics::global().collected_bytes.add(kept.size);
             node.record_artifact(&task_id, kept);
             event
         }
@@ -310,6 +315,7 @@ pub(super) async fn upload(
         plugin: Some(plugins.uploader_ref()),
     });
     tracing::info!(task = %task_id, state = "startedUpload", %url, "upload started");
+    let started = std::time::Instant::now();
 
     let event = match prepare_upload(&node, &order).await {
         Err(reason) => NodeEvent::UploadFailed {
@@ -363,6 +369,9 @@ pub(super) async fn upload(
         }
     })
     .await;
+    crate::metrics::global()
+        .upload_seconds
+        .observe(started.elapsed());
     match &event {
         NodeEvent::Uploaded { bytes_sent, .. } => {
             tracing::info!(task = %task_id, state = "uploaded", %url, bytes_sent, "upload finished")
@@ -413,7 +422,8 @@ async fn run_uploader(
     progress: watch::Sender<Option<PluginEvent>>,
     cancel: CancellationToken,
 ) -> Result<Receipt, UploadFailure> {
-    role.plugin
+    let result = role
+        .plugin
         .upload(UploadJob {
             labels: labels(node, role.plugin.source(), &order.task_id),
             options: &role.options,
@@ -428,7 +438,30 @@ async fn run_uploader(
             observer: None,
             cancel,
         })
-        .await
+        .await;
+    let metrics = crate::metrics::global();
+    match &result {
+        Ok(receipt) => {
+            metrics.uploaded_bytes.add(receipt.bytes_sent);
+            metrics.plugin_run(RunRole::Uploader, RunOutcome::Ok);
+        }
+        Err(failure) => metrics.plugin_run(RunRole::Uploader, run_outcome(&failure.error)),
+    }
+    result
+}
+
+/// How a run that returned `error` ended, for the metrics.
+fn run_outcome(error: &RunError) -> RunOutcome {
+    match error {
+        RunError::InvalidOption { .. } | RunError::Failed { .. } | RunError::Plugin(_) => {
+            RunOutcome::Failed
+        }
+        RunError::Cancelled => RunOutcome::Cancelled,
+        RunError::Deadline(_) => RunOutcome::Deadline,
+        RunError::MemoryLimit(_) => RunOutcome::Memory,
+        RunError::Trap(_) => RunOutcome::Trap,
+        RunError::Host(_) => RunOutcome::Host,
+    }
 }
 
 /// After the artifact: its manifest, as `<artifact>.manifest.json` at the
@@ -594,6 +627,10 @@ async fn run_collector(
         })
         .await;
     forwarder.finish().await;
+    crate::metrics::global().plugin_run(
+        RunRole::Collector,
+        result.as_ref().err().map_or(RunOutcome::Ok, run_outcome),
+    );
     result.map_err(|e| match e {
         RunError::Cancelled => NodeEvent::Cancelled,
         RunError::Failed {

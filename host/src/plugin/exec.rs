@@ -277,6 +277,7 @@ impl ExecCtx {
         self.groups.0.lock().unwrap().push(pid);
         let record = (self.runs.clone(), self.runs.start(program, args));
         tracing::info!(%plugin, %program, pid, "started a program");
+        crate::metrics::global().programs_started.inc();
 
         let (tx, lines) = mpsc::channel(LINES_BUFFERED);
         let stdout = child.stdout.take().expect("piped");
@@ -403,6 +404,7 @@ impl Process {
 
     pub fn kill(&mut self) {
         if let Running::Child { .. } = self.child {
+            crate::metrics::global().programs_killed.inc();
             signal_group(self.pid, libc::SIGKILL);
         }
     }
@@ -483,6 +485,9 @@ async fn stop_group(pgid: u32, grace: Duration, plugin: &str) {
         if let Some(signal) = signal {
             if !group_alive(pgid) {
                 return;
+            }
+            if signal == libc::SIGTERM {
+                crate::metrics::global().programs_killed.inc();
             }
             tracing::warn!(%plugin, pgid, "a program's process group outlived its run: {name}");
             signal_group(pgid, signal);

@@ -134,6 +134,7 @@ impl Registry {
     fn add(&self) -> (u64, Arc<Notify>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let evict = Arc::new(Notify::new());
+        crate::metrics::global().connections_open.inc();
         self.conns.lock().unwrap().insert(
             id,
             Conn {
@@ -146,7 +147,9 @@ impl Registry {
     }
 
     fn remove(&self, id: u64) {
-        self.conns.lock().unwrap().remove(&id);
+        if self.conns.lock().unwrap().remove(&id).is_some() {
+            crate::metrics::global().connections_open.dec();
+        }
     }
 
     /// Close the connection idle the longest; whether there was one.
@@ -159,6 +162,7 @@ impl Registry {
             .map(|(id, _)| *id);
         match idlest.and_then(|id| conns.remove(&id)) {
             Some(conn) => {
+                crate::metrics::global().connections_open.dec();
                 conn.evict.notify_one();
                 true
             }
@@ -373,6 +377,7 @@ impl Connection {
             let app = app.clone();
             let full = public && requests.public_busy.load(Ordering::Relaxed) > public_cap;
             if full {
+                crate::metrics::global().throttled(crate::metrics::Throttle::Connections);
                 requests.log_refused(
                     "public requests fill the connections not kept for other nodes: answering 503",
                 );
