@@ -13,7 +13,10 @@ use serde_json::{Map, Value, json};
 use super::couchbase::{
     CANCEL_LOGS_URI, LOG_REDACTION_URI, POOL_URI, POOLS_URI, START_LOGS_URI, TASKS_URI,
 };
-use super::{CANCEL_URI, HEALTH_URI, METRICS_URI, OPENAPI_URI, RELOAD_URI, START_URI, STATUS_URI};
+use super::ui::WHOAMI_URI;
+use super::{
+    CANCEL_URI, EVENTS_URI, HEALTH_URI, METRICS_URI, OPENAPI_URI, RELOAD_URI, START_URI, STATUS_URI,
+};
 
 /// What a start parameter means (a parameter without an entry is still
 /// listed, as a string).
@@ -191,6 +194,36 @@ pub fn document() -> Value {
                 "404": error("No task has run yet"),
                 "502": gateway.clone(),
             }),
+        )},
+        EVENTS_URI: {"get": operation(
+            "Every change of the latest task, as Server-Sent Events", "collectLogs", Some(false),
+            json!({"parameters": [{
+                "name": "Last-Event-ID", "in": "header", "required": false,
+                "description": "Resume after this event (the task version it carried)",
+                "schema": {"type": "string"}
+            }]}),
+            json!({
+                "200": {
+                    "description": "An endless text/event-stream: `snapshot` first (`{\"reason\", \"task\"}`), then `started` (a new task, whole) and `change` (the nodes that changed); each event's id is the task version",
+                    "content": {"text/event-stream": {"schema": {"type": "string"}}}
+                },
+                "503": error("Too many event streams on this node (`Retry-After`)"),
+            }),
+        )},
+        WHOAMI_URI: {"get": operation(
+            "Who the caller is, as ns_server's /whoami says it", "node", Some(false), json!({}),
+            json!({"200": ok("The caller and its role (`admin` or `ro_admin`)", json!({
+                "type": "object",
+                "required": ["id", "domain", "roles"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "domain": {"type": "string"},
+                    "roles": {"type": "array", "items": {
+                        "type": "object",
+                        "properties": {"role": {"type": "string", "enum": ["admin", "ro_admin"]}}
+                    }}
+                }
+            }))}),
         )},
         CANCEL_URI: {"post": operation(
             "Cancel the running task", "collectLogs", Some(true), json!({}),
