@@ -400,13 +400,16 @@ async fn files_collector_encrypts_its_zip_with_the_encryption_password() {
     assert!(!log.contains(password));
 }
 
-/// The README's example configuration for a Couchbase node's logs
+/// The operator guide's example configuration for a Couchbase node's logs
 /// directory, as printed, over a directory laid out like one: the logs
 /// it names are collected, the access logs are not.
 #[tokio::test]
-async fn the_readmes_couchbase_logs_example_collects_a_couchbase_logs_directory() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
-        .expect("README.md");
+async fn the_operator_guides_couchbase_logs_example_collects_a_couchbase_logs_directory() {
+    let readme = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/operator-guide.md"
+    ))
+    .expect("docs/operator-guide.md");
     let after = readme
         .split("Example: a Couchbase node's logs directory")
         .nth(1)
