@@ -179,27 +179,49 @@ const REACHABLE_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 /// Nodes probed at once.
 const PROBES_AT_ONCE: usize = 64;
 
+type Reachability = std::collections::HashMap<String, bool>;
+
+/// The last probe of every node, and when it ended: requests that arrive
+/// while a probe runs wait for it and share its answer, so however many
+/// clients ask, one round of probes is in flight at a time.
+static LAST_PROBE: tokio::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<Reachability>)>> =
+    tokio::sync::Mutex::const_new(None);
+
+/// Which nodes answer their `/health` (this one always does).
+async fn reachability(state: &AppState) -> std::sync::Arc<Reachability> {
+    use futures::StreamExt;
+    let asked = std::time::Instant::now();
+    let mut last = LAST_PROBE.lock().await;
+    if let Some((ended, health)) = &*last
+        && *ended >= asked
+    {
+        return health.clone();
+    }
+    let peers = state.coordinator.peers();
+    let me = state.node.name();
+    let health: Reachability = futures::stream::iter(peers.names().cloned())
+        .map(|name| async move {
+            let up = name == me || peers.reachable(&name, REACHABLE_WITHIN).await;
+            (name, up)
+        })
+        .buffer_unordered(PROBES_AT_ONCE)
+        .collect()
+        .await;
+    let health = std::sync::Arc::new(health);
+    *last = Some((std::time::Instant::now(), health.clone()));
+    health
+}
+
 /// The cluster's nodes, for couchbase-cli's `--nodes HOST:PORT`,
 /// `server-list` and `host-list`: each with its Couchbase-style name
 /// (`otpNode`), API address (`hostname`, `configuredHostname`), `status`
 /// (`healthy` if its `/health` answered within 2 s, else `unhealthy`; this
 /// node is always `healthy`) and `clusterMembership` (`active`).
+/// Concurrent requests share one round of probes.
 async fn pool(State(state): State<AppState>, _: Reader) -> Json<Value> {
-    use futures::StreamExt;
     let peers = state.coordinator.peers();
-    let me = state.node.name().to_string();
     let names: Vec<String> = peers.names().cloned().collect();
-    let health: std::collections::HashMap<String, bool> = futures::stream::iter(names.clone())
-        .map(|name| {
-            let me = me.as_str();
-            async move {
-                let up = name == me || peers.reachable(&name, REACHABLE_WITHIN).await;
-                (name, up)
-            }
-        })
-        .buffer_unordered(PROBES_AT_ONCE)
-        .collect()
-        .await;
+    let health = reachability(&state).await;
     let nodes: Vec<Value> = names
         .iter()
         .map(|name| {
@@ -215,7 +237,7 @@ async fn pool(State(state): State<AppState>, _: Reader) -> Json<Value> {
                 "configuredHostname": hostname,
                 "status": status,
                 "clusterMembership": "active",
-                "thisNode": *name == me,
+                "thisNode": name == state.node.name(),
                 "ports": {},
             })
         })
