@@ -376,20 +376,11 @@ async fn a_collector_that_ignores_the_redaction_request_fails_instead_of_leaking
 async fn both_clis_pass_a_task_regexp_to_cbcollect_info() {
     let records = tempfile::tempdir().unwrap();
     let c = cluster(&["n1"], |config| cbcollect(config, records.path(), &[])).await;
-    let ca = c.ca_file.display().to_string();
-    let url = c.node("n1").url();
-    let run = autocollect_cli(&[
-        "start",
-        "--task-regexp",
-        "^ns_server",
-        "--wait",
-        "--url",
-        &url,
-        "-p",
-        &c.admin_password,
-        "--cacert",
-        &ca,
-    ])
+    let run = autocollect_cli_on(
+        &c,
+        "n1",
+        &["start", "--task-regexp", "^ns_server", "--wait"],
+    )
     .await;
     assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
     let run = couchbase_cli(

@@ -219,40 +219,12 @@ async fn plugin_check_names_what_a_later_contract_added() {
     );
 }
 
-/// `autocollect serve` with `role`'s plugin set to `plugin`: what it
-/// printed when it stopped (it must, within [`PATIENCE`]).
-async fn serve_stops_with(dir: &Path, role: &str, plugin: &str) -> String {
-    let config = dir.join("n1.toml");
-    let text = format!(
-        "node = \"n1\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\ntls = \"off\"\n\
-         cluster_secret = \"0123456789abcdef\"\n[nodes]\nn1 = \"127.0.0.1:9\"\n\
-         [{role}]\nplugin = {plugin:?}\n"
-    );
-    std::fs::write(&config, text).unwrap();
-    let daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_autocollect"))
-        .arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .current_dir(dir)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let out = tokio::time::timeout(PATIENCE, daemon.wait_with_output())
-        .await
-        .expect("the daemon stops")
-        .unwrap();
-    assert!(!out.status.success(), "{out:?}");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 #[tokio::test]
 async fn plugin_check_and_the_daemon_refuse_a_wrong_role_plugin_alike() {
     let dir = tempfile::tempdir().unwrap();
     let uploader = plugin("http_uploader");
-    let printed = serve_stops_with(dir.path(), "collector", &uploader).await;
+    let printed =
+        serve_stops_with(dir.path(), &format!("[collector]\nplugin = {uploader:?}")).await;
     let (_, checked) = check(&[&uploader, "--role", "collector"]).await;
     let why = format!(
         "{uploader}: this is an uploader; [collector] needs a component exporting \
@@ -265,7 +237,8 @@ async fn plugin_check_and_the_daemon_refuse_a_wrong_role_plugin_alike() {
     assert!(checked.contains(&why), "{checked}");
 
     let collector = plugin("mock_collector");
-    let printed = serve_stops_with(dir.path(), "uploader", &collector).await;
+    let printed =
+        serve_stops_with(dir.path(), &format!("[uploader]\nplugin = {collector:?}")).await;
     assert!(
         printed.contains(&format!(
             "error: [uploader] plugin: {collector}: this is a collector; [uploader] needs a \

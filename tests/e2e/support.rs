@@ -138,6 +138,15 @@ pub async fn couchbase_cli(c: &LocalCluster, node: &str, args: &[&str]) -> CliRu
     autocollect_cli(&[args, &connection[..]].concat()).await
 }
 
+/// Run `autocollect ARGS --url NODE -p ADMIN_PASSWORD --cacert CA`
+/// against `node` of `c`.
+pub async fn autocollect_cli_on(c: &LocalCluster, node: &str, args: &[&str]) -> CliRun {
+    let url = c.node(node).url();
+    let ca = c.ca_file.display().to_string();
+    let connection = ["--url", &url, "-p", &c.admin_password, "--cacert", &ca];
+    autocollect_cli(&[args, &connection[..]].concat()).await
+}
+
 /// The deliberately hostile test plugin, built from plugins/test-misbehave.
 pub fn misbehave_plugin() -> String {
     autocollect::plugin::builtin::build_output("test_misbehave")
@@ -223,4 +232,33 @@ pub fn zip_member(path: &Path, member: &str) -> String {
     let mut text = String::new();
     std::io::Read::read_to_string(&mut entry, &mut text).unwrap();
     text
+}
+
+/// `autocollect serve` in `dir` with a minimal one-node config (plain HTTP
+/// on loopback) plus `extra` (TOML tables): what it printed when it
+/// stopped, which it must, within [`PATIENCE`].
+pub async fn serve_stops_with(dir: &Path, extra: &str) -> String {
+    let config = dir.join("n1.toml");
+    let text = format!(
+        "node = \"n1\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\ntls = \"off\"\n\
+         cluster_secret = \"0123456789abcdef\"\n[nodes]\nn1 = \"127.0.0.1:9\"\n{extra}\n"
+    );
+    std::fs::write(&config, text).unwrap();
+    let daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_autocollect"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let out = tokio::time::timeout(PATIENCE, daemon.wait_with_output())
+        .await
+        .expect("the daemon stops")
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }

@@ -79,21 +79,7 @@ async fn a_bad_window_gets_field_keyed_errors() {
 #[tokio::test]
 async fn the_cli_takes_a_window_and_shows_who_ignored_it() {
     let c = cluster(&["n1"], |_| {}).await;
-    let ca = c.ca_file.display().to_string();
-    let url = c.node("n1").url();
-    let run = autocollect_cli(&[
-        "start",
-        "--since",
-        "30m",
-        "--wait",
-        "--url",
-        &url,
-        "-p",
-        &c.admin_password,
-        "--cacert",
-        &ca,
-    ])
-    .await;
+    let run = autocollect_cli_on(&c, "n1", &["start", "--since", "30m", "--wait"]).await;
     let stdout = run.stdout;
     assert_eq!(run.code, 0, "{stdout}");
     assert!(

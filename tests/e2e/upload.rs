@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use crate::proxy_server::ProxyServer;
 use crate::support::*;
-use crate::upload_server::{Reply, UploadServer, closed_port, sha256_file};
+use crate::upload_server::{Received, Reply, UploadServer, closed_port, sha256_file};
 
 /// Loopback upload servers speak plain http: allow it, and keep retries
 /// quick.
@@ -41,6 +41,35 @@ pub async fn upload_and_wait(admin: &ApiClient, options: &StartOptions) -> TaskS
     task
 }
 
+/// Each of `nodes` ended `uploaded` at Couchbase's URL under `host`, and
+/// the server received its kept artifact byte for byte: each node's
+/// status with what arrived, for further checks.
+pub fn uploaded_byte_identical<'a>(
+    task: &'a TaskStatus,
+    received: &'a [Received],
+    host: &str,
+    nodes: &[&str],
+) -> Vec<(&'a NodeStatus, &'a Received)> {
+    assert_eq!(received.len(), nodes.len(), "{received:?}");
+    nodes
+        .iter()
+        .map(|node| {
+            let status = &task.per_node[*node];
+            assert_eq!(status.status, NodeState::Uploaded, "{node}: {status:?}");
+            let artifact = Path::new(status.path.as_deref().expect("path kept"));
+            let file = artifact.file_name().unwrap().to_str().unwrap();
+            let path = format!("/Example+inc./12345/{file}");
+            assert_eq!(
+                status.url.as_deref(),
+                Some(format!("{host}{path}").as_str())
+            );
+            let got = received.iter().find(|r| r.path == path).expect("received");
+            assert_eq!(got.sha256, sha256_file(artifact), "{node}: bytes differ");
+            (status, got)
+        })
+        .collect()
+}
+
 pub fn output(status: &NodeStatus) -> &str {
     status.upload_output.as_deref().unwrap_or_default()
 }
@@ -56,19 +85,9 @@ async fn every_node_uploads_its_zip_byte_identical_to_couchbases_url() {
     let task = upload_and_wait(&c.admin("n2"), &upload_to(&server.host())).await;
 
     let received = server.received();
-    assert_eq!(received.len(), 3, "{received:?}");
-    for node in ["n1", "n2", "n3"] {
-        let status = &task.per_node[node];
-        assert_eq!(status.status, NodeState::Uploaded, "{node}: {status:?}");
-        let artifact = Path::new(status.path.as_deref().expect("path kept"));
-        let file = artifact.file_name().unwrap().to_str().unwrap();
-        let path = format!("/Example+inc./12345/{file}");
-        assert_eq!(
-            status.url.as_deref(),
-            Some(format!("{}{path}", server.host()).as_str())
-        );
-        let got = received.iter().find(|r| r.path == path).expect("received");
-        assert_eq!(got.sha256, sha256_file(artifact), "{node}: bytes differ");
+    for (status, got) in
+        uploaded_byte_identical(&task, &received, &server.host(), &["n1", "n2", "n3"])
+    {
         assert!(got.size > 300_000 - 1024, "{got:?}");
         // The last progress report is kept: every byte sent.
         let progress = status.progress.as_ref().expect("upload progress");

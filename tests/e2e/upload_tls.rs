@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::proxy_server::ProxyServer;
 use crate::support::*;
-use crate::upload::{output, upload_and_wait, upload_to};
+use crate::upload::{output, upload_and_wait, upload_to, uploaded_byte_identical};
 use crate::upload_server::{UploadServer, sha256_file};
 
 /// What the node says when the upload host's certificate is signed by a
@@ -51,21 +51,7 @@ async fn https_uploads_trusting_the_ca_file_arrive_byte_identical() {
     let host = server.host_named("localhost");
     let task = upload_and_wait(&c.admin("n1"), &upload_to(&host)).await;
 
-    let received = server.received();
-    assert_eq!(received.len(), 2, "{received:?}");
-    for node in ["n1", "n2"] {
-        let status = &task.per_node[node];
-        assert_eq!(status.status, NodeState::Uploaded, "{node}: {status:?}");
-        let artifact = Path::new(status.path.as_deref().expect("path kept"));
-        let file = artifact.file_name().unwrap().to_str().unwrap();
-        let path = format!("/Example+inc./12345/{file}");
-        assert_eq!(
-            status.url.as_deref(),
-            Some(format!("{host}{path}").as_str())
-        );
-        let got = received.iter().find(|r| r.path == path).expect("received");
-        assert_eq!(got.sha256, sha256_file(artifact), "{node}: bytes differ");
-    }
+    uploaded_byte_identical(&task, &server.received(), &host, &["n1", "n2"]);
 }
 
 #[tokio::test]
@@ -181,35 +167,6 @@ async fn the_upload_ca_file_is_reloaded_on_sighup() {
     assert_eq!(server.received().len(), 1);
 }
 
-/// `autocollect serve` with `[upload]` set to `upload` (TOML lines):
-/// what it printed if it stopped (it must, within [`PATIENCE`]).
-async fn serve_stops_with(dir: &Path, upload: &str) -> String {
-    let config = dir.join("n1.toml");
-    let text = format!(
-        "node = \"n1\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\ntls = \"off\"\n\
-         cluster_secret = \"0123456789abcdef\"\n[nodes]\nn1 = \"127.0.0.1:9\"\n\
-         [upload]\n{upload}\n"
-    );
-    std::fs::write(&config, text).unwrap();
-    let daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_autocollect"))
-        .arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .current_dir(dir)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let out = tokio::time::timeout(PATIENCE, daemon.wait_with_output())
-        .await
-        .expect("the daemon stops")
-        .unwrap();
-    assert!(!out.status.success(), "{out:?}");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 #[tokio::test]
 async fn a_bad_ca_file_stops_the_daemon_at_start_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
@@ -231,7 +188,7 @@ async fn a_bad_ca_file_stops_the_daemon_at_start_with_the_reason() {
         ),
     ];
     for (upload, want) in cases {
-        let printed = serve_stops_with(dir.path(), upload).await;
+        let printed = serve_stops_with(dir.path(), &format!("[upload]\n{upload}")).await;
         assert!(printed.contains(&want), "{upload}: {printed}");
     }
 }
