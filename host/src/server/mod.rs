@@ -39,34 +39,8 @@ pub async fn build(config: &Config, config_path: &Path) -> Result<(AppState, api
         .upload_tls()
         .map_err(|e| anyhow!("upload.{e}"))?;
     let plugins = PluginHost::new(config.plugin_cache_dir.clone())?;
-    let collector = load_role(
-        &plugins,
-        &config.collector,
-        config_dir,
-        "collector",
-        CollectorPlugin::load,
-        |p| p.identity().sha256.clone(),
-    )
-    .await?;
-    collector
-        .plugin
-        .validate_options(&collector.options)
-        .await
-        .map_err(|e| anyhow!("collector plugin {}: {e}", collector.plugin.source()))?;
-    let uploader = load_role(
-        &plugins,
-        &config.uploader,
-        config_dir,
-        "uploader",
-        UploaderPlugin::load,
-        |p| p.identity().sha256.clone(),
-    )
-    .await?;
-    uploader
-        .plugin
-        .validate_options(&uploader.options)
-        .await
-        .map_err(|e| anyhow!("uploader plugin {}: {e}", uploader.plugin.source()))?;
+    let collector = load_role::<CollectorPlugin>(&plugins, &config.collector, config_dir).await?;
+    let uploader = load_role::<UploaderPlugin>(&plugins, &config.uploader, config_dir).await?;
     tracing::info!(collector = %collector.plugin.source(), uploader = %uploader.plugin.source(), "plugins loaded");
 
     let roles = Roles {
@@ -135,24 +109,89 @@ pub async fn build(config: &Config, config_path: &Path) -> Result<(AppState, api
     Ok((state.clone(), api::router(state)))
 }
 
-/// Compile (off the async runtime) and configure one role's plugin;
-/// `sha256_of` gives its component's SHA-256, for the `sha256` pin.
-async fn load_role<P: Send + Sync + 'static>(
+/// What start-up and a reload need of a role's plugin type.
+pub(crate) trait RolePlugin: Sized + Send + Sync + 'static {
+    /// `collector` or `uploader`: the config section and the log's word.
+    const ROLE: &'static str;
+    fn load(host: &Arc<PluginHost>, source: PluginSource) -> Result<Self>;
+    fn source(&self) -> &PluginSource;
+    fn identity(&self) -> &crate::plugin::PluginIdentity;
+    fn validate_options(
+        &self,
+        options: &[(String, String)],
+    ) -> impl std::future::Future<Output = Result<(), crate::plugin::collector::RunError>> + Send;
+    /// This role's plugin in a set.
+    fn of(set: &PluginSet) -> &Role<Self>;
+    /// Put `role` in place of the running one.
+    fn replace(active: &ActivePlugins, role: Role<Self>);
+}
+
+impl RolePlugin for CollectorPlugin {
+    const ROLE: &'static str = "collector";
+    fn load(host: &Arc<PluginHost>, source: PluginSource) -> Result<Self> {
+        CollectorPlugin::load(host, source)
+    }
+    fn source(&self) -> &PluginSource {
+        CollectorPlugin::source(self)
+    }
+    fn identity(&self) -> &crate::plugin::PluginIdentity {
+        CollectorPlugin::identity(self)
+    }
+    async fn validate_options(
+        &self,
+        options: &[(String, String)],
+    ) -> Result<(), crate::plugin::collector::RunError> {
+        CollectorPlugin::validate_options(self, options).await
+    }
+    fn of(set: &PluginSet) -> &Role<Self> {
+        &set.collector
+    }
+    fn replace(active: &ActivePlugins, role: Role<Self>) {
+        active.replace_collector(role)
+    }
+}
+
+impl RolePlugin for UploaderPlugin {
+    const ROLE: &'static str = "uploader";
+    fn load(host: &Arc<PluginHost>, source: PluginSource) -> Result<Self> {
+        UploaderPlugin::load(host, source)
+    }
+    fn source(&self) -> &PluginSource {
+        UploaderPlugin::source(self)
+    }
+    fn identity(&self) -> &crate::plugin::PluginIdentity {
+        UploaderPlugin::identity(self)
+    }
+    async fn validate_options(
+        &self,
+        options: &[(String, String)],
+    ) -> Result<(), crate::plugin::collector::RunError> {
+        UploaderPlugin::validate_options(self, options).await
+    }
+    fn of(set: &PluginSet) -> &Role<Self> {
+        &set.uploader
+    }
+    fn replace(active: &ActivePlugins, role: Role<Self>) {
+        active.replace_uploader(role)
+    }
+}
+
+/// Compile (off the async runtime), pin-check, configure and check
+/// (`validate-options`) one role's plugin, as start-up and a reload do.
+pub(crate) async fn load_role<P: RolePlugin>(
     plugins: &Arc<PluginHost>,
     config: &PluginRole,
     config_dir: &Path,
-    role: &str,
-    load: fn(&Arc<PluginHost>, PluginSource) -> Result<P>,
-    sha256_of: fn(&P) -> String,
 ) -> Result<Role<P>> {
+    let role = P::ROLE;
     let source = PluginSource::parse(&config.plugin, config_dir)
         .with_context(|| format!("[{role}] plugin"))?;
     let plugins = plugins.clone();
-    let plugin = tokio::task::spawn_blocking(move || load(&plugins, source))
+    let plugin = tokio::task::spawn_blocking(move || P::load(&plugins, source))
         .await?
         .with_context(|| format!("[{role}] plugin"))?;
     if let Some(pin) = &config.sha256 {
-        let actual = sha256_of(&plugin);
+        let actual = &plugin.identity().sha256;
         if !actual.eq_ignore_ascii_case(pin) {
             anyhow::bail!(
                 "[{role}] plugin {}: its SHA-256 is {actual}, but [{role}] sha256 pins {}: \
@@ -162,7 +201,7 @@ async fn load_role<P: Send + Sync + 'static>(
             );
         }
     }
-    Ok(Role {
+    let loaded = Role {
         plugin: Arc::new(plugin),
         options: config.option_pairs(),
         limits: RunLimits {
@@ -182,7 +221,13 @@ async fn load_role<P: Send + Sync + 'static>(
             script: None,
         }),
         inputs: config.inputs.clone(),
-    })
+    };
+    loaded
+        .plugin
+        .validate_options(&loaded.options)
+        .await
+        .map_err(|e| anyhow!("{role} plugin {}: {e}", loaded.plugin.source()))?;
+    Ok(loaded)
 }
 
 /// Serve on `listener` until a termination signal.

@@ -14,9 +14,9 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::load_role;
-use crate::config::Config;
-use crate::node::NodeService;
+use super::{RolePlugin, load_role};
+use crate::config::{Config, PluginRole};
+use crate::node::{NodeService, PluginSet};
 use crate::plugin::PluginHost;
 use crate::plugin::collector::CollectorPlugin;
 use crate::plugin::uploader::UploaderPlugin;
@@ -131,69 +131,14 @@ impl Reloader {
         let active = self.node.plugins();
         active.clear_problem("config");
 
-        // The collector.
-        let before = active.current().collector_ref();
-        let outcome = match load_role(
-            &self.plugins,
-            &config.collector,
-            dir,
-            "collector",
-            CollectorPlugin::load,
-            |p| p.identity().sha256.clone(),
-        )
-        .await
-        {
-            Ok(role) => match role.plugin.validate_options(&role.options).await {
-                Ok(()) => {
-                    active.replace_collector(role);
-                    let after = active.current().collector_ref();
-                    let same = after == before && same_settings(&config.collector, &collector_now);
-                    self.roles_now.lock().unwrap().0 = config.collector.clone();
-                    Ok(same)
-                }
-                Err(e) => Err(format!("collector plugin {}: {e}", config.collector.plugin)),
-            },
-            Err(e) => Err(format!("{e:#}")),
-        };
-        report.push_role(
-            "collector",
-            outcome,
-            active.current().collector_ref(),
-            active,
-            why,
-        );
-
-        // The uploader.
-        let before = active.current().uploader_ref();
-        let outcome = match load_role(
-            &self.plugins,
-            &config.uploader,
-            dir,
-            "uploader",
-            UploaderPlugin::load,
-            |p| p.identity().sha256.clone(),
-        )
-        .await
-        {
-            Ok(role) => match role.plugin.validate_options(&role.options).await {
-                Ok(()) => {
-                    active.replace_uploader(role);
-                    let after = active.current().uploader_ref();
-                    let same = after == before && same_settings(&config.uploader, &uploader_now);
-                    self.roles_now.lock().unwrap().1 = config.uploader.clone();
-                    Ok(same)
-                }
-                Err(e) => Err(format!("uploader plugin {}: {e}", config.uploader.plugin)),
-            },
-            Err(e) => Err(format!("{e:#}")),
-        };
-        report.push_role(
-            "uploader",
-            outcome,
-            active.current().uploader_ref(),
-            active,
-            why,
-        );
+        let outcome = self
+            .reload_role::<CollectorPlugin>(&config.collector, &collector_now, dir)
+            .await;
+        report.push_role::<CollectorPlugin>(outcome, active, why);
+        let outcome = self
+            .reload_role::<UploaderPlugin>(&config.uploader, &uploader_now, dir)
+            .await;
+        report.push_role::<UploaderPlugin>(outcome, active, why);
 
         // Certificates and the uploads' CA file.
         if let Some(tls) = &self.tls {
@@ -244,15 +189,47 @@ impl Reloader {
     }
 }
 
+impl Reloader {
+    /// Load and check `P`'s role from `config` as at start; put it in
+    /// place if it passes. Whether nothing changed (same component, same
+    /// settings as `now`), or why it was refused.
+    async fn reload_role<P: RolePlugin>(
+        &self,
+        config: &PluginRole,
+        now: &PluginRole,
+        dir: &std::path::Path,
+    ) -> Result<bool, String> {
+        let active = self.node.plugins();
+        let before = role_ref::<P>(&active.current());
+        let role = load_role::<P>(&self.plugins, config, dir)
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        P::replace(active, role);
+        let same = role_ref::<P>(&active.current()) == before && same_settings(config, now);
+        let mut roles_now = self.roles_now.lock().unwrap();
+        match P::ROLE {
+            "collector" => roles_now.0 = config.clone(),
+            _ => roles_now.1 = config.clone(),
+        }
+        Ok(same)
+    }
+}
+
+/// What runs for `P`'s role in `set`.
+fn role_ref<P: RolePlugin>(set: &PluginSet) -> PluginRef {
+    let plugin = &P::of(set).plugin;
+    crate::node::plugins::plugin_ref(P::ROLE, plugin.source(), plugin.identity())
+}
+
 impl ReloadReport {
-    fn push_role(
+    fn push_role<P: RolePlugin>(
         &mut self,
-        role: &str,
         outcome: Result<bool, String>,
-        plugin: PluginRef,
         active: &crate::node::ActivePlugins,
         why: &str,
     ) {
+        let role = P::ROLE;
+        let plugin = role_ref::<P>(&active.current());
         let (outcome, error) = match outcome {
             Ok(true) => ("unchanged", None),
             Ok(false) => {
