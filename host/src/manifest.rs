@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::hex;
-use crate::plugin::exec::{ExecRun, Exit};
+use crate::plugin::exec::Exit;
 use crate::protocol::CollectParameters;
 pub use crate::redact::hash_of_salt;
 
@@ -203,20 +203,18 @@ pub struct Inputs<'a> {
     pub options: &'a [(String, String)],
     pub parameters: &'a CollectParameters,
     pub grants: &'a [crate::config::InputGrant],
-    pub grants_used: &'a BTreeMap<String, crate::plugin::archive::GrantUse>,
-    pub exec_runs: &'a [ExecRun],
-    /// Why the collection is partial, secrets already masked.
-    pub partial: Option<&'a str>,
-    /// What the plugin left out, secrets already masked.
-    pub left_out: &'a crate::plugin::sandbox::LeftOut,
+    /// What the run recorded: what it read from each grant, the programs
+    /// it started, its peak memory, and (secrets already masked by the
+    /// collector's host) why it is partial and what it left out.
+    pub collected: &'a crate::plugin::collector::Collected,
     pub wall_time: Duration,
-    pub peak_memory_bytes: u64,
     pub bytes_written: u64,
 }
 
 impl Manifest {
     pub fn new(i: Inputs<'_>) -> Manifest {
         let secrets = secrets_of(i.parameters);
+        let run = i.collected;
         let partial = i.parameters.log_redaction_level.as_deref() == Some("partial");
         Manifest {
             format_version: FORMAT_VERSION,
@@ -245,7 +243,7 @@ impl Manifest {
                 .grants
                 .iter()
                 .map(|g| {
-                    let used = i.grants_used.get(&g.name);
+                    let used = run.grants_used.get(&g.name);
                     GrantRecord {
                         name: g.name.clone(),
                         host: g.host.display().to_string(),
@@ -255,7 +253,7 @@ impl Manifest {
                     }
                 })
                 .collect(),
-            exec: i
+            exec: run
                 .exec_runs
                 .iter()
                 .map(|run| ExecRecord {
@@ -269,13 +267,13 @@ impl Manifest {
                 })
                 .collect(),
             // Masked already by the collector's host, for status too.
-            partial: i.partial.map(|reason| PartialRecord {
-                reason: reason.to_string(),
+            partial: run.partial.as_ref().map(|reason| PartialRecord {
+                reason: reason.clone(),
             }),
-            left_out: (i.left_out.count > 0).then(|| LeftOutRecord {
-                count: i.left_out.count,
-                bytes: i.left_out.bytes,
-                items: i
+            left_out: (run.left_out.count > 0).then(|| LeftOutRecord {
+                count: run.left_out.count,
+                bytes: run.left_out.bytes,
+                items: run
                     .left_out
                     .items
                     .iter()
@@ -284,11 +282,11 @@ impl Manifest {
                         bytes: *bytes,
                     })
                     .collect(),
-                not_listed: i.left_out.count - i.left_out.items.len() as u64,
+                not_listed: run.left_out.count - run.left_out.items.len() as u64,
             }),
             run: RunInfo {
                 wall_time_ms: i.wall_time.as_millis() as u64,
-                peak_memory_bytes: i.peak_memory_bytes,
+                peak_memory_bytes: run.memory_peak,
                 bytes_written: i.bytes_written,
             },
         }
@@ -549,15 +547,12 @@ fn check_entries(file: std::fs::File, report: &mut Report) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::Secret;
+    use crate::plugin::exec::ExecRun;
 
     fn secret_parameters() -> CollectParameters {
         CollectParameters {
-            log_redaction_level: Some("partial".into()),
-            log_redaction_salt: Some("pepper-salt".into()),
-            encryption_password: Some(Secret::new("hunter2-zip")),
             tmp_dir: Some("/tmp/x".into()),
-            ..Default::default()
+            ..crate::protocol::tests::secret_parameters()
         }
     }
 
@@ -651,16 +646,21 @@ mod tests {
                 host: "/var/log/app".into(),
                 guest: "/inputs/logs".into(),
             }],
-            grants_used: &BTreeMap::new(),
-            exec_runs: &runs,
-            partial: None,
-            left_out: &crate::plugin::sandbox::LeftOut {
-                items: vec![("logs/old.log".into(), 10)],
-                count: 3,
-                bytes: 30,
+            collected: &crate::plugin::collector::Collected {
+                artifacts: Vec::new(),
+                summary: String::new(),
+                exec_runs: runs,
+                memory_peak: 1 << 20,
+                partial: None,
+                left_out: crate::plugin::sandbox::LeftOut {
+                    items: vec![("logs/old.log".into(), 10)],
+                    count: 3,
+                    bytes: 30,
+                },
+                ignored: Vec::new(),
+                grants_used: BTreeMap::new(),
             },
             wall_time: Duration::from_millis(50),
-            peak_memory_bytes: 1 << 20,
             bytes_written: 3,
         });
         let json = String::from_utf8(m.to_json()).unwrap();

@@ -388,10 +388,12 @@ impl NodeEvent {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn secret_parameters() -> CollectParameters {
+    /// Parameters with every secret set (salt and password), for the
+    /// tests that check none of them leaks.
+    pub(crate) fn secret_parameters() -> CollectParameters {
         CollectParameters {
             log_redaction_level: Some("partial".into()),
             log_redaction_salt: Some("pepper-salt".into()),

@@ -454,12 +454,8 @@ fn receipt(
         options,
         parameters,
         grants: inputs,
-        grants_used: &collected.grants_used,
-        exec_runs: &collected.exec_runs,
-        partial: collected.partial.as_deref(),
-        left_out: &collected.left_out,
+        collected,
         wall_time,
-        peak_memory_bytes: collected.memory_peak,
         bytes_written: size,
     }))
 }
