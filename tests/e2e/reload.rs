@@ -155,10 +155,18 @@ async fn a_plugin_that_fails_to_load_on_reload_leaves_the_previous_one_running_a
         "builtin:mock-collector"
     );
 
-    // A file that is not a configuration changes nothing.
+    // A file that is not a configuration changes nothing; the parse
+    // error, which /health shows to anyone, does not quote the broken
+    // line that holds the cluster secret.
     let path = c.node("n1").config_path.clone();
     let good = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(&path, "node = [").unwrap();
+    let secret_line = format!("cluster_secret = {:?}", c.secret);
+    assert!(good.contains(&secret_line), "{good}");
+    std::fs::write(
+        &path,
+        good.replace(&secret_line, &format!("{secret_line} oops")),
+    )
+    .unwrap();
     let (_, report) = post_reload(&c, "n1", ADMIN_USER).await;
     assert_eq!(report["ok"], false);
     assert!(
@@ -167,6 +175,18 @@ async fn a_plugin_that_fails_to_load_on_reload_leaves_the_previous_one_running_a
             .unwrap()
             .contains("parsing config"),
         "{report}"
+    );
+    let h = health(&c, "n1").await;
+    let errors = h["reloadErrors"].as_array().unwrap();
+    assert!(errors.iter().any(|e| e["role"] == "config"), "{h}");
+    for shown in [report.to_string(), h.to_string()] {
+        assert!(!shown.contains(&c.secret), "{shown}");
+    }
+    wait_for_log(&c, "n1", "the configuration was not applied").await;
+    let log = std::fs::read_to_string(&c.node("n1").log_path).unwrap();
+    assert!(
+        !log.contains(&c.secret),
+        "the cluster secret reached the log"
     );
     // Fixed, with an option changed: applied, and the errors are gone.
     let mut config: Config = toml::from_str(&good).unwrap();

@@ -103,7 +103,7 @@ impl Reloader {
         let config = match Config::load(&self.config_path) {
             Ok(config) => config,
             Err(e) => {
-                let error = format!("{e:#}");
+                let error = scrub(&format!("{e:#}"), &[&self.at_start]);
                 tracing::error!(
                     trigger = why,
                     "reload: the configuration was not applied: {error}"
@@ -131,13 +131,18 @@ impl Reloader {
         let active = self.node.plugins();
         active.clear_problem("config");
 
+        // The reasons go to the log, the report and `/health` (which
+        // anyone may read): nothing secret in them.
+        let secrets = [&self.at_start, &config];
         let outcome = self
             .reload_role::<CollectorPlugin>(&config.collector, &collector_now, dir)
-            .await;
+            .await
+            .map_err(|e| scrub(&e, &secrets));
         report.push_role::<CollectorPlugin>(outcome, active, why);
         let outcome = self
             .reload_role::<UploaderPlugin>(&config.uploader, &uploader_now, dir)
-            .await;
+            .await
+            .map_err(|e| scrub(&e, &secrets));
         report.push_role::<UploaderPlugin>(outcome, active, why);
 
         // Certificates and the uploads' CA file.
@@ -254,6 +259,38 @@ impl ReloadReport {
     }
 }
 
+/// `text` with nothing secret left in it: the lines a TOML parse error
+/// quotes from the file (`12 | cluster_secret = ...`) dropped, and the
+/// values of each config's cluster secret and secret-looking options
+/// (`env.API_TOKEN`, ...) masked, should a plugin's message repeat one.
+fn scrub(text: &str, configs: &[&Config]) -> String {
+    let quoted = |line: &str| {
+        let t = line.trim_start();
+        let after_number = t
+            .trim_start_matches(|c: char| c.is_ascii_digit())
+            .trim_start();
+        after_number.starts_with('|')
+    };
+    let mut text: String = text
+        .lines()
+        .filter(|l| !quoted(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    for config in configs {
+        let options = [&config.collector, &config.uploader]
+            .into_iter()
+            .flat_map(|role| role.option_pairs())
+            .filter(|(k, _)| crate::protocol::is_secret_name(k))
+            .map(|(_, v)| v);
+        for secret in config.cluster_secret.iter().cloned().chain(options) {
+            if !secret.is_empty() {
+                text = text.replace(&secret, crate::protocol::MASK);
+            }
+        }
+    }
+    text
+}
+
 fn same_settings(a: &crate::config::PluginRole, b: &crate::config::PluginRole) -> bool {
     serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
 }
@@ -300,6 +337,25 @@ mod tests {
         new.storage.job_max_files = 7;
         assert_eq!(needs_restart(&old, &new), ["listen", "storage"]);
         assert!(same_settings(&old.collector, &old.collector.clone()));
+
+        // What a reload reports never carries a secret.
+        let mut secret = old.clone();
+        secret
+            .collector
+            .options
+            .insert("env.API_TOKEN".into(), "t0ken-value".into());
+        let parse_error = "parsing config /etc/a.toml: TOML parse error at line 5, column 30\n  \
+                           |\n5 | cluster_secret = \"0123456789abcdef\" x\n  |          ^\nexpected newline";
+        let scrubbed = scrub(parse_error, &[&secret]);
+        assert_eq!(
+            scrubbed,
+            "parsing config /etc/a.toml: TOML parse error at line 5, column 30\nexpected newline"
+        );
+        let plugin_error = "collector plugin x: invalid option: t0ken-value and 0123456789abcdef";
+        assert_eq!(
+            scrub(plugin_error, &[&secret]),
+            "collector plugin x: invalid option: ***** and *****"
+        );
         assert!(!same_settings(&old.collector, &new.collector));
     }
 }
