@@ -441,13 +441,30 @@ fn default_connect_timeout_ms() -> u64 {
     5000
 }
 
+/// A parse error without the file's text: toml's own message quotes the
+/// offending line, which can be the `cluster_secret` line, and the error
+/// goes to the log (and, after a reload, to `/health`).
+fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> anyhow::Error {
+    let at = e.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        format!(" at line {line}, column {column}")
+    });
+    anyhow::anyhow!(
+        "parsing config {}: TOML parse error{}: {}",
+        path.display(),
+        at.unwrap_or_default(),
+        e.message()
+    )
+}
+
 impl Config {
     /// Read, parse and check a config file.
     pub fn load(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config {}", path.display()))?;
-        let mut config: Config =
-            toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| parse_error(path, &text, &e))?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_secret(base)?;
         if let Some(TlsSetting::On(files)) = &config.tls {
@@ -729,6 +746,18 @@ fn exposes_processes(real: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_parse_error_says_where_but_never_quotes_the_file() {
+        let text = "node = \"n1\"\ncluster_secret = \"0123456789abcdef\" oops\n";
+        let e = toml::from_str::<Config>(text).unwrap_err();
+        let message = format!("{:#}", parse_error(Path::new("/etc/a.toml"), text, &e));
+        assert!(
+            message.starts_with("parsing config /etc/a.toml: TOML parse error at line 2, column "),
+            "{message}"
+        );
+        assert!(!message.contains("0123456789abcdef"), "{message}");
+    }
 
     const BASE: &str = r#"
         node = "n1"
