@@ -443,7 +443,7 @@ async fn pools_answer_what_couchbase_cli_reads_and_its_node_names_are_accepted()
 }
 
 /// Couchbase's order of a node's states in a collection with upload.
-const ORDER: [&str; 6] = [
+pub(crate) const ORDER: [&str; 6] = [
     "starting",
     "started",
     "collected",

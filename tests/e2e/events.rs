@@ -99,17 +99,12 @@ async fn events_follow_a_three_node_upload_in_order() {
     let histories = node_histories(&events);
     for node in ["n1", "n2", "n3"] {
         let h: Vec<&str> = histories[node].iter().map(String::as_str).collect();
-        let want = [
-            "starting",
-            "started",
-            "collected",
-            "startingUpload",
-            "startedUpload",
-            "uploaded",
-        ];
         let mut at = 0;
         for state in &h {
-            let i = want.iter().position(|w| w == state).expect("a known state");
+            let i = crate::couchbase::ORDER
+                .iter()
+                .position(|w| w == state)
+                .expect("a known state");
             assert!(i >= at, "{node}: out of order: {h:?}");
             at = i;
         }

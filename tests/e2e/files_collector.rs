@@ -9,7 +9,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use autocollect::config::{Config, InputGrant};
-use autocollect::coordinator::task::{NodeState, NodeStatus, TaskStatus};
+use autocollect::coordinator::task::{NodeState, NodeStatus};
 use autocollect::redact::redact;
 use serde_json::json;
 
@@ -70,10 +70,7 @@ async fn run(
     })
     .await;
     let admin = c.admin("n1");
-    let (status, body) = start_json(&admin, params).await;
-    assert_eq!(status, reqwest::StatusCode::OK, "{body}");
-    let started: TaskStatus = serde_json::from_value(body).unwrap();
-    let task = wait_for_end(&admin, &started.task_id).await;
+    let task = collect_json(&admin, params).await;
     let node = task.per_node["n1"].clone();
     assert_eq!(node.status, NodeState::Collected, "{node:?}");
     let path = PathBuf::from(node.path.as_deref().expect("the zip's path"));

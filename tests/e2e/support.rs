@@ -189,6 +189,15 @@ pub async fn start_json(
         .expect("the node answers")
 }
 
+/// Start with a JSON body (it must be accepted) and wait for the task to
+/// end.
+pub async fn collect_json(admin: &ApiClient, params: serde_json::Value) -> TaskStatus {
+    let (status, body) = start_json(admin, params).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let started: TaskStatus = serde_json::from_value(body).expect("a task");
+    wait_for_end(admin, &started.task_id).await
+}
+
 /// Collect from every node and wait for the task to end.
 pub async fn collect_once(admin: &ApiClient) -> TaskStatus {
     let started = admin.start("all").await.expect("start accepted");
