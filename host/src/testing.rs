@@ -530,6 +530,11 @@ impl Upload {
         self
     }
 
+    pub fn memory_mb(mut self, mb: u64) -> Self {
+        self.limits.memory_bytes = (mb as usize) << 20;
+        self
+    }
+
     pub fn observe(mut self, observer: Arc<dyn RunObserver>) -> Self {
         self.observer = Some(observer);
         self

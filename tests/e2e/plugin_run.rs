@@ -83,6 +83,26 @@ async fn plugin_run_fails_clearly_on_a_bad_option_or_a_missing_upload_target() {
         "{}",
         run.stderr
     );
+    // The limits apply to an uploader too.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let run = autocollect_cli(&[
+        "plugin",
+        "run",
+        "builtin:http-uploader",
+        "--artifact",
+        file.path().to_str().unwrap(),
+        "--upload-url",
+        "https://127.0.0.1:1/x",
+        "--memory-mb",
+        "1",
+    ])
+    .await;
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stdout.contains("memory limit of 1 MiB"),
+        "{}",
+        run.stdout
+    );
     let run = autocollect_cli(&["plugin", "run", "builtin:files", "--param", "colour=blue"]).await;
     assert_eq!(run.code, 1);
     assert!(

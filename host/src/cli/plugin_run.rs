@@ -261,6 +261,9 @@ async fn upload(args: &RunArgs, uploader: &str, file: &Path, url: &str) -> Resul
         if let Some(secs) = args.timeout_secs {
             u = u.timeout(Duration::try_from_secs_f64(secs).context("--timeout-secs")?);
         }
+        if let Some(mb) = args.memory_mb {
+            u = u.memory_mb(mb);
+        }
     }
     if let Some(ca) = &args.cacert {
         u = u.ca_file(ca);
