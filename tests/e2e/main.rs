@@ -14,6 +14,7 @@ mod couchbase;
 mod couchbase_cli;
 mod demo;
 mod disk;
+mod doc_commands;
 mod docs;
 mod encryption;
 mod events;
