@@ -24,6 +24,31 @@ use serde_json::{Value, json};
 use crate::support::*;
 use crate::upload_server::UploadServer;
 
+/// WebDriver's key codes.
+const TAB: &str = "\u{E004}";
+const ENTER: &str = "\u{E007}";
+
+/// WCAG's contrast ratio in the page: `rgb(css)` parses a computed colour,
+/// `background(e)` composites the backgrounds from the page down to `e`,
+/// `over(fg, bg)` draws a translucent colour on one, `ratio(a, b)`.
+const CONTRAST_JS: &str = "
+    const rgb = s => { const p = s.match(/[\\d.]+/g).map(Number);
+                       return {r: p[0], g: p[1], b: p[2], a: p.length > 3 ? p[3] : 1}; };
+    const over = (t, b) => ({r: t.r * t.a + b.r * (1 - t.a), g: t.g * t.a + b.g * (1 - t.a),
+                             b: t.b * t.a + b.b * (1 - t.a), a: 1});
+    const background = e => {
+        const chain = [];
+        for (; e; e = e.parentElement) chain.unshift(e);
+        return chain.reduce((c, e) => over(rgb(getComputedStyle(e).backgroundColor), c),
+                            {r: 255, g: 255, b: 255, a: 1});
+    };
+    const lum = c => [c.r, c.g, c.b].map(v => { v /= 255;
+        return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); })
+        .reduce((s, v, i) => s + v * [0.2126, 0.7152, 0.0722][i], 0);
+    const ratio = (a, b) => { const x = lum(a), y = lum(b);
+                              return (Math.max(x, y) + 0.05) / (Math.min(x, y) + 0.05); };
+";
+
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 
@@ -206,6 +231,104 @@ impl Browser {
         }
     }
 
+    /// Press keys, as a user does on a keyboard (WebDriver key actions):
+    /// each character of `keys` down and up, in order.
+    async fn keys(&self, keys: &str) {
+        let actions: Vec<Value> = keys
+            .chars()
+            .flat_map(|k| {
+                let k = k.to_string();
+                [
+                    json!({"type": "keyDown", "value": k}),
+                    json!({"type": "keyUp", "value": k}),
+                ]
+            })
+            .collect();
+        self.call(
+            reqwest::Method::POST,
+            "/actions",
+            json!({"actions": [{"type": "key", "id": "keyboard", "actions": actions}]}),
+        )
+        .await;
+    }
+
+    /// The id of the focused element (`""` for the page itself).
+    async fn focused(&self) -> String {
+        self.js(
+            "return document.activeElement ? document.activeElement.id : ''",
+            json!([]),
+        )
+        .await
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+    }
+
+    /// Press Tab until the element `id` has the focus (at most 60 times),
+    /// checking at every stop that the focused element shows a focus ring
+    /// a user can see: an outline at least 2 px wide with 3:1 contrast
+    /// against what surrounds it (WCAG 2.2, 1.4.11 and 2.4.7). Returns the
+    /// ids of the stops, in order.
+    async fn tab_to(&self, id: &str) -> Vec<String> {
+        let mut stops = Vec::new();
+        for _ in 0..60 {
+            self.keys(TAB).await;
+            let ring = self
+                .js(
+                    &format!(
+                        "{CONTRAST_JS}
+                         const e = document.activeElement;
+                         if (!e || e === document.body) return null;
+                         const st = getComputedStyle(e);
+                         if (st.outlineStyle === 'none' || parseFloat(st.outlineWidth) < 2)
+                             return e.tagName + ' has no focus ring: outline ' + st.outlineStyle + ' ' + st.outlineWidth;
+                         const r = ratio(rgb(st.outlineColor), background(e.parentElement));
+                         return r >= 3 ? null : 'focus ring contrast ' + r.toFixed(2) + ':1';"
+                    ),
+                    json!([]),
+                )
+                .await;
+            let here = self.focused().await;
+            assert!(ring.is_null(), "focused #{here}: {ring}");
+            stops.push(here.clone());
+            if here == id {
+                return stops;
+            }
+        }
+        panic!("Tab never reached #{id}; it stopped at {stops:?}");
+    }
+
+    /// Every visible text of the page (and every filled-in field) has the
+    /// contrast WCAG 2.2 AA asks (1.4.3): 4.5:1 against the background it
+    /// is drawn on, 3:1 for large text.
+    async fn assert_contrast(&self, state: &str) {
+        let low = self
+            .js(
+                &format!(
+                    "{CONTRAST_JS}
+                     const low = [];
+                     for (const e of document.querySelectorAll('body *')) {{
+                         const st = getComputedStyle(e);
+                         if (!e.getClientRects().length || st.visibility === 'hidden') continue;
+                         const text = [...e.childNodes].some(n => n.nodeType === 3 && n.textContent.trim())
+                             || ((e.tagName === 'INPUT' || e.tagName === 'SELECT') && e.value);
+                         if (!text) continue;
+                         const back = background(e);
+                         const r = ratio(over(rgb(st.color), back), back);
+                         const size = parseFloat(st.fontSize), bold = parseInt(st.fontWeight) >= 700;
+                         const large = size >= 24 || (bold && size >= 18.66);
+                         if (r < (large ? 3 : 4.5))
+                             low.push(e.tagName + '#' + e.id + '.' + e.className + ' \"' +
+                                 (e.value || e.textContent).trim().slice(0, 40) + '\" ' + r.toFixed(2) + ':1');
+                     }}
+                     return low;"
+                ),
+                json!([]),
+            )
+            .await;
+        assert_eq!(low, json!([]), "{state}: text below WCAG AA contrast");
+    }
+
     /// A PNG of the window, in `target/ui-screenshots/NAME.png`.
     async fn screenshot(&self, name: &str) -> PathBuf {
         self.js("window.scrollTo(0, 0)", json!([])).await;
@@ -279,6 +402,7 @@ async fn the_console_uploads_from_every_node_and_shows_the_urls() {
     )
     .await;
     b.screenshot("01-sign-in").await;
+    b.assert_contrast("01-sign-in").await;
     b.sign_in(&url, ADMIN_USER, &c.admin_password).await;
     b.wait(
         "three reachable nodes",
@@ -291,6 +415,7 @@ async fn the_console_uploads_from_every_node_and_shows_the_urls() {
     b.type_into("#customer", "acme").await;
     b.type_into("#ticket", "4242").await;
     b.screenshot("02-start-form").await;
+    b.assert_contrast("02-start-form").await;
     b.click("#start-button").await;
     b.wait("every node uploaded", &cards_in("uploaded", 3))
         .await;
@@ -300,6 +425,7 @@ async fn the_console_uploads_from_every_node_and_shows_the_urls() {
     )
     .await;
     let shot = b.screenshot("03-uploaded").await;
+    b.assert_contrast("03-uploaded").await;
     let _ = std::fs::copy(&shot, screenshots().join("console.png"));
 
     // What the page shows is what the API says: URLs and checksums, each
@@ -343,6 +469,7 @@ async fn the_console_uploads_from_every_node_and_shows_the_urls() {
         .await;
     assert_eq!(disabled, json!([true, false]));
     b.screenshot("04-read-only").await;
+    b.assert_contrast("04-read-only").await;
 }
 
 #[tokio::test]
@@ -367,6 +494,7 @@ async fn the_console_cancels_a_slow_collection() {
     b.wait("both nodes collecting", &cards_in("started", 2))
         .await;
     b.screenshot("05-running").await;
+    b.assert_contrast("05-running").await;
     b.wait(
         "cancel enabled",
         "return !document.getElementById('cancel-button').disabled",
@@ -383,6 +511,7 @@ async fn the_console_cancels_a_slow_collection() {
     .await;
     assert!(asked.elapsed() < Duration::from_secs(30));
     b.screenshot("06-cancelled").await;
+    b.assert_contrast("06-cancelled").await;
     let task = c.admin("n1").status().await.unwrap().unwrap();
     assert_eq!(
         task.per_node.keys().collect::<Vec<_>>(),
@@ -436,6 +565,7 @@ async fn the_console_shows_a_validation_error_next_to_its_field() {
         .await;
     assert_eq!(invalid, json!("true"));
     b.screenshot("07-validation-error").await;
+    b.assert_contrast("07-validation-error").await;
 
     // A narrow window (a phone): one column, nothing wider than the window.
     b.call(
@@ -452,5 +582,86 @@ async fn the_console_shows_a_validation_error_next_to_its_field() {
         .await;
     assert_eq!(fits, json!(true));
     b.screenshot("08-narrow").await;
+    b.assert_contrast("08-narrow").await;
     assert!(c.admin("n1").status().await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn the_console_works_from_the_keyboard_alone() {
+    let c = cluster(&["n1", "n2", "n3"], |_| {}).await;
+    let url = c.node("n2").url();
+    let b = Browser::start().await;
+    b.goto(&format!("{url}/ui/")).await;
+    b.wait(
+        "the sign-in form",
+        "return !!document.getElementById('user')",
+    )
+    .await;
+
+    // Sign in with a wrong password first: the error is read out (role
+    // alert) and has contrast.
+    b.tab_to("user").await;
+    b.keys(ADMIN_USER).await;
+    b.keys(TAB).await;
+    assert_eq!(b.focused().await, "password");
+    b.keys("not the password").await;
+    b.keys(ENTER).await;
+    b.wait(
+        "the sign-in error",
+        "return document.getElementById('signin-error').textContent.length > 0",
+    )
+    .await;
+    b.assert_contrast("sign-in error").await;
+    b.tab_to("password").await;
+    b.js("document.activeElement.select()", json!([])).await;
+    b.keys(&c.admin_password).await;
+    b.keys(ENTER).await;
+    b.wait("signed in", "return !document.getElementById('app').hidden")
+        .await;
+    b.wait(
+        "three reachable nodes",
+        "return document.querySelectorAll('#nodes .reach.healthy').length === 3",
+    )
+    .await;
+    b.assert_contrast("signed in").await;
+
+    // Every control of the start form is on the Tab path, in reading
+    // order, up to the start button.
+    let stops = b.tab_to("start-button").await;
+    let path: Vec<&str> = stops
+        .iter()
+        .map(String::as_str)
+        .skip_while(|id| *id != "from-all")
+        .collect();
+    for field in [
+        "from-all",
+        "upload",
+        "logRedactionLevel",
+        "logRedactionSalt",
+        "since",
+        "until",
+        "taskRegexp",
+        "tmpDir",
+        "logDir",
+        "encryptionPassword",
+        "start-button",
+    ] {
+        assert!(
+            path.contains(&field),
+            "#{field} is not on the Tab path: {stops:?}"
+        );
+    }
+    let at = |id: &str| path.iter().position(|p| *p == id).unwrap();
+    assert!(
+        at("from-all") < at("upload") && at("upload") < at("since"),
+        "{path:?}"
+    );
+
+    // Enter on the focused start button starts a collection.
+    b.keys(ENTER).await;
+    b.wait("every node collected", &cards_in("collected", 3))
+        .await;
+    b.assert_contrast("collected").await;
+    let task = c.admin("n1").status().await.unwrap().expect("a task");
+    assert!(all_nodes(&task, NodeState::Collected), "{task:#?}");
 }
