@@ -289,7 +289,7 @@ pub struct Busy {
 }
 
 /// A plugin a node runs, as `/health` and a node's status name it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PluginRef {
     /// `collector` or `uploader`.

@@ -2,12 +2,15 @@
 //! Couchbase's routes. It is built here, in code, from the same route
 //! constants the routers use and from each start route's list of known
 //! parameters (`public::START_PARAMS`, `couchbase::START_PARAMS`), so a
-//! parameter added to a route appears in the document; the responses are
+//! parameter added to a route appears in the document; the task's schema
+//! is derived (schemars, JSON Schema 2020-12 as OpenAPI 3.1 uses) from
+//! the Rust types the handlers serialise; the responses are
 //! the statuses the handlers, the `Reader`/`Admin` extractors and
 //! `params::parse` really return. The node-to-node routes (`/internal/`)
 //! are not described: only other nodes may call them.
 
 use axum::Json;
+use schemars::generate::SchemaSettings;
 use serde_json::{Map, Value, json};
 
 use super::couchbase::{
@@ -17,6 +20,7 @@ use super::ui::WHOAMI_URI;
 use super::{
     CANCEL_URI, EVENTS_URI, HEALTH_URI, METRICS_URI, OPENAPI_URI, RELOAD_URI, START_URI, STATUS_URI,
 };
+use crate::coordinator::task::TaskStatus;
 
 /// What a start parameter means (a parameter without an entry is still
 /// listed, as a string).
@@ -374,19 +378,19 @@ pub fn document() -> Value {
     })
 }
 
+/// The schemas of the documents: the task's (`TaskStatus` and what it
+/// holds) derived from the very Rust types the API serialises, so the
+/// document cannot drift from them; the others written here.
 fn schemas() -> Value {
-    let node_states = [
-        "starting",
-        "started",
-        "collected",
-        "failed",
-        "startingUpload",
-        "startedUpload",
-        "uploaded",
-        "failedUpload",
-        "cancelled",
-    ];
-    json!({
+    let mut generator = SchemaSettings::draft2020_12()
+        .with(|s| {
+            s.definitions_path = "/components/schemas".into();
+            s.meta_schema = None;
+        })
+        .into_generator();
+    generator.subschema_for::<TaskStatus>();
+    let mut schemas = generator.take_definitions(true);
+    let Value::Object(written) = json!({
         "Errors": {
             "description": "Field-keyed messages: `{\"FIELD\": \"message\"}`, `_` for the request as a whole",
             "type": "object",
@@ -416,47 +420,15 @@ fn schemas() -> Value {
                 "status": {"const": "ok"},
                 "session": {"type": ["string", "null"]},
                 "coordinating": {"type": "boolean"},
-                "plugins": {"type": "array"},
+                "plugins": {"type": "array", "items": {"$ref": "#/components/schemas/PluginRef"}},
                 "reloadErrors": {"type": "array"}
             }
-        },
-        "NodeStatus": {
-            "type": "object",
-            "required": ["status"],
-            "properties": {
-                "status": {"enum": node_states},
-                "path": {"type": "string"},
-                "sha256": {"type": "string"},
-                "partial": {"type": "boolean"},
-                "partialReason": {"type": "string"},
-                "ignoredParameters": {"type": "array", "items": {"type": "string"}},
-                "collectionStatusCode": {"type": "string"},
-                "collectionOutput": {"type": "string"},
-                "url": {"type": "string"},
-                "uploadStatusCode": {"type": "string"},
-                "uploadOutput": {"type": "string"},
-                "progress": {"type": "object"},
-                "plugins": {"type": "array"}
-            }
-        },
-        "TaskStatus": {
-            "description": "Couchbase's task document, with autocollect's taskId, version and per-node details",
-            "type": "object",
-            "required": ["type", "taskId", "node", "status", "progress", "ts", "perNode", "version"],
-            "properties": {
-                "type": {"const": crate::coordinator::task::TASK_TYPE},
-                "taskId": {"type": "string"},
-                "node": {"type": "string"},
-                "status": {"enum": ["running", "completed", "cancelled"]},
-                "progress": {"type": "integer", "minimum": 0, "maximum": 100},
-                "ts": {"type": "string"},
-                "perNode": {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/NodeStatus"}},
-                "recommendedRefreshPeriod": {"type": "number"},
-                "cancelURI": {"type": "string"},
-                "version": {"type": "integer", "minimum": 0}
-            }
         }
-    })
+    }) else {
+        unreachable!("an object")
+    };
+    schemas.extend(written);
+    Value::Object(schemas)
 }
 
 /// `GET /openapi.json` (no authentication: it says nothing the code and
@@ -479,5 +451,59 @@ mod tests {
         for p in super::super::couchbase::START_PARAMS {
             assert!(!super::describe(p).is_empty(), "{p}");
         }
+    }
+
+    #[test]
+    fn the_task_schema_is_derived_from_the_types_the_api_serialises() {
+        use crate::coordinator::task::{NodeState, NodeStatus, TaskStatus};
+        let doc = super::document();
+        let schemas = &doc["components"]["schemas"];
+        let task = &schemas["TaskStatus"];
+        assert_eq!(task["properties"]["type"]["const"], "clusterLogsCollection");
+        assert_eq!(
+            task["properties"]["perNode"]["additionalProperties"]["$ref"],
+            "#/components/schemas/NodeStatus"
+        );
+        // Every key a task and a node status can carry is in the schema,
+        // and what is always there is required.
+        let mut node = NodeStatus::failed(Some("1".into()), "out");
+        node.path = Some("p".into());
+        node.sha256 = Some("s".into());
+        node.partial = true;
+        node.partial_reason = Some("r".into());
+        node.ignored_parameters = vec!["since".into()];
+        node.url = Some("u".into());
+        node.upload_status_code = Some("403".into());
+        node.upload_output = Some("o".into());
+        node.progress = Some(crate::coordinator::task::NodeProgress {
+            done: 1,
+            total: 2,
+            message: "m".into(),
+        });
+        let mut t = TaskStatus::new(
+            "t".into(),
+            "n1".into(),
+            [("n1".to_string(), node.clone())].into(),
+        );
+        t.per_node
+            .insert("n2".into(), NodeStatus::new(NodeState::Starting));
+        for (value, schema) in [
+            (serde_json::to_value(&t).unwrap(), task),
+            (serde_json::to_value(&node).unwrap(), &schemas["NodeStatus"]),
+        ] {
+            for key in value.as_object().unwrap().keys() {
+                assert!(schema["properties"].get(key).is_some(), "{key}: {schema:#}");
+            }
+        }
+        let required = task["required"].as_array().unwrap();
+        for key in [
+            "type", "taskId", "node", "status", "progress", "ts", "perNode", "version",
+        ] {
+            assert!(required.contains(&key.into()), "{key}");
+        }
+        assert_eq!(
+            schemas["NodeStatus"]["required"],
+            serde_json::json!(["status"])
+        );
     }
 }

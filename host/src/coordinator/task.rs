@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::NodeEvent;
@@ -11,7 +12,7 @@ pub const TASK_TYPE: &str = "clusterLogsCollection";
 /// Seconds a client should wait between polls while a task runs.
 pub const REFRESH_PERIOD_SECS: f64 = 2.0;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum TaskState {
     Running,
@@ -30,7 +31,7 @@ impl TaskState {
 }
 
 /// Per-node states, named as Couchbase names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum NodeState {
     /// Waiting: for the session, or for a collection slot.
@@ -81,14 +82,17 @@ impl NodeState {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The latest progress a plugin reported: `done` of `total` (0: unknown)
+/// bytes or steps, and what it is doing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct NodeProgress {
     pub done: u64,
     pub total: u64,
     pub message: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One node's part of a task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeStatus {
     pub status: NodeState,
@@ -158,16 +162,21 @@ impl NodeStatus {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Couchbase's task document, with autocollect's `taskId`, `version` and
+/// per-node details.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskStatus {
+    /// Always `clusterLogsCollection`.
     #[serde(rename = "type")]
+    #[schemars(extend("const" = TASK_TYPE))]
     pub kind: String,
     pub task_id: String,
     /// The coordinating node.
     pub node: String,
     pub status: TaskState,
     /// Finished nodes x 100 / chosen nodes.
+    #[schemars(range(max = 100))]
     pub progress: u32,
     /// Start time, `YYYY-MM-DD HH:MM:SS` UTC.
     pub ts: String,
