@@ -4,7 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use autocollect::client::SseEvent;
+use autocollect::client::{ApiClient, SseEvent};
+use autocollect::cluster::READER_USER;
 use autocollect::coordinator::task::{NodeState, TaskState, TaskStatus};
 use reqwest::StatusCode;
 
@@ -208,6 +209,60 @@ async fn events_need_a_signed_in_user() {
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     let mut stream = c.reader("n1").events(None).await.unwrap();
     assert_eq!(stream.next().await.unwrap().unwrap().event, "snapshot");
+}
+
+#[tokio::test]
+async fn one_user_cannot_take_every_event_stream_of_a_node() {
+    use autocollect::api::events::{MAX_EVENT_STREAMS, MAX_EVENT_STREAMS_PER_USER};
+    assert!(MAX_EVENT_STREAMS_PER_USER < MAX_EVENT_STREAMS);
+    let c = cluster(&["n1"], |_| {}).await;
+    let reader = c.reader("n1");
+    let mut held = Vec::new();
+    for _ in 0..MAX_EVENT_STREAMS_PER_USER {
+        let mut stream = reader.events(None).await.unwrap();
+        // Open for real: the snapshot came.
+        assert_eq!(stream.next().await.unwrap().unwrap().event, "snapshot");
+        held.push(stream);
+    }
+    let url = format!("{}/collectLogs/events", c.node("n1").url());
+    let refused = c
+        .http_client(None)
+        .get(&url)
+        .basic_auth(READER_USER, Some(&c.reader_password))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert!(
+        body["_"]
+            .as_str()
+            .unwrap()
+            .contains("the most one user may"),
+        "{body}"
+    );
+    // Another user still gets one; and a stream given back is free again.
+    let mut admin = c.admin("n1").events(None).await.unwrap();
+    assert_eq!(admin.next().await.unwrap().unwrap().event, "snapshot");
+    drop(held.pop());
+    let mut again = wait_for_stream(&reader).await;
+    assert_eq!(again.next().await.unwrap().unwrap().event, "snapshot");
+}
+
+/// A stream for `client` once the server has counted a closed one out
+/// (it learns of the close when it next writes or reads the socket).
+async fn wait_for_stream(client: &ApiClient) -> autocollect::client::EventStream {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        match client.events(None).await {
+            Ok(stream) => return stream,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "never freed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 #[tokio::test]

@@ -21,7 +21,6 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -31,50 +30,74 @@ use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use serde_json::json;
 
-use super::public::{Reader, StatusQuery, latest_task, remote_coordinator};
+use super::public::{StatusQuery, Who, latest_task, remote_coordinator};
 use super::{ApiError, AppState};
 use crate::coordinator::Coordinator;
 use crate::coordinator::task::TaskStatus;
 
 /// Event streams one node serves at once; beyond them, 503.
 pub const MAX_EVENT_STREAMS: usize = 64;
+/// Event streams one user may hold open on a node at once; beyond them,
+/// 429: one user (a leaked script, a stolen read-only password) cannot
+/// take every stream from the others.
+pub const MAX_EVENT_STREAMS_PER_USER: usize = 16;
 /// Events read from the ring at a time by one connection.
 const BATCH: usize = 32;
 /// How long one long-poll of a remote coordinator waits.
 const POLL_WAIT_SECS: f64 = 30.0;
 
-/// One open stream, counted while it lasts.
-struct Slot(Arc<Coordinator>);
+/// One open stream of `user`, counted while it lasts.
+struct Slot {
+    coordinator: Arc<Coordinator>,
+    user: String,
+}
 
 impl Slot {
-    fn enter(coordinator: &Arc<Coordinator>) -> Option<Slot> {
-        let count = &coordinator.event_streams;
-        if count.fetch_add(1, Ordering::SeqCst) >= MAX_EVENT_STREAMS {
-            count.fetch_sub(1, Ordering::SeqCst);
-            return None;
+    fn enter(coordinator: &Arc<Coordinator>, user: &str) -> Result<Slot, ApiError> {
+        let mut open = coordinator.event_streams.lock().unwrap();
+        if open.values().sum::<usize>() >= MAX_EVENT_STREAMS {
+            return Err(ApiError::general(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Too many event streams are open on this node",
+            )
+            .retry_after(5));
         }
-        Some(Slot(coordinator.clone()))
+        let mine = open.entry(user.to_string()).or_default();
+        if *mine >= MAX_EVENT_STREAMS_PER_USER {
+            return Err(ApiError::general(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "{user} has {MAX_EVENT_STREAMS_PER_USER} event streams open on this node, the most one user may"
+                ),
+            )
+            .retry_after(5));
+        }
+        *mine += 1;
+        Ok(Slot {
+            coordinator: coordinator.clone(),
+            user: user.to_string(),
+        })
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.event_streams.fetch_sub(1, Ordering::SeqCst);
+        let mut open = self.coordinator.event_streams.lock().unwrap();
+        if let Some(mine) = open.get_mut(&self.user) {
+            *mine -= 1;
+            if *mine == 0 {
+                open.remove(&self.user);
+            }
+        }
     }
 }
 
 pub async fn events(
     State(state): State<AppState>,
-    _: Reader,
+    Who(caller): Who,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let slot = Slot::enter(&state.coordinator).ok_or_else(|| {
-        ApiError::general(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Too many event streams are open on this node",
-        )
-        .retry_after(5)
-    })?;
+    let slot = Slot::enter(&state.coordinator, &caller.user)?;
     let last = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())

@@ -7,7 +7,7 @@ mod access_log;
 pub mod audit;
 mod couchbase;
 mod error;
-mod events;
+pub mod events;
 mod internal;
 mod openapi;
 mod params;

@@ -211,6 +211,7 @@ pub fn document() -> Value {
                     "description": "An endless text/event-stream: `snapshot` first (`{\"reason\", \"task\"}`), then `started` (a new task, whole) and `change` (the nodes that changed); each event's id is the task version",
                     "content": {"text/event-stream": {"schema": {"type": "string"}}}
                 },
+                "429": error("This user holds the most event streams one user may on this node (`Retry-After`)"),
                 "503": error("Too many event streams on this node (`Retry-After`)"),
             }),
         )},

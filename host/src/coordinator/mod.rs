@@ -106,8 +106,8 @@ pub struct Coordinator {
     /// One event per version of `latest`, for `GET /collectLogs/events`
     /// (written under `latest`'s lock, so in version order).
     events: Mutex<events::EventRing>,
-    /// Event streams open right now (bounded by the API).
-    pub event_streams: std::sync::atomic::AtomicUsize,
+    /// Event streams open right now, per user (bounded by the API).
+    pub event_streams: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     store: TaskStore,
 }
 
