@@ -214,7 +214,7 @@ async fn events_need_a_signed_in_user() {
 #[tokio::test]
 async fn one_user_cannot_take_every_event_stream_of_a_node() {
     use autocollect::api::events::{MAX_EVENT_STREAMS, MAX_EVENT_STREAMS_PER_USER};
-    assert!(MAX_EVENT_STREAMS_PER_USER < MAX_EVENT_STREAMS);
+    const { assert!(MAX_EVENT_STREAMS_PER_USER < MAX_EVENT_STREAMS) };
     let c = cluster(&["n1"], |_| {}).await;
     let reader = c.reader("n1");
     let mut held = Vec::new();
