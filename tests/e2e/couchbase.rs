@@ -442,6 +442,46 @@ async fn pools_answer_what_couchbase_cli_reads_and_its_node_names_are_accepted()
     assert_eq!(pool["nodes"][1]["status"], "healthy", "{pool}");
 }
 
+#[tokio::test]
+async fn concurrent_pool_requests_share_one_round_of_probes() {
+    let mut c = cluster(&["n1", "n2"], |_| {}).await;
+    // n1 stops answering: in its place, a listener that takes connections
+    // and says nothing, so each probe of n1 waits out its 2 s.
+    let n1 = c.node("n1").addr;
+    c.kill("n1");
+    let silent = tokio::net::TcpListener::bind(n1).await.unwrap();
+    let probes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = probes.clone();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(socket);
+        }
+    });
+    let reader = c.reader("n2");
+    // Signed in once, so the 40 requests below do not queue on argon2.
+    reader
+        .request(Method::GET, "/pools", None, true)
+        .await
+        .unwrap();
+    let asks = (0..40).map(|_| reader.request(Method::GET, "/pools/default", None, true));
+    for answer in futures::future::join_all(asks).await {
+        let (status, pool) = answer.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(pool["nodes"][0]["status"], "unhealthy", "{pool}");
+        assert_eq!(pool["nodes"][1]["status"], "healthy", "{pool}");
+    }
+    // Without sharing, 40 probes; requests that arrived while a round ran
+    // take its answer (allow a round for stragglers).
+    let rounds = probes.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..=2).contains(&rounds),
+        "{rounds} probes of n1 for 40 requests"
+    );
+    hold.abort();
+}
+
 /// Couchbase's order of a node's states in a collection with upload.
 pub(crate) const ORDER: [&str; 6] = [
     "starting",

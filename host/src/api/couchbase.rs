@@ -181,17 +181,19 @@ const PROBES_AT_ONCE: usize = 64;
 
 type Reachability = std::collections::HashMap<String, bool>;
 
-/// The last probe of every node, and when it ended: requests that arrive
-/// while a probe runs wait for it and share its answer, so however many
-/// clients ask, one round of probes is in flight at a time.
-static LAST_PROBE: tokio::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<Reachability>)>> =
-    tokio::sync::Mutex::const_new(None);
+/// The node's last probe of every node, and when it ended: requests that
+/// arrive while a probe runs wait for it and share its answer, so however
+/// many clients ask, one round of probes is in flight at a time.
+#[derive(Default)]
+pub struct PoolProbe(
+    tokio::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<Reachability>)>>,
+);
 
 /// Which nodes answer their `/health` (this one always does).
 async fn reachability(state: &AppState) -> std::sync::Arc<Reachability> {
     use futures::StreamExt;
     let asked = std::time::Instant::now();
-    let mut last = LAST_PROBE.lock().await;
+    let mut last = state.pool_probe.0.lock().await;
     if let Some((ended, health)) = &*last
         && *ended >= asked
     {

@@ -67,6 +67,9 @@ pub struct AppState {
     pub audit: Arc<audit::AuditLog>,
     /// This node's copy of the cluster settings.
     pub settings: Arc<crate::settings::SettingsStore>,
+    /// `/pools/default`'s probes of the nodes, shared by concurrent
+    /// requests.
+    pub pool_probe: Arc<couchbase::PoolProbe>,
 }
 
 impl AppState {

@@ -105,6 +105,7 @@ pub async fn build(config: &Config, config_path: &Path) -> Result<(AppState, api
             &config.data_dir.join("audit.log"),
         )),
         settings: Arc::new(crate::settings::SettingsStore::open(&config.data_dir)),
+        pool_probe: Default::default(),
     };
     Ok((state.clone(), api::router(state)))
 }
