@@ -47,6 +47,32 @@ pub const LATEST_TASK_PATH: &str = "/internal/v1/tasks/latest";
 pub const CANCEL_TASK_PATH: &str = "/internal/v1/tasks/cancel";
 /// Replace a node's cluster settings (`settings::ClusterSettings`).
 pub const SETTINGS_PATH: &str = "/internal/v1/settings";
+/// The coordinator's task events after a version (`?after=V&wait=S`), for
+/// the event stream of a node that does not coordinate: [`TaskEvents`].
+pub const TASK_EVENTS_PATH: &str = "/internal/v1/tasks/events";
+
+/// One event of `GET /collectLogs/events` as the coordinator sends it:
+/// its name, id (the task version) and data, relayed verbatim.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireEvent {
+    pub event: String,
+    pub id: u64,
+    pub data: String,
+}
+
+/// The answer of [`TASK_EVENTS_PATH`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum TaskEvents {
+    /// The events after the version asked for, in order; none if nothing
+    /// changed within the wait.
+    Events { events: Vec<WireEvent> },
+    /// No version was asked for, or the coordinator no longer holds every
+    /// event after it: the latest task, whole (`None`: no task yet).
+    Snapshot {
+        task: Option<crate::coordinator::task::TaskStatus>,
+    },
+}
 
 /// A task's identifier: 32 lowercase hex digits, as the coordinator
 /// makes them. A node uses it as a directory name, so nothing else is ever

@@ -266,18 +266,81 @@ async fn wait_for_stream(client: &ApiClient) -> autocollect::client::EventStream
 }
 
 #[tokio::test]
-async fn a_node_that_does_not_coordinate_sends_the_coordinators_task() {
-    let c = cluster(&["n1", "n2"], |_| {}).await;
+async fn a_node_that_does_not_coordinate_relays_the_coordinators_events() {
+    let c = cluster(&["n1", "n2", "n3"], |config| {
+        set_option(config, "delay-ms", 1500i64);
+    })
+    .await;
+    // The reference: n1's own stream, from before the start.
+    let mut reference = c.reader("n1").events(None).await.unwrap();
+    reference.next().await.unwrap().unwrap();
+    let reference = tokio::spawn(async move {
+        let (mut task, mut events) = (None, Vec::new());
+        read_until_end(&mut reference, &mut task, &mut events, None).await;
+        events
+    });
     let started = c.admin("n1").start("all").await.unwrap();
-    let ended = wait_for_end(&c.admin("n1"), &started.task_id).await;
-    let mut stream = c.reader("n2").events(None).await.unwrap();
-    let e = stream.next().await.unwrap().unwrap();
-    assert_eq!(e.event, "snapshot");
-    assert_eq!(e.json()["reason"], "polled");
+    // n2 takes part: its stream follows n1's task.
+    let n2 = c.reader("n2");
+    wait_for(&n2, |t| t.task_id == started.task_id).await;
+    let mut stream = n2.events(None).await.unwrap();
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(first.event, "snapshot");
+    assert_eq!(first.json()["reason"], "connected");
     let mut task = None;
-    e.apply(&mut task).unwrap();
-    assert_eq!(task.as_ref(), Some(&ended));
-    assert_eq!(e.id, Some(ended.version));
+    first.apply(&mut task).unwrap();
+    assert_eq!(task.as_ref().unwrap().task_id, started.task_id);
+
+    // Then n1's own small events, not snapshots: a few, a reconnect with
+    // the last id, the rest.
+    let mut relayed = Vec::new();
+    read_until_end(&mut stream, &mut task, &mut relayed, Some(2)).await;
+    drop(stream);
+    let mut resumed = n2.events(relayed.last().unwrap().id).await.unwrap();
+    read_until_end(&mut resumed, &mut task, &mut relayed, None).await;
+    let reference = reference.await.unwrap();
+    let after_snapshot: Vec<&SseEvent> = reference.iter().filter(|e| e.id > first.id).collect();
+    assert_eq!(
+        relayed
+            .iter()
+            .map(|e| (&e.event, e.id, &e.data))
+            .collect::<Vec<_>>(),
+        after_snapshot
+            .iter()
+            .map(|e| (&e.event, e.id, &e.data))
+            .collect::<Vec<_>>(),
+        "n2 relays exactly n1's events"
+    );
+    assert!(relayed.iter().all(|e| e.event == "change"));
+    let status = c.reader("n1").status().await.unwrap().unwrap();
+    assert_eq!(task.as_ref(), Some(&status));
+    assert!(all_nodes(&status, NodeState::Collected), "{status:#?}");
+}
+
+#[tokio::test]
+async fn a_stream_open_on_an_idle_node_follows_a_task_another_node_starts() {
+    let c = cluster(&["n1", "n2"], |_| {}).await;
+    // n2's console is open before anything runs.
+    let mut stream = c.reader("n2").events(None).await.unwrap();
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(first.json()["reason"], "connected");
+    assert!(first.json()["task"].is_null());
+    // n1 starts a collection on both: n2's stream switches to n1's events.
+    let started = c.admin("n1").start("all").await.unwrap();
+    let switched = tokio::time::timeout(PATIENCE, stream.next())
+        .await
+        .expect("an event in time")
+        .unwrap()
+        .unwrap();
+    assert_eq!(switched.event, "snapshot", "{}", switched.data);
+    assert_eq!(switched.json()["reason"], "coordinator");
+    let mut task = None;
+    switched.apply(&mut task).unwrap();
+    assert_eq!(task.as_ref().unwrap().task_id, started.task_id);
+    let mut events = Vec::new();
+    read_until_end(&mut stream, &mut task, &mut events, None).await;
+    let status = c.reader("n1").status().await.unwrap().unwrap();
+    assert_eq!(task, Some(status));
 }
 
 #[tokio::test]

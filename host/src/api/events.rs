@@ -14,26 +14,36 @@
 //! its own: the body is pulled by the client, so a slow client only
 //! falls behind (and gets a snapshot); it never makes the server buffer.
 //!
-//! On a node that does not coordinate the latest task, the stream follows
-//! the coordinator's status by long-polls (as `GET /collectLogs/status`
-//! does) and sends a `snapshot` (reason `polled`) per change.
+//! On a node that does not coordinate the latest task, the stream relays
+//! the coordinator's own events: it long-polls the coordinator's
+//! `internal` events route ([`task_events`]) for the events after the
+//! last one it sent, so ids, order and small `change` events are the
+//! coordinator's, and `Last-Event-ID` resumes there too. When the
+//! coordinator changes (this node joins another's task, or coordinates
+//! one), the stream sends that source's `snapshot` (reason `coordinator`)
+//! and goes on from it.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::Json;
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
+use serde::Deserialize;
 use serde_json::json;
 
-use super::public::{StatusQuery, Who, latest_task, remote_coordinator};
+use super::internal::Peer;
+use super::public::{Who, remote_coordinator};
 use super::{ApiError, AppState};
 use crate::coordinator::Coordinator;
+use crate::coordinator::events::Behind;
 use crate::coordinator::task::TaskStatus;
+use crate::protocol::{TaskEvents, WireEvent};
 
 /// Event streams one node serves at once; beyond them, 503.
 pub const MAX_EVENT_STREAMS: usize = 64;
@@ -44,7 +54,11 @@ pub const MAX_EVENT_STREAMS_PER_USER: usize = 16;
 /// Events read from the ring at a time by one connection.
 const BATCH: usize = 32;
 /// How long one long-poll of a remote coordinator waits.
-const POLL_WAIT_SECS: f64 = 30.0;
+const RELAY_WAIT: Duration = Duration::from_secs(10);
+/// The longest wait the events route grants another node.
+const MAX_RELAY_WAIT_SECS: f64 = 30.0;
+/// How long to wait before asking an unreachable coordinator again.
+const RETRY: Duration = Duration::from_secs(2);
 
 /// One open stream of `user`, counted while it lasts.
 struct Slot {
@@ -103,130 +117,309 @@ pub async fn events(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     let keep_alive = KeepAlive::new().interval(Duration::from_secs(15));
-    if remote_coordinator(&state).is_some() {
-        Ok(Sse::new(polled(state, slot, last))
-            .keep_alive(keep_alive)
-            .into_response())
-    } else {
-        Ok(Sse::new(local(state.coordinator.clone(), slot, last))
-            .keep_alive(keep_alive)
-            .into_response())
+    Ok(Sse::new(Follow::new(state, slot, last).into_stream())
+        .keep_alive(keep_alive)
+        .into_response())
+}
+
+/// Where the latest task's events come from: this node's own coordinator,
+/// or the node that coordinates the task this node takes part in.
+#[derive(Debug, Clone, PartialEq)]
+enum Source {
+    Local,
+    Remote(String),
+}
+
+impl Source {
+    fn of(state: &AppState) -> Source {
+        remote_coordinator(state).map_or(Source::Local, Source::Remote)
     }
 }
 
-fn snapshot(reason: &str, task: Option<&TaskStatus>) -> Event {
-    let event = Event::default()
-        .event("snapshot")
-        .data(json!({ "reason": reason, "task": task }).to_string());
-    match task {
-        Some(t) => event.id(t.version.to_string()),
-        None => event,
-    }
-}
-
-struct Local {
-    coordinator: Arc<Coordinator>,
+/// One connection's place in the events of its source.
+struct Follow {
+    state: AppState,
+    source: Source,
+    /// This node's coordinator's latest task.
     rx: tokio::sync::watch::Receiver<Option<TaskStatus>>,
-    /// The version last sent (or resumed from); `None` before the first.
+    /// The task this node last joined: when it changes, so may the source.
+    joined: tokio::sync::watch::Receiver<Option<crate::node::TaskRef>>,
+    /// The version last sent (or resumed from); `None`: a snapshot is due.
     last: Option<u64>,
-    pending: VecDeque<Event>,
+    /// Why the next snapshot is sent.
+    reason: &'static str,
+    pending: VecDeque<WireEvent>,
     _slot: Slot,
 }
 
-impl Local {
-    fn snapshot(&mut self, reason: &str) -> Event {
-        let task = self.rx.borrow_and_update().clone();
-        self.last = Some(task.as_ref().map_or(0, |t| t.version));
-        snapshot(reason, task.as_ref())
-    }
-}
-
-/// The coordinator's own events, from its ring.
-fn local(
-    coordinator: Arc<Coordinator>,
-    slot: Slot,
-    resume: Option<u64>,
-) -> impl Stream<Item = Result<Event, Infallible>> {
-    let rx = coordinator.subscribe();
-    let mut s = Local {
-        coordinator,
-        rx,
-        last: None,
-        pending: VecDeque::new(),
-        _slot: slot,
-    };
-    let mut reason = "connected";
-    if let Some(l) = resume {
-        match s.coordinator.events_after(l, 0) {
-            Ok(_) => s.last = Some(l),
-            Err(_) => reason = "behind",
+impl Follow {
+    fn new(state: AppState, slot: Slot, resume: Option<u64>) -> Follow {
+        Follow {
+            source: Source::of(&state),
+            rx: state.coordinator.subscribe(),
+            joined: state.node.follow_last_task(),
+            // A resumed version the source no longer has (or never gave)
+            // turns into a snapshot, reason `behind`.
+            last: resume,
+            reason: if resume.is_some() {
+                "behind"
+            } else {
+                "connected"
+            },
+            pending: VecDeque::new(),
+            state,
+            _slot: slot,
         }
     }
-    futures::stream::unfold(s, move |mut s| async move {
-        let Some(last) = s.last else {
-            let event = s.snapshot(reason);
-            return Some((Ok(event), s));
-        };
+
+    fn into_stream(self) -> impl Stream<Item = Result<Event, Infallible>> {
+        futures::stream::unfold(self, |mut f| async move {
+            let event = f.next().await?;
+            Some((Ok(sse(event)), f))
+        })
+    }
+
+    /// The next event for this connection; `None` when the node stops.
+    async fn next(&mut self) -> Option<WireEvent> {
         loop {
-            if let Some(event) = s.pending.pop_front() {
-                return Some((Ok(event), s));
+            if let Some(event) = self.pending.pop_front() {
+                return Some(event);
             }
-            s.rx.borrow_and_update();
-            match s.coordinator.events_after(last, BATCH) {
-                Err(_) => {
-                    let event = s.snapshot("behind");
-                    return Some((Ok(event), s));
+            self.joined.borrow_and_update();
+            let source = Source::of(&self.state);
+            if source != self.source {
+                // Another node coordinates now (or this one): its versions
+                // count from elsewhere, so start over from its snapshot.
+                self.source = source;
+                self.last = None;
+                self.reason = "coordinator";
+            }
+            match (self.source.clone(), self.last) {
+                (Source::Local, None) => {
+                    let task = self.rx.borrow_and_update().clone();
+                    return Some(self.snapshot(task));
                 }
-                Ok(batch) if batch.is_empty() => {
-                    if s.rx.changed().await.is_err() {
-                        return None;
+                (Source::Local, Some(last)) => {
+                    self.rx.borrow_and_update();
+                    match coordinator_events(&self.state.coordinator, last, BATCH) {
+                        Err(Behind) => {
+                            self.last = None;
+                            self.reason = "behind";
+                        }
+                        Ok(events) if events.is_empty() => {
+                            // A change here, or this node joined a task
+                            // (perhaps another node's).
+                            tokio::select! {
+                                changed = self.rx.changed() => changed.ok()?,
+                                _ = self.joined.changed() => {}
+                            }
+                        }
+                        Ok(events) => self.queue(events),
                     }
                 }
-                Ok(batch) => {
-                    for e in batch {
-                        s.last = Some(e.version());
-                        let data = serde_json::to_string(&*e).unwrap_or_default();
-                        s.pending.push_back(
-                            Event::default()
-                                .event(e.name())
-                                .id(e.version().to_string())
-                                .data(data),
-                        );
+                (Source::Remote(node), last) => {
+                    // Given up if this node joins another task meanwhile.
+                    let mut joined = self.joined.clone();
+                    tokio::select! {
+                        relayed = self.relay(&node, last) => relayed,
+                        _ = joined.changed() => {}
                     }
                 }
             }
         }
-    })
-}
+    }
 
-/// Another node coordinates: a snapshot per change of its status.
-fn polled(
-    state: AppState,
-    slot: Slot,
-    resume: Option<u64>,
-) -> impl Stream<Item = Result<Event, Infallible>> {
-    futures::stream::unfold(
-        (state, slot, resume, true),
-        |(state, slot, last, first)| async move {
-            loop {
-                let query =
-                    StatusQuery::new(if first { None } else { last.or(Some(0)) }, POLL_WAIT_SECS);
-                match latest_task(&state, &query).await {
-                    Ok(axum::Json(value)) => {
-                        let task: Option<TaskStatus> = serde_json::from_value(value).ok();
-                        let version = task.as_ref().map(|t| t.version);
-                        if first || version > last {
-                            let event = snapshot("polled", task.as_ref());
-                            let last = version.or(last);
-                            return Some((Ok(event), (state, slot, last, false)));
-                        }
+    /// One long-poll of the coordinator `node` for what follows `last`.
+    async fn relay(&mut self, node: &str, last: Option<u64>) {
+        let peers = self.state.coordinator.peers();
+        let wait = if last.is_some() {
+            RELAY_WAIT
+        } else {
+            Duration::ZERO
+        };
+        match peers.task_events(node, last, wait).await {
+            Ok(TaskEvents::Events { events }) => match relayable(events, last) {
+                Ok(events) => self.queue(events),
+                Err(why) => {
+                    tracing::warn!(%node, "not relaying the coordinator's events: {why}");
+                    tokio::time::sleep(RETRY).await;
+                }
+            },
+            Ok(TaskEvents::Snapshot { task }) => {
+                let event = self.snapshot(task);
+                self.pending.push_back(event);
+            }
+            Err(e) if e.status() == Some(StatusCode::NOT_FOUND) => {
+                // A coordinator without the events route (an older
+                // version): its status, whole, when it changes.
+                let query = [
+                    ("since".to_string(), last.unwrap_or(0).to_string()),
+                    ("wait".to_string(), RELAY_WAIT.as_secs_f64().to_string()),
+                ];
+                let query = if last.is_some() { &query[..] } else { &[] };
+                let wait = if last.is_some() {
+                    RELAY_WAIT
+                } else {
+                    Duration::ZERO
+                };
+                if let Ok(value) = peers.latest_task(node, query, wait).await {
+                    let task: Option<TaskStatus> = serde_json::from_value(value).ok();
+                    if last.is_none() || task.as_ref().map(|t| t.version) > last {
+                        self.reason = "polled";
+                        let event = self.snapshot(task);
+                        self.pending.push_back(event);
                     }
-                    Err(e) if e.status == StatusCode::NOT_FOUND && first => {
-                        return Some((Ok(snapshot("polled", None)), (state, slot, last, false)));
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_secs(2)).await,
                 }
             }
-        },
-    )
+            // Unreachable for now: the stream stays open (keep-alives
+            // flow) and asks again.
+            Err(_) => tokio::time::sleep(RETRY).await,
+        }
+    }
+
+    fn queue(&mut self, events: Vec<WireEvent>) {
+        if let Some(e) = events.last() {
+            self.last = Some(e.id);
+        }
+        self.pending.extend(events);
+    }
+
+    fn snapshot(&mut self, task: Option<TaskStatus>) -> WireEvent {
+        let version = task.as_ref().map_or(0, |t| t.version);
+        self.last = Some(version);
+        WireEvent {
+            event: "snapshot".into(),
+            id: version,
+            data: json!({ "reason": self.reason, "task": task }).to_string(),
+        }
+    }
+}
+
+/// Events from another node, as this node will send them: only the
+/// stream's own event names, ids after `last` and rising, data re-encoded
+/// from JSON (so no byte of it can break the SSE framing).
+fn relayable(events: Vec<WireEvent>, last: Option<u64>) -> Result<Vec<WireEvent>, String> {
+    let mut previous = last;
+    events
+        .into_iter()
+        .map(|e| {
+            if !matches!(e.event.as_str(), "started" | "change") {
+                return Err(format!(
+                    "an event named {:?}",
+                    e.event.escape_debug().to_string()
+                ));
+            }
+            if previous.is_some_and(|p| e.id <= p) {
+                return Err(format!("event {} after {previous:?}", e.id));
+            }
+            previous = Some(e.id);
+            let data: serde_json::Value =
+                serde_json::from_str(&e.data).map_err(|err| format!("event {}: {err}", e.id))?;
+            Ok(WireEvent {
+                data: data.to_string(),
+                ..e
+            })
+        })
+        .collect()
+}
+
+/// An event as Server-Sent Events carry it (a snapshot of no task has no
+/// id: there is no version to resume from).
+fn sse(e: WireEvent) -> Event {
+    let event = Event::default().event(&e.event).data(e.data);
+    if e.event == "snapshot" && e.id == 0 {
+        event
+    } else {
+        event.id(e.id.to_string())
+    }
+}
+
+/// Up to `max` of this node's coordinator's events after version `last`,
+/// as the stream sends them.
+fn coordinator_events(
+    coordinator: &Coordinator,
+    last: u64,
+    max: usize,
+) -> Result<Vec<WireEvent>, Behind> {
+    Ok(coordinator
+        .events_after(last, max)?
+        .iter()
+        .map(|e| WireEvent {
+            event: e.name().to_string(),
+            id: e.version(),
+            data: serde_json::to_string(&**e).unwrap_or_default(),
+        })
+        .collect())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TaskEventsQuery {
+    after: Option<u64>,
+    wait: Option<f64>,
+}
+
+/// `GET /internal/v1/tasks/events` (signed, another node's stream): this
+/// coordinator's events after `after`, waiting up to `wait` seconds (at
+/// most 30) for one; the latest task whole if `after` is missing or too
+/// old. Never forwarded to another node.
+pub(super) async fn task_events(
+    State(state): State<AppState>,
+    _: Peer,
+    query: Result<Query<TaskEventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<TaskEvents>, ApiError> {
+    let Query(query) = query.map_err(super::public::bad_query)?;
+    let coordinator = &state.coordinator;
+    let snapshot = || TaskEvents::Snapshot {
+        task: coordinator.latest(),
+    };
+    let Some(after) = query.after else {
+        return Ok(Json(snapshot()));
+    };
+    let wait = Duration::from_secs_f64(query.wait.unwrap_or(0.0).clamp(0.0, MAX_RELAY_WAIT_SECS));
+    let mut rx = coordinator.subscribe();
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        rx.borrow_and_update();
+        match coordinator_events(coordinator, after, BATCH) {
+            Err(Behind) => return Ok(Json(snapshot())),
+            Ok(events) if !events.is_empty() => return Ok(Json(TaskEvents::Events { events })),
+            Ok(_) => match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => {
+                    return Ok(Json(TaskEvents::Events { events: Vec::new() }));
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire(event: &str, id: u64, data: &str) -> WireEvent {
+        WireEvent {
+            event: event.into(),
+            id,
+            data: data.into(),
+        }
+    }
+
+    #[test]
+    fn a_peers_events_are_relayed_only_when_they_cannot_break_the_stream() {
+        let ok = relayable(vec![wire("change", 5, "{\"a\":\r\n 1}")], Some(4)).unwrap();
+        assert_eq!(ok[0].data, r#"{"a":1}"#, "re-encoded: no CR or LF left");
+        for (events, last) in [
+            (vec![wire("snapshot\nevent: x", 5, "{}")], Some(4)),
+            (vec![wire("change", 4, "{}")], Some(4)),
+            (
+                vec![wire("change", 6, "{}"), wire("change", 6, "{}")],
+                Some(4),
+            ),
+            (vec![wire("change", 5, "not json\rdata: x")], Some(4)),
+        ] {
+            assert!(relayable(events.clone(), last).is_err(), "{events:?}");
+        }
+    }
 }

@@ -21,7 +21,7 @@ use super::{ApiError, AppState};
 use crate::node::{OpenError, StartJobError};
 use crate::protocol::{
     CANCEL_TASK_PATH, LATEST_TASK_PATH, LowDisk, OpenSession, SESSIONS_PATH, SETTINGS_PATH,
-    StartJob, StartUpload, TaskId,
+    StartJob, StartUpload, TASK_EVENTS_PATH, TaskId,
 };
 use crate::settings::ClusterSettings;
 use crate::upload::{Destination, Proxy};
@@ -52,6 +52,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route(LATEST_TASK_PATH, get(latest_task))
         .route(CANCEL_TASK_PATH, post(cancel_task))
         .route(SETTINGS_PATH, post(set_settings))
+        .route(TASK_EVENTS_PATH, get(super::events::task_events))
         .route_layer(middleware::from_fn_with_state(state, verify_peer))
 }
 

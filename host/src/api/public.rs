@@ -549,13 +549,6 @@ pub struct StatusQuery {
 }
 
 impl StatusQuery {
-    pub(super) fn new(since: Option<u64>, wait: f64) -> StatusQuery {
-        StatusQuery {
-            since,
-            wait: Some(wait),
-        }
-    }
-
     fn wait(&self) -> Duration {
         clamp_wait(self.wait)
     }

@@ -67,6 +67,10 @@ impl PeerError {
     }
 }
 
+/// Largest answer to a task events request: a whole task of 10,000 nodes
+/// with long outputs fits.
+const MAX_TASK_EVENTS_BYTES: usize = 64 << 20;
+
 /// `5 s`, `1.5 s`: durations as operators read them.
 pub fn secs(d: Duration) -> String {
     let s = d.as_secs_f64();
@@ -336,6 +340,38 @@ impl Peers {
             .timeout(self.timeout + wait);
         let response = self.answer(node, request, self.timeout + wait).await?;
         self.read_json(node, response).await
+    }
+
+    /// The coordinator `node`'s task events after version `after` (waiting
+    /// up to `wait` for one), or its latest task whole when `after` is
+    /// `None` or too old: for the event stream of a node that does not
+    /// coordinate. The answer is bounded (`MAX_TASK_EVENTS_BYTES`).
+    pub async fn task_events(
+        &self,
+        node: &str,
+        after: Option<u64>,
+        wait: Duration,
+    ) -> Result<crate::protocol::TaskEvents, PeerError> {
+        let mut query = vec![("wait".to_string(), wait.as_secs_f64().to_string())];
+        if let Some(after) = after {
+            query.push(("after".to_string(), after.to_string()));
+        }
+        let path = format!(
+            "{}?{}",
+            crate::protocol::TASK_EVENTS_PATH,
+            serde_urlencoded::to_string(&query).expect("pairs encode")
+        );
+        let request = self
+            .request(Method::GET, node, &path, None)?
+            .timeout(self.timeout + wait);
+        let response = self.answer(node, request, self.timeout + wait).await?;
+        let body = self
+            .read_body(node, response, MAX_TASK_EVENTS_BYTES)
+            .await?;
+        serde_json::from_slice(&body).map_err(|e| PeerError::Broken {
+            node: node.to_string(),
+            reason: format!("it sent task events this node does not understand: {e}"),
+        })
     }
 
     /// Ask the coordinator `node` to cancel task `task_id`; it waits up to

@@ -81,7 +81,9 @@ pub struct NodeService {
     heartbeat: Duration,
     slot: Mutex<Option<Session>>,
     next_session_id: AtomicU64,
-    last_task: Mutex<Option<TaskRef>>,
+    /// The task this node most recently joined, watched by event streams
+    /// (which follow its coordinator).
+    last_task: watch::Sender<Option<TaskRef>>,
     /// `true` while no session holds the slot (for `/health?waitIdle=`).
     idle: watch::Sender<bool>,
 }
@@ -174,7 +176,7 @@ impl NodeService {
             heartbeat,
             slot: Mutex::new(None),
             next_session_id: AtomicU64::new(1),
-            last_task: Mutex::new(None),
+            last_task: watch::Sender::new(None),
             idle: watch::Sender::new(true),
         })
     }
@@ -216,7 +218,7 @@ impl NodeService {
                 .clamp(MIN_LEASE_MS, MAX_LEASE_MS),
         );
         tracing::info!(task = %task.task_id, coordinator = %task.coordinator, ?lease, "session opened");
-        *self.last_task.lock().unwrap() = Some(task.clone());
+        self.last_task.send_replace(Some(task.clone()));
         *slot = Some(Session {
             id,
             task,
@@ -400,7 +402,12 @@ impl NodeService {
 
     /// The task this node most recently joined (running or not).
     pub fn last_task(&self) -> Option<TaskRef> {
-        self.last_task.lock().unwrap().clone()
+        self.last_task.borrow().clone()
+    }
+
+    /// Changes of [`NodeService::last_task`].
+    pub fn follow_last_task(&self) -> watch::Receiver<Option<TaskRef>> {
+        self.last_task.subscribe()
     }
 
     /// End session `id` if it still holds the slot. A job still running
