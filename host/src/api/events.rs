@@ -148,6 +148,10 @@ struct Follow {
     last: Option<u64>,
     /// Why the next snapshot is sent.
     reason: &'static str,
+    /// The task this node joined that the remote source has not shown
+    /// yet (a node joins before its coordinator publishes the task):
+    /// nothing of that source is sent until it does.
+    awaiting: Option<String>,
     pending: VecDeque<WireEvent>,
     _slot: Slot,
 }
@@ -167,6 +171,7 @@ impl Follow {
                 "connected"
             },
             pending: VecDeque::new(),
+            awaiting: None,
             state,
             _slot: slot,
         }
@@ -190,6 +195,10 @@ impl Follow {
             if source != self.source {
                 // Another node coordinates now (or this one): its versions
                 // count from elsewhere, so start over from its snapshot.
+                self.awaiting = match source {
+                    Source::Remote(_) => self.state.node.last_task().map(|t| t.task_id.to_string()),
+                    Source::Local => None,
+                };
                 self.source = source;
                 self.last = None;
                 self.reason = "coordinator";
@@ -239,15 +248,25 @@ impl Follow {
         };
         match peers.task_events(node, last, wait).await {
             Ok(TaskEvents::Events { events }) => match relayable(events, last) {
-                Ok(events) => self.queue(events),
+                Ok(events) => {
+                    let events = self.past_awaited(events);
+                    self.queue(events);
+                }
                 Err(why) => {
                     tracing::warn!(%node, "not relaying the coordinator's events: {why}");
                     tokio::time::sleep(RETRY).await;
                 }
             },
             Ok(TaskEvents::Snapshot { task }) => {
-                let event = self.snapshot(task);
-                self.pending.push_back(event);
+                let shows = |id: &String| task.as_ref().is_some_and(|t| t.task_id == *id);
+                if self.awaiting.as_ref().is_some_and(|id| !shows(id)) {
+                    // Not published there yet: follow on from here, quietly.
+                    self.last = Some(task.as_ref().map_or(0, |t| t.version));
+                } else {
+                    self.awaiting = None;
+                    let event = self.snapshot(task);
+                    self.pending.push_back(event);
+                }
             }
             Err(e) if e.status() == Some(StatusCode::NOT_FOUND) => {
                 // A coordinator without the events route (an older
@@ -277,6 +296,25 @@ impl Follow {
         }
     }
 
+    /// While awaiting a task, only `events` from its `started` on.
+    fn past_awaited(&mut self, events: Vec<WireEvent>) -> Vec<WireEvent> {
+        let Some(id) = self.awaiting.clone() else {
+            return events;
+        };
+        let read = events.last().map(|e| e.id);
+        match from_started(events, &id, self.reason) {
+            Some(events) => {
+                self.awaiting = None;
+                events
+            }
+            None => {
+                // Their versions still count as read.
+                self.last = read.or(self.last);
+                Vec::new()
+            }
+        }
+    }
+
     fn queue(&mut self, events: Vec<WireEvent>) {
         if let Some(e) = events.last() {
             self.last = Some(e.id);
@@ -293,6 +331,30 @@ impl Follow {
             data: json!({ "reason": self.reason, "task": task }).to_string(),
         }
     }
+}
+
+/// `events` from the `started` of task `id` on, that one turned into the
+/// snapshot (with `reason`) a change of source owes the client; `None`
+/// if the task does not start among them.
+fn from_started(mut events: Vec<WireEvent>, id: &str, reason: &str) -> Option<Vec<WireEvent>> {
+    let started = |e: &WireEvent| {
+        (e.event == "started")
+            .then(|| serde_json::from_str::<serde_json::Value>(&e.data).ok())
+            .flatten()
+            .map(|d| d["task"].clone())
+            .filter(|task| task["taskId"] == id)
+    };
+    let (at, task) = events
+        .iter()
+        .enumerate()
+        .find_map(|(i, e)| started(e).map(|task| (i, task)))?;
+    let mut rest = events.split_off(at);
+    rest[0] = WireEvent {
+        event: "snapshot".into(),
+        id: rest[0].id,
+        data: json!({ "reason": reason, "task": task }).to_string(),
+    };
+    Some(rest)
 }
 
 /// Events from another node that this node may send on: only the
@@ -405,6 +467,36 @@ mod tests {
             id,
             data: data.into(),
         }
+    }
+
+    #[test]
+    fn a_task_this_node_joined_is_followed_from_its_start() {
+        let started = |id: u64, task: &str| {
+            wire(
+                "started",
+                id,
+                &json!({"kind": "started", "task": {"taskId": task, "version": id}}).to_string(),
+            )
+        };
+        let change = |id: u64| wire("change", id, "{}");
+        // Not among them: nothing to send.
+        assert_eq!(
+            from_started(vec![change(4), started(5, "old")], "new", "coordinator"),
+            None
+        );
+        // From its start on, the start sent as the snapshot.
+        let got = from_started(
+            vec![change(4), started(5, "new"), change(6)],
+            "new",
+            "coordinator",
+        )
+        .unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!((got[0].event.as_str(), got[0].id), ("snapshot", 5));
+        let data: serde_json::Value = serde_json::from_str(&got[0].data).unwrap();
+        assert_eq!(data["reason"], "coordinator");
+        assert_eq!(data["task"]["taskId"], "new");
+        assert_eq!(got[1], change(6));
     }
 
     #[test]

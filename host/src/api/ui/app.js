@@ -127,7 +127,9 @@ async function start(event) {
     const body = await r.json().catch(() => ({}));
     if (!r.ok) {
       showErrors(body.errors || body || { _: "Start refused (" + r.status + ")" });
-    } else {
+    } else if (!task || task.taskId !== body.taskId || task.version < body.version) {
+      // The event stream may already have brought later changes of this
+      // task: an older copy never replaces them.
       render(body);
     }
   } catch (e) {
@@ -200,7 +202,7 @@ function apply(kind, data) {
   if (kind === "snapshot" || kind === "started") {
     render(data.task);
   } else if (kind === "change") {
-    if (!task || task.taskId !== data.taskId) return;
+    if (!task || task.taskId !== data.taskId || data.version <= task.version) return;
     task.status = data.status;
     task.progress = data.progress;
     task.version = data.version;
