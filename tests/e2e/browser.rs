@@ -345,13 +345,18 @@ impl Browser {
         path
     }
 
-    async fn sign_in(&self, url: &str, user: &str, password: &str) {
+    /// Open the console of the node at `url`: its sign-in form.
+    async fn open(&self, url: &str) {
         self.goto(&format!("{url}/ui/")).await;
         self.wait(
             "the sign-in form",
             "return !!document.getElementById('user')",
         )
         .await;
+    }
+
+    async fn sign_in(&self, url: &str, user: &str, password: &str) {
+        self.open(url).await;
         self.type_into("#user", user).await;
         self.type_into("#password", password).await;
         self.click("#signin button[type=submit]").await;
@@ -385,8 +390,7 @@ async fn the_console_uploads_from_every_node_and_shows_the_urls() {
     // Over TLS, from a CA the nodes trust through `[upload] ca_file`.
     let server = UploadServer::start_tls().await;
     let certs = tempfile::tempdir().unwrap();
-    let ca = certs.path().join("upload-ca.pem");
-    std::fs::write(&ca, server.ca_pem()).unwrap();
+    let ca = server.write_ca(certs.path());
     let c = cluster(&["n1", "n2", "n3"], |config| {
         config.upload.ca_file = Some(ca.clone());
         set_option(config, "artifact-size", 2_000_000i64);
@@ -395,12 +399,7 @@ async fn the_console_uploads_from_every_node_and_shows_the_urls() {
     let upload_host = server.host_named("localhost");
     let url = c.node("n1").url();
     let b = Browser::start().await;
-    b.goto(&format!("{url}/ui/")).await;
-    b.wait(
-        "the sign-in form",
-        "return !!document.getElementById('user')",
-    )
-    .await;
+    b.open(&url).await;
     b.screenshot("01-sign-in").await;
     b.assert_contrast("01-sign-in").await;
     b.sign_in(&url, ADMIN_USER, &c.admin_password).await;
@@ -591,12 +590,7 @@ async fn the_console_works_from_the_keyboard_alone() {
     let c = cluster(&["n1", "n2", "n3"], |_| {}).await;
     let url = c.node("n2").url();
     let b = Browser::start().await;
-    b.goto(&format!("{url}/ui/")).await;
-    b.wait(
-        "the sign-in form",
-        "return !!document.getElementById('user')",
-    )
-    .await;
+    b.open(&url).await;
 
     // Sign in with a wrong password first: the error is read out (role
     // alert) and has contrast.

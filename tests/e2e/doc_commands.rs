@@ -809,8 +809,7 @@ fn write_guide_configs(sh: &mut DocShell, config: &str, hashes: &[String]) {
 async fn the_api_references_curl_examples_run_as_printed() {
     let server = UploadServer::start_tls().await;
     let certs = tempfile::tempdir().unwrap();
-    let ca = certs.path().join("upload-ca.pem");
-    std::fs::write(&ca, server.ca_pem()).unwrap();
+    let ca = server.write_ca(certs.path());
     let log_dir = certs.path().join("collected");
     std::fs::create_dir(&log_dir).unwrap();
     // Plain HTTP, as the examples address it (`http://127.0.0.1:9101`).
@@ -904,8 +903,7 @@ async fn the_api_references_curl_examples_run_as_printed() {
 async fn the_cli_references_examples_run_as_printed() {
     let server = UploadServer::start_tls().await;
     let certs = tempfile::tempdir().unwrap();
-    let ca = certs.path().join("upload-ca.pem");
-    std::fs::write(&ca, server.ca_pem()).unwrap();
+    let ca = server.write_ca(certs.path());
     let upload_ca = ca.clone();
     let c = cluster(&["n1", "n2", "n3"], move |config| {
         config.upload.ca_file = Some(upload_ca.clone());

@@ -63,8 +63,7 @@ async fn a_new_rust_collector_and_uploader_build_and_run_outside_the_repository(
     build(&uploader, &[("CARGO_TARGET_DIR", &target)]);
     let wasm = target.join("wasm32-wasip2/release/my_uploader.wasm");
     let server = UploadServer::start_tls().await;
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, server.ca_pem()).unwrap();
+    let ca = server.write_ca(dir.path());
     let file = dir.path().join("bundle.zip");
     std::fs::write(&file, vec![3u8; 4096]).unwrap();
     let run = autocollect_cli(&[

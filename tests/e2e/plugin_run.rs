@@ -116,8 +116,7 @@ async fn plugin_run_fails_clearly_on_a_bad_option_or_a_missing_upload_target() {
 async fn plugin_run_uploads_what_it_collected_and_runs_an_uploader_alone() {
     let server = UploadServer::start_tls().await;
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, server.ca_pem()).unwrap();
+    let ca = server.write_ca(dir.path());
     let run = autocollect_cli(&[
         "plugin",
         "run",

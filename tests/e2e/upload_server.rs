@@ -112,6 +112,14 @@ impl UploadServer {
         self.ca_pem.as_deref().expect("a TLS upload server")
     }
 
+    /// Write the CA's certificate to `dir/upload-ca.pem` (for `[upload]
+    /// ca_file` or `--cacert`); its path.
+    pub fn write_ca(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        let path = dir.join("upload-ca.pem");
+        std::fs::write(&path, self.ca_pem()).unwrap();
+        path
+    }
+
     /// Answer the next PUTs with these, in order; then 200.
     pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
         self.shared.script.lock().unwrap().extend(replies);
