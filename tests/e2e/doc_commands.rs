@@ -273,7 +273,7 @@ const COVERAGE: &[Coverage] = &[
         "plugins/examples/python-collector/README.md",
         None,
         Some("componentize-py --wit-path ../../../wit --world collector bindings"),
-        Runs::NotInCi("writes the bindings the build above generates to /tmp, for reading"),
+        Runs::Here("the_python_examples_bindings_command_runs_as_printed"),
     ),
     covered(
         "plugins/examples/js-collector/README.md",
@@ -973,5 +973,23 @@ async fn the_plugin_guides_plugin_run_runs_as_printed() {
         assert!(ran.stdout.contains("collected"), "{}", ran.stdout);
     }
     assert!(out.path().join("try-plugin").read_dir().unwrap().count() > 0);
+    sh.assert_subs_used();
+}
+
+#[tokio::test]
+async fn the_python_examples_bindings_command_runs_as_printed() {
+    let out = tempfile::tempdir().unwrap();
+    let mut sh = DocShell::new(vec![sub(
+        "/tmp/bindings",
+        out.path().join("bindings").display().to_string(),
+        "a directory of the test's own",
+    )]);
+    let dir = repo_root().join("plugins/examples/python-collector");
+    for block in blocks_run_by("the_python_examples_bindings_command_runs_as_printed") {
+        let script = sh.script(&block.text);
+        sh.run_script(&block.to_string(), &script, Some(&dir)).await;
+    }
+    // The generated package the README points at.
+    assert!(out.path().join("bindings/wit_world").is_dir());
     sh.assert_subs_used();
 }
