@@ -29,7 +29,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
-use serde_json::json;
 
 use super::public::{Reader, StatusQuery, latest_task, remote_coordinator};
 use super::{ApiError, AppState};
@@ -91,10 +90,17 @@ pub async fn events(
     }
 }
 
+/// A snapshot's data, serialised straight from the task (not through a
+/// `serde_json::Value` tree: a task of 10,000 nodes is a few MB).
+#[derive(serde::Serialize)]
+struct Snapshot<'a> {
+    reason: &'a str,
+    task: Option<&'a TaskStatus>,
+}
+
 fn snapshot(reason: &str, task: Option<&TaskStatus>) -> Event {
-    let event = Event::default()
-        .event("snapshot")
-        .data(json!({ "reason": reason, "task": task }).to_string());
+    let data = serde_json::to_string(&Snapshot { reason, task }).unwrap_or_default();
+    let event = Event::default().event("snapshot").data(data);
     match task {
         Some(t) => event.id(t.version.to_string()),
         None => event,
