@@ -19,6 +19,8 @@
 //! - [`safe_dir`]: directory handles that never follow a symlink (every
 //!   host operation on a directory a plugin can write).
 //! - [`upload`]: upload destinations: validation, policy, preflight.
+//! - [`simulated`]: many simulated nodes in one process (scale bench and
+//!   test).
 //! - [`client`], [`cluster`]: API client and a local-cluster launcher
 //!   (used by the CLI's `demo`, the tests and the benchmarks);
 //!   [`local_tls`]: a throwaway CA and a TLS listener for the tests' and
@@ -43,6 +45,7 @@ pub mod redact;
 pub mod safe_dir;
 pub mod server;
 pub mod settings;
+pub mod simulated;
 pub mod testing;
 pub mod tls;
 pub mod upload;

@@ -38,6 +38,7 @@ mod proxy_server;
 mod redaction;
 mod reload;
 mod sandbox;
+mod scale;
 mod support;
 mod time_window;
 mod tls;

@@ -3,6 +3,8 @@
 //! answers and task document. They share their implementation with the
 //! `/collectLogs/*` routes (`public`).
 
+use std::collections::BTreeMap;
+
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
@@ -14,8 +16,11 @@ use serde_json::{Map, Value, json};
 use super::audit::Entry;
 use super::error::ApiError;
 use super::params::Param;
-use super::public::{Admin, Reader, StatusQuery, cancel_task, latest_task, start_task};
+use super::public::{
+    Admin, Reader, StatusQuery, cancel_task, latest_task, remote_coordinator, start_task,
+};
 use super::{AppState, params};
+use crate::coordinator::task::{NodeState, TaskState, TaskStatus};
 use crate::settings::{BAD_REDACTION_LEVEL, ClusterSettings, REDACTION_LEVELS};
 
 pub const START_LOGS_URI: &str = "/controller/startLogsCollection";
@@ -309,11 +314,87 @@ async fn cancel(
 
 /// The task list: the latest log collection, in Couchbase's shape, or
 /// nothing before the first one.
-async fn tasks(State(state): State<AppState>, _: Reader) -> Result<Json<Value>, ApiError> {
+async fn tasks(
+    State(state): State<AppState>,
+    _: Reader,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    if remote_coordinator(&state).is_none() {
+        // Serialised straight from the task (no `Value` tree in between).
+        let task = state.coordinator.latest();
+        return Ok(Json(task.as_ref().map(CouchbaseTask::of).as_slice()).into_response());
+    }
     match latest_task(&state, &StatusQuery::default()).await {
-        Ok(Json(task)) => Ok(Json(json!([couchbase_task(&task)]))),
-        Err(e) if e.status == StatusCode::NOT_FOUND => Ok(Json(json!([]))),
+        Ok(Json(task)) => Ok(Json(json!([couchbase_task(&task)])).into_response()),
+        Err(e) if e.status == StatusCode::NOT_FOUND => Ok(Json(json!([])).into_response()),
         Err(e) => Err(e),
+    }
+}
+
+/// A task of this node as Couchbase's task list shows it, borrowed:
+/// what [`couchbase_task`] makes of its JSON, field for field.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CouchbaseTask<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    node: &'a str,
+    status: TaskState,
+    progress: u32,
+    ts: &'a str,
+    per_node: BTreeMap<&'a str, CouchbaseNode<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recommended_refresh_period: Option<f64>,
+    #[serde(rename = "cancelURI", skip_serializing_if = "Option::is_none")]
+    cancel_uri: Option<&'static str>,
+}
+
+/// A node's entry: [`PER_NODE_FIELDS`] only.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CouchbaseNode<'a> {
+    status: NodeState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    path: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    url: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    collection_status_code: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    collection_output: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upload_status_code: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upload_output: Option<&'a str>,
+}
+
+impl<'a> CouchbaseTask<'a> {
+    fn of(task: &'a TaskStatus) -> CouchbaseTask<'a> {
+        CouchbaseTask {
+            kind: &task.kind,
+            node: &task.node,
+            status: task.status,
+            progress: task.progress,
+            ts: &task.ts,
+            per_node: task
+                .per_node
+                .iter()
+                .map(|(name, n)| {
+                    let node = CouchbaseNode {
+                        status: n.status,
+                        path: n.path.as_deref(),
+                        url: n.url.as_deref(),
+                        collection_status_code: n.collection_status_code.as_deref(),
+                        collection_output: n.collection_output.as_deref(),
+                        upload_status_code: n.upload_status_code.as_deref(),
+                        upload_output: n.upload_output.as_deref(),
+                    };
+                    (name.as_str(), node)
+                })
+                .collect(),
+            recommended_refresh_period: task.recommended_refresh_period,
+            cancel_uri: task.cancel_uri.as_ref().map(|_| CANCEL_LOGS_URI),
+        }
     }
 }
 
@@ -350,6 +431,30 @@ mod tests {
         assert_eq!(otp_name("n1", "10.0.0.1:9101"), "n1@10.0.0.1");
         assert_eq!(otp_name("ns_1@10.0.0.1", "10.0.0.1:9101"), "ns_1@10.0.0.1");
         assert_eq!(otp_name("n1", "[::1]:9101"), "n1@::1");
+    }
+
+    #[test]
+    fn a_local_task_is_shown_as_its_json_would_be() {
+        use crate::coordinator::task::NodeStatus;
+        let mut task = TaskStatus::new(
+            "abc".into(),
+            "n1".into(),
+            [
+                ("n1".to_string(), NodeStatus::new(NodeState::Started)),
+                (
+                    "n2".to_string(),
+                    NodeStatus::failed(Some("2".into()), "boom"),
+                ),
+            ]
+            .into(),
+        );
+        task.per_node.get_mut("n1").unwrap().path = Some("/p.zip".into());
+        task.per_node.get_mut("n1").unwrap().sha256 = Some("00".repeat(32));
+        let direct = |t: &TaskStatus| serde_json::to_value(CouchbaseTask::of(t)).unwrap();
+        let via_json = |t: &TaskStatus| couchbase_task(&serde_json::to_value(t).unwrap());
+        assert_eq!(direct(&task), via_json(&task));
+        task.finish(TaskState::Completed, "lost");
+        assert_eq!(direct(&task), via_json(&task));
     }
 
     #[test]

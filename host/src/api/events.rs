@@ -325,10 +325,14 @@ impl Follow {
     fn snapshot(&mut self, task: Option<TaskStatus>) -> WireEvent {
         let version = task.as_ref().map_or(0, |t| t.version);
         self.last = Some(version);
+        let data = Snapshot {
+            reason: self.reason,
+            task: task.as_ref(),
+        };
         WireEvent {
             event: "snapshot".into(),
             id: version,
-            data: json!({ "reason": self.reason, "task": task }).to_string(),
+            data: serde_json::to_string(&data).unwrap_or_default(),
         }
     }
 }
@@ -384,6 +388,14 @@ fn relayable(events: Vec<WireEvent>, last: Option<u64>) -> Result<Vec<WireEvent>
             Ok(e)
         })
         .collect()
+}
+
+/// A snapshot's data, serialised straight from the task (not through a
+/// `serde_json::Value` tree: a task of 10,000 nodes is a few MB).
+#[derive(serde::Serialize)]
+struct Snapshot<'a> {
+    reason: &'a str,
+    task: Option<&'a TaskStatus>,
 }
 
 /// An event as Server-Sent Events carry it (a snapshot of no task has no

@@ -98,6 +98,12 @@ pub fn router(state: AppState) -> AppRouter {
         .with_state(state)
 }
 
+/// Only the node-to-node API (signature checked), on `state`: what the
+/// simulated-node harness ([`crate::simulated`]) serves for each node.
+pub fn node_to_node_router(state: AppState) -> AppRouter {
+    internal::router(state.clone()).with_state(state)
+}
+
 /// Unknown routes get a JSON error like every other one.
 async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> error::ApiError {
     error::ApiError::general(

@@ -564,7 +564,7 @@ pub(super) fn remote_coordinator(state: &AppState) -> Option<String> {
         .filter(|c| c != state.node.name())
 }
 
-fn no_task() -> ApiError {
+pub(super) fn no_task() -> ApiError {
     ApiError::general(StatusCode::NOT_FOUND, "No logs collection task has run yet")
 }
 
@@ -579,10 +579,17 @@ async fn status(
     State(state): State<AppState>,
     _: Reader,
     query: Result<Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
     let Query(query) = query.map_err(bad_query)?;
     check_wait("wait", query.wait)?;
-    latest_task(&state, &query).await
+    if query.since.is_none() && remote_coordinator(&state).is_none() {
+        // The task serialised as it is, not through a `Value` tree: a
+        // task of 10,000 nodes is a few MB.
+        let task = state.coordinator.latest().ok_or_else(no_task)?;
+        return Ok(Json(task).into_response());
+    }
+    Ok(latest_task(&state, &query).await?.into_response())
 }
 
 /// The latest task, from its coordinator wherever that is (long-polled

@@ -192,8 +192,7 @@ impl Driver {
         let uploading = self
             .ctx
             .coordinator
-            .latest()
-            .and_then(|t| Some(t.per_node.get(&self.node)?.status))
+            .node_state(&self.ctx.task_id, &self.node)
             .is_some_and(|s| matches!(s, NodeState::StartingUpload | NodeState::StartedUpload));
         if uploading {
             let url = self.ctx.upload.as_ref().map(|d| d.base_url.clone());
@@ -212,28 +211,34 @@ impl Driver {
     /// Apply an event to the task; log and return the node's new state.
     fn update(&self, event: NodeEvent) -> Option<NodeState> {
         let mut changed = None;
-        let task = self
+        let state = self
             .ctx
             .coordinator
-            .update(&self.ctx.task_id, |t| changed = t.apply(&self.node, &event));
+            .update_node(&self.ctx.task_id, &self.node, |t| {
+                changed = t.apply(&self.node, &event)
+            });
         if let Some(state) = changed {
             self.log(state);
         }
-        task.and_then(|t| Some(t.per_node.get(&self.node)?.status))
+        state
     }
 
     fn set(&self, status: NodeStatus) {
         let state = status.status;
         self.ctx
             .coordinator
-            .update(&self.ctx.task_id, |t| t.set_node(&self.node, status));
+            .update_node(&self.ctx.task_id, &self.node, |t| {
+                t.set_node(&self.node, status)
+            });
         self.log(state);
     }
 
     fn set_state(&self, state: NodeState) {
         self.ctx
             .coordinator
-            .update(&self.ctx.task_id, |t| t.set_state(&self.node, state));
+            .update_node(&self.ctx.task_id, &self.node, |t| {
+                t.set_state(&self.node, state)
+            });
         self.log(state);
     }
 

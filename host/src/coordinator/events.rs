@@ -49,7 +49,26 @@ impl TaskEvent {
         }
     }
 
-    /// The change from `before` to `after` (same task).
+    /// The change of one node, `node`, from `before` to its status in
+    /// `after`: only that node is looked at and copied.
+    pub fn node_changed(after: &TaskStatus, node: &str, before: Option<&NodeStatus>) -> TaskEvent {
+        let nodes = after
+            .per_node
+            .get_key_value(node)
+            .filter(|(_, status)| before != Some(*status))
+            .map(|(node, status)| (node.clone(), status.clone()))
+            .into_iter()
+            .collect();
+        TaskEvent::Changed {
+            version: after.version,
+            task_id: after.task_id.clone(),
+            status: after.status,
+            progress: after.progress,
+            nodes,
+        }
+    }
+
+    /// The change from `before` to `after` (same task), any nodes.
     pub fn changed(before: &BTreeMap<String, NodeStatus>, after: &TaskStatus) -> TaskEvent {
         let nodes = after
             .per_node

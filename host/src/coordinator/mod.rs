@@ -236,12 +236,13 @@ impl Coordinator {
         // session opens (its lease runs from then), until the task ends.
         let pings = CancellationToken::new();
         let refused = pings.clone().drop_guard();
+        let collects: BTreeSet<&String> = chosen.iter().collect();
         let opened = futures::future::join_all(self.peers.names().map(|node| {
             let open = OpenSession {
                 task_id: task_id.clone(),
                 coordinator: self.me.clone(),
                 lease_ms: Some(self.lease().as_millis() as u64),
-                collects: chosen.contains(node),
+                collects: collects.contains(node),
             };
             let pings = pings.clone();
             async move {
@@ -406,7 +407,44 @@ impl Coordinator {
         task
     }
 
-    /// Change the latest task (if it is `task_id`) and bump its version.
+    /// The state of `node` in task `task_id`, if that is the latest.
+    fn node_state(&self, task_id: &str, node: &str) -> Option<NodeState> {
+        let latest = self.latest.borrow();
+        let task = latest.as_ref().filter(|t| t.task_id == task_id)?;
+        task.per_node.get(node).map(|n| n.status)
+    }
+
+    /// Change node `node` of the latest task (if it is `task_id`) and bump
+    /// the version; returns the node's state after. Nothing but that node
+    /// is looked at or copied: the event lists it alone (if its status
+    /// changed), so a change costs the same in a task of 10,000 nodes.
+    fn update_node(
+        &self,
+        task_id: &str,
+        node: &str,
+        change: impl FnOnce(&mut TaskStatus),
+    ) -> Option<NodeState> {
+        let mut result = None;
+        self.latest.send_if_modified(|latest| match latest {
+            Some(t) if t.task_id == task_id => {
+                let before = t.per_node.get(node).cloned();
+                change(t);
+                t.version += 1;
+                self.events
+                    .lock()
+                    .unwrap()
+                    .push(events::TaskEvent::node_changed(t, node, before.as_ref()));
+                result = t.per_node.get(node).map(|n| n.status);
+                true
+            }
+            _ => false,
+        });
+        result
+    }
+
+    /// Change the latest task (if it is `task_id`) as a whole, and bump
+    /// its version; returns it. Compares and copies every node: for the
+    /// end of a task, not for each node's change ([`Self::update_node`]).
     fn update(&self, task_id: &str, change: impl FnOnce(&mut TaskStatus)) -> Option<TaskStatus> {
         let mut result = None;
         self.latest.send_if_modified(|latest| match latest {

@@ -26,6 +26,8 @@ use crate::upload::Proxy;
 
 /// Longest event line accepted from a node.
 const MAX_EVENT_LINE: usize = 1 << 20;
+/// What a session's line buffer starts with (not the default 8 KiB).
+const EVENT_BUFFER: usize = 512;
 /// Longest error body read from a node.
 const MAX_ERROR_BODY: usize = 16 * 1024;
 /// Pooled connections are dropped after this long unused: shorter than
@@ -240,9 +242,12 @@ impl Peers {
         let bytes = response
             .bytes_stream()
             .map_err(|e| std::io::Error::other(innermost(&e)));
-        let lines = FramedRead::new(
+        // Event lines are short: a small buffer to start with (it grows
+        // for a long one), as a coordinator holds one per node.
+        let lines = FramedRead::with_capacity(
             StreamReader::new(bytes),
             LinesCodec::new_with_max_length(MAX_EVENT_LINE),
+            EVENT_BUFFER,
         )
         .map_err(|e| e.to_string());
         Ok(SessionEvents {

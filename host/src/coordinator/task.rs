@@ -187,6 +187,22 @@ pub struct TaskStatus {
     pub cancel_uri: Option<String>,
     /// Increases with every change (across tasks); see `?since=` on status.
     pub version: u64,
+    /// How many nodes are finished, kept up to date by each change so that
+    /// a change costs the same in a task of 3 nodes or of 10,000.
+    #[serde(skip)]
+    finished: Tally,
+}
+
+/// A count derived from `per_node` (`None`: not counted yet, as in a task
+/// read from JSON). Not part of a task's value: tasks compare equal
+/// whether or not they have counted.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tally(Option<usize>);
+
+impl PartialEq for Tally {
+    fn eq(&self, _: &Tally) -> bool {
+        true
+    }
 }
 
 impl TaskStatus {
@@ -206,19 +222,42 @@ impl TaskStatus {
             recommended_refresh_period: Some(REFRESH_PERIOD_SECS),
             cancel_uri: Some(crate::api::CANCEL_URI.into()),
             version: 0,
+            finished: Tally(None),
         };
         task.update_progress();
         task
     }
 
+    /// Count the finished nodes again, and set the progress.
     pub fn update_progress(&mut self) {
-        let total = self.per_node.len() as u32;
         let done = self
             .per_node
             .values()
             .filter(|n| n.status.is_finished())
-            .count() as u32;
-        self.progress = (done * 100).checked_div(total).unwrap_or(100);
+            .count();
+        self.finished = Tally(Some(done));
+        self.set_progress(done);
+    }
+
+    fn set_progress(&mut self, done: usize) {
+        let total = self.per_node.len() as u64;
+        self.progress = (done as u64 * 100).checked_div(total).unwrap_or(100) as u32;
+    }
+
+    /// One node went from `before` to `after`: the progress follows,
+    /// without counting every node again.
+    fn node_changed(&mut self, before: Option<NodeState>, after: NodeState) {
+        let Tally(Some(done)) = self.finished else {
+            return self.update_progress();
+        };
+        let was = before.is_some_and(NodeState::is_finished);
+        let done = match (was, after.is_finished()) {
+            (false, true) => done + 1,
+            (true, false) => done.saturating_sub(1),
+            _ => done,
+        };
+        self.finished = Tally(Some(done));
+        self.set_progress(done);
     }
 
     /// The task ended: no more refresh hints, every node in a final state.
@@ -308,24 +347,26 @@ impl TaskStatus {
             }
         }
         let after = entry.status;
-        self.update_progress();
+        self.node_changed(Some(before), after);
         (after != before).then_some(after)
     }
 
     pub fn set_node(&mut self, node: &str, status: NodeStatus) {
-        self.per_node.insert(node.to_string(), status);
-        self.update_progress();
+        let after = status.status;
+        let before = self.per_node.insert(node.to_string(), status);
+        self.node_changed(before.map(|b| b.status), after);
     }
 
     /// Change only a node's state, keeping what it reported so far.
     pub fn set_state(&mut self, node: &str, state: NodeState) {
         if let Some(entry) = self.per_node.get_mut(node) {
+            let before = entry.status;
             entry.status = state;
             if state == NodeState::Cancelled {
                 entry.path = None; // the node removes a cancelled job's files
                 entry.sha256 = None;
             }
-            self.update_progress();
+            self.node_changed(Some(before), state);
         }
     }
 }
@@ -372,6 +413,27 @@ mod tests {
         assert_eq!(t.progress, 66);
         assert_eq!(t.per_node["b"].collection_status_code.as_deref(), Some("2"));
         assert_eq!(t.apply("ghost", &NodeEvent::Started { plugin: None }), None);
+    }
+
+    #[test]
+    fn progress_kept_per_change_matches_a_recount() {
+        let mut t = task(&["a", "b", "c", "d"]);
+        t.set_state("a", NodeState::Collected);
+        t.set_node("b", NodeStatus::failed(None, "x"));
+        t.set_state("c", NodeState::StartingUpload); // collected, then not finished
+        t.set_node("a", NodeStatus::new(NodeState::StartingUpload));
+        let kept = t.progress;
+        t.update_progress();
+        assert_eq!((kept, t.progress), (25, 25));
+        // A task read from JSON counts on its first change.
+        let mut read: TaskStatus =
+            serde_json::from_value(serde_json::to_value(&t).unwrap()).unwrap();
+        read.set_state("d", NodeState::Collected);
+        assert_eq!(read.progress, 50);
+        assert_eq!(read, {
+            t.set_state("d", NodeState::Collected);
+            t
+        });
     }
 
     #[test]

@@ -210,6 +210,22 @@ pub(super) async fn collect(
     let _ = events.send(event);
 }
 
+/// A simulated node's job ([`NodeService::simulated`]): the events of a
+/// collection that ran no plugin and kept nothing.
+pub(super) async fn noop(node: Arc<NodeService>, events: mpsc::UnboundedSender<NodeEvent>) {
+    let _ = events.send(NodeEvent::Started {
+        plugin: Some(node.plugins().current().collector_ref()),
+    });
+    let _ = events.send(NodeEvent::Collected {
+        path: format!("/simulated/{}.zip", node.name()),
+        size: 0,
+        summary: String::new(),
+        sha256: Some("0".repeat(64)),
+        partial: None,
+        ignored: Vec::new(),
+    });
+}
+
 /// The host's manifest of a kept collection.
 fn manifest_of(
     node: &NodeService,

@@ -86,6 +86,8 @@ pub struct NodeService {
     last_task: watch::Sender<Option<TaskRef>>,
     /// `true` while no session holds the slot (for `/health?waitIdle=`).
     idle: watch::Sender<bool>,
+    /// A simulated node ([`crate::simulated`]): its jobs run no plugin.
+    noop_jobs: bool,
 }
 
 struct Session {
@@ -178,6 +180,31 @@ impl NodeService {
             next_session_id: AtomicU64::new(1),
             last_task: watch::Sender::new(None),
             idle: watch::Sender::new(true),
+            noop_jobs: false,
+        })
+    }
+
+    /// A node whose collection job runs no plugin and writes nothing: it
+    /// reports `started`, then `collected` with a made-up artifact. Only
+    /// for the simulated-node harness ([`crate::simulated`]), which serves
+    /// many of these (sharing one `storage`) behind the real node-to-node
+    /// handlers; no configuration makes one. It cannot upload.
+    pub fn simulated(
+        name: String,
+        storage: Arc<Storage>,
+        roles: Roles,
+        heartbeat: Duration,
+    ) -> Arc<NodeService> {
+        Arc::new(NodeService {
+            name,
+            storage,
+            roles,
+            heartbeat,
+            slot: Mutex::new(None),
+            next_session_id: AtomicU64::new(1),
+            last_task: watch::Sender::new(None),
+            idle: watch::Sender::new(true),
+            noop_jobs: true,
         })
     }
 
@@ -277,13 +304,17 @@ impl NodeService {
         }
         session.collected_once = true;
         let cancel = CancellationToken::new();
-        let handle = tokio::spawn(job::collect(
-            self.clone(),
-            task_id.clone(),
-            parameters,
-            session.events.clone(),
-            cancel.clone(),
-        ));
+        let handle = if self.noop_jobs {
+            tokio::spawn(job::noop(self.clone(), session.events.clone()))
+        } else {
+            tokio::spawn(job::collect(
+                self.clone(),
+                task_id.clone(),
+                parameters,
+                session.events.clone(),
+                cancel.clone(),
+            ))
+        };
         session.job = Some(Job {
             cancel,
             handle,
