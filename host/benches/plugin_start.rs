@@ -1,13 +1,18 @@
 //! Plugin start cost: compiling a component cold, loading it from the
 //! on-disk cache, and, with the compiled component cached in memory (the
-//! daemon's steady state), a fresh sandboxed instance plus one call.
+//! daemon's steady state), a fresh sandboxed instance plus one call, with
+//! instances from the pool (as the daemon runs) and on demand (its
+//! fallback, and what `autocollect plugin run` uses), and where that time
+//! goes: the sandbox (WASI context and store), the instantiation, the
+//! call.
 //! Then the mock collector writing a 64 MiB zip against `zip -0` storing
 //! a 64 MiB file. Then, when `plugins/examples/build.sh` has built them
 //! into `target/examples/`, the example collectors written in Python and
 //! JavaScript next to the Rust mock: size, compile, and a run.
 //!
 //! `cargo bench -p autocollect --bench plugin_start`
-//! (`PLUGIN_START_BENCH=languages` runs only the languages part.)
+//! (`PLUGIN_START_BENCH=languages` runs only the languages part,
+//! `PLUGIN_START_BENCH=steady` only the instantiate + call rows.)
 
 mod common;
 
@@ -18,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use autocollect::plugin::collector::{CollectJob, CollectorPlugin};
 use autocollect::plugin::exec::ExecPolicy;
-use autocollect::plugin::sandbox::RunLabels;
-use autocollect::plugin::{PluginEvent, PluginHost, PluginSource, RunLimits, builtin};
+use autocollect::plugin::sandbox::{RunLabels, RunSetup, new_store};
+use autocollect::plugin::{PluginEvent, PluginHost, PluginSource, PoolSizing, RunLimits, builtin};
 use common::*;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -37,8 +42,10 @@ fn main() -> anyhow::Result<()> {
 async fn run() -> anyhow::Result<()> {
     println!("plugin_start on {}", machine());
     let tmp = tempfile::tempdir()?;
-    if std::env::var("PLUGIN_START_BENCH").as_deref() == Ok("languages") {
-        return languages(tmp.path()).await;
+    match std::env::var("PLUGIN_START_BENCH").as_deref() {
+        Ok("languages") => return languages(tmp.path()).await,
+        Ok("steady") => return steady(&PluginHost::new(None)?, tmp.path()).await,
+        _ => {}
     }
     let mock = PluginSource::Builtin("mock-collector");
     let (_, mock_bytes) = builtin::lookup("mock-collector").unwrap();
@@ -65,27 +72,76 @@ async fn run() -> anyhow::Result<()> {
         &Samples::new(samples),
     );
 
-    // Steady state: instantiate + one no-op collect per run.
-    let noop = CollectorPlugin::load(
-        &host,
-        PluginSource::File(builtin::build_output("test_misbehave")),
-    )?;
+    steady(&host, tmp.path()).await?;
+    mock_zip_vs_zip(&host, tmp.path()).await?;
+    languages(tmp.path()).await
+}
+
+/// Steady state: instantiate + one no-op collect per run, on demand
+/// then from the pool; and where the time goes.
+async fn steady(host: &Arc<PluginHost>, tmp: &Path) -> anyhow::Result<()> {
+    // `PLUGIN_START_CALLS=N` for longer runs (profiling).
+    let calls = std::env::var("PLUGIN_START_CALLS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(CALLS);
+    let noop_source = PluginSource::File(builtin::build_output("test_misbehave"));
     let options = [("mode".to_string(), "noop".to_string())];
-    let out = tmp.path().join("noop");
+    let out = tmp.join("noop");
     std::fs::create_dir_all(&out)?;
-    let per_call = collect_n(&noop, &options, &out, CALLS + 100, 100).await;
-    row("instantiate + no-op collect (cached)", &per_call);
+    let noop = CollectorPlugin::load(host, noop_source.clone())?;
+    let on_demand = collect_n(&noop, &options, &out, calls + 100, 100).await;
+    row(
+        "instantiate + no-op collect (cached, on-demand)",
+        &on_demand,
+    );
+    let pooled = pooled_host()?;
+    println!("  pool: {}", pooled.allocator());
+    let noop = CollectorPlugin::load(&pooled, noop_source)?;
+    let per_call = collect_n(&noop, &options, &out, calls + 100, 100).await;
+    row("instantiate + no-op collect (cached, pooling)", &per_call);
     println!(
-        "  target: median <= 1 ms -> {}",
-        if per_call.median() <= Duration::from_millis(1) {
+        "  target: median <= 20 µs -> {}",
+        if per_call.median() <= Duration::from_micros(20) {
             "met"
         } else {
             "NOT met"
         }
     );
+    let sandbox = time_n(100, calls, || {
+        let (tx, _rx) = watch::channel(None);
+        let setup = collect_setup(&out, tx);
+        drop(new_store(pooled.engine(), setup).unwrap());
+    });
+    row("  of which: sandbox (WasiCtx + store)", &sandbox);
+    let mut samples = Vec::with_capacity(calls);
+    for i in 0..calls + 100 {
+        let t = Instant::now();
+        noop.instantiate_only().await.expect("instantiate");
+        if i >= 100 {
+            samples.push(t.elapsed());
+        }
+    }
+    row(
+        "  bare store + instantiate (pooling)",
+        &Samples::new(samples),
+    );
+    let mut samples = Vec::with_capacity(calls);
+    for i in 0..calls + 100 {
+        let t = Instant::now();
+        noop.validate_options(&options)
+            .await
+            .expect("validate-options");
+        if i >= 100 {
+            samples.push(t.elapsed());
+        }
+    }
+    row(
+        "  bare store + instantiate + validate-options",
+        &Samples::new(samples),
+    );
 
-    mock_zip_vs_zip(&host, tmp.path()).await?;
-    languages(tmp.path()).await
+    Ok(())
 }
 
 /// The example collectors in other languages (`plugins/examples/`), next
@@ -140,36 +196,83 @@ async fn languages(tmp: &Path) -> anyhow::Result<()> {
         }
         row("  load from disk cache", &Samples::new(samples));
 
-        let host = PluginHost::new(Some(cache.clone()))?;
-        let plugin = CollectorPlugin::load(&host, source)?;
-        let mut samples = Vec::new();
-        for i in 0..220 {
-            let t = Instant::now();
-            plugin
-                .validate_options(&[])
-                .await
-                .expect("validate-options");
-            if i >= 20 {
-                samples.push(t.elapsed());
+        for (allocator, host) in [
+            ("on-demand", PluginHost::new(Some(cache.clone()))?),
+            ("pooling", pooled_host_cached(Some(cache.clone()))?),
+        ] {
+            let plugin = CollectorPlugin::load(&host, source.clone())?;
+            let mut samples = Vec::new();
+            for i in 0..220 {
+                let t = Instant::now();
+                plugin
+                    .validate_options(&[])
+                    .await
+                    .expect("validate-options");
+                if i >= 20 {
+                    samples.push(t.elapsed());
+                }
             }
-        }
-        row("  instantiate + validate-options", &Samples::new(samples));
+            row(
+                &format!("  instantiate + validate-options ({allocator})"),
+                &Samples::new(samples),
+            );
 
-        let mut samples = Vec::new();
-        for i in 0..220 {
-            let out = tmp.join("languages-out");
-            std::fs::create_dir_all(&out)?;
-            let (tx, _rx) = watch::channel(None);
-            let t = Instant::now();
-            plugin.collect(job(&[], &out, tx)).await.expect("collect");
-            if i >= 20 {
-                samples.push(t.elapsed());
+            let mut samples = Vec::new();
+            for i in 0..220 {
+                let out = tmp.join("languages-out");
+                std::fs::create_dir_all(&out)?;
+                let (tx, _rx) = watch::channel(None);
+                let t = Instant::now();
+                plugin.collect(job(&[], &out, tx)).await.expect("collect");
+                if i >= 20 {
+                    samples.push(t.elapsed());
+                }
+                std::fs::remove_dir_all(&out)?;
             }
-            std::fs::remove_dir_all(&out)?;
+            row(
+                &format!("  instantiate + one small collect ({allocator})"),
+                &Samples::new(samples),
+            );
         }
-        row("  instantiate + one small collect", &Samples::new(samples));
     }
     Ok(())
+}
+
+/// A host as the daemon makes one: instances from a pool sized for the
+/// bench's memory limit.
+fn pooled_host() -> anyhow::Result<Arc<PluginHost>> {
+    pooled_host_cached(None)
+}
+
+fn pooled_host_cached(cache: Option<PathBuf>) -> anyhow::Result<Arc<PluginHost>> {
+    let host = PluginHost::pooled(cache, PoolSizing::for_limits([limits().memory_bytes]))?;
+    anyhow::ensure!(
+        matches!(host.allocator(), autocollect::plugin::Allocator::Pooling(_)),
+        "no pool: {}",
+        host.allocator()
+    );
+    Ok(host)
+}
+
+/// The sandbox of a collect run as [`CollectorPlugin::collect`] sets it
+/// up: the output directory preopened, the exec policy, progress.
+fn collect_setup<'a>(out: &'a Path, progress: watch::Sender<Option<PluginEvent>>) -> RunSetup<'a> {
+    RunSetup {
+        labels: labels(),
+        output_dir: Some(out),
+        artifact_dir: None,
+        http_origin: None,
+        http_route: None,
+        http_tls: None,
+        exec: Some(Arc::new(ExecPolicy::default())),
+        task_parameters: Vec::new(),
+        inputs: &[],
+        budget: None,
+        limits: limits(),
+        progress: Some(progress),
+        observer: None,
+        cancel: CancellationToken::new(),
+    }
 }
 
 /// Time `n` collect runs of `plugin` (the first `warmup` not recorded).

@@ -33,6 +33,7 @@ mod network_policy;
 mod openapi;
 mod plugin_check;
 mod plugin_new;
+mod plugin_pool;
 mod plugin_run;
 mod proxy_server;
 mod redaction;

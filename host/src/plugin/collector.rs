@@ -389,6 +389,17 @@ impl CollectorPlugin {
         finish(&store, &tail, limits, result)?.map_err(RunError::from)
     }
 
+    /// Instantiate the plugin in a store like `validate_options`'s and
+    /// call nothing: the start cost without a call (benchmarks).
+    #[doc(hidden)]
+    pub async fn instantiate_only(&self) -> Result<(), RunError> {
+        let (mut store, tail, _cancel) = validation_store(&self.host, &self.source)?;
+        let instance = self.pre.instantiate_async(&mut store).await;
+        instance
+            .map(drop)
+            .map_err(|e| classify(&store, &tail, VALIDATION_LIMITS, e))
+    }
+
     /// Run one collection into `output_dir` (host path, which must exist).
     /// Progress goes to `progress`; `cancel` stops the run at once.
     pub async fn collect(&self, job: CollectJob<'_>) -> Result<Collected, RunError> {

@@ -32,7 +32,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use wasmtime::component::Component;
-use wasmtime::{Config as EngineConfig, Engine};
+use wasmtime::{
+    Config as EngineConfig, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
+};
 
 pub use sandbox::{PluginEvent, RunLimits};
 
@@ -54,9 +56,117 @@ pub struct PluginIdentity {
     pub wit_version: Option<String>,
 }
 
+/// How a host's engine allocates instances: from a pool reserved at
+/// start, or on demand at each instantiation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Allocator {
+    /// wasmtime's pooling allocator, sized by [`PoolSizing`].
+    Pooling(PoolSizing),
+    /// An mmap per memory, table and stack at each instantiation: what a
+    /// one-shot command uses, and the fallback when the pool cannot be
+    /// reserved (`reason`).
+    OnDemand { reason: Option<String> },
+}
+
+impl std::fmt::Display for Allocator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Allocator::Pooling(p) => write!(
+                f,
+                "pooling ({} instances, {} memories of at most {} MiB, {} GiB of address space reserved)",
+                p.instances,
+                p.memories(),
+                p.max_memory_bytes >> 20,
+                p.reserved_bytes() >> 30
+            ),
+            Allocator::OnDemand { reason: None } => write!(f, "on-demand"),
+            Allocator::OnDemand { reason: Some(why) } => {
+                write!(f, "on-demand (the pool could not be reserved: {why})")
+            }
+        }
+    }
+}
+
+/// The pool's size: how many plugin instances may live at once, and the
+/// largest linear memory one may have (the largest memory limit among
+/// the roles, so no limit is ever below what the pool allows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSizing {
+    /// Component instances alive at once. A node runs one job at a time:
+    /// a collector run, its uploads, and the `validate-options` calls of a
+    /// start or a reload fit many times over.
+    pub instances: u32,
+    /// Largest linear memory, in bytes (at most 4 GiB, wasm32's maximum).
+    pub max_memory_bytes: usize,
+}
+
+impl PoolSizing {
+    /// Default component instances alive at once.
+    pub const INSTANCES: u32 = 16;
+    /// Linear memories per component instance the pool holds on average
+    /// (the Rust plugins have one; componentize-py's a few).
+    const MEMORIES_PER_INSTANCE: u32 = 4;
+    /// Core instances per component instance on average (a Rust plugin
+    /// has a handful; an interpreter linked from shared libraries, tens).
+    const CORE_INSTANCES_PER_INSTANCE: u32 = 32;
+    /// Largest table (function references): the interpreters' tables
+    /// hold tens of thousands of functions.
+    const TABLE_ELEMENTS: usize = 200_000;
+    /// Virtual address space each memory slot takes: wasmtime's default
+    /// reservation (4 GiB, which spares the compiled code bounds checks)
+    /// plus its default 32 MiB guard.
+    const SLOT_BYTES: u64 = (4 << 30) + (32 << 20);
+
+    /// A pool for roles whose memory limits are `limits` (bytes): the
+    /// largest one (and the `validate-options` calls' own) is the largest
+    /// memory a slot holds.
+    pub fn for_limits(limits: impl IntoIterator<Item = usize>) -> PoolSizing {
+        let page = 64 << 10;
+        let largest = limits
+            .into_iter()
+            .chain([run::VALIDATION_LIMITS.memory_bytes])
+            .max()
+            .unwrap_or(0);
+        PoolSizing {
+            instances: Self::INSTANCES,
+            max_memory_bytes: largest.div_ceil(page).saturating_mul(page).min(4 << 30),
+        }
+    }
+
+    fn memories(&self) -> u32 {
+        self.instances * Self::MEMORIES_PER_INSTANCE
+    }
+
+    /// Address space the memory pool reserves (not memory used: the
+    /// slots are `PROT_NONE` until an instance uses them).
+    pub fn reserved_bytes(&self) -> u64 {
+        u64::from(self.memories()) * Self::SLOT_BYTES
+    }
+
+    fn config(&self) -> PoolingAllocationConfig {
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_component_instances(self.instances)
+            .total_core_instances(self.instances * Self::CORE_INSTANCES_PER_INSTANCE)
+            .total_memories(self.memories())
+            .total_tables(self.instances * Self::CORE_INSTANCES_PER_INSTANCE)
+            .table_elements(Self::TABLE_ELEMENTS)
+            .total_stacks(self.instances)
+            .max_memory_size(self.max_memory_bytes)
+            // A componentize-py module defines more than one memory.
+            .max_memories_per_module(4)
+            .max_tables_per_module(4);
+        // A released slot is reset with madvise (wasmtime's default), not
+        // memset: `linear_memory_keep_resident(1 MiB)` cost more than it
+        // saved (a Rust plugin's stack is its memory's first MiB; the
+        // memset wrote all of it at each run) and kept it resident.
+        pool
+    }
+}
+
 /// The engine, its epoch ticker and the compiled-component cache.
 pub struct PluginHost {
     engine: Engine,
+    allocator: Allocator,
     compiled: std::sync::Mutex<HashMap<[u8; 32], Component>>,
     disk_cache: Option<PathBuf>,
     ticker_stop: Arc<AtomicBool>,
@@ -106,14 +216,50 @@ impl std::fmt::Display for PluginSource {
 }
 
 impl PluginHost {
-    /// A host with an in-memory cache, plus an on-disk one if `disk_cache`
-    /// is given (the directory must be writable only by this daemon).
+    /// A host allocating instances on demand (a one-shot command), with
+    /// an in-memory cache, plus an on-disk one if `disk_cache` is given
+    /// (the directory must be writable only by this daemon).
     pub fn new(disk_cache: Option<PathBuf>) -> Result<Arc<PluginHost>> {
-        let mut config = EngineConfig::new();
-        config.wasm_component_model(true);
-        config.epoch_interruption(true);
-        let engine = Engine::new(&config)?;
+        let engine = Engine::new(&engine_config())?;
+        PluginHost::with_engine(engine, Allocator::OnDemand { reason: None }, disk_cache)
+    }
 
+    /// A host whose instances come from a pool sized by `pool` (what the
+    /// daemon runs), with copy-on-write memory images: an instance maps
+    /// its plugin's initial memory instead of copying it. Where the pool's
+    /// address space cannot be reserved (e.g. under `ulimit -v`), falls
+    /// back to on-demand allocation and logs why.
+    pub fn pooled(disk_cache: Option<PathBuf>, pool: PoolSizing) -> Result<Arc<PluginHost>> {
+        let mut config = engine_config();
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool.config()));
+        let (engine, allocator) = match Engine::new(&config) {
+            Ok(engine) => (engine, Allocator::Pooling(pool)),
+            Err(e) => {
+                let reason = format!(
+                    "{e:#} (it needs {} GiB of address space)",
+                    pool.reserved_bytes() >> 30
+                );
+                tracing::warn!(
+                    "plugin instance pool not available, allocating instances on demand \
+                     (slower plugin starts): {reason}"
+                );
+                let engine = Engine::new(&engine_config())?;
+                (
+                    engine,
+                    Allocator::OnDemand {
+                        reason: Some(reason),
+                    },
+                )
+            }
+        };
+        PluginHost::with_engine(engine, allocator, disk_cache)
+    }
+
+    fn with_engine(
+        engine: Engine,
+        allocator: Allocator,
+        disk_cache: Option<PathBuf>,
+    ) -> Result<Arc<PluginHost>> {
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let (weak, stop) = (engine.weak(), ticker_stop.clone());
         std::thread::Builder::new()
@@ -130,6 +276,7 @@ impl PluginHost {
 
         Ok(Arc::new(PluginHost {
             engine,
+            allocator,
             compiled: Default::default(),
             disk_cache,
             ticker_stop,
@@ -138,6 +285,28 @@ impl PluginHost {
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// How this host's instances are allocated.
+    pub fn allocator(&self) -> &Allocator {
+        &self.allocator
+    }
+
+    /// Refuse a role's memory limit the pool cannot honour: one above its
+    /// slots' size (set at start from the configured limits; a reload
+    /// cannot grow them).
+    pub fn check_memory_limit(&self, bytes: usize) -> Result<()> {
+        if let Allocator::Pooling(pool) = &self.allocator
+            && bytes > pool.max_memory_bytes
+        {
+            anyhow::bail!(
+                "memory_limit_mb = {} is above the {} MiB the plugin instance pool was sized \
+                 for at start: restart the daemon to raise it",
+                bytes >> 20,
+                pool.max_memory_bytes >> 20
+            );
+        }
+        Ok(())
     }
 
     /// The compiled component for `source`: from memory, else from the disk
@@ -225,6 +394,17 @@ fn wit_version<'a>(names: impl Iterator<Item = &'a str>) -> Option<String> {
         .map(|(_, v)| v)
 }
 
+/// The engine settings every host shares, whatever its allocator.
+fn engine_config() -> EngineConfig {
+    let mut config = EngineConfig::new();
+    config.wasm_component_model(true);
+    config.epoch_interruption(true);
+    // Map a plugin's initial memory copy-on-write from its compiled image
+    // (wasmtime's default, stated: the pool's fast starts rely on it).
+    config.memory_init_cow(true);
+    config
+}
+
 fn store_in_cache(path: &Path, component: &Component) -> Result<()> {
     crate::files::write_atomically(path, &component.serialize()?)?;
     Ok(())
@@ -247,6 +427,39 @@ mod tests {
             types.contains(&format!("package autocollect:plugin@{WIT_VERSION};")),
             "update WIT_VERSION"
         );
+    }
+
+    #[test]
+    fn the_pool_holds_the_largest_role_limit_in_whole_pages_up_to_4_gib() {
+        let mib = |n: usize| n << 20;
+        let sizing = PoolSizing::for_limits([mib(32), mib(512), mib(128)]);
+        assert_eq!(sizing.max_memory_bytes, mib(512));
+        assert_eq!(sizing.instances, PoolSizing::INSTANCES);
+        // validate-options runs with 64 MiB whatever the roles say.
+        assert_eq!(PoolSizing::for_limits([mib(1)]).max_memory_bytes, mib(64));
+        assert_eq!(
+            PoolSizing::for_limits([mib(100) + 1]).max_memory_bytes,
+            mib(100) + (64 << 10)
+        );
+        assert_eq!(
+            PoolSizing::for_limits([mib(8192)]).max_memory_bytes,
+            4 << 30
+        );
+    }
+
+    #[test]
+    fn a_pooled_host_refuses_a_limit_above_its_slots_and_an_on_demand_one_none() {
+        let sizing = PoolSizing {
+            instances: 1,
+            max_memory_bytes: 64 << 20,
+        };
+        let host = PluginHost::pooled(None, sizing).unwrap();
+        assert_eq!(host.allocator(), &Allocator::Pooling(sizing));
+        assert!(host.check_memory_limit(64 << 20).is_ok());
+        let refused = host.check_memory_limit(65 << 20).unwrap_err().to_string();
+        assert!(refused.contains("restart the daemon"), "{refused}");
+        let on_demand = PluginHost::new(None).unwrap();
+        assert!(on_demand.check_memory_limit(4 << 30).is_ok());
     }
 
     #[test]

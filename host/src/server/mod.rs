@@ -22,7 +22,7 @@ use crate::node::{ActivePlugins, NodeService, PluginSet, Role, Roles};
 use crate::plugin::collector::CollectorPlugin;
 use crate::plugin::exec::ExecPolicy;
 use crate::plugin::uploader::UploaderPlugin;
-use crate::plugin::{PluginHost, PluginSource, RunLimits};
+use crate::plugin::{PluginHost, PluginSource, PoolSizing, RunLimits};
 use crate::tls::{NodeIdentities, TlsContext};
 
 /// How long shutdown waits for a cancelled job to clean up.
@@ -38,10 +38,18 @@ pub async fn build(config: &Config, config_path: &Path) -> Result<(AppState, api
         .upload
         .upload_tls()
         .map_err(|e| anyhow!("upload.{e}"))?;
-    let plugins = PluginHost::new(config.plugin_cache_dir.clone())?;
+    let pool = PoolSizing::for_limits(
+        [&config.collector, &config.uploader].map(|role| (role.memory_limit_mb as usize) << 20),
+    );
+    let plugins = PluginHost::pooled(config.plugin_cache_dir.clone(), pool)?;
     let collector = load_role::<CollectorPlugin>(&plugins, &config.collector, config_dir).await?;
     let uploader = load_role::<UploaderPlugin>(&plugins, &config.uploader, config_dir).await?;
-    tracing::info!(collector = %collector.plugin.source(), uploader = %uploader.plugin.source(), "plugins loaded");
+    tracing::info!(
+        collector = %collector.plugin.source(),
+        uploader = %uploader.plugin.source(),
+        allocator = %plugins.allocator(),
+        "plugins loaded"
+    );
 
     let roles = Roles {
         plugins: ActivePlugins::new(PluginSet {
@@ -187,6 +195,9 @@ pub(crate) async fn load_role<P: RolePlugin>(
     let role = P::ROLE;
     let source = PluginSource::parse(&config.plugin, config_dir)
         .with_context(|| format!("[{role}] plugin"))?;
+    plugins
+        .check_memory_limit((config.memory_limit_mb as usize) << 20)
+        .with_context(|| format!("[{role}]"))?;
     let plugins = plugins.clone();
     let plugin = tokio::task::spawn_blocking(move || P::load(&plugins, source))
         .await?
