@@ -73,10 +73,15 @@ impl Browser {
             .local_addr()
             .unwrap()
             .port();
+        // In a process group of its own, which the Chromium it starts
+        // joins: dropping the browser kills the whole group, so no
+        // Chromium outlives its test (killing chromedriver alone left
+        // Chromium and its helpers running).
         let driver = tokio::process::Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .expect("chromedriver starts");
@@ -105,6 +110,9 @@ impl Browser {
             "--disable-background-networking",
             "--disable-component-update",
             "--disable-sync",
+            // No crash handler: it would leave the process group.
+            "--disable-crash-reporter",
+            "--disable-breakpad",
             "--ignore-certificate-errors",
             "--window-size=1280,1300",
             &format!("--user-data-dir={}", profile.path().display()),
@@ -367,6 +375,13 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        if let Some(pid) = self.driver.id() {
+            // SAFETY: kill(2) on the process group chromedriver leads;
+            // it touches no memory.
+            unsafe {
+                libc::kill(-(pid as i32), libc::SIGKILL);
+            }
+        }
         let _ = self.driver.start_kill();
     }
 }
