@@ -20,9 +20,7 @@ use autocollect::config::TlsSetting;
 use common::*;
 
 fn main() -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     // 128 daemons, each with its listener, connections and log.
     let fds = autocollect::server::listener::raise_open_file_limit();
     let which = std::env::var("CLUSTER_BENCH").unwrap_or_default();

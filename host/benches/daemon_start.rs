@@ -23,9 +23,7 @@ use autocollect::cluster::LocalCluster;
 use common::*;
 
 fn main() -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     rt.block_on(run())
 }
 

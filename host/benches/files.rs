@@ -23,9 +23,7 @@ use serde_json::json;
 const FILES: usize = 320;
 
 fn main() -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     let total_mib: u64 = std::env::var("FILES_BENCH_MIB")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -31,9 +31,7 @@ const ATTACKERS: usize = 256;
 const IDLE_CONNECTIONS: usize = 5_000;
 
 fn main() -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     let secs: u64 = std::env::var("FLOOD_SECS")
         .ok()
         .and_then(|s| s.parse().ok())

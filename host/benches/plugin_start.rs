@@ -33,9 +33,7 @@ const CALLS: usize = 2000;
 const ZIP_BYTES: u64 = 64 << 20;
 
 fn main() -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     rt.block_on(run())
 }
 

@@ -99,9 +99,7 @@ async fn serve(dir: &Path) -> anyhow::Result<Server> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     rt.block_on(async {
         println!("upload on {}", machine());
         let dir = tempfile::tempdir()?;

@@ -26,11 +26,7 @@ async fn read_until_end(
     stop_after: Option<usize>,
 ) {
     loop {
-        let event = tokio::time::timeout(PATIENCE, stream.next())
-            .await
-            .expect("an event in time")
-            .expect("the stream goes on")
-            .expect("a readable event");
+        let event = next_event(stream).await;
         event.apply(task).expect("a change of the task we hold");
         events.push(event);
         if task
@@ -327,11 +323,7 @@ async fn a_stream_open_on_an_idle_node_follows_a_task_another_node_starts() {
     assert!(first.json()["task"].is_null());
     // n1 starts a collection on both: n2's stream switches to n1's events.
     let started = c.admin("n1").start("all").await.unwrap();
-    let switched = tokio::time::timeout(PATIENCE, stream.next())
-        .await
-        .expect("an event in time")
-        .unwrap()
-        .unwrap();
+    let switched = next_event(&mut stream).await;
     assert_eq!(switched.event, "snapshot", "{}", switched.data);
     assert_eq!(switched.json()["reason"], "coordinator");
     let mut task = None;

@@ -60,11 +60,7 @@ async fn every_one_of_300_simulated_nodes_collects_and_is_listed() {
         let mut task: Option<TaskStatus> = None;
         let mut changes = 0;
         loop {
-            let event = tokio::time::timeout(PATIENCE, stream.next())
-                .await
-                .expect("an event in time")
-                .expect("the stream goes on")
-                .expect("a readable event");
+            let event = next_event(&mut stream).await;
             if event.event == "change" {
                 let data = event.json();
                 if data["taskId"] != started.task_id.as_str() {

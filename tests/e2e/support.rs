@@ -165,6 +165,17 @@ pub fn set_option(config: &mut Config, key: &str, value: impl Into<OptionValue>)
     config.collector.options.insert(key.into(), value.into());
 }
 
+/// The next event of `stream`, within [`PATIENCE`].
+pub async fn next_event(
+    stream: &mut autocollect::client::EventStream,
+) -> autocollect::client::SseEvent {
+    tokio::time::timeout(PATIENCE, stream.next())
+        .await
+        .expect("an event in time")
+        .expect("the stream goes on")
+        .expect("a readable event")
+}
+
 /// Follow the latest task on `client` until `done` holds for it.
 pub async fn wait_for(client: &ApiClient, done: impl Fn(&TaskStatus) -> bool) -> TaskStatus {
     client

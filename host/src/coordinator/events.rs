@@ -59,13 +59,7 @@ impl TaskEvent {
             .map(|(node, status)| (node.clone(), status.clone()))
             .into_iter()
             .collect();
-        TaskEvent::Changed {
-            version: after.version,
-            task_id: after.task_id.clone(),
-            status: after.status,
-            progress: after.progress,
-            nodes,
-        }
+        TaskEvent::change(after, nodes)
     }
 
     /// The change from `before` to `after` (same task), any nodes.
@@ -76,6 +70,11 @@ impl TaskEvent {
             .filter(|(node, status)| before.get(*node) != Some(*status))
             .map(|(node, status)| (node.clone(), status.clone()))
             .collect();
+        TaskEvent::change(after, nodes)
+    }
+
+    /// `after`'s state and progress with `nodes`, the ones that changed.
+    fn change(after: &TaskStatus, nodes: BTreeMap<String, NodeStatus>) -> TaskEvent {
         TaskEvent::Changed {
             version: after.version,
             task_id: after.task_id.clone(),

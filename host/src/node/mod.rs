@@ -171,17 +171,7 @@ impl NodeService {
         roles: Roles,
         heartbeat: Duration,
     ) -> Arc<NodeService> {
-        Arc::new(NodeService {
-            name,
-            storage: Arc::new(storage),
-            roles,
-            heartbeat,
-            slot: Mutex::new(None),
-            next_session_id: AtomicU64::new(1),
-            last_task: watch::Sender::new(None),
-            idle: watch::Sender::new(true),
-            noop_jobs: false,
-        })
+        NodeService::build(name, Arc::new(storage), roles, heartbeat, false)
     }
 
     /// A node whose collection job runs no plugin and writes nothing: it
@@ -195,6 +185,16 @@ impl NodeService {
         roles: Roles,
         heartbeat: Duration,
     ) -> Arc<NodeService> {
+        NodeService::build(name, storage, roles, heartbeat, true)
+    }
+
+    fn build(
+        name: String,
+        storage: Arc<Storage>,
+        roles: Roles,
+        heartbeat: Duration,
+        noop_jobs: bool,
+    ) -> Arc<NodeService> {
         Arc::new(NodeService {
             name,
             storage,
@@ -204,7 +204,7 @@ impl NodeService {
             next_session_id: AtomicU64::new(1),
             last_task: watch::Sender::new(None),
             idle: watch::Sender::new(true),
-            noop_jobs: true,
+            noop_jobs,
         })
     }
 
