@@ -220,7 +220,7 @@ impl Follow {
                             // (perhaps another node's).
                             tokio::select! {
                                 changed = self.rx.changed() => changed.ok()?,
-                                _ = self.joined.changed() => {}
+                                joined = self.joined.changed() => joined.ok()?,
                             }
                         }
                         Ok(events) => self.queue(events),
@@ -231,7 +231,7 @@ impl Follow {
                     let mut joined = self.joined.clone();
                     tokio::select! {
                         relayed = self.relay(&node, last) => relayed,
-                        _ = joined.changed() => {}
+                        joined = joined.changed() => joined.ok()?,
                     }
                 }
             }
@@ -281,13 +281,16 @@ impl Follow {
                 } else {
                     Duration::ZERO
                 };
-                if let Ok(value) = peers.latest_task(node, query, wait).await {
-                    let task: Option<TaskStatus> = serde_json::from_value(value).ok();
-                    if last.is_none() || task.as_ref().map(|t| t.version) > last {
-                        self.reason = "polled";
-                        let event = self.snapshot(task);
-                        self.pending.push_back(event);
+                match peers.latest_task(node, query, wait).await {
+                    Ok(value) => {
+                        let task: Option<TaskStatus> = serde_json::from_value(value).ok();
+                        if last.is_none() || task.as_ref().map(|t| t.version) > last {
+                            self.reason = "polled";
+                            let event = self.snapshot(task);
+                            self.pending.push_back(event);
+                        }
                     }
+                    Err(_) => tokio::time::sleep(RETRY).await,
                 }
             }
             // Unreachable for now: the stream stays open (keep-alives
