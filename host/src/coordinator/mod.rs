@@ -205,6 +205,16 @@ impl Coordinator {
     }
 
     /// Start a collection; returns the new task's status.
+    /// Close task `task_id`'s sessions on `nodes`, all at once.
+    async fn close_sessions(&self, task_id: &TaskId, nodes: impl Iterator<Item = &String>) {
+        futures::future::join_all(nodes.map(|node| async move {
+            if let Err(e) = self.peers.close_session(node, task_id).await {
+                tracing::debug!(%node, "closing session: {e}");
+            }
+        }))
+        .await;
+    }
+
     pub async fn start(self: &Arc<Self>, request: &StartRequest) -> Result<TaskStatus, StartError> {
         let chosen = self.resolve(&request.selection)?;
         if let Some(proxy) = &request.upload_proxy {
@@ -263,15 +273,16 @@ impl Coordinator {
         let mut sessions: BTreeMap<String, SessionEvents> = BTreeMap::new();
         let mut unreachable: BTreeMap<String, String> = BTreeMap::new();
         let mut cannot_collect = Vec::new();
+        let mut busy = false;
         for (node, result) in opened {
             match result {
                 Ok(s) => {
                     sessions.insert(node, s);
                 }
-                Err(PeerError::Busy { busy, .. }) => {
-                    tracing::info!(%node, busy_with = %busy.task_id, coordinator = %busy.coordinator,
+                Err(PeerError::Busy { busy: b, .. }) => {
+                    tracing::info!(%node, busy_with = %b.task_id, coordinator = %b.coordinator,
                         "start refused: a collection is already running");
-                    return Err(StartError::AlreadyRunning); // drops `sessions`
+                    busy = true;
                 }
                 Err(e @ PeerError::LowDisk { .. }) => cannot_collect.push(e.to_string()),
                 Err(e) => {
@@ -280,7 +291,17 @@ impl Coordinator {
                 }
             }
         }
-        if !cannot_collect.is_empty() {
+        if busy || !cannot_collect.is_empty() {
+            // Refused: every session opened is closed before the answer,
+            // so no node still holds this start when its caller hears
+            // (dropping a session releases it too, but only once the node
+            // notices the closed connection).
+            let opened: Vec<String> = sessions.keys().cloned().collect();
+            drop(sessions);
+            self.close_sessions(&task_id, opened.iter()).await;
+            if busy {
+                return Err(StartError::AlreadyRunning);
+            }
             tracing::warn!("start refused: {}", cannot_collect.join("; "));
             return Err(StartError::CannotCollect(cannot_collect.join("; ")));
         }
@@ -516,13 +537,10 @@ async fn run_task(
     // following our "completed" is never refused by a node still holding
     // this task. (Dropping the streams would release them too, but only
     // once each node notices the closed connection.)
-    let (coordinator, task_id) = (&ctx.coordinator, &ctx.task_id);
-    futures::future::join_all(holders.iter().map(|node| async move {
-        if let Err(e) = coordinator.peers.close_session(node, task_id).await {
-            tracing::debug!(%node, "closing session: {e}");
-        }
-    }))
-    .await;
+    let coordinator = &ctx.coordinator;
+    coordinator
+        .close_sessions(&ctx.task_id, holders.iter())
+        .await;
     idle.cancel();
     pings.cancel();
     drop(streams);
