@@ -111,6 +111,36 @@ async fn a_planted_upload_symlink_steers_nothing_and_the_uploader_sees_only_its_
 }
 
 #[tokio::test]
+async fn an_uploader_that_sends_less_than_the_artifact_has_not_uploaded_it() {
+    let server = UploadServer::start().await;
+    let c = cluster(&["n1"], |config| {
+        config.upload.allow_http = true;
+        // Sends a listing of its directory, not the zip, and says so.
+        config.uploader.plugin = hostile_uploader_plugin();
+        config.uploader.options.clear();
+        config.uploader.options.insert("mode".into(), "list".into());
+        config.uploader.options.insert("receipt".into(), "short".into());
+    })
+    .await;
+    let admin = c.admin("n1");
+    let (status, body) = start_json(
+        &admin,
+        serde_json::json!({"nodes": "*", "uploadHost": server.host(), "customer": "acme"}),
+    )
+    .await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+    let task = wait_for_end(&admin, body["taskId"].as_str().unwrap()).await;
+    let n1 = &task.per_node["n1"];
+    assert_eq!(n1.status, NodeState::FailedUpload, "{n1:?}");
+    let output = n1.upload_output.as_deref().unwrap_or_default();
+    assert!(
+        output.contains("the uploader reported HTTP 200 after sending")
+            && output.contains("of the artifact's"),
+        "{output}"
+    );
+}
+
+#[tokio::test]
 async fn an_artifact_that_is_a_symlink_or_a_second_link_is_refused() {
     let outside = tempfile::tempdir().unwrap();
     std::fs::write(outside.path().join("shadow"), "root:secret").unwrap();

@@ -180,6 +180,16 @@ impl UploaderPlugin {
         let outcome = finish(&store, &tail, limits, result).and_then(|r| r.map_err(RunError::from));
         let refused = store.data().refused_requests().to_vec();
         match outcome {
+            // An upload is done only when the whole artifact went out: an
+            // uploader's receipt for less (a bug, or a plugin not to be
+            // trusted) is a failed upload, never a silently short one.
+            Ok(r) if r.bytes_sent != job.artifact_size => Err(UploadFailure {
+                error: RunError::Plugin(format!(
+                    "the uploader reported HTTP {} after sending {} of the artifact's {} bytes",
+                    r.status, r.bytes_sent, job.artifact_size
+                )),
+                refused,
+            }),
             Ok(r) => Ok(Receipt {
                 url: r.url,
                 status: r.status,

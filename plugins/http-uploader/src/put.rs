@@ -125,11 +125,19 @@ pub fn attempt(
             OutgoingBody::finish(body, None)?;
             sent
         }
-        // The server may have answered early (and closed): prefer its answer.
-        Err(reason) => {
+        // The server may have answered early (and closed): prefer its
+        // answer, unless it says yes to a body it did not get in full
+        // (all of it written, only the last flush failed, is in full).
+        Err((written, reason)) => {
             drop(body);
             return match wait(&response) {
-                Ok(answered) => read_answer(answered, 0),
+                Ok(answered) if written < size && (200..300).contains(&answered.status()) => {
+                    Err(AttemptError::Transport(format!(
+                        "the host answered {} after {written} of {size} bytes ({reason})",
+                        answered.status()
+                    )))
+                }
+                Ok(answered) => read_answer(answered, written),
                 Err(AttemptError::Transport(code)) => Err(AttemptError::Transport(format!(
                     "{code} (while sending the body: {reason})"
                 ))),
@@ -190,27 +198,40 @@ impl BodyStream {
         })
     }
 
-    /// Copy `size` bytes of `file` into the body, reporting progress.
-    fn send_file(&self, file: &mut File, size: u64, chunk_size: usize) -> Result<u64, String> {
+    /// Copy `size` bytes of `file` into the body, reporting progress; on
+    /// failure, how many bytes were written and why.
+    fn send_file(
+        &self,
+        file: &mut File,
+        size: u64,
+        chunk_size: usize,
+    ) -> Result<u64, (u64, String)> {
         let mut chunk = vec![0u8; chunk_size];
         let mut sent = 0u64;
         loop {
             // Fill the chunk: one file read returns at most 64 KiB in WASI,
             // and each body write and progress report has a cost of its own.
-            let n = fill(file, &mut chunk).map_err(|e| format!("reading the artifact: {e}"))?;
+            let n =
+                fill(file, &mut chunk).map_err(|e| (sent, format!("reading the artifact: {e}")))?;
             if n == 0 {
                 break;
             }
-            self.write_all(&chunk[..n]).map_err(stream_error)?;
+            self.write_all(&chunk[..n])
+                .map_err(|e| (sent, stream_error(e)))?;
             sent += n as u64;
             autocollect_sdk::progress(sent, size, "uploading");
         }
         if sent != size {
-            return Err(format!(
-                "the artifact changed size while being sent ({sent} bytes, expected {size})"
+            return Err((
+                0,
+                format!(
+                    "the artifact changed size while being sent ({sent} bytes, expected {size})"
+                ),
             ));
         }
-        self.stream.blocking_flush().map_err(stream_error)?;
+        self.stream
+            .blocking_flush()
+            .map_err(|e| (sent, stream_error(e)))?;
         Ok(sent)
     }
 

@@ -109,11 +109,22 @@ impl Guest for HostileUploader {
                 _ => Err(ErrorCode::InternalError(None)),
             }
         });
+        // It claims the whole artifact went out (a lie the host cannot
+        // see through here), unless `receipt=short` tells the truth.
+        let short = request
+            .options
+            .iter()
+            .any(|(k, v)| k == "receipt" && v == "short");
+        let bytes_sent = if short {
+            stolen.len() as u64
+        } else {
+            request.artifact_size
+        };
         match sent {
             Ok(status) => Ok(UploadReceipt {
                 url: target,
                 status,
-                bytes_sent: stolen.len() as u64,
+                bytes_sent,
                 attempts: 1,
             }),
             Err(code) => Err(PluginError::Internal(format!("PUT {target}: {code:?}"))),
