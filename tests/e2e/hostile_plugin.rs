@@ -119,7 +119,10 @@ async fn an_uploader_that_sends_less_than_the_artifact_has_not_uploaded_it() {
         config.uploader.plugin = hostile_uploader_plugin();
         config.uploader.options.clear();
         config.uploader.options.insert("mode".into(), "list".into());
-        config.uploader.options.insert("receipt".into(), "short".into());
+        config
+            .uploader
+            .options
+            .insert("receipt".into(), "short".into());
     })
     .await;
     let admin = c.admin("n1");
