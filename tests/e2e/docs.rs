@@ -6,6 +6,8 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use pulldown_cmark::{Event, Parser, Tag, TagEnd};
+
 pub fn markdown_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
         let entry = entry.unwrap();
@@ -32,45 +34,37 @@ fn slug(heading: &str) -> String {
         .collect()
 }
 
+/// The anchors of a file's headings.
 fn anchors(text: &str) -> BTreeSet<String> {
-    let mut in_code = false;
     let mut found = BTreeSet::new();
-    for line in text.lines() {
-        if line.starts_with("```") {
-            in_code = !in_code;
-        }
-        if !in_code && line.starts_with('#') {
-            found.insert(slug(line.trim_start_matches('#')));
+    let mut heading: Option<String> = None;
+    for event in Parser::new(text) {
+        match event {
+            Event::Start(Tag::Heading { .. }) => heading = Some(String::new()),
+            Event::End(TagEnd::Heading(_)) => {
+                found.insert(slug(&heading.take().unwrap_or_default()));
+            }
+            Event::Text(t) | Event::Code(t) => {
+                if let Some(h) = heading.as_mut() {
+                    h.push_str(&t);
+                }
+            }
+            _ => {}
         }
     }
     found
 }
 
-/// `(target)` of each `[label](target)` outside code blocks.
+/// The target of every link and image (none in code).
 fn links(text: &str) -> Vec<String> {
-    let mut in_code = false;
-    let mut found = Vec::new();
-    for line in text.lines() {
-        if line.starts_with("```") {
-            in_code = !in_code;
-            continue;
-        }
-        if in_code {
-            continue;
-        }
-        let mut rest = line;
-        while let Some(i) = rest.find("](") {
-            let after = &rest[i + 2..];
-            match after.find(')') {
-                Some(end) => {
-                    found.push(after[..end].to_string());
-                    rest = &after[end..];
-                }
-                None => break,
+    Parser::new(text)
+        .filter_map(|event| match event {
+            Event::Start(Tag::Link { dest_url, .. } | Tag::Image { dest_url, .. }) => {
+                Some(dest_url.to_string())
             }
-        }
-    }
-    found
+            _ => None,
+        })
+        .collect()
 }
 
 #[test]
