@@ -133,6 +133,22 @@ async fn a_task_id_from_a_peer_is_never_used_as_a_path() {
 /// Finding 6: a session naming an unknown coordinator was accepted, and
 /// status and cancel on that node then panicked.
 #[tokio::test]
+async fn a_peers_wait_on_the_events_route_is_checked_before_use() {
+    let c = cluster(&["n1", "n2"], |_| {}).await;
+    for wait in ["NaN", "-1", "inf"] {
+        let path = format!("/internal/v1/tasks/events?after=0&wait={wait}");
+        let (status, body) = signed(&c, "n1", "n2", Method::GET, &path, &Value::Null).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{wait}: {body}");
+        assert_eq!(body["wait"], "Must be a number of seconds, 0 or more");
+    }
+    // A wait in range still answers (nothing happened: no events).
+    let path = "/internal/v1/tasks/events?after=0&wait=0.1";
+    let (status, body) = signed(&c, "n1", "n2", Method::GET, path, &Value::Null).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, serde_json::json!({"kind": "events", "events": []}));
+}
+
+#[tokio::test]
 async fn a_session_must_be_asked_for_by_its_own_coordinator() {
     let c = cluster(&["n1", "n2"], |_| {}).await;
     let open = |coordinator: &str| json!({"taskId": A_TASK, "coordinator": coordinator});

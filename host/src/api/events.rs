@@ -447,6 +447,9 @@ pub(super) async fn task_events(
     query: Result<Query<TaskEventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<TaskEvents>, ApiError> {
     let Query(query) = query.map_err(super::public::bad_query)?;
+    // Checked before use: a NaN or negative wait from a peer would panic
+    // `Duration::from_secs_f64`.
+    super::public::check_wait("wait", query.wait)?;
     let coordinator = &state.coordinator;
     let snapshot = || TaskEvents::Snapshot {
         task: coordinator.latest(),

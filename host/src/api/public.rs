@@ -755,7 +755,7 @@ pub(super) fn bad_query(e: axum::extract::rejection::QueryRejection) -> ApiError
 
 /// A client's wait must be a number of seconds, 0 or more (a negative or
 /// non-finite one used to mean the default 30 s, silently).
-fn check_wait(key: &str, wait: Option<f64>) -> Result<(), ApiError> {
+pub(super) fn check_wait(key: &str, wait: Option<f64>) -> Result<(), ApiError> {
     match wait {
         Some(w) if !w.is_finite() || w < 0.0 => Err(ApiError::field(
             StatusCode::BAD_REQUEST,
