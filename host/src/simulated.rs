@@ -13,8 +13,9 @@
 //! accepts for all of them (only connections from loopback are served),
 //! and each connection is served as the node its local address names. One
 //! socket instead of one per node leaves the descriptors to the
-//! connections: a coordinator keeps two per node (the session stream and
-//! commands), and so does this process.
+//! connections: a coordinator keeps one per node (HTTP/2: the session
+//! stream, commands and pings are streams of it), and so does this
+//! process.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -205,8 +206,12 @@ async fn accept(
             let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
                 app.clone().oneshot(request.map(axum::body::Body::new))
             });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            // Other nodes speak HTTP/2 (prior knowledge, as over plain
+            // HTTP between real nodes); HTTP/1.1 is served too.
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let connection =
+                builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             tokio::select! {
                 _ = connection => {}
                 _ = stop.cancelled() => {}

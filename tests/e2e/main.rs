@@ -24,6 +24,7 @@ mod harness;
 mod hostile_client;
 mod hostile_peer;
 mod hostile_plugin;
+mod http2;
 mod lang_plugins;
 mod logging;
 mod manifest;

@@ -546,7 +546,12 @@ fn build_client(
     tls: Option<&TlsContext>,
     connect_timeout: Duration,
 ) -> anyhow::Result<(u64, reqwest::Client)> {
+    // HTTP/2 only: one connection per node carries the session stream,
+    // commands and pings as streams (HTTP/1.1 needs a connection for each
+    // request in flight). Over TLS the connection negotiates
+    // `tls::PEER_ALPN`; over plain HTTP it starts with HTTP/2's preface.
     let mut builder = reqwest::Client::builder()
+        .http2_prior_knowledge()
         .connect_timeout(connect_timeout)
         .pool_idle_timeout(POOL_IDLE)
         .tcp_nodelay(true)

@@ -16,6 +16,15 @@
 //!   task and must finish within the header timeout; each connection
 //!   takes the server config current when it opened (a SIGHUP reload
 //!   affects new connections only).
+//! - **HTTP/2 between nodes only.** A node connects to another with HTTP/2
+//!   (over TLS it negotiates [`crate::tls::PEER_ALPN`]; over plain HTTP
+//!   it starts with HTTP/2's preface), so one connection carries a node's
+//!   session stream, commands and pings. An HTTP/2 connection is served
+//!   node-to-node routes and `/health` only (anything else is answered
+//!   421): the public API stays one request per connection, as the caps
+//!   above count it. Its streams are bounded ([`PEER_STREAMS`], header
+//!   size, reset floods) and it is closed once idle for the header
+//!   timeout, as an HTTP/1.1 connection is.
 //! - Every request carries its client's address ([`ClientAddr`]) for the
 //!   sign-in throttle, and on TLS connections the client's certificate
 //!   ([`ClientCertificate`]) for node identity.
@@ -34,7 +43,8 @@ use axum::body::Body;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use hyper::body::{Frame, Incoming, SizeHint};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -43,7 +53,17 @@ use tower::ServiceExt;
 use crate::api::ClientAddr;
 use crate::config::ServerSettings;
 use crate::protocol::INTERNAL_PREFIX;
-use crate::tls::{ClientCertificate, TlsContext};
+use crate::tls::{ClientCertificate, PEER_ALPN, TlsContext};
+
+/// Streams in flight on one node-to-node (HTTP/2) connection: a session,
+/// its commands and pings, event long-polls and forwarded status requests.
+pub const PEER_STREAMS: u32 = 128;
+/// Largest header block of a node-to-node request (its signature
+/// headers and a path are well under 1 KiB).
+const PEER_HEADER_LIST: u32 = 16 * 1024;
+/// The one unauthenticated route an HTTP/2 connection is also served
+/// (`Peers::reachable`).
+const HEALTH_PATH: &str = "/health";
 
 /// File descriptors kept for everything but client connections (plugin
 /// files, programs' pipes, connections to other nodes, logs).
@@ -170,6 +190,26 @@ impl Registry {
         }
     }
 
+    /// How long connection `id` has had no request in flight: `None` while
+    /// one is (or once the connection is gone).
+    fn idle_for(&self, id: u64) -> Option<Duration> {
+        let conns = self.conns.lock().unwrap();
+        let conn = conns.get(&id)?;
+        (conn.busy == 0).then(|| conn.idle_since.elapsed())
+    }
+
+    /// Completes once connection `id` has been idle for `timeout`.
+    async fn idle_timeout(&self, id: u64, timeout: Duration) {
+        loop {
+            let wait = match self.idle_for(id) {
+                Some(idle) if idle >= timeout => return,
+                Some(idle) => timeout - idle,
+                None => timeout,
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
     fn begin(self: &Arc<Self>, id: u64, public: bool) -> RequestGuard {
         if let Some(c) = self.conns.lock().unwrap().get_mut(&id) {
             c.busy += 1;
@@ -289,7 +329,7 @@ pub async fn serve(
         };
         match &tls {
             None => {
-                tokio::spawn(conn.serve(stream, ClientCertificate(None)));
+                tokio::spawn(conn.serve(stream, ClientCertificate(None), Protocol::Detect));
             }
             Some(tls) => {
                 tokio::spawn(conn.handshake(stream, tls.server_config()));
@@ -341,13 +381,17 @@ impl Connection {
         };
         match accepted {
             Ok(Some(stream)) => {
-                let cert = stream
-                    .get_ref()
-                    .1
+                let session = stream.get_ref().1;
+                let cert = session
                     .peer_certificates()
                     .and_then(|chain| chain.first())
                     .map(|leaf| Arc::new(leaf.clone().into_owned()));
-                self.serve(stream, ClientCertificate(cert)).await;
+                let protocol = if session.alpn_protocol() == Some(PEER_ALPN) {
+                    Protocol::Http2
+                } else {
+                    Protocol::Http1
+                };
+                self.serve(stream, ClientCertificate(cert), protocol).await;
             }
             Ok(None) => self.registry.remove(self.id),
             Err(_) => {
@@ -357,7 +401,7 @@ impl Connection {
         }
     }
 
-    async fn serve<S>(self, stream: S, cert: ClientCertificate)
+    async fn serve<S>(self, stream: S, cert: ClientCertificate, protocol: Protocol)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -372,26 +416,33 @@ impl Connection {
         let public_cap = limits.max_connections - limits.peer_reserved;
         let requests = registry.clone();
         let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-            let public = !request.uri().path().starts_with(INTERNAL_PREFIX);
-            let guard = requests.begin(id, public);
-            let app = app.clone();
-            let full = public && requests.public_busy.load(Ordering::Relaxed) > public_cap;
-            if full {
+            let path = request.uri().path();
+            let public = !path.starts_with(INTERNAL_PREFIX);
+            // Public requests over HTTP/2 are refused without counting.
+            let misdirected =
+                request.version() == http::Version::HTTP_2 && public && path != HEALTH_PATH;
+            let guard = requests.begin(id, public && !misdirected);
+            let refusal = if misdirected {
+                Some(misdirected_response())
+            } else if public && requests.public_busy.load(Ordering::Relaxed) > public_cap {
                 crate::metrics::global().throttled(crate::metrics::Throttle::Connections);
                 requests.log_refused(
                     "public requests fill the connections not kept for other nodes: answering 503",
                 );
-            }
+                Some(busy_response())
+            } else {
+                None
+            };
+            let app = app.clone();
             request.extensions_mut().insert(ClientAddr(client));
             request.extensions_mut().insert(cert.clone());
             async move {
-                let response = if full {
-                    busy_response()
-                } else {
-                    match app.oneshot(request.map(Body::new)).await {
+                let response = match refusal {
+                    Some(refusal) => refusal,
+                    None => match app.oneshot(request.map(Body::new)).await {
                         Ok(response) => response,
                         Err(never) => match never {},
-                    }
+                    },
                 };
                 Ok::<_, Infallible>(response.map(|inner| GuardedBody {
                     inner,
@@ -399,11 +450,22 @@ impl Connection {
                 }))
             }
         });
-        let mut builder = hyper::server::conn::http1::Builder::new();
+        let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
+            .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
             .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(PEER_STREAMS)
+            .max_header_list_size(PEER_HEADER_LIST);
+        let builder = match protocol {
+            Protocol::Http1 => builder.http1_only(),
+            Protocol::Http2 => builder.http2_only(),
+            Protocol::Detect => builder,
+        };
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         tokio::pin!(connection);
         tokio::select! {
@@ -416,9 +478,27 @@ impl Connection {
                 connection.as_mut().graceful_shutdown();
                 let _ = connection.await;
             }
+            // HTTP/2 has no header timeout of its own: an idle connection
+            // (or one that never sends a first request) is closed here.
+            _ = registry.idle_timeout(id, limits.header_timeout) => {
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
+            }
         }
         registry.remove(id);
     }
+}
+
+/// How a connection speaks HTTP.
+#[derive(Debug, Clone, Copy)]
+enum Protocol {
+    /// TLS, without the nodes' ALPN protocol.
+    Http1,
+    /// TLS, with [`PEER_ALPN`]: another node.
+    Http2,
+    /// Plain TCP: HTTP/2 if the connection opens with its preface, else
+    /// HTTP/1.1.
+    Detect,
 }
 
 /// The first byte of a TLS connection (a handshake record).
@@ -438,6 +518,19 @@ async fn refuse_plain_http(mut stream: TcpStream) {
     );
     let _ = stream.write_all(answer.as_bytes()).await;
     let _ = stream.shutdown().await;
+}
+
+/// The answer to a public request over HTTP/2.
+fn misdirected_response() -> Response<Body> {
+    let body = serde_json::json!({
+        "_": "HTTP/2 is for requests between nodes: send this request over HTTP/1.1"
+    })
+    .to_string();
+    Response::builder()
+        .status(StatusCode::MISDIRECTED_REQUEST)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body))
+        .expect("a valid response")
 }
 
 fn busy_response() -> Response<Body> {

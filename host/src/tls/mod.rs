@@ -164,6 +164,13 @@ pub fn public_roots() -> RootCertStore {
     }
 }
 
+/// The ALPN protocol a node asks for when it connects to another node:
+/// HTTP/2, under a name of our own, so that only nodes negotiate it (a
+/// public client offering `h2` still gets HTTP/1.1). One connection then
+/// carries a node's session stream, its commands and pings
+/// ([`crate::server::listener`] serves only node-to-node routes on it).
+pub const PEER_ALPN: &[u8] = b"autocollect-peer/h2";
+
 /// What the `[tls]` files make, at one moment.
 struct Loaded {
     server: Arc<ServerConfig>,
@@ -260,17 +267,20 @@ fn build(files: &TlsFiles) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>)> {
                 files.key_file.display()
             )
         })?;
-    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Other nodes negotiate HTTP/2 under a name of ours; every other
+    // client (browsers, curl, couchbase-cli) gets HTTP/1.1.
+    server.alpn_protocols = vec![PEER_ALPN.to_vec(), b"http/1.1".to_vec()];
 
     let roots = match &files.ca_file {
         Some(path) => read_roots(path)?,
         None => public_roots(),
     };
-    let client = ClientConfig::builder_with_provider(provider)
+    let mut client = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
         .map_err(|e| anyhow!("cert_file {}: {e}", files.cert_file.display()))?;
+    client.alpn_protocols = vec![PEER_ALPN.to_vec()];
     Ok((Arc::new(server), Arc::new(client)))
 }
 
