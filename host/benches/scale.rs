@@ -69,6 +69,15 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
+/// The heartbeat interval, the coordinator's (pings) and the nodes'
+/// (heartbeat lines): `SCALE_HEARTBEAT_MS`, else the default 2 s.
+fn heartbeat_ms() -> u64 {
+    std::env::var("SCALE_HEARTBEAT_MS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000)
+}
+
 async fn row(n: usize, runs: usize) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let secret = format!("{:032x}", rand::random::<u128>());
@@ -77,7 +86,7 @@ async fn row(n: usize, runs: usize) -> anyhow::Result<()> {
     let of = ClusterOf {
         coordinator: COORDINATOR.into(),
         secret: secret.clone(),
-        heartbeat: Duration::from_millis(2000), // the default
+        heartbeat: Duration::from_millis(heartbeat_ms()),
         plugin_cache_dir: Some(tmp.path().join("cluster/plugin-cache")),
     };
     let sims = SimulatedNodes::start(n, &of, &tmp.path().join("sims")).await?;
@@ -88,6 +97,7 @@ async fn row(n: usize, runs: usize) -> anyhow::Result<()> {
         &[COORDINATOR],
         |config| {
             config.tls = Some(TlsSetting::Off);
+            config.coordinator.heartbeat_interval_ms = heartbeat_ms();
             config.cluster_secret = Some(secret.clone());
             config.nodes.extend(addresses.clone());
         },

@@ -380,7 +380,7 @@ impl Drop for LocalCluster {
 /// joins it, so this process stays where it is).
 fn bind_in(netns: Option<&Path>, addr: SocketAddr) -> std::io::Result<TcpListener> {
     let Some(netns) = netns else {
-        return TcpListener::bind(addr);
+        return crate::server::listener::bind(addr);
     };
     let netns = File::open(netns)?;
     std::thread::scope(|scope| {
@@ -390,7 +390,7 @@ fn bind_in(netns: Option<&Path>, addr: SocketAddr) -> std::io::Result<TcpListene
                 if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                TcpListener::bind(addr)
+                crate::server::listener::bind(addr)
             })
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("binding thread panicked")))

@@ -72,7 +72,7 @@ impl SimulatedNodes {
     pub async fn start(count: usize, cluster: &ClusterOf, dir: &Path) -> Result<SimulatedNodes> {
         let (coordinator, secret) = (cluster.coordinator.as_str(), cluster.secret.as_str());
         anyhow::ensure!(count < 1 << 16, "at most 65,535 simulated nodes");
-        let listener = std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))
+        let listener = crate::server::listener::bind((Ipv4Addr::UNSPECIFIED, 0).into())
             .context("binding the simulated nodes' socket")?;
         let port = listener.local_addr()?.port();
         let addresses: BTreeMap<String, String> = (0..count)

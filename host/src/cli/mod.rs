@@ -450,7 +450,7 @@ async fn serve(config_path: &Path, listen_fd: Option<i32>) -> Result<ExitCode> {
         // SAFETY: the caller promises this fd is a listening TCP socket
         // handed to us (see cluster.rs); we take ownership of it.
         Some(fd) => unsafe { std::net::TcpListener::from_raw_fd(fd) },
-        None => std::net::TcpListener::bind(config.listen)
+        None => crate::server::listener::bind(config.listen)
             .with_context(|| format!("listening on {}", config.listen))?,
     };
     crate::server::serve(config, config_path, listener).await?;

@@ -105,6 +105,27 @@ impl Limits {
     }
 }
 
+/// Connections the kernel may hold for `accept` (capped by
+/// `net.core.somaxconn`, 4096 by default). The standard library's 128
+/// overflowed when 10,000 simulated nodes were first connected to at once
+/// (connections reset): a coordinator, or a node that many consoles and
+/// relays reach in a burst, needs a deeper queue.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// A listening TCP socket on `addr`, as `std::net::TcpListener::bind`
+/// makes it (`SO_REUSEADDR`, close-on-exec) but with [`LISTEN_BACKLOG`].
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
 /// Raise the soft open-file limit to the hard one; the soft limit after.
 pub fn raise_open_file_limit() -> u64 {
     let mut limit = libc::rlimit {
