@@ -209,6 +209,11 @@ async fn variants(tmp: &Path) -> anyhow::Result<()> {
     for (label, spawned_stdio, tune) in list {
         if label.contains(only.as_str()) {
             let host = PluginHost::pooled_tuned(None, sizing, tune)?;
+            anyhow::ensure!(
+                matches!(host.allocator(), autocollect::plugin::Allocator::Pooling(_)),
+                "{label}: no pool: {}",
+                host.allocator()
+            );
             variants.push(Variant {
                 label,
                 spawned_stdio,
