@@ -12,7 +12,9 @@
 //!
 //! `cargo bench -p autocollect --bench plugin_start`
 //! (`PLUGIN_START_BENCH=languages` runs only the languages part,
-//! `PLUGIN_START_BENCH=steady` only the instantiate + call rows.)
+//! `PLUGIN_START_BENCH=steady` only the instantiate + call rows,
+//! `PLUGIN_START_BENCH=variants` the pool settings compared, before and
+//! after and the candidates measured for issue 13, in one process.)
 
 mod common;
 
@@ -43,6 +45,7 @@ async fn run() -> anyhow::Result<()> {
     match std::env::var("PLUGIN_START_BENCH").as_deref() {
         Ok("languages") => return languages(tmp.path()).await,
         Ok("steady") => return steady(&PluginHost::new(None)?, tmp.path()).await,
+        Ok("variants") => return variants(tmp.path()).await,
         _ => {}
     }
     let mock = PluginSource::Builtin("mock-collector");
@@ -140,6 +143,169 @@ async fn steady(host: &Arc<PluginHost>, tmp: &Path) -> anyhow::Result<()> {
     );
 
     Ok(())
+}
+
+/// Engine and pool settings, each on its own pooled host, measured in
+/// one process with their runs interleaved (rounds of 100 per setting),
+/// so that the load of a shared machine falls on all alike.
+async fn variants(tmp: &Path) -> anyhow::Result<()> {
+    use autocollect::plugin::sandbox::BENCH_SPAWNED_STDIO as SPAWNED_STDIO;
+    use std::sync::atomic::Ordering;
+    use wasmtime::{Config, Enabled, PoolingAllocationConfig as Pool};
+    type Tune = fn(&mut Config, &mut Pool);
+    let sizing = PoolSizing::for_limits([limits().memory_bytes]);
+    // `tune` runs after the daemon's settings (`PoolSizing::config`);
+    // `true`: stdout/stderr as before, a spawned writer task per stream.
+    let before: Tune = |_, p| {
+        p.pagemap_scan(Enabled::No)
+            .linear_memory_keep_resident(0)
+            .table_keep_resident(0);
+    };
+    let list: Vec<(&str, bool, Tune)> = vec![
+        ("before (madvise reset, spawned stdio)", true, before),
+        ("madvise reset, direct stdio", false, before),
+        ("after (the daemon's settings)", false, |_, _| {}),
+        ("after, keep_resident 64 KiB", false, |_, p| {
+            p.linear_memory_keep_resident(64 << 10);
+        }),
+        ("after, keep_resident 1 MiB", false, |_, p| {
+            p.linear_memory_keep_resident(1 << 20);
+        }),
+        ("after + decommit_batch_size(8)", false, |_, p| {
+            p.decommit_batch_size(8);
+        }),
+        ("after + reservation 256M, guard 64K", false, |c, _| {
+            c.memory_reservation(256 << 20)
+                .memory_guard_size(64 << 10)
+                .guard_before_linear_memory(false);
+        }),
+        ("after + no signals-based traps", false, |c, _| {
+            c.signals_based_traps(false).memory_guard_size(0);
+        }),
+        ("no PAGEMAP_SCAN (fallback: memset 64K)", false, |_, p| {
+            p.pagemap_scan(Enabled::No)
+                .linear_memory_keep_resident(64 << 10)
+                .table_keep_resident(64 << 10);
+        }),
+    ];
+    let noop_source = PluginSource::File(builtin::build_output("test_misbehave"));
+    let options = [("mode".to_string(), "noop".to_string())];
+    let out = tmp.join("noop");
+    std::fs::create_dir_all(&out)?;
+    struct Variant {
+        label: &'static str,
+        spawned_stdio: bool,
+        plugin: CollectorPlugin,
+        engine: wasmtime::Engine,
+        collect: Vec<Duration>,
+        instantiate: Vec<Duration>,
+        validate: Vec<Duration>,
+        runs: usize,
+        switches: u64,
+    }
+    // `PLUGIN_START_ONLY=TEXT`: only the settings whose label has TEXT.
+    let only = std::env::var("PLUGIN_START_ONLY").unwrap_or_default();
+    let mut variants = Vec::new();
+    for (label, spawned_stdio, tune) in list {
+        if label.contains(only.as_str()) {
+            let host = PluginHost::pooled_tuned(None, sizing, tune)?;
+            anyhow::ensure!(
+                matches!(host.allocator(), autocollect::plugin::Allocator::Pooling(_)),
+                "{label}: no pool: {}",
+                host.allocator()
+            );
+            variants.push(Variant {
+                label,
+                spawned_stdio,
+                plugin: CollectorPlugin::load(&host, noop_source.clone())?,
+                engine: host.engine().clone(),
+                collect: Vec::new(),
+                instantiate: Vec::new(),
+                validate: Vec::new(),
+                runs: 0,
+                switches: 0,
+            });
+        }
+    }
+    // `PLUGIN_START_ROUNDS=N` (default 20), after one unrecorded round.
+    let rounds: usize = std::env::var("PLUGIN_START_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(20);
+    const PER_ROUND: usize = 100;
+    for round in 0..=rounds {
+        for v in &mut variants {
+            SPAWNED_STDIO.store(v.spawned_stdio, Ordering::Relaxed);
+            let switches = context_switches();
+            let collect = collect_n(&v.plugin, &options, &out, PER_ROUND, 0).await;
+            let switches = context_switches() - switches;
+            let mut instantiate = Vec::with_capacity(PER_ROUND);
+            let mut validate = Vec::with_capacity(PER_ROUND);
+            for _ in 0..PER_ROUND {
+                let t = Instant::now();
+                v.plugin.instantiate_only().await.expect("instantiate");
+                instantiate.push(t.elapsed());
+                let t = Instant::now();
+                v.plugin
+                    .validate_options(&options)
+                    .await
+                    .expect("validate-options");
+                validate.push(t.elapsed());
+            }
+            if round > 0 {
+                v.collect.extend(collect.0);
+                v.instantiate.extend(instantiate);
+                v.validate.extend(validate);
+                v.runs += PER_ROUND;
+                v.switches += switches;
+            }
+        }
+    }
+    SPAWNED_STDIO.store(false, Ordering::Relaxed);
+    let mut base = None;
+    for v in variants {
+        let collect = Samples::new(v.collect);
+        let base = *base.get_or_insert(collect.median());
+        row(v.label, &collect);
+        println!(
+            "  median / first row: {:.2}; context switches per collect (all threads): {:.2}",
+            collect.median().as_secs_f64() / base.as_secs_f64(),
+            v.switches as f64 / v.runs as f64
+        );
+        row("  bare store + instantiate", &Samples::new(v.instantiate));
+        row(
+            "  bare store + instantiate + validate-options",
+            &Samples::new(v.validate),
+        );
+        if let Some(m) = v.engine.pooling_allocator_metrics() {
+            println!(
+                "  kept resident in released slots: {} KiB of memory ({} warm slots), {} KiB of tables",
+                m.unused_memory_bytes_resident() >> 10,
+                m.unused_warm_memories(),
+                m.unused_table_bytes_resident() >> 10
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Context switches of all this process's threads so far (voluntary and
+/// not), from /proc.
+fn context_switches() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
 }
 
 /// The example collectors in other languages (`plugins/examples/`), next

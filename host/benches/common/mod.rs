@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 /// Sorted samples of one measurement.
-pub struct Samples(Vec<Duration>);
+pub struct Samples(pub Vec<Duration>);
 
 impl Samples {
     pub fn new(mut v: Vec<Duration>) -> Samples {

@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use wasmtime::component::Component;
 use wasmtime::{
-    Config as EngineConfig, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
+    Config as EngineConfig, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
 };
 
 pub use sandbox::{PluginEvent, RunLimits};
@@ -116,6 +116,17 @@ impl PoolSizing {
     /// reservation (4 GiB, which spares the compiled code bounds checks)
     /// plus its default 32 MiB guard.
     const SLOT_BYTES: u64 = (4 << 30) + (32 << 20);
+    /// Written pages of a released linear memory put back in place rather
+    /// than decommitted (with PAGEMAP_SCAN only; see `config`): at most
+    /// this much stays resident per slot between instances (16 MiB if all
+    /// 64 slots were warm). A no-op run writes 12 KiB; 64 KiB and 1 MiB
+    /// measured alike for it.
+    const KEEP_RESIDENT_MEMORY: usize = 256 << 10;
+    /// The same for a released table.
+    const KEEP_RESIDENT_TABLE: usize = 64 << 10;
+    /// Without PAGEMAP_SCAN: the first bytes of a released memory or
+    /// table reset with `memset` (and kept resident), the rest `madvise`d.
+    const KEEP_RESIDENT_MEMSET: usize = 64 << 10;
 
     /// A pool for roles whose memory limits are `limits` (bytes): the
     /// largest one (and the `validate-options` calls' own) is the largest
@@ -155,10 +166,38 @@ impl PoolSizing {
             // A componentize-py module defines more than one memory.
             .max_memories_per_module(4)
             .max_tables_per_module(4);
-        // A released slot is reset with madvise (wasmtime's default), not
-        // memset: `linear_memory_keep_resident(1 MiB)` cost more than it
-        // saved (a Rust plugin's stack is its memory's first MiB; the
-        // memset wrote all of it at each run) and kept it resident.
+        // How a released slot is reset (BENCHMARKS.md, "Plugin start from
+        // the pool"). wasmtime's default `madvise(DONTNEED)`s the slot's
+        // whole accessible memory, the pages the instance only read as
+        // well as those it wrote: a TLB flush at each release, and the
+        // next instance faults every page it uses in again (zero-filled
+        // or from the image). Where the kernel has the PAGEMAP_SCAN ioctl
+        // (Linux 6.7+), wasmtime asks it which pages were written and
+        // puts back only those, copying the image's bytes (or zeros) over
+        // them, up to the `keep_resident` amounts; they and the pages only
+        // read stay mapped for the next instance, and only what lies past
+        // that many written pages is `madvise`d. Contents after a reset
+        // are the same either way (the image, zeros elsewhere, the slot's
+        // protections as before): no instance sees another's data.
+        // Without the ioctl, `keep_resident` is a `memset` of the slot's
+        // first bytes, written or not, then `madvise` for the rest: 64 KiB
+        // of it measured a little faster than none, a whole MiB slower.
+        if PoolingAllocationConfig::is_pagemap_scan_available() {
+            pool.pagemap_scan(Enabled::Yes)
+                .linear_memory_keep_resident(Self::KEEP_RESIDENT_MEMORY)
+                .table_keep_resident(Self::KEEP_RESIDENT_TABLE);
+        } else {
+            pool.linear_memory_keep_resident(Self::KEEP_RESIDENT_MEMSET)
+                .table_keep_resident(Self::KEEP_RESIDENT_MEMSET);
+        }
+        // Not set, measured without gain in the same run (BENCHMARKS.md):
+        // `decommit_batch_size` (released slots wait in its queue), a
+        // smaller `memory_reservation` and guard, and
+        // `signals_based_traps(false)` (bounds checks in every plugin's
+        // code). `async_stack_keep_resident` only matters with
+        // `async_stack_zeroing`, which is off (wasmtime's default); memory
+        // protection keys need a CPU with `pku` (the bench machine's EPYC
+        // VM has none).
         pool
     }
 }
@@ -230,8 +269,22 @@ impl PluginHost {
     /// address space cannot be reserved (e.g. under `ulimit -v`), falls
     /// back to on-demand allocation and logs why.
     pub fn pooled(disk_cache: Option<PathBuf>, pool: PoolSizing) -> Result<Arc<PluginHost>> {
+        PluginHost::pooled_tuned(disk_cache, pool, |_, _| {})
+    }
+
+    /// [`PluginHost::pooled`] with its engine and pool settings changed by
+    /// `tune` after ours are applied (benchmarks compare settings in one
+    /// process with it).
+    #[doc(hidden)]
+    pub fn pooled_tuned(
+        disk_cache: Option<PathBuf>,
+        pool: PoolSizing,
+        tune: impl FnOnce(&mut EngineConfig, &mut PoolingAllocationConfig),
+    ) -> Result<Arc<PluginHost>> {
         let mut config = engine_config();
-        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool.config()));
+        let mut pooling = pool.config();
+        tune(&mut config, &mut pooling);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
         let (engine, allocator) = match Engine::new(&config) {
             Ok(engine) => (engine, Allocator::Pooling(pool)),
             Err(e) => {

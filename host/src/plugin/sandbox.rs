@@ -23,7 +23,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, Store, UpdateDeadline};
-use wasmtime_wasi::cli::AsyncStdoutStream;
+use wasmtime_wasi::cli::{AsyncStdoutStream, IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{
     Error as HttpError, RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks,
@@ -272,9 +273,13 @@ pub fn new_store(
 ) -> Result<(Store<RunState>, OutputTail)> {
     let tail = OutputTail::default();
     let mut wasi = WasiCtxBuilder::new();
-    wasi.stdout(AsyncStdoutStream::new(4096, tail.clone()))
-        .stderr(AsyncStdoutStream::new(4096, tail.clone()))
-        .allow_tcp(false)
+    if BENCH_SPAWNED_STDIO.load(std::sync::atomic::Ordering::Relaxed) {
+        wasi.stdout(AsyncStdoutStream::new(4096, tail.clone()))
+            .stderr(AsyncStdoutStream::new(4096, tail.clone()));
+    } else {
+        wasi.stdout(tail.clone()).stderr(tail.clone());
+    }
+    wasi.allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false)
         .socket_addr_check(|_, _| Box::pin(async { false }));
@@ -563,17 +568,81 @@ impl OutputTail {
     }
 }
 
+/// Benchmarks only: give stores wasmtime-wasi's `AsyncStdoutStream` (a
+/// spawned writer task per stream, what every run had before) instead of
+/// [`OutputTail`] itself, to compare the two in one process.
+#[doc(hidden)]
+pub static BENCH_SPAWNED_STDIO: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Most bytes a guest may write to stdout or stderr in one `write` (its
+/// `check-write` permit); any amount is accepted, only the tail is kept.
+const OUTPUT_WRITE_PERMIT: usize = 4096;
+
+impl OutputTail {
+    fn append(&self, data: &[u8]) {
+        let mut buf = self.0.lock().unwrap();
+        let keep = &data[data.len().saturating_sub(OUTPUT_TAIL_BYTES)..];
+        buf.extend(keep);
+        let excess = buf.len().saturating_sub(OUTPUT_TAIL_BYTES);
+        buf.drain(..excess);
+    }
+}
+
+/// The guest's stdout and stderr: written straight into the tail, in the
+/// guest's call. (wasmtime-wasi's `AsyncStdoutStream` spawns a writer task
+/// per stream at every store's creation, which woke another runtime
+/// thread at each plugin start.)
+impl StdoutStream for OutputTail {
+    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+}
+
+impl IsTerminal for OutputTail {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl OutputStream for OutputTail {
+    fn write(&mut self, bytes: bytes::Bytes) -> StreamResult<()> {
+        self.append(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(OUTPUT_WRITE_PERMIT)
+    }
+}
+
+/// Always ready: a write never waits.
+impl Pollable for OutputTail {
+    // `#[async_trait]`'s form of `async fn ready(&mut self) {}`.
+    fn ready<'a, 'b>(&'a mut self) -> Pin<Box<dyn Future<Output = ()> + Send + 'b>>
+    where
+        'a: 'b,
+        Self: 'b,
+    {
+        Box::pin(std::future::ready(()))
+    }
+}
+
 impl AsyncWrite for OutputTail {
     fn poll_write(
         self: Pin<&mut Self>,
         _: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let mut buf = self.0.lock().unwrap();
-        let keep = &data[data.len().saturating_sub(OUTPUT_TAIL_BYTES)..];
-        buf.extend(keep);
-        let excess = buf.len().saturating_sub(OUTPUT_TAIL_BYTES);
-        buf.drain(..excess);
+        self.append(data);
         Poll::Ready(Ok(data.len()))
     }
 
@@ -583,5 +652,27 @@ impl AsyncWrite for OutputTail {
 
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_stdout_goes_straight_into_the_tail_which_keeps_its_end() {
+        let tail = OutputTail::default();
+        let mut stream = StdoutStream::p2_stream(&tail);
+        assert_eq!(stream.check_write().unwrap(), OUTPUT_WRITE_PERMIT);
+        for _ in 0..(OUTPUT_TAIL_BYTES / OUTPUT_WRITE_PERMIT + 2) {
+            stream
+                .write(bytes::Bytes::from(vec![b'a'; OUTPUT_WRITE_PERMIT]))
+                .unwrap();
+        }
+        stream.write(bytes::Bytes::from_static(b"end")).unwrap();
+        stream.flush().unwrap();
+        let kept = tail.contents();
+        assert_eq!(kept.len(), OUTPUT_TAIL_BYTES);
+        assert!(kept.ends_with("aaend"), "{kept}");
     }
 }
