@@ -109,3 +109,75 @@ fn limited_exe(dir: &Path, kib: u64) -> PathBuf {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     path
 }
+
+/// One run of the `test-misbehave` collector in `mode` on `plugin`: its
+/// summary.
+async fn misbehave_summary(
+    plugin: &autocollect::plugin::collector::CollectorPlugin,
+    mode: &str,
+    out: &Path,
+) -> String {
+    use autocollect::plugin::collector::CollectJob;
+    use autocollect::plugin::sandbox::RunLabels;
+    let options = [("mode".to_string(), mode.to_string())];
+    let (progress, _) = tokio::sync::watch::channel(None);
+    let job = CollectJob {
+        labels: RunLabels {
+            plugin: "test-misbehave".into(),
+            task_id: "pool".into(),
+            node: "n1".into(),
+        },
+        options: &options,
+        output_dir: out,
+        limits: autocollect::plugin::RunLimits {
+            timeout: std::time::Duration::from_secs(60),
+            memory_bytes: 64 << 20,
+        },
+        exec: std::sync::Arc::new(autocollect::plugin::exec::ExecPolicy::default()),
+        inputs: &[],
+        budget: None,
+        parameters: Vec::new(),
+        progress,
+        observer: None,
+        cancel: Default::default(),
+        urgent: Default::default(),
+    };
+    plugin.collect(job).await.expect("the run succeeds").summary
+}
+
+/// A slot of the pool is reused once its instance is gone, and its pages
+/// are reset in place where the kernel allows (only those written,
+/// `PAGEMAP_SCAN`): an instance must never see what the previous one in
+/// its slot wrote, be it on its stack, in its heap or in pages it grows.
+#[tokio::test]
+async fn a_pooled_instance_never_sees_what_the_previous_one_wrote() {
+    use autocollect::plugin::collector::CollectorPlugin;
+    use autocollect::plugin::{PluginHost, PluginSource, PoolSizing, builtin};
+    let host = PluginHost::pooled(None, PoolSizing::for_limits([64 << 20])).unwrap();
+    assert!(
+        matches!(host.allocator(), autocollect::plugin::Allocator::Pooling(_)),
+        "{}",
+        host.allocator()
+    );
+    let plugin = CollectorPlugin::load(
+        &host,
+        PluginSource::File(builtin::build_output("test_misbehave")),
+    )
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    for round in 0..20 {
+        // The scan finds the pattern where it was written: it would find
+        // it left over too.
+        let visible = misbehave_summary(&plugin, "scribble", out.path()).await;
+        let count: usize = visible.strip_prefix("visible ").unwrap().parse().unwrap();
+        assert!(count >= 8192 + (1 << 18), "round {round}: {visible}");
+        assert_eq!(
+            misbehave_summary(&plugin, "stale", out.path()).await,
+            "stale 0",
+            "round {round}: a fresh instance saw the previous one's memory"
+        );
+    }
+    // The runs went through warm slots: ones an earlier instance used.
+    let metrics = host.engine().pooling_allocator_metrics().unwrap();
+    assert!(metrics.unused_warm_memories() >= 1);
+}

@@ -19,6 +19,8 @@
 //! | `spawn-many` | starts `program` (with `args`) until refused | refuse beyond `exec_max_processes` |
 //! | `grants` | lists its input grants, reads the files in `read`, lists the directories in `list`, tries to change `write` in every way; reports each attempt in its artifact `report.txt` | read what is granted, refuse every change, refuse symlinks out of a grant |
 //! | `archive` | writes `archive.zip` with the host's `archive`: `gen/0.txt`..`gen/2.txt` from bytes, `files/PATH` for each of `files` and `redacted/PATH` for each of `redact` (add-file from grant `grant`), tries each of `escape`; `report.txt` (last entry) has one line per call | write the entries natively, refuse escaping paths |
+//! | `scribble` | fills a 64 KiB stack array and a 2 MiB heap buffer with a pattern; its summary says how many pattern words it sees in its memory (`visible N`) | (the scanner's self-check) |
+//! | `stale` | grows its memory by as much, and counts the pattern's words anywhere in it (`stale N`) | give every instance fresh memory: 0, even in a slot a `scribble` run used |
 //!
 //! `target` (symlink modes) is the path the link points to; `program` and
 //! `args` (space-separated) are what `spawn-many` starts. `read`, `list`
@@ -167,6 +169,14 @@ impl Guest for Misbehave {
                 Err(PluginError::Internal("flooded".into()))
             }
             "trap" => panic!("misbehave plugin: deliberate trap"),
+            "scribble" => Ok(CollectOutcome {
+                artifacts: vec![],
+                summary: format!("visible {}", scribble()),
+            }),
+            "stale" => Ok(CollectOutcome {
+                artifacts: vec![],
+                summary: format!("stale {}", stale()),
+            }),
             "symlink-upload" => {
                 let dir = &request.output_dir;
                 #[allow(deprecated)] // the one portable way on wasm32-wasip2
@@ -445,3 +455,40 @@ fn try_to_escape(output_dir: &str) -> String {
 }
 
 export!(Misbehave);
+
+/// The high half of every word `scribble` writes: a constant of the code
+/// (outside linear memory), so memory holds the pattern only where a run
+/// wrote it.
+const PATTERN: u64 = 0xA5C3_5A3C;
+/// Heap words `scribble` writes (2 MiB) and `stale` reserves.
+const HEAP_WORDS: usize = 1 << 18;
+
+/// Count the pattern's words in this instance's whole linear memory.
+fn pattern_words() -> usize {
+    let end = core::arch::wasm32::memory_size::<0>() * 65536;
+    (8..end)
+        .step_by(8)
+        // SAFETY: every address below memory.size is readable in wasm32;
+        // this plugin reads its own memory on purpose.
+        .filter(|&addr| unsafe { core::ptr::read_volatile(addr as *const u64) } >> 32 == PATTERN)
+        .count()
+}
+
+fn scribble() -> usize {
+    let mut stack = [0u64; 8192];
+    for (i, word) in stack.iter_mut().enumerate() {
+        *word = PATTERN << 32 | i as u64;
+    }
+    std::hint::black_box(&mut stack);
+    let heap: Vec<u64> = (0..HEAP_WORDS as u64).map(|i| PATTERN << 32 | i).collect();
+    std::hint::black_box(&heap);
+    pattern_words()
+}
+
+fn stale() -> usize {
+    // Memory as large as a `scribble` run's: its heap pages must be fresh
+    // too once grown again (nothing is written to them here).
+    let reserved: Vec<u64> = Vec::with_capacity(HEAP_WORDS + 8192);
+    std::hint::black_box(&reserved);
+    pattern_words()
+}
