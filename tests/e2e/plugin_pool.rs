@@ -181,3 +181,54 @@ async fn a_pooled_instance_never_sees_what_the_previous_one_wrote() {
     let metrics = host.engine().pooling_allocator_metrics().unwrap();
     assert!(metrics.unused_warm_memories() >= 1);
 }
+
+/// Times the thread named `name` of process `pid` has slept and woken.
+fn wakeups(pid: u32, name: &str) -> u64 {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        if std::fs::read_to_string(dir.join("comm"))
+            .unwrap_or_default()
+            .trim()
+            == name
+        {
+            let status = std::fs::read_to_string(dir.join("status")).unwrap();
+            let line = status
+                .lines()
+                .find(|l| l.starts_with("voluntary_ctxt_switches:"))
+                .unwrap();
+            return line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        }
+    }
+    panic!("no thread {name} in process {pid}")
+}
+
+/// The epoch ticker (which lets a running plugin's deadline and cancel
+/// be checked every 10 ms) runs while a plugin runs, and sleeps while
+/// none does: an idle daemon does not wake 100 times a second.
+#[tokio::test]
+async fn the_epoch_ticker_runs_only_while_a_plugin_runs() {
+    let c = cluster(&["n1"], |config| set_option(config, "delay-ms", 3000)).await;
+    let pid = c.node("n1").pid().unwrap();
+    // A window of time is what is measured here (wakeups in it), not
+    // something to wait for.
+    let window = std::time::Duration::from_millis(500);
+    let idle = wakeups(pid, "wasm-epoch");
+    tokio::time::sleep(window).await;
+    let idle = wakeups(pid, "wasm-epoch") - idle;
+    assert!(
+        idle <= 2,
+        "{idle} wakeups in {window:?} with no plugin running"
+    );
+
+    let admin = c.admin("n1");
+    admin.start("all").await.unwrap();
+    wait_for(&admin, |t| all_nodes(t, NodeState::Started)).await;
+    let busy = wakeups(pid, "wasm-epoch");
+    tokio::time::sleep(window).await;
+    let busy = wakeups(pid, "wasm-epoch") - busy;
+    assert!(
+        busy >= 20,
+        "{busy} wakeups in {window:?} while the collector runs"
+    );
+    admin.cancel().await.unwrap();
+}

@@ -15,6 +15,7 @@
 pub mod archive;
 pub mod builtin;
 pub mod collector;
+mod epoch;
 pub mod exec;
 pub mod inspect;
 mod outbound;
@@ -29,7 +30,6 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use wasmtime::component::Component;
 use wasmtime::{
@@ -208,7 +208,8 @@ pub struct PluginHost {
     allocator: Allocator,
     compiled: std::sync::Mutex<HashMap<[u8; 32], Component>>,
     disk_cache: Option<PathBuf>,
-    ticker_stop: Arc<AtomicBool>,
+    /// Advances the engine's epoch while plugins run (stopped on drop).
+    _ticker: epoch::Ticker,
 }
 
 /// Where a component's bytes come from.
@@ -313,26 +314,14 @@ impl PluginHost {
         allocator: Allocator,
         disk_cache: Option<PathBuf>,
     ) -> Result<Arc<PluginHost>> {
-        let ticker_stop = Arc::new(AtomicBool::new(false));
-        let (weak, stop) = (engine.weak(), ticker_stop.clone());
-        std::thread::Builder::new()
-            .name("wasm-epoch".into())
-            .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    match weak.upgrade() {
-                        Some(engine) => engine.increment_epoch(),
-                        None => break,
-                    }
-                }
-            })?;
+        let ticker = epoch::Ticker::start(&engine)?;
 
         Ok(Arc::new(PluginHost {
             engine,
             allocator,
             compiled: Default::default(),
             disk_cache,
-            ticker_stop,
+            _ticker: ticker,
         }))
     }
 
@@ -461,12 +450,6 @@ fn engine_config() -> EngineConfig {
 fn store_in_cache(path: &Path, component: &Component) -> Result<()> {
     crate::files::write_atomically(path, &component.serialize()?)?;
     Ok(())
-}
-
-impl Drop for PluginHost {
-    fn drop(&mut self) {
-        self.ticker_stop.store(true, Ordering::Relaxed);
-    }
 }
 
 #[cfg(test)]

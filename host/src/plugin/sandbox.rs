@@ -97,6 +97,8 @@ pub enum Interrupted {
 
 /// The store's data for one run.
 pub struct RunState {
+    /// Keeps the epoch ticker running while this store lives.
+    _ticking: super::epoch::Ticking,
     wasi: WasiCtx,
     table: ResourceTable,
     pub(super) memory: MemoryCap,
@@ -361,6 +363,7 @@ pub fn new_store(
         left_out: LeftOut::default(),
         honoured: Default::default(),
         archive,
+        _ticking: super::epoch::Ticking::new(),
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.memory);
