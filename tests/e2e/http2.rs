@@ -151,3 +151,100 @@ async fn an_idle_http2_connection_is_closed_after_the_header_timeout() {
         "closed after {after:?}"
     );
 }
+
+/// With mutual TLS every node presents its certificate: a client that
+/// asks for the nodes' protocol without one is not a node, and its
+/// connection is closed (no HTTP/2 surface for strangers).
+#[tokio::test]
+async fn the_nodes_protocol_without_a_node_certificate_gets_no_http2() {
+    let c = cluster(&["n1"], |_| {}).await;
+    let addr = c.node("n1").addr;
+    let roots = autocollect::tls::read_roots(&c.ca_file).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(autocollect::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![PEER_ALPN.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(addr.ip().into(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(PEER_ALPN));
+    let handshake = h2::client::handshake(tls);
+    let refused = match tokio::time::timeout(PATIENCE, handshake).await.unwrap() {
+        Err(_) => true,
+        Ok((client, connection)) => {
+            // The preface may be written before the close is read.
+            let request = http::Request::get("/health").body(()).unwrap();
+            let answer = async move {
+                let mut client = client.ready().await?;
+                let (response, _) = client.send_request(request, true)?;
+                response.await
+            };
+            let (answer, _) = tokio::join!(answer, connection);
+            answer.is_err()
+        }
+    };
+    assert!(refused, "a stranger got HTTP/2");
+    // A node (its certificate presented) gets it.
+    let as_node = reqwest::Client::builder()
+        .use_preconfigured_tls((*node_tls(&c, "n1")).clone())
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = as_node
+        .get(format!("{}/health", c.node("n1").url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+}
+
+/// Streams opened and reset at once, by the thousand (the "rapid reset"
+/// attack): the node ends the connection, and serves on. (Which of h2's
+/// bounds ends it is not pinned here: with the pending-reset bound lifted,
+/// the bound on streams the server itself resets ends it as fast.)
+#[tokio::test]
+async fn a_flood_of_reset_streams_ends_the_connection_and_the_node_serves_on() {
+    let c = cluster(&["n1"], |_| {}).await;
+    let addr = c.node("n1").addr;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(node_tls(&c, "n1"))
+        .connect(addr.ip().into(), tcp)
+        .await
+        .unwrap();
+    let (client, connection) = h2::client::handshake(tls).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut sent = 0;
+    for _ in 0..10_000 {
+        let Ok(mut ready) = client.clone().ready().await else {
+            break;
+        };
+        let request = http::Request::get("/health").body(()).unwrap();
+        let Ok((_, mut stream)) = ready.send_request(request, false) else {
+            break;
+        };
+        stream.send_reset(h2::Reason::CANCEL);
+        sent += 1;
+    }
+    let ended = tokio::time::timeout(PATIENCE, connection)
+        .await
+        .expect("the node ended the connection")
+        .unwrap();
+    // The node's GOAWAY (ENHANCE_YOUR_CALM), or, as the client is still
+    // writing when it arrives, the closed socket under it.
+    let error = ended.expect_err("the node cut the connection off");
+    assert!(
+        error.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) || error.is_io(),
+        "after {sent} streams: {error:?}"
+    );
+    let r = c
+        .http_client(None)
+        .get(format!("{}/health", c.node("n1").url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}

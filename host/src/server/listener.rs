@@ -22,7 +22,9 @@
 //!   session stream, commands and pings. An HTTP/2 connection is served
 //!   node-to-node routes and `/health` only (anything else is answered
 //!   421): the public API stays one request per connection, as the caps
-//!   above count it. Its streams are bounded ([`PEER_STREAMS`], header
+//!   above count it. With mutual TLS, a client that asks for HTTP/2
+//!   without a certificate is closed after the handshake (every node
+//!   presents one). Its streams are bounded ([`PEER_STREAMS`], header
 //!   size, reset floods) and it is closed once idle for the header
 //!   timeout, as an HTTP/1.1 connection is.
 //! - Every request carries its client's address ([`ClientAddr`]) for the
@@ -61,6 +63,11 @@ pub const PEER_STREAMS: u32 = 128;
 /// Largest header block of a node-to-node request (its signature
 /// headers and a path are well under 1 KiB).
 const PEER_HEADER_LIST: u32 = 16 * 1024;
+/// Streams a client may open and reset before the server has taken
+/// them, on one HTTP/2 connection (h2's own default, set here so it is
+/// ours): past it the connection ends with GOAWAY (ENHANCE_YOUR_CALM),
+/// against the "rapid reset" flood (CVE-2023-44487).
+const PEER_PENDING_RESETS: usize = 20;
 /// The one unauthenticated route an HTTP/2 connection is also served
 /// (`Peers::reachable`).
 const HEALTH_PATH: &str = "/health";
@@ -353,7 +360,7 @@ pub async fn serve(
                 tokio::spawn(conn.serve(stream, ClientCertificate(None), Protocol::Detect));
             }
             Some(tls) => {
-                tokio::spawn(conn.handshake(stream, tls.server_config()));
+                tokio::spawn(conn.handshake(stream, tls.server_config(), tls.mutual()));
             }
         }
     }
@@ -372,7 +379,7 @@ struct Connection {
 impl Connection {
     /// The TLS handshake, bounded by the header timeout (and given up if
     /// the connection is evicted meanwhile), then serve.
-    async fn handshake(self, stream: TcpStream, config: Arc<rustls::ServerConfig>) {
+    async fn handshake(self, stream: TcpStream, config: Arc<rustls::ServerConfig>, mutual: bool) {
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
         let client = self.client;
         let handshake = async move {
@@ -407,10 +414,17 @@ impl Connection {
                     .peer_certificates()
                     .and_then(|chain| chain.first())
                     .map(|leaf| Arc::new(leaf.clone().into_owned()));
-                let protocol = if session.alpn_protocol() == Some(PEER_ALPN) {
-                    Protocol::Http2
-                } else {
+                let protocol = if session.alpn_protocol() != Some(PEER_ALPN) {
                     Protocol::Http1
+                } else if mutual && cert.is_none() {
+                    // With mutual TLS every node presents its certificate:
+                    // whoever asks for the nodes' protocol without one is
+                    // not a node, and gets no HTTP/2 to try its luck with.
+                    tracing::debug!(client = %self.client, "the nodes' ALPN protocol without a certificate: closed");
+                    self.registry.remove(self.id);
+                    return;
+                } else {
+                    Protocol::Http2
                 };
                 self.serve(stream, ClientCertificate(cert), protocol).await;
             }
@@ -481,7 +495,8 @@ impl Connection {
             .http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(PEER_STREAMS)
-            .max_header_list_size(PEER_HEADER_LIST);
+            .max_header_list_size(PEER_HEADER_LIST)
+            .max_pending_accept_reset_streams(PEER_PENDING_RESETS);
         let builder = match protocol {
             Protocol::Http1 => builder.http1_only(),
             Protocol::Http2 => builder.http2_only(),
