@@ -57,6 +57,16 @@ fn node_tls(c: &TestCluster, node: &str) -> Arc<rustls::ClientConfig> {
     TlsContext::load(&files).unwrap().client_config().0
 }
 
+/// An HTTP client that speaks to the nodes as node `node` does: its
+/// certificate, the nodes' ALPN protocol, HTTP/2.
+fn node_client(c: &TestCluster, node: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .use_preconfigured_tls((*node_tls(c, node)).clone())
+        .http2_prior_knowledge()
+        .build()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_coordinator_keeps_one_connection_per_node_for_a_whole_collection() {
     // Collecting takes long enough for pings (every 500 ms here) to run
@@ -96,11 +106,7 @@ async fn http2_is_for_nodes_only() {
     assert_eq!(r.version(), reqwest::Version::HTTP_11);
 
     // A node's client negotiates HTTP/2 ...
-    let as_node = reqwest::Client::builder()
-        .use_preconfigured_tls((*node_tls(&c, "n1")).clone())
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
+    let as_node = node_client(&c, "n1");
     let r = as_node.get(format!("{url}/health")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
@@ -124,12 +130,7 @@ async fn http2_is_for_nodes_only() {
 #[tokio::test]
 async fn an_idle_http2_connection_is_closed_after_the_header_timeout() {
     let c = cluster(&["n1"], |config| config.server.header_timeout_secs = 1.0).await;
-    let addr = c.node("n1").addr;
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(node_tls(&c, "n1"))
-        .connect(addr.ip().into(), tcp)
-        .await
-        .unwrap();
+    let tls = tls_connect_with(&c, "n1", node_tls(&c, "n1")).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(PEER_ALPN));
     let opened = Instant::now();
     let (_send, connection) =
@@ -158,19 +159,9 @@ async fn an_idle_http2_connection_is_closed_after_the_header_timeout() {
 #[tokio::test]
 async fn the_nodes_protocol_without_a_node_certificate_gets_no_http2() {
     let c = cluster(&["n1"], |_| {}).await;
-    let addr = c.node("n1").addr;
-    let roots = autocollect::tls::read_roots(&c.ca_file).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(autocollect::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut config = ca_trusting_tls(&c);
     config.alpn_protocols = vec![PEER_ALPN.to_vec()];
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(addr.ip().into(), tcp)
-        .await
-        .unwrap();
+    let tls = tls_connect_with(&c, "n1", Arc::new(config)).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(PEER_ALPN));
     let handshake = h2::client::handshake(tls);
     let refused = match tokio::time::timeout(PATIENCE, handshake).await.unwrap() {
@@ -189,11 +180,7 @@ async fn the_nodes_protocol_without_a_node_certificate_gets_no_http2() {
     };
     assert!(refused, "a stranger got HTTP/2");
     // A node (its certificate presented) gets it.
-    let as_node = reqwest::Client::builder()
-        .use_preconfigured_tls((*node_tls(&c, "n1")).clone())
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
+    let as_node = node_client(&c, "n1");
     let r = as_node
         .get(format!("{}/health", c.node("n1").url()))
         .send()
@@ -209,12 +196,7 @@ async fn the_nodes_protocol_without_a_node_certificate_gets_no_http2() {
 #[tokio::test]
 async fn a_flood_of_reset_streams_ends_the_connection_and_the_node_serves_on() {
     let c = cluster(&["n1"], |_| {}).await;
-    let addr = c.node("n1").addr;
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(node_tls(&c, "n1"))
-        .connect(addr.ip().into(), tcp)
-        .await
-        .unwrap();
+    let tls = tls_connect_with(&c, "n1", node_tls(&c, "n1")).await;
     let (client, connection) = h2::client::handshake(tls).await.unwrap();
     let connection = tokio::spawn(connection);
     let mut sent = 0;

@@ -56,21 +56,36 @@ pub async fn cluster_on(specs: &[NodeSpec], mut customize: impl FnMut(&mut Confi
     TestCluster { cluster, _dir: dir }
 }
 
+/// A client's TLS configuration that trusts the cluster CA and presents
+/// no certificate.
+pub fn ca_trusting_tls(c: &TestCluster) -> rustls::ClientConfig {
+    let roots = autocollect::tls::read_roots(&c.ca_file).expect("the cluster CA");
+    rustls::ClientConfig::builder_with_provider(autocollect::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
 /// A TLS connection to `node` (trusting the cluster CA) that has sent
 /// nothing yet: for tests that write raw HTTP.
 pub async fn tls_connect(
     c: &TestCluster,
     node: &str,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let roots = autocollect::tls::read_roots(&c.ca_file).expect("the cluster CA");
-    let config = rustls::ClientConfig::builder_with_provider(autocollect::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    tls_connect_with(c, node, std::sync::Arc::new(ca_trusting_tls(c))).await
+}
+
+/// A TLS connection to `node` made with `config`, that has sent nothing
+/// yet.
+pub async fn tls_connect_with(
+    c: &TestCluster,
+    node: &str,
+    config: std::sync::Arc<rustls::ClientConfig>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let addr = c.node(node).addr;
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+    tokio_rustls::TlsConnector::from(config)
         .connect(addr.ip().into(), tcp)
         .await
         .expect("TLS handshake")
