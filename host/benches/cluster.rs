@@ -53,11 +53,16 @@ async fn small() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A cluster of `size` nodes, over TLS or plain HTTP.
+/// A cluster of `size` nodes, over TLS or plain HTTP. Every cluster of
+/// the run shares one compiled-plugin cache, so that only the first
+/// compiles the plugins (each daemon would otherwise compile them at its
+/// start, before the timed collections but on the same cores).
 async fn launch(tmp: &std::path::Path, size: usize, tls: bool) -> anyhow::Result<LocalCluster> {
     let names: Vec<String> = (1..=size).map(|i| format!("n{i}")).collect();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let cache = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-plugin-cache");
     LocalCluster::launch(&daemon_exe(), tmp, &names, |config| {
+        config.plugin_cache_dir = Some(cache.clone());
         if !tls {
             config.tls = Some(TlsSetting::Off);
         }

@@ -88,8 +88,23 @@ async fn the_openapi_document_is_valid_and_covers_every_public_route() {
 const CHECKS: &str = "not_a_server_error,status_code_conformance,content_type_conformance,\
                       response_headers_conformance,response_schema_conformance,unsupported_method";
 
+/// Schemathesis's boundary and negative cases (its `examples` and
+/// `coverage` phases).
 #[tokio::test]
-async fn schemathesis_finds_no_server_error_and_no_answer_off_the_document() {
+async fn schemathesis_coverage_finds_no_server_error_and_no_answer_off_the_document() {
+    schemathesis("examples,coverage").await;
+}
+
+/// Schemathesis's generated cases (its `fuzzing` phase). A test of its
+/// own so that both halves, about a minute each (a few status requests
+/// with `since` and no `wait` take the default 30 s), run side by side.
+#[tokio::test]
+async fn schemathesis_fuzzing_finds_no_server_error_and_no_answer_off_the_document() {
+    schemathesis("fuzzing").await;
+}
+
+/// Run schemathesis's `phases` against a fresh daemon.
+async fn schemathesis(phases: &str) {
     // The mock collector finishes at once, so a start that the fuzzer
     // gets right costs little.
     let mut c = cluster(&["n1"], |_| {}).await;
@@ -135,7 +150,7 @@ async fn schemathesis_finds_no_server_error_and_no_answer_off_the_document() {
             "--max-examples",
             "20",
             "--phases",
-            "examples,coverage,fuzzing",
+            phases,
             "--workers",
             "1",
             "--seed",
