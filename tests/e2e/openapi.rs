@@ -158,7 +158,7 @@ async fn schemathesis(phases: &str) {
             "--no-color",
             // Above the daemon's longest long-poll (60 s): a status
             // request with `since` and no `wait` waits the default 30 s,
-            // and a 30 s timeout raced it (and lost on a loaded machine).
+            // and a 30 s timeout raced it (a loaded machine can lose).
             "--request-timeout",
             "75",
         ])
