@@ -61,8 +61,6 @@ pub struct LocalCluster {
     /// The cluster CA (`root/certs/ca.pem`) that signed every node's
     /// certificate; the node certificates are beside it.
     pub ca_file: PathBuf,
-    /// Set once the logs were printed by [`LocalCluster::fail`].
-    logs_shown: bool,
 }
 
 /// Where one node of a local cluster runs.
@@ -160,7 +158,6 @@ impl LocalCluster {
             reader_password,
             secret: secret.clone(),
             ca_file: issued.ca_file.clone(),
-            logs_shown: false,
         };
         for ((((name, addr), listener), spec), files) in names
             .iter()
@@ -363,30 +360,17 @@ impl LocalCluster {
             .collect::<Vec<_>>()
             .join("\n")
     }
+}
 
-    /// Fail the test with `message` printed after every node's log, so a
-    /// long log does not push the reason out of a truncated CI excerpt.
-    pub fn fail(&mut self, message: &str) -> ! {
-        self.stop_all();
-        eprintln!("{}", self.logs());
-        self.logs_shown = true;
-        panic!("{message}");
-    }
-
-    fn stop_all(&mut self) {
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
         for node in &mut self.nodes {
             if let Some(mut child) = node.child.take() {
                 let _ = child.kill();
                 let _ = child.wait();
             }
         }
-    }
-}
-
-impl Drop for LocalCluster {
-    fn drop(&mut self) {
-        self.stop_all();
-        if std::thread::panicking() && !self.logs_shown {
+        if std::thread::panicking() {
             eprintln!("{}", self.logs());
         }
     }

@@ -1,6 +1,8 @@
 //! Shared set-up: a cluster of real `autocollect` daemons on loopback, each
 //! in its own temp dir with pre-bound ephemeral ports, killed when the test
-//! ends (pass or fail; on failure their logs are printed).
+//! ends (pass or fail; on failure their logs are printed, then the failure
+//! again, so that a CI excerpt showing only the end of the output shows
+//! why the test failed).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,22 +17,59 @@ use reqwest::{Method, StatusCode};
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
 pub struct TestCluster {
-    pub cluster: LocalCluster,
-    // Dropped after `cluster` (fields drop in order): daemons die first.
+    /// `None` only while the test cluster is dropped.
+    cluster: Option<LocalCluster>,
+    // Dropped after `cluster`: daemons die first.
     _dir: tempfile::TempDir,
 }
 
 impl std::ops::Deref for TestCluster {
     type Target = LocalCluster;
     fn deref(&self) -> &LocalCluster {
-        &self.cluster
+        self.cluster
+            .as_ref()
+            .expect("the cluster runs until dropped")
     }
 }
 
 impl std::ops::DerefMut for TestCluster {
     fn deref_mut(&mut self) -> &mut LocalCluster {
-        &mut self.cluster
+        self.cluster
+            .as_mut()
+            .expect("the cluster runs until dropped")
     }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        // The daemons die and, if the test is failing, print their logs
+        // (`LocalCluster`'s drop)...
+        drop(self.cluster.take());
+        // ...then the failure once more, after those logs.
+        if std::thread::panicking()
+            && let Some(failure) = LAST_PANIC.with(|p| p.borrow_mut().take())
+        {
+            eprintln!("--- the test failed (repeated after the daemons' logs) ---\n{failure}");
+        }
+    }
+}
+
+thread_local! {
+    /// The last panic on this thread: the failure of the test it runs.
+    static LAST_PANIC: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Keep each panic's message for [`TestCluster`]'s drop (installed once,
+/// in front of the hook that prints it as usual).
+fn remember_panics() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            LAST_PANIC.with(|p| *p.borrow_mut() = Some(info.to_string()));
+            previous(info);
+        }));
+    });
 }
 
 /// Start daemons named `names`; `customize` edits each node's config.
@@ -41,6 +80,7 @@ pub async fn cluster(names: &[&str], customize: impl FnMut(&mut Config)) -> Test
 
 /// Start daemons as `specs` say (addresses, network namespaces).
 pub async fn cluster_on(specs: &[NodeSpec], mut customize: impl FnMut(&mut Config)) -> TestCluster {
+    remember_panics();
     let dir = tempfile::tempdir().expect("temp dir");
     let exe = Path::new(env!("CARGO_BIN_EXE_autocollect"));
     // One compiled-plugin cache for the whole test run: only the first
@@ -53,7 +93,10 @@ pub async fn cluster_on(specs: &[NodeSpec], mut customize: impl FnMut(&mut Confi
     })
     .await
     .expect("cluster starts");
-    TestCluster { cluster, _dir: dir }
+    TestCluster {
+        cluster: Some(cluster),
+        _dir: dir,
+    }
 }
 
 /// A client's TLS configuration that trusts the cluster CA and presents
