@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use autocollect::cluster::ADMIN_USER;
-use autocollect::coordinator::task::NodeState;
+use autocollect::coordinator::task::{NodeState, TaskState};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -351,4 +351,46 @@ async fn abandoned_health_waits_do_not_use_up_the_waiting_slots() {
     admin.cancel().await.unwrap();
     let health = waiter.await.unwrap().unwrap();
     assert_eq!(health["session"], Value::Null, "{health}");
+}
+
+/// A client that hangs up while its start is under way (here the start
+/// waits on a stopped node) does not undo the start halfway: the
+/// collection runs, and the audit log records who started it.
+#[tokio::test]
+async fn a_start_whose_client_hangs_up_still_runs_and_is_audited() {
+    let c = cluster(&["n1", "n2", "n3"], |_| {}).await;
+    c.signal("n3", libc::SIGSTOP);
+    let impatient = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(&c.ca_file).unwrap()).unwrap(),
+        )
+        // The start needs n3's connect timeout (5 s) to answer.
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let gave_up = impatient
+        .post(format!("{}/collectLogs/start", c.node("n1").url()))
+        .basic_auth(ADMIN_USER, Some(&c.admin_password))
+        .form(&[("from", "allnodes")])
+        .send()
+        .await
+        .expect_err("the client gives up before the answer");
+    assert!(gave_up.is_timeout(), "{gave_up:?}");
+
+    let admin = c.admin("n1");
+    let task = wait_for(&admin, |t| t.status != TaskState::Running).await;
+    assert_eq!(task.per_node["n1"].status, NodeState::Collected, "{task:?}");
+    assert_eq!(task.per_node["n2"].status, NodeState::Collected, "{task:?}");
+    assert_eq!(task.per_node["n3"].status, NodeState::Failed, "{task:?}");
+    let log = std::fs::read_to_string(c.node("n1").data_dir.join("audit.log")).unwrap();
+    let started: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["action"] == "start")
+        .collect();
+    assert_eq!(started.len(), 1, "{log}");
+    assert_eq!(started[0]["user"], ADMIN_USER, "{log}");
+    assert_eq!(started[0]["taskId"], task.task_id.as_str(), "{log}");
+    c.signal("n3", libc::SIGCONT);
 }

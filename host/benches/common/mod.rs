@@ -33,6 +33,11 @@ impl Samples {
     pub fn len(&self) -> usize {
         self.0.len()
     }
+
+    /// How many samples took longer than `limit`.
+    pub fn over(&self, limit: Duration) -> usize {
+        self.0.iter().filter(|d| **d > limit).count()
+    }
 }
 
 /// Run `f` `n` times (after `warmup` unrecorded runs), timing each.

@@ -503,7 +503,29 @@ pub(super) fn task_json(task: &TaskStatus) -> Value {
 }
 
 /// Check `params` (the route's `known` ones) and start the collection.
+/// The start and its audit record run to their end even if the client
+/// hangs up meanwhile: a collection never starts unrecorded.
 pub(super) async fn start_task(
+    state: &AppState,
+    caller: &Caller,
+    route: &'static str,
+    params: &params::Params,
+    known: &'static [&'static str],
+) -> Result<TaskStatus, ApiError> {
+    let (state, caller, params) = (state.clone(), caller.clone(), params.clone());
+    let started =
+        tokio::spawn(async move { start_and_record(&state, &caller, route, &params, known).await });
+    match started.await {
+        Ok(started) => started,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(ApiError::general(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the daemon is shutting down",
+        )),
+    }
+}
+
+async fn start_and_record(
     state: &AppState,
     caller: &Caller,
     route: &str,

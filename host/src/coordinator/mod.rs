@@ -21,6 +21,7 @@
 mod driver;
 pub mod events;
 pub mod peers;
+mod runtime;
 mod store;
 pub mod task;
 
@@ -204,7 +205,6 @@ impl Coordinator {
         self.heartbeat() * 3 + Duration::from_secs(1)
     }
 
-    /// Start a collection; returns the new task's status.
     /// Close task `task_id`'s sessions on `nodes`, all at once.
     async fn close_sessions(&self, task_id: &TaskId, nodes: impl Iterator<Item = &String>) {
         futures::future::join_all(nodes.map(|node| async move {
@@ -215,7 +215,20 @@ impl Coordinator {
         .await;
     }
 
+    /// Start a collection; returns the new task's status. The start and
+    /// everything it spawns run on the coordinator's own threads
+    /// ([`runtime`]), and the start runs to its end even if the caller
+    /// stops waiting for it (a client that hangs up finds the task in
+    /// the status).
     pub async fn start(self: &Arc<Self>, request: &StartRequest) -> Result<TaskStatus, StartError> {
+        let (this, request) = (self.clone(), request.clone());
+        runtime::run(async move { this.start_here(&request).await }).await
+    }
+
+    async fn start_here(
+        self: &Arc<Self>,
+        request: &StartRequest,
+    ) -> Result<TaskStatus, StartError> {
         let chosen = self.resolve(&request.selection)?;
         if let Some(proxy) = &request.upload_proxy {
             self.check_proxy(proxy)?;
