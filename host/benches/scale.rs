@@ -125,6 +125,9 @@ async fn row(n: usize, runs: usize) -> anyhow::Result<()> {
     }
     let first = samples[0];
     let s = Samples::new(samples);
+    // The peak of the timed runs alone: the probed run adds the answers'
+    // own memory (each a copy of the task and its JSON).
+    let peak_timed = proc_status_bytes(pid, "VmHWM").unwrap_or(0);
 
     // One more run, with status and tasks asked for all along.
     let stop = Arc::new(AtomicBool::new(false));
@@ -178,11 +181,12 @@ async fn row(n: usize, runs: usize) -> anyhow::Result<()> {
         ),
     );
     println!(
-        "         ({} status and {} tasks answers during the run, {} and {} of them over 50 ms, each listing all {total} nodes, none going back; coordinator RSS after the runs {})",
+        "         ({} status and {} tasks answers during the run, {} and {} of them over 50 ms, each listing all {total} nodes, none going back; coordinator peak RSS before the probed run {}, RSS after the runs {})",
         status_during.len(),
         tasks_during.len(),
         status_during.over(Duration::from_millis(50)),
         tasks_during.over(Duration::from_millis(50)),
+        mib(peak_timed),
         mib(after),
     );
     Ok(())
