@@ -365,14 +365,19 @@ async fn a_start_whose_client_hangs_up_still_runs_and_is_audited() {
         .add_root_certificate(
             reqwest::Certificate::from_pem(&std::fs::read(&c.ca_file).unwrap()).unwrap(),
         )
-        // The start needs n3's connect timeout (5 s) to answer.
-        .timeout(Duration::from_secs(1))
         .build()
         .unwrap();
+    let url = c.node("n1").url();
+    // Connected first, so that the start request goes out at once on it.
+    let health = impatient.get(format!("{url}/health")).send().await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    health.text().await.unwrap(); // read whole: the connection goes back to the pool
     let gave_up = impatient
-        .post(format!("{}/collectLogs/start", c.node("n1").url()))
+        .post(format!("{url}/collectLogs/start"))
         .basic_auth(ADMIN_USER, Some(&c.admin_password))
         .form(&[("from", "allnodes")])
+        // The start cannot answer before n3's connect timeout (5 s).
+        .timeout(Duration::from_secs(2))
         .send()
         .await
         .expect_err("the client gives up before the answer");
