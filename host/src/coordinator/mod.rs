@@ -21,7 +21,7 @@
 mod driver;
 pub mod events;
 pub mod peers;
-mod runtime;
+pub mod runtime;
 mod store;
 pub mod task;
 

@@ -78,6 +78,7 @@ pub async fn build(config: &Config, config_path: &Path) -> Result<(AppState, api
         Duration::from_millis(config.coordinator.connect_timeout_ms),
         Duration::from_millis(config.coordinator.peer_timeout_ms),
     )?;
+    crate::coordinator::runtime::start_threads().context("starting the coordinator's threads")?;
     let coordinator = Coordinator::new(
         config.node.clone(),
         peers,
