@@ -5,6 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
+use autocollect::client::ClientError;
 use autocollect::cluster::ADMIN_USER;
 use autocollect::coordinator::task::{NodeState, TaskState};
 use reqwest::StatusCode;
@@ -397,5 +398,44 @@ async fn a_start_whose_client_hangs_up_still_runs_and_is_audited() {
     assert_eq!(started.len(), 1, "{log}");
     assert_eq!(started[0]["user"], ADMIN_USER, "{log}");
     assert_eq!(started[0]["taskId"], task.task_id.as_str(), "{log}");
+    c.signal("n3", libc::SIGCONT);
+}
+
+/// A second start while one is under way on the node is refused at once,
+/// not queued behind it: a start runs to its end even if its client hangs
+/// up, so queued ones could pile up without bound.
+#[tokio::test]
+async fn a_second_start_while_one_is_under_way_is_refused_at_once() {
+    let c = cluster(&["n1", "n2", "n3"], |_| {}).await;
+    c.signal("n3", libc::SIGSTOP);
+    let admin = c.admin("n1");
+    let first = tokio::spawn({
+        let admin = admin.clone();
+        async move { admin.start("all").await }
+    });
+    // The first start has opened n2's session; it waits for n3 (5 s).
+    wait_for_log(&c, "n2", "session opened").await;
+    let second = admin.start("all").await.expect_err("refused");
+    // Queued, it would have been refused only once the first had started
+    // its collection.
+    let log = std::fs::read_to_string(&c.node("n1").log_path).unwrap();
+    assert!(
+        !log.contains("collection started"),
+        "the second start waited for the first: {log}"
+    );
+    match second {
+        ClientError::Api { status, body } => {
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(
+                body,
+                json!({"_": "Logs collection task is already started"})
+            );
+        }
+        other => panic!("{other}"),
+    }
+    let started = first.await.unwrap().expect("the first start");
+    assert_eq!(started.per_node["n3"].status, NodeState::Failed);
+    let task = wait_for_end(&admin, &started.task_id).await;
+    assert_eq!(task.per_node["n2"].status, NodeState::Collected);
     c.signal("n3", libc::SIGCONT);
 }

@@ -99,7 +99,8 @@ pub struct Coordinator {
     upload_policy: UploadPolicy,
     /// What the preflight's TLS trusts (built from `upload_policy`).
     upload_tls: Arc<crate::upload::UploadTls>,
-    /// Serialises starts on this node (the sessions serialise the cluster).
+    /// Held by the start in progress on this node (the sessions serialise
+    /// the cluster); another start is refused while it is.
     start_lock: tokio::sync::Mutex<()>,
     running: Mutex<Option<RunningTask>>,
     /// The latest task (running or finished), for status and long-polls.
@@ -235,21 +236,29 @@ impl Coordinator {
         }
         if let Some(destination) = &request.upload {
             self.check_destination(destination)?;
-            if !request.bypass_reachability_checks {
-                let proxy = self.upload_policy.proxy_for(request.upload_proxy.as_ref());
-                upload::preflight(
-                    destination,
-                    &self.upload_policy,
-                    &self.upload_tls.current(),
-                    proxy.as_ref(),
-                )
-                .await
-                .map_err(StartError::Unreachable)?;
-            }
         }
-        let _serialised = self.start_lock.lock().await;
+        // One start at a time on this node, and a second one refused at
+        // once, not queued: a start runs to its end even when its client
+        // hangs up, so queued ones would pile up, each with its preflight
+        // to the upload host.
+        let Ok(_serialised) = self.start_lock.try_lock() else {
+            return Err(StartError::AlreadyRunning);
+        };
         if self.running.lock().unwrap().is_some() {
             return Err(StartError::AlreadyRunning);
+        }
+        if let Some(destination) = &request.upload
+            && !request.bypass_reachability_checks
+        {
+            let proxy = self.upload_policy.proxy_for(request.upload_proxy.as_ref());
+            upload::preflight(
+                destination,
+                &self.upload_policy,
+                &self.upload_tls.current(),
+                proxy.as_ref(),
+            )
+            .await
+            .map_err(StartError::Unreachable)?;
         }
 
         let task_id = TaskId::random();
