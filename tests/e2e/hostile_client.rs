@@ -389,12 +389,26 @@ async fn a_start_whose_client_hangs_up_still_runs_and_is_audited() {
     assert_eq!(task.per_node["n1"].status, NodeState::Collected, "{task:?}");
     assert_eq!(task.per_node["n2"].status, NodeState::Collected, "{task:?}");
     assert_eq!(task.per_node["n3"].status, NodeState::Failed, "{task:?}");
-    let log = std::fs::read_to_string(c.node("n1").data_dir.join("audit.log")).unwrap();
-    let started: Vec<Value> = log
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|l| l["action"] == "start")
-        .collect();
+    // The record is written by the daemon's start task once the start
+    // has returned, in another process: read the file until it is there.
+    let path = c.node("n1").data_dir.join("audit.log");
+    let deadline = Instant::now() + PATIENCE;
+    let (log, started) = loop {
+        let log = std::fs::read_to_string(&path).unwrap_or_default();
+        let started: Vec<Value> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok()) // not a line half written
+            .filter(|l| l["action"] == "start")
+            .collect();
+        if !started.is_empty() {
+            break (log, started);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no start in the audit log: {log:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(started.len(), 1, "{log}");
     assert_eq!(started[0]["user"], ADMIN_USER, "{log}");
     assert_eq!(started[0]["taskId"], task.task_id.as_str(), "{log}");
