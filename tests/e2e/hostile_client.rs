@@ -361,13 +361,7 @@ async fn abandoned_health_waits_do_not_use_up_the_waiting_slots() {
 async fn a_start_whose_client_hangs_up_still_runs_and_is_audited() {
     let c = cluster(&["n1", "n2", "n3"], |_| {}).await;
     c.signal("n3", libc::SIGSTOP);
-    let impatient = reqwest::Client::builder()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(
-            reqwest::Certificate::from_pem(&std::fs::read(&c.ca_file).unwrap()).unwrap(),
-        )
-        .build()
-        .unwrap();
+    let impatient = c.http_client(None);
     let url = c.node("n1").url();
     // Connected first, so that the start request goes out at once on it.
     let health = impatient.get(format!("{url}/health")).send().await.unwrap();
@@ -391,24 +385,15 @@ async fn a_start_whose_client_hangs_up_still_runs_and_is_audited() {
     assert_eq!(task.per_node["n3"].status, NodeState::Failed, "{task:?}");
     // The record is written by the daemon's start task once the start
     // has returned, in another process: read the file until it is there.
-    let path = c.node("n1").data_dir.join("audit.log");
-    let deadline = Instant::now() + PATIENCE;
-    let (log, started) = loop {
-        let log = std::fs::read_to_string(&path).unwrap_or_default();
-        let started: Vec<Value> = log
-            .lines()
+    let starts = |log: &str| -> Vec<Value> {
+        log.lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok()) // not a line half written
             .filter(|l| l["action"] == "start")
-            .collect();
-        if !started.is_empty() {
-            break (log, started);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no start in the audit log: {log:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+            .collect()
     };
+    let path = c.node("n1").data_dir.join("audit.log");
+    let log = wait_for_file(&path, "n1's audit log", |log| !starts(log).is_empty()).await;
+    let started = starts(&log);
     assert_eq!(started.len(), 1, "{log}");
     assert_eq!(started[0]["user"], ADMIN_USER, "{log}");
     assert_eq!(started[0]["taskId"], task.task_id.as_str(), "{log}");

@@ -136,17 +136,27 @@ pub async fn tls_connect_with(
 
 /// Wait until `node`'s log has a line containing `text`.
 pub async fn wait_for_log(c: &LocalCluster, node: &str, text: &str) {
-    let path = c.node(node).log_path.clone();
+    wait_for_file(
+        &c.node(node).log_path,
+        &format!("{node}'s log (waiting for {text:?})"),
+        |log| log.contains(text),
+    )
+    .await;
+}
+
+/// Read `path`, a file another process appends to, again until `done`
+/// holds for its text (no event to await across processes), within
+/// [`PATIENCE`]; returns that text. `what` names the file in the failure.
+pub async fn wait_for_file(path: &Path, what: &str, done: impl Fn(&str) -> bool) -> String {
     let deadline = std::time::Instant::now() + PATIENCE;
-    // The log is a file another process appends to: read it again until
-    // the line is there (no event to await across processes).
-    while !std::fs::read_to_string(&path)
-        .unwrap_or_default()
-        .contains(text)
-    {
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if done(&text) {
+            return text;
+        }
         assert!(
             std::time::Instant::now() < deadline,
-            "{node}'s log never said {text:?}"
+            "{what} never had what the test waits for: {text:?}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
