@@ -15,6 +15,7 @@
 pub mod archive;
 pub mod builtin;
 pub mod collector;
+pub mod disk_cache;
 mod epoch;
 pub mod exec;
 pub mod inspect;
@@ -27,10 +28,9 @@ use crate::hex;
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use wasmtime::component::Component;
 use wasmtime::{
     Config as EngineConfig, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
@@ -207,7 +207,7 @@ pub struct PluginHost {
     engine: Engine,
     allocator: Allocator,
     compiled: std::sync::Mutex<HashMap<[u8; 32], Component>>,
-    disk_cache: Option<PathBuf>,
+    disk_cache: Option<disk_cache::DiskCache>,
     /// Advances the engine's epoch while plugins run (stopped on drop).
     _ticker: epoch::Ticker,
 }
@@ -320,7 +320,7 @@ impl PluginHost {
             engine,
             allocator,
             compiled: Default::default(),
-            disk_cache,
+            disk_cache: disk_cache.map(disk_cache::DiskCache::new),
             _ticker: ticker,
         }))
     }
@@ -394,34 +394,10 @@ impl PluginHost {
     }
 
     fn load_or_compile(&self, bytes: &[u8], key: &[u8; 32]) -> Result<Component> {
-        let Some(dir) = &self.disk_cache else {
-            return Ok(Component::new(&self.engine, bytes)?);
-        };
-        let path = dir.join(format!("{}.cwasm", self.cache_file_stem(key)));
-        if path.is_file() {
-            // SAFETY: the cache directory is the daemon's own (see config
-            // docs) and files are written atomically by `store_in_cache`
-            // below; wasmtime checks the engine compatibility header.
-            match unsafe { Component::deserialize_file(&self.engine, &path) } {
-                Ok(c) => return Ok(c),
-                Err(e) => tracing::warn!(path = %path.display(), "ignoring bad cache entry: {e:#}"),
-            }
+        match &self.disk_cache {
+            Some(cache) => cache.load_or_compile(&self.engine, bytes, key),
+            None => Ok(Component::new(&self.engine, bytes)?),
         }
-        let started = Instant::now();
-        let component = Component::new(&self.engine, bytes)?;
-        tracing::debug!(elapsed = ?started.elapsed(), "compiled plugin");
-        if let Err(e) = store_in_cache(&path, &component) {
-            tracing::warn!(path = %path.display(), "could not cache compiled plugin: {e:#}");
-        }
-        Ok(component)
-    }
-
-    /// File name: hash of the component bytes and of the engine settings,
-    /// so a wasmtime upgrade or config change never loads stale code.
-    fn cache_file_stem(&self, key: &[u8; 32]) -> String {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        self.engine.precompile_compatibility_hash().hash(&mut h);
-        format!("{}-{:016x}", hex(key), h.finish())
     }
 }
 
@@ -445,11 +421,6 @@ fn engine_config() -> EngineConfig {
     // (wasmtime's default, stated: the pool's fast starts rely on it).
     config.memory_init_cow(true);
     config
-}
-
-fn store_in_cache(path: &Path, component: &Component) -> Result<()> {
-    crate::files::write_atomically(path, &component.serialize()?)?;
-    Ok(())
 }
 
 #[cfg(test)]
