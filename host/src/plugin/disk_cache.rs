@@ -16,6 +16,7 @@
 
 use std::fs::File;
 use std::hash::{Hash, Hasher};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -83,6 +84,9 @@ impl DiskCache {
                 .create(true)
                 .truncate(false)
                 .write(true)
+                // The directory is the daemon's own; a link planted in it
+                // all the same is refused, not followed.
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(&path)
         });
         let file = match file {
