@@ -101,19 +101,23 @@ impl DiskCache {
         loop {
             match flock(&file, FlockOperation::NonBlockingLockExclusive) {
                 Ok(()) => return Some(file),
-                Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < deadline => {
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        tracing::warn!(
+                            path = %path.display(),
+                            "compiling without the cache's lock: another process has held it for {wait:?}"
+                        );
+                        return None;
+                    }
                     // Another process is compiling this plugin: a compile
                     // takes from milliseconds to seconds, so look again
                     // soon at first, then less often.
-                    std::thread::sleep(pause.min(deadline - Instant::now()));
+                    std::thread::sleep(pause.min(left));
                     pause = (pause * 2).min(Duration::from_millis(200));
                 }
                 Err(e) => {
-                    tracing::warn!(
-                        path = %path.display(),
-                        "compiling without the cache's lock (another process has held it for {:?}): {e}",
-                        wait
-                    );
+                    tracing::warn!(path = %path.display(), "compiling without the cache's lock: {e}");
                     return None;
                 }
             }
