@@ -15,7 +15,7 @@
 pub mod archive;
 pub mod builtin;
 pub mod collector;
-pub mod disk_cache;
+mod disk_cache;
 mod epoch;
 pub mod exec;
 pub mod inspect;
