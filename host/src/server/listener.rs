@@ -27,6 +27,10 @@
 //!   presents one). Its streams are bounded ([`PEER_STREAMS`], header
 //!   size, reset floods) and it is closed once idle for the header
 //!   timeout, as an HTTP/1.1 connection is.
+//! - **What a handler leaves of an HTTP/1.1 body** is read and discarded
+//!   (bounded), or the answer says `connection: close`: a refusal never
+//!   closes a connection the client was told it could keep
+//!   ([`super::unread_body`]).
 //! - Every request carries its client's address ([`ClientAddr`]) for the
 //!   sign-in throttle, and on TLS connections the client's certificate
 //!   ([`ClientCertificate`]) for node identity.
@@ -56,6 +60,8 @@ use crate::api::ClientAddr;
 use crate::config::ServerSettings;
 use crate::protocol::INTERNAL_PREFIX;
 use crate::tls::{ClientCertificate, PEER_ALPN, TlsContext};
+
+use super::unread_body;
 
 /// Streams in flight on one node-to-node (HTTP/2) connection: a session,
 /// its commands and pings, event long-polls and forwarded status requests.
@@ -474,10 +480,23 @@ impl Connection {
             async move {
                 let response = match refusal {
                     Some(refusal) => refusal,
-                    None => match app.oneshot(request.map(Body::new)).await {
-                        Ok(response) => response,
-                        Err(never) => match never {},
-                    },
+                    None if request.version() == http::Version::HTTP_2 => {
+                        match app.oneshot(request.map(Body::new)).await {
+                            Ok(response) => response,
+                            Err(never) => match never {},
+                        }
+                    }
+                    None => {
+                        // HTTP/1.1: what the app leaves of the body must
+                        // not cost the client its connection.
+                        let (request, unread) = unread_body::track(request);
+                        let mut response = match app.oneshot(request).await {
+                            Ok(response) => response,
+                            Err(never) => match never {},
+                        };
+                        unread.settle(&mut response, limits.header_timeout);
+                        response
+                    }
                 };
                 Ok::<_, Infallible>(response.map(|inner| GuardedBody {
                     inner,

@@ -5,6 +5,7 @@
 
 pub mod listener;
 pub mod reload;
+mod unread_body;
 
 use std::path::Path;
 use std::sync::Arc;
