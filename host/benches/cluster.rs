@@ -9,7 +9,8 @@
 //!
 //! `cargo bench -p autocollect --bench cluster`; `CLUSTER_BENCH=large`
 //! runs only the 32-, 64- and 128-node rows (`CLUSTER_BENCH=small` only
-//! the 3-node ones).
+//! the 3-node ones); `CLUSTER_BENCH_CPU=1` adds the daemons' CPU time
+//! during the timed collections, by thread.
 
 mod common;
 
@@ -94,8 +95,14 @@ async fn bench(size: usize, runs: usize, target: Duration, tls: bool) -> anyhow:
     let idle = rss("VmRSS");
 
     let mut samples = Vec::with_capacity(runs);
+    let mut cpu = CpuByThread::default();
+    let account = std::env::var_os("CLUSTER_BENCH_CPU").is_some();
     for run in 0..runs + 2 {
+        let before = (account && run >= 2).then(|| CpuByThread::read(&pids));
         let elapsed = timed_collection(&admin).await?;
+        if let Some(before) = before {
+            cpu.add_since(&before, &CpuByThread::read(&pids));
+        }
         if run >= 2 {
             samples.push(elapsed);
         }
@@ -105,6 +112,9 @@ async fn bench(size: usize, runs: usize, target: Duration, tls: bool) -> anyhow:
         }
     }
     let s = Samples::new(samples);
+    if account {
+        cpu.print(size, runs);
+    }
     let peak = rss("VmHWM");
     println!(
         "{size:>3} nodes, {}: start -> all collected  n={} median {}  p90 {}  min {}  (target < {}: {})",
@@ -138,4 +148,99 @@ async fn bench(size: usize, runs: usize, target: Duration, tls: bool) -> anyhow:
         mib(peak.iter().sum()),
     );
     Ok(())
+}
+
+/// CPU time of the daemons by thread name (digits dropped), summed over
+/// timed collections only (`CLUSTER_BENCH_CPU=1`): where a collection's
+/// CPU goes. Live threads from `schedstat` (nanoseconds); threads that
+/// ended meanwhile (a job's budget watcher, idle blocking-pool threads)
+/// only show in the process's total (`stat`, in clock ticks), so they
+/// are the difference, reported as "ended threads".
+#[derive(Default, Clone)]
+struct CpuByThread {
+    /// (pid, thread name) -> ns, for live threads.
+    threads: std::collections::HashMap<(u32, String), u64>,
+    /// pid -> ns, the whole process (ended threads included).
+    processes: std::collections::HashMap<u32, u64>,
+    /// Accumulated deltas: thread name -> ns.
+    by_name: std::collections::BTreeMap<String, u64>,
+}
+
+impl CpuByThread {
+    fn read(pids: &[u32]) -> CpuByThread {
+        // SAFETY: sysconf has no preconditions.
+        let tick_ns = 1_000_000_000 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        let mut snapshot = CpuByThread::default();
+        for &pid in pids {
+            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                let fields: Vec<&str> = stat
+                    .rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .collect();
+                let ticks: u64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0)
+                    + fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0);
+                snapshot.processes.insert(pid, ticks * tick_ns);
+            }
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                continue;
+            };
+            for task in tasks.flatten() {
+                let dir = task.path();
+                let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+                let name: String = name
+                    .trim()
+                    .trim_end_matches(|c: char| c.is_ascii_digit() || c == '-')
+                    .to_string();
+                let ns = std::fs::read_to_string(dir.join("schedstat"))
+                    .ok()
+                    .and_then(|s| s.split_whitespace().next()?.parse().ok())
+                    .unwrap_or(0);
+                let tid = task
+                    .file_name()
+                    .to_string_lossy()
+                    .parse::<u32>()
+                    .unwrap_or(0);
+                snapshot.threads.insert((tid, name), ns);
+            }
+        }
+        snapshot
+    }
+
+    fn add_since(&mut self, before: &CpuByThread, after: &CpuByThread) {
+        let mut live = 0u64;
+        for (key, &ns) in &after.threads {
+            let delta = ns.saturating_sub(before.threads.get(key).copied().unwrap_or(0));
+            live += delta;
+            *self.by_name.entry(key.1.clone()).or_default() += delta;
+        }
+        let total: u64 = after
+            .processes
+            .iter()
+            .map(|(pid, &ns)| ns.saturating_sub(before.processes.get(pid).copied().unwrap_or(ns)))
+            .sum();
+        *self
+            .by_name
+            .entry("(ended threads, by ticks)".into())
+            .or_default() += total.saturating_sub(live);
+    }
+
+    fn print(&self, size: usize, runs: usize) {
+        let all: u64 = self.by_name.values().sum();
+        println!(
+            "          daemons' CPU per collection: {} ({} per node), by thread:",
+            fmt_duration(Duration::from_nanos(all / runs as u64)),
+            fmt_duration(Duration::from_nanos(all / runs as u64 / size as u64)),
+        );
+        let mut names: Vec<_> = self.by_name.iter().collect();
+        names.sort_by_key(|(_, ns)| std::cmp::Reverse(**ns));
+        for (name, ns) in names.into_iter().filter(|(_, ns)| **ns > 0) {
+            println!(
+                "            {name:<28} {:>10} per collection  {:>5.1} %",
+                fmt_duration(Duration::from_nanos(ns / runs as u64)),
+                100.0 * *ns as f64 / all.max(1) as f64
+            );
+        }
+    }
 }

@@ -13,6 +13,8 @@
 //! `cargo bench -p autocollect --bench plugin_start`
 //! (`PLUGIN_START_BENCH=languages` runs only the languages part,
 //! `PLUGIN_START_BENCH=steady` only the instantiate + call rows,
+//! `PLUGIN_START_BENCH=pooled` those without the on-demand one, for a
+//! profile of the pooled path,
 //! `PLUGIN_START_BENCH=variants` the pool settings compared, before and
 //! after and the candidates measured for issue 13, in one process.)
 
@@ -44,7 +46,8 @@ async fn run() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     match std::env::var("PLUGIN_START_BENCH").as_deref() {
         Ok("languages") => return languages(tmp.path()).await,
-        Ok("steady") => return steady(&PluginHost::new(None)?, tmp.path()).await,
+        Ok("steady") => return steady(&PluginHost::new(None)?, tmp.path(), true).await,
+        Ok("pooled") => return steady(&PluginHost::new(None)?, tmp.path(), false).await,
         Ok("variants") => return variants(tmp.path()).await,
         _ => {}
     }
@@ -73,14 +76,16 @@ async fn run() -> anyhow::Result<()> {
         &Samples::new(samples),
     );
 
-    steady(&host, tmp.path()).await?;
+    steady(&host, tmp.path(), true).await?;
     mock_zip_vs_zip(&host, tmp.path()).await?;
     languages(tmp.path()).await
 }
 
 /// Steady state: instantiate + one no-op collect per run, on demand
 /// then from the pool; and where the time goes.
-async fn steady(host: &Arc<PluginHost>, tmp: &Path) -> anyhow::Result<()> {
+/// The steady-state rows; `on_demand: false` leaves out the on-demand
+/// one (for a profile of the pooled path alone).
+async fn steady(host: &Arc<PluginHost>, tmp: &Path, on_demand: bool) -> anyhow::Result<()> {
     // `PLUGIN_START_CALLS=N` for longer runs (profiling).
     let calls = std::env::var("PLUGIN_START_CALLS")
         .ok()
@@ -90,12 +95,14 @@ async fn steady(host: &Arc<PluginHost>, tmp: &Path) -> anyhow::Result<()> {
     let options = [("mode".to_string(), "noop".to_string())];
     let out = tmp.join("noop");
     std::fs::create_dir_all(&out)?;
-    let noop = CollectorPlugin::load(host, noop_source.clone())?;
-    let on_demand = collect_n(&noop, &options, &out, calls + 100, 100).await;
-    row(
-        "instantiate + no-op collect (cached, on-demand)",
-        &on_demand,
-    );
+    if on_demand {
+        let noop = CollectorPlugin::load(host, noop_source.clone())?;
+        let on_demand = collect_n(&noop, &options, &out, calls + 100, 100).await;
+        row(
+            "instantiate + no-op collect (cached, on-demand)",
+            &on_demand,
+        );
+    }
     let pooled = pooled_host()?;
     println!("  pool: {}", pooled.allocator());
     let noop = CollectorPlugin::load(&pooled, noop_source)?;
