@@ -14,7 +14,8 @@
 //! (`PLUGIN_START_BENCH=languages` runs only the languages part,
 //! `PLUGIN_START_BENCH=steady` only the instantiate + call rows,
 //! `PLUGIN_START_BENCH=pooled` those without the on-demand one, for a
-//! profile of the pooled path,
+//! profile of the pooled path, `PLUGIN_START_OTHER=FILE` adds a compile
+//! of another plugin after the languages' ones,
 //! `PLUGIN_START_BENCH=variants` the pool settings compared, before and
 //! after and the candidates measured for issue 13, in one process.)
 
@@ -343,6 +344,33 @@ async fn languages(tmp: &Path) -> anyhow::Result<()> {
         }
     }
     let cache = tmp.join("languages-cache");
+    // `PLUGIN_START_OTHER=FILE`: a different plugin in one of these
+    // languages (e.g. the `plugin new --lang python` template, built),
+    // compiled cold and after all of the above, as `plugin run` would in a
+    // session that ran them first.
+    if let Some(other) = std::env::var_os("PLUGIN_START_OTHER") {
+        let other = std::fs::read(&other)?;
+        let cold_host = PluginHost::new(None)?;
+        let cold = time_n(0, 3, || {
+            cold_host.compile_uncached(&other).unwrap();
+        });
+        // Its first compile in each session (a second would find all of
+        // its own functions).
+        let mut samples = Vec::new();
+        for _ in 0..3 {
+            let authoring = PluginHost::for_authoring()?;
+            for (_, path) in &plugins {
+                authoring.compile_uncached(&std::fs::read(path)?)?;
+            }
+            let t = Instant::now();
+            authoring.compile_uncached(&other)?;
+            samples.push(t.elapsed());
+        }
+        let warm = Samples::new(samples);
+        println!("PLUGIN_START_OTHER ({} bytes):", other.len());
+        row("  compile (cold)", &cold);
+        row("  compile after the plugins above (plugin run)", &warm);
+    }
     for (label, path) in plugins {
         let bytes = std::fs::read(&path)?;
         println!(
@@ -355,6 +383,15 @@ async fn languages(tmp: &Path) -> anyhow::Result<()> {
             host.compile_uncached(&bytes).unwrap();
         });
         row("  compile (cold)", &cold);
+
+        // `plugin run --watch` after a rebuild that left the code alone
+        // (an edited app.py changes the memory snapshot, not the code).
+        let authoring = PluginHost::for_authoring()?;
+        authoring.compile_uncached(&bytes)?;
+        let warm = time_n(0, 3, || {
+            authoring.compile_uncached(&bytes).unwrap();
+        });
+        row("  compile again, its functions kept (plugin run)", &warm);
 
         let source = PluginSource::File(path.clone());
         PluginHost::new(Some(cache.clone()))?.component(&source)?;

@@ -117,14 +117,15 @@ impl RunObserver for Recorder {
     }
 }
 
-/// The process's plugin host (one engine, its compiled components cached).
+/// The process's plugin host (one engine, its compiled components and
+/// functions cached: [`PluginHost::for_authoring`]).
 pub(crate) fn plugin_host() -> Result<Arc<PluginHost>> {
     // One engine per process (compiled components are cached in it).
     static HOST: std::sync::OnceLock<Arc<PluginHost>> = std::sync::OnceLock::new();
     if let Some(host) = HOST.get() {
         return Ok(host.clone());
     }
-    let host = PluginHost::new(None)?;
+    let host = PluginHost::for_authoring()?;
     Ok(HOST.get_or_init(|| host).clone())
 }
 

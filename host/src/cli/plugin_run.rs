@@ -110,6 +110,9 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
             }
         }
         seen = wait_for_change(&path, seen).await;
+        // The new build compiles from the functions kept in memory; the
+        // old one's component is let go.
+        crate::testing::plugin_host()?.forget_compiled();
         println!("{} changed: running again", args.file);
     }
 }

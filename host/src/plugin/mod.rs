@@ -18,6 +18,7 @@ pub mod collector;
 mod disk_cache;
 mod epoch;
 pub mod exec;
+pub mod function_cache;
 pub mod inspect;
 mod outbound;
 mod run;
@@ -264,6 +265,19 @@ impl PluginHost {
         PluginHost::with_engine(engine, Allocator::OnDemand { reason: None }, disk_cache)
     }
 
+    /// A host for the plugin author's loop (`plugin run`, and the
+    /// library's `testing` API): on demand, and keeping every compiled
+    /// function in memory ([`function_cache`]), so that a rebuilt plugin
+    /// compiles only what changed.
+    pub fn for_authoring() -> Result<Arc<PluginHost>> {
+        let mut config = engine_config();
+        config.enable_incremental_compilation(Arc::new(function_cache::FunctionCache::new(
+            function_cache::FunctionCache::CAPACITY,
+        )))?;
+        let engine = Engine::new(&config)?;
+        PluginHost::with_engine(engine, Allocator::OnDemand { reason: None }, None)
+    }
+
     /// A host whose instances come from a pool sized by `pool` (what the
     /// daemon runs), with copy-on-write memory images: an instance maps
     /// its plugin's initial memory instead of copying it. Where the pool's
@@ -327,6 +341,13 @@ impl PluginHost {
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// Let go of every compiled component this host keeps (those in use
+    /// stay alive where they are used): `plugin run --watch`, once the
+    /// file changed, so that a long session does not keep every build.
+    pub fn forget_compiled(&self) {
+        self.compiled.lock().unwrap().clear();
     }
 
     /// How this host's instances are allocated.
