@@ -28,9 +28,9 @@
 //!   size, reset floods) and it is closed once idle for the header
 //!   timeout, as an HTTP/1.1 connection is.
 //! - **What a handler leaves of an HTTP/1.1 body** is read and discarded
-//!   (bounded), or the answer says `connection: close`: a refusal never
-//!   closes a connection the client was told it could keep
-//!   ([`super::unread_body`]).
+//!   (bounded), or the answer says `connection: close`: a refusal does
+//!   not close, unannounced, the connection of a client that sends its
+//!   body in time ([`super::unread_body`]).
 //! - Every request carries its client's address ([`ClientAddr`]) for the
 //!   sign-in throttle, and on TLS connections the client's certificate
 //!   ([`ClientCertificate`]) for node identity.
@@ -480,21 +480,23 @@ impl Connection {
             async move {
                 let response = match refusal {
                     Some(refusal) => refusal,
-                    None if request.version() == http::Version::HTTP_2 => {
-                        match app.oneshot(request.map(Body::new)).await {
-                            Ok(response) => response,
-                            Err(never) => match never {},
-                        }
-                    }
                     None => {
                         // HTTP/1.1: what the app leaves of the body must
-                        // not cost the client its connection.
-                        let (request, unread) = unread_body::track(request);
+                        // not cost the client its connection (an HTTP/2
+                        // stream's does not).
+                        let (request, unread) = if request.version() == http::Version::HTTP_2 {
+                            (request.map(Body::new), None)
+                        } else {
+                            let (request, unread) = unread_body::track(request);
+                            (request, Some(unread))
+                        };
                         let mut response = match app.oneshot(request).await {
                             Ok(response) => response,
                             Err(never) => match never {},
                         };
-                        unread.settle(&mut response, limits.header_timeout);
+                        if let Some(unread) = unread {
+                            unread.settle(&mut response, limits.header_timeout);
+                        }
                         response
                     }
                 };
