@@ -101,7 +101,7 @@ async fn bench(size: usize, runs: usize, target: Duration, tls: bool) -> anyhow:
         let before = (account && run >= 2).then(|| CpuByThread::read(&pids));
         let elapsed = timed_collection(&admin).await?;
         if let Some(before) = before {
-            cpu.add_since(&before, &CpuByThread::read(&pids));
+            cpu.add_since(&before, &CpuByThread::read(&pids), pids[0]);
         }
         if run >= 2 {
             samples.push(elapsed);
@@ -164,6 +164,8 @@ struct CpuByThread {
     processes: std::collections::HashMap<u32, u64>,
     /// Accumulated deltas: thread name -> ns.
     by_name: std::collections::BTreeMap<String, u64>,
+    /// Accumulated: the first daemon's (the coordinator's) whole process.
+    coordinator: u64,
 }
 
 impl CpuByThread {
@@ -208,18 +210,21 @@ impl CpuByThread {
         snapshot
     }
 
-    fn add_since(&mut self, before: &CpuByThread, after: &CpuByThread) {
+    /// Add what ran between `before` and `after`; the coordinator is
+    /// `coordinator`'s process.
+    fn add_since(&mut self, before: &CpuByThread, after: &CpuByThread, coordinator: u32) {
+        let process = |pid| {
+            let at = |s: &CpuByThread| s.processes.get(&pid).copied().unwrap_or(0);
+            at(after).saturating_sub(at(before))
+        };
+        self.coordinator += process(coordinator);
         let mut live = 0u64;
         for (key, &ns) in &after.threads {
             let delta = ns.saturating_sub(before.threads.get(key).copied().unwrap_or(0));
             live += delta;
             *self.by_name.entry(key.1.clone()).or_default() += delta;
         }
-        let total: u64 = after
-            .processes
-            .iter()
-            .map(|(pid, &ns)| ns.saturating_sub(before.processes.get(pid).copied().unwrap_or(ns)))
-            .sum();
+        let total: u64 = after.processes.keys().map(|&pid| process(pid)).sum();
         *self
             .by_name
             .entry("(ended threads, by ticks)".into())
@@ -232,6 +237,11 @@ impl CpuByThread {
             "          daemons' CPU per collection: {} ({} per node), by thread:",
             fmt_duration(Duration::from_nanos(all / runs as u64)),
             fmt_duration(Duration::from_nanos(all / runs as u64 / size as u64)),
+        );
+        println!(
+            "            (of which the coordinating daemon, all its threads: {} per collection, {:.1} %)",
+            fmt_duration(Duration::from_nanos(self.coordinator / runs as u64)),
+            100.0 * self.coordinator as f64 / all.max(1) as f64
         );
         let mut names: Vec<_> = self.by_name.iter().collect();
         names.sort_by_key(|(_, ns)| std::cmp::Reverse(**ns));
