@@ -367,3 +367,35 @@ async fn a_refused_request_with_a_body_not_worth_waiting_for_is_told_the_connect
             .expect("the connection ends");
     }
 }
+
+/// A parameters body over the limit is a JSON error like any other (it
+/// was axum's plain-text rejection), on every route that takes one.
+#[tokio::test]
+async fn an_oversized_body_gets_a_json_413() {
+    let c = cluster(&["n1"], |_| {}).await;
+    let limit = autocollect::api::params::MAX_PARAMS_BODY;
+    let http = c.http_client(None);
+    for path in [
+        "/collectLogs/start",
+        "/controller/startLogsCollection",
+        "/settings/logRedaction",
+    ] {
+        let response = http
+            .post(format!("{}{path}", c.node("n1").url()))
+            .basic_auth(autocollect::cluster::ADMIN_USER, Some(&c.admin_password))
+            .header("content-type", "application/json")
+            .body(vec![b' '; limit + 1])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE, "{path}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(
+            body,
+            json!({"_": format!("The request body is over {limit} bytes")}),
+            "{path}"
+        );
+    }
+    // Nothing started.
+    assert_eq!(c.admin("n1").status().await.unwrap(), None);
+}

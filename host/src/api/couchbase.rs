@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 
 use axum::Json;
 use axum::Router;
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
@@ -15,7 +14,7 @@ use serde_json::{Map, Value, json};
 
 use super::audit::Entry;
 use super::error::ApiError;
-use super::params::Param;
+use super::params::{Param, ParamsBody};
 use super::public::{
     Admin, Reader, StatusQuery, cancel_task, latest_task, remote_coordinator, start_task,
 };
@@ -98,7 +97,7 @@ async fn set_log_redaction(
     State(state): State<AppState>,
     Admin(caller): Admin,
     headers: HeaderMap,
-    body: Bytes,
+    ParamsBody(body): ParamsBody,
 ) -> Result<Json<Value>, ApiError> {
     let params = params::parse(&headers, &body)?;
     let result = apply_log_redaction(&state, &params).await;
@@ -291,7 +290,7 @@ async fn start(
     State(state): State<AppState>,
     Admin(caller): Admin,
     headers: HeaderMap,
-    body: Bytes,
+    ParamsBody(body): ParamsBody,
 ) -> Result<Json<Value>, ApiError> {
     let mut params = params::parse(&headers, &body)?;
     configured_names(&state, &mut params);

@@ -10,7 +10,7 @@ mod error;
 pub mod events;
 mod internal;
 mod openapi;
-mod params;
+pub mod params;
 mod public;
 mod ui;
 

@@ -156,6 +156,7 @@ fn operation(
 fn param_errors(description: &str) -> Value {
     json!({
         "400": error(description),
+        "413": error("A body over 2 MiB (`params::MAX_PARAMS_BODY`)"),
         "415": error("A body that is neither form-encoded nor JSON"),
     })
 }

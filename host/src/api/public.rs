@@ -24,12 +24,11 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::audit::Entry;
-use super::params::{self, Param};
+use super::params::{self, Param, ParamsBody};
 use super::{
     AppState, CANCEL_URI, ClientAddr, EVENTS_URI, HEALTH_URI, METRICS_URI, RELOAD_URI, START_URI,
     STATUS_URI,
@@ -490,7 +489,7 @@ async fn start(
     State(state): State<AppState>,
     Admin(caller): Admin,
     headers: HeaderMap,
-    body: Bytes,
+    ParamsBody(body): ParamsBody,
 ) -> Result<Json<Value>, ApiError> {
     let params = params::parse(&headers, &body)?;
     let task = start_task(&state, &caller, START_URI, &params, START_PARAMS).await?;
