@@ -373,7 +373,7 @@ async fn a_refused_request_with_a_body_not_worth_waiting_for_is_told_the_connect
 #[tokio::test]
 async fn an_oversized_body_gets_a_json_413() {
     let c = cluster(&["n1"], |_| {}).await;
-    let limit = autocollect::api::params::MAX_PARAMS_BODY;
+    let limit = autocollect::api::MAX_PARAMS_BODY;
     let http = c.http_client(None);
     for path in [
         "/collectLogs/start",

@@ -10,7 +10,7 @@ mod error;
 pub mod events;
 mod internal;
 mod openapi;
-pub mod params;
+mod params;
 mod public;
 mod ui;
 
@@ -26,6 +26,7 @@ use crate::node::NodeService;
 use crate::peer_auth::PeerVerifier;
 
 pub use error::ApiError;
+pub use params::MAX_PARAMS_BODY;
 
 pub const START_URI: &str = "/collectLogs/start";
 pub const STATUS_URI: &str = "/collectLogs/status";
