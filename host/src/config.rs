@@ -373,7 +373,8 @@ pub struct ServerSettings {
     #[serde(default)]
     pub peer_reserved_connections: usize,
     /// A connection must send a complete request head within this many
-    /// seconds of opening or of its previous answer, else it is closed.
+    /// seconds of opening or of its previous answer, else it is closed;
+    /// a body the API reads whole must arrive within it of its head.
     #[serde(default = "default_header_timeout_secs")]
     pub header_timeout_secs: f64,
 }

@@ -399,3 +399,60 @@ async fn an_oversized_body_gets_a_json_413() {
     // Nothing started.
     assert_eq!(c.admin("n1").status().await.unwrap(), None);
 }
+
+/// A client that announces a body and then stalls holds neither its
+/// connection nor a handler past the header timeout: the body a route
+/// reads whole must arrive within it, else a JSON 408 that closes the
+/// connection. On a public route (after sign-in) and on the node-to-node
+/// API (whose body is read before its signature can be checked).
+#[tokio::test]
+async fn a_body_that_stalls_gets_a_json_408_and_its_connection_closes() {
+    use base64::Engine as _;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = cluster(&["n1"], |config| config.server.header_timeout_secs = 1.0).await;
+    let credentials = base64::engine::general_purpose::STANDARD.encode(format!(
+        "{}:{}",
+        autocollect::cluster::ADMIN_USER,
+        c.admin_password
+    ));
+    for (path, auth) in [
+        (
+            "/collectLogs/start",
+            format!("Authorization: Basic {credentials}\r\n"),
+        ),
+        (
+            "/settings/logRedaction",
+            format!("Authorization: Basic {credentials}\r\n"),
+        ),
+        ("/internal/v1/sessions", String::new()),
+    ] {
+        let mut conn = tls_connect(&c, "n1").await;
+        // Half of the announced body, then nothing.
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: n1\r\nContent-Type: application/json\r\n{auth}\
+             Content-Length: 40\r\n\r\n{{\"nodes\": \"n1\",   "
+        );
+        conn.write_all(request.as_bytes()).await.unwrap();
+        conn.flush().await.unwrap();
+        let (head, body) = tokio::time::timeout(PATIENCE, read_response(&mut conn))
+            .await
+            .unwrap_or_else(|_| panic!("{path}: no answer while the body stalls"))
+            .expect("an answer");
+        assert!(head.starts_with("http/1.1 408"), "{path}: {head}");
+        assert!(head.contains("connection: close"), "{path}: {head}");
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            body,
+            json!({"_": "The request body did not arrive within 1 s"}),
+            "{path}"
+        );
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(PATIENCE, conn.read_to_end(&mut rest))
+            .await
+            .unwrap_or_else(|_| panic!("{path}: the connection ends"));
+    }
+    // Nothing started, and the node holds no session.
+    assert_eq!(c.admin("n1").status().await.unwrap(), None);
+    let health = c.admin("n1").health().await.unwrap();
+    assert_eq!(health["session"], json!(null));
+}

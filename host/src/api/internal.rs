@@ -29,8 +29,6 @@ use crate::upload::{Destination, Proxy};
 const CANCEL_WAIT: Duration = Duration::from_secs(10);
 /// Largest node-to-node request body.
 const MAX_BODY: usize = 1 << 20;
-/// How long a node-to-node request body may take to arrive.
-const BODY_DEADLINE: Duration = Duration::from_secs(10);
 
 pub fn router(state: AppState) -> Router<AppState> {
     Router::new()
@@ -60,24 +58,12 @@ pub fn router(state: AppState) -> Router<AppState> {
 #[derive(Debug, Clone)]
 struct SignedBy(String);
 
-/// Read the body (bounded in size and time), check the signature over
+/// Read the body (bounded in size and time: [`super::body::read_whole`]), check the signature over
 /// it, and hand the request on with the signer's name.
 async fn verify_peer(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let (mut parts, body) = request.into_parts();
-    let body = match tokio::time::timeout(BODY_DEADLINE, axum::body::to_bytes(body, MAX_BODY)).await
-    {
-        Ok(Ok(bytes)) => bytes,
-        Ok(Err(_)) => {
-            return ApiError::general(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("A node-to-node request body is at most {MAX_BODY} bytes"),
-            )
-            .into_response();
-        }
-        Err(_) => {
-            return ApiError::general(StatusCode::REQUEST_TIMEOUT, "The request body was too slow")
-                .into_response();
-        }
+    let (mut parts, body) = match super::body::read_whole(request, MAX_BODY).await {
+        Ok(read) => read,
+        Err(refusal) => return refusal,
     };
     let path = parts
         .uri

@@ -5,6 +5,7 @@
 
 mod access_log;
 pub mod audit;
+mod body;
 mod couchbase;
 mod error;
 pub mod events;
@@ -25,6 +26,7 @@ use crate::coordinator::Coordinator;
 use crate::node::NodeService;
 use crate::peer_auth::PeerVerifier;
 
+pub use body::BodyDeadline;
 pub use error::ApiError;
 pub use params::MAX_PARAMS_BODY;
 

@@ -156,6 +156,7 @@ fn operation(
 fn param_errors(description: &str) -> Value {
     json!({
         "400": error(description),
+        "408": error("The body did not arrive within the header timeout of the request head (`server.header_timeout_secs`); the connection closes"),
         "413": error("A body over 2 MiB (`params::MAX_PARAMS_BODY`)"),
         "415": error("A body that is neither form-encoded nor JSON"),
     })

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderMap, StatusCode, header};
-use http_body_util::BodyExt;
+use axum::response::Response;
 
 use super::ApiError;
 
@@ -14,27 +14,18 @@ use super::ApiError;
 /// far above any start request, a list of 10,000 node names included.
 pub const MAX_PARAMS_BODY: usize = 2 << 20;
 
-/// A route's parameters body, read whole (at most [`MAX_PARAMS_BODY`]):
-/// too large, or broken off, it is a JSON error like any other, not
-/// axum's plain-text rejection.
+/// A route's parameters body, read whole (at most [`MAX_PARAMS_BODY`],
+/// within the request's [`super::body::BodyDeadline`]): too large, too
+/// slow or broken off, it is a JSON error like any other, not axum's
+/// plain-text rejection.
 pub struct ParamsBody(pub Bytes);
 
 impl<S: Send + Sync> FromRequest<S> for ParamsBody {
-    type Rejection = ApiError;
+    type Rejection = Response;
 
-    async fn from_request(request: Request, _: &S) -> Result<ParamsBody, ApiError> {
-        let limited = http_body_util::Limited::new(request.into_body(), MAX_PARAMS_BODY);
-        match limited.collect().await {
-            Ok(body) => Ok(ParamsBody(body.to_bytes())),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::general(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("The request body is over {MAX_PARAMS_BODY} bytes"),
-            )),
-            Err(e) => Err(ApiError::general(
-                StatusCode::BAD_REQUEST,
-                format!("The request body could not be read: {e}"),
-            )),
-        }
+    async fn from_request(request: Request, _: &S) -> Result<ParamsBody, Response> {
+        let (_, body) = super::body::read_whole(request, MAX_PARAMS_BODY).await?;
+        Ok(ParamsBody(body))
     }
 }
 

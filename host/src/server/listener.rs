@@ -3,7 +3,9 @@
 //!
 //! - **Header timeout.** A connection must send a complete request head
 //!   within `header_timeout` of opening, and again of each answer (an idle
-//!   keep-alive connection is closed after it too).
+//!   keep-alive connection is closed after it too). A body the API reads
+//!   whole (parameters, node-to-node requests) must arrive within it too
+//!   once its head has ([`BodyDeadline`], set on every request).
 //! - **A cap on connections**, derived from the open-file limit (whose
 //!   soft value is raised to the hard one at start). At the cap, the
 //!   connection that has been idle the longest is closed to make room; if
@@ -56,7 +58,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tower::ServiceExt;
 
-use crate::api::ClientAddr;
+use crate::api::{BodyDeadline, ClientAddr};
 use crate::config::ServerSettings;
 use crate::protocol::INTERNAL_PREFIX;
 use crate::tls::{ClientCertificate, PEER_ALPN, TlsContext};
@@ -477,6 +479,9 @@ impl Connection {
             let app = app.clone();
             request.extensions_mut().insert(ClientAddr(client));
             request.extensions_mut().insert(cert.clone());
+            request
+                .extensions_mut()
+                .insert(BodyDeadline(limits.header_timeout));
             async move {
                 let response = match refusal {
                     Some(refusal) => refusal,
