@@ -369,7 +369,8 @@ async fn a_refused_request_with_a_body_not_worth_waiting_for_is_told_the_connect
 }
 
 /// A parameters body over the limit is a JSON error like any other (it
-/// was axum's plain-text rejection), on every route that takes one.
+/// was axum's plain-text rejection), on every route that takes one; and
+/// so is a node-to-node body over its own.
 #[tokio::test]
 async fn an_oversized_body_gets_a_json_413() {
     let c = cluster(&["n1"], |_| {}).await;
@@ -396,6 +397,18 @@ async fn an_oversized_body_gets_a_json_413() {
             "{path}"
         );
     }
+    // The node-to-node API reads its body before it can check the
+    // signature over it: at most 1 MiB, whoever sends it.
+    let response = http
+        .post(format!("{}/internal/v1/sessions", c.node("n1").url()))
+        .header("content-type", "application/json")
+        .body(vec![b' '; (1 << 20) + 1])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body, json!({"_": "The request body is over 1048576 bytes"}));
     // Nothing started.
     assert_eq!(c.admin("n1").status().await.unwrap(), None);
 }
