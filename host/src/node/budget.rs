@@ -8,17 +8,19 @@
 //! [`RESCAN_MIN`]), which also re-syncs the watches; a walk runs every
 //! [`RESCAN_EVERY`] anyway, and whenever the kernel's event queue
 //! overflowed. Every walk and `stat` goes through [`SafeDir`]: nothing
-//! the plugin planted is followed.
+//! the plugin planted is followed. One thread of the process watches
+//! every job ([`Watcher`]).
 
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use rustix::event::{EventfdFlags, Timespec, epoll};
 use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
 use rustix::fs::{AtFlags, FileType};
 
@@ -64,29 +66,24 @@ impl Usage {
 
 /// Watches until dropped.
 pub struct BudgetWatch {
-    stop: Arc<AtomicBool>,
-    /// Written to wake the watcher at once when it should stop.
-    wake: Arc<OwnedFd>,
-    /// Answered when the watcher has stopped watching (it may still be
-    /// closing its inotify instance, which takes the kernel milliseconds:
-    /// not worth waiting for).
-    stopped: std::sync::mpsc::Receiver<()>,
+    id: u64,
 }
 
 impl Drop for BudgetWatch {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: an 8-byte write to our own eventfd.
-        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
-        // After this, no breach is reported.
-        let _ = self.stopped.recv();
+        // Answered once the watcher has let go of the job: after this, no
+        // breach is reported. (It closes the job's inotify instance only
+        // then, which takes the kernel milliseconds: not worth waiting for.)
+        let (done, stopped) = std::sync::mpsc::sync_channel(1);
+        if watcher().is_ok_and(|w| w.send(Command::Remove(self.id, done))) {
+            let _ = stopped.recv();
+        }
     }
 }
 
 /// Watch `dirs` (and `free_space_of` for the reserve); keep `usage` up to
 /// date; call `breach` once, with the reason, when the job goes over a
-/// limit.
+/// limit. `usage` holds the first count when this returns.
 pub fn watch(
     dirs: Vec<SafeDir>,
     free_space_of: SafeDir,
@@ -105,38 +102,195 @@ pub fn watch(
     };
     tree.rescan();
     tree.publish(&usage);
-    let stop = Arc::new(AtomicBool::new(false));
-    let stopping = stop.clone();
-    // SAFETY: eventfd returns a new descriptor we own, or -1.
-    let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if wake < 0 {
-        return Err(io::Error::last_os_error());
+    let watcher = watcher()?;
+    let id = NEXT_JOB.fetch_add(1, Ordering::Relaxed);
+    let free = free_space_of.free_bytes().ok();
+    let job = Job {
+        tree,
+        free_space_of,
+        limits,
+        usage,
+        breach: Some(Box::new(breach)),
+        last_scan: Instant::now(),
+        dirty: false,
+        free,
+        last_free: Instant::now(),
+    };
+    if !watcher.send(Command::Add(id, Box::new(job))) {
+        return Err(io::Error::other("the job-budget thread has stopped"));
     }
-    // SAFETY: `wake` is a fresh descriptor nobody else owns.
-    let wake = Arc::new(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(wake) });
-    let woken = wake.clone();
-    let (stopped_tx, stopped) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name("job-budget".into())
-        .spawn(move || {
-            let mut tree = tree;
-            run(
-                &mut tree,
-                free_space_of,
-                limits,
-                &usage,
-                stopping,
-                &woken,
-                breach,
+    Ok(BudgetWatch { id })
+}
+
+/// Ids of watched jobs, in this process.
+static NEXT_JOB: AtomicU64 = AtomicU64::new(0);
+
+/// The process's one watcher thread, started with the first watch.
+static WATCHER: OnceLock<Result<Watcher, String>> = OnceLock::new();
+
+fn watcher() -> io::Result<&'static Watcher> {
+    WATCHER
+        .get_or_init(|| Watcher::start().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| io::Error::other(format!("cannot start the job-budget thread: {e}")))
+}
+
+/// One thread watches every job of the process (a node runs one at a
+/// time; the tests' harness may run several), over an `epoll` of the
+/// jobs' `inotify` instances: a job costs no thread of its own, whose
+/// start and exit cost about a third of what watching a small job did.
+struct Watcher {
+    commands: std::sync::mpsc::Sender<Command>,
+    /// Written to wake the thread when a command is sent.
+    wake: OwnedFd,
+}
+
+enum Command {
+    Add(u64, Box<Job>),
+    /// Stop watching the job, then answer.
+    Remove(u64, std::sync::mpsc::SyncSender<()>),
+}
+
+/// The `epoll` data of the wake-up eventfd (jobs' are their ids).
+const WAKE: u64 = u64::MAX;
+
+impl Watcher {
+    fn start() -> io::Result<Watcher> {
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        let wake = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+        epoll::add(
+            &epoll,
+            &wake,
+            epoll::EventData::new_u64(WAKE),
+            epoll::EventFlags::IN,
+        )?;
+        let woken = wake.try_clone()?;
+        let (commands, received) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("job-budget".into())
+            .spawn(move || serve(&epoll, &woken, &received))?;
+        Ok(Watcher { commands, wake })
+    }
+
+    /// Hand the thread `command`; false if it is gone.
+    fn send(&self, command: Command) -> bool {
+        let sent = self.commands.send(command).is_ok();
+        if sent {
+            let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+        }
+        sent
+    }
+}
+
+/// One job's watch.
+struct Job {
+    tree: Tree,
+    free_space_of: SafeDir,
+    limits: Limits,
+    usage: Arc<Usage>,
+    breach: Option<Box<dyn FnOnce(String) + Send>>,
+    last_scan: Instant,
+    /// The tree changed shape since the last walk.
+    dirty: bool,
+    /// `data_dir`'s free space, as last read.
+    free: Option<u64>,
+    last_free: Instant,
+}
+
+impl Job {
+    /// How long until this job needs looking at again.
+    fn next_check(&self) -> Duration {
+        if self.dirty {
+            RESCAN_MIN.saturating_sub(self.last_scan.elapsed())
+        } else {
+            POLL
+        }
+    }
+
+    /// Walk the tree if it is due, read the free space if it is due,
+    /// publish the usage, and report a breach (once).
+    fn check(&mut self) {
+        let since = self.last_scan.elapsed();
+        if (self.dirty && since >= RESCAN_MIN) || since >= RESCAN_EVERY {
+            self.tree.rescan();
+            self.dirty = self.tree.drain();
+            self.last_scan = Instant::now();
+        }
+        if self.last_free.elapsed() >= POLL {
+            self.free = self.free_space_of.free_bytes().ok();
+            self.last_free = Instant::now();
+        }
+        self.tree.publish(&self.usage);
+        if let Some(reason) = over(&self.tree, &self.usage, self.free, &self.limits)
+            && let Some(breach) = self.breach.take()
+        {
+            tracing::warn!(
+                bytes = self.tree.bytes,
+                files = self.tree.entries,
+                "{reason}"
             );
-            let _ = stopped_tx.send(());
-            drop(tree);
-        })?;
-    Ok(BudgetWatch {
-        stop,
-        wake,
-        stopped,
-    })
+            breach(reason);
+        }
+    }
+}
+
+/// The watcher thread: take commands, wait for the jobs' events or their
+/// next check, drain and check them; for as long as the process lives.
+fn serve(epoll: &OwnedFd, wake: &OwnedFd, commands: &std::sync::mpsc::Receiver<Command>) {
+    let mut jobs: HashMap<u64, Box<Job>> = HashMap::new();
+    let mut events = [std::mem::MaybeUninit::<epoll::Event>::uninit(); 16];
+    loop {
+        while let Ok(command) = commands.try_recv() {
+            match command {
+                Command::Add(id, job) => {
+                    if let Err(e) = epoll::add(
+                        epoll,
+                        &job.tree.inotify,
+                        epoll::EventData::new_u64(id),
+                        epoll::EventFlags::IN,
+                    ) {
+                        // Still walked every RESCAN_EVERY.
+                        tracing::debug!("cannot wait on the job's inotify instance: {e}");
+                    }
+                    jobs.insert(id, job);
+                }
+                Command::Remove(id, done) => {
+                    let job = jobs.remove(&id);
+                    let _ = done.send(());
+                    // Closing the inotify instance takes it off the epoll.
+                    drop(job);
+                }
+            }
+        }
+        let timeout = jobs
+            .values()
+            .map(|j| j.next_check())
+            .min()
+            .map(|d| Timespec {
+                tv_sec: d.as_secs() as _,
+                tv_nsec: d.subsec_nanos() as _,
+            });
+        let ready = match epoll::wait(epoll, &mut events, timeout.as_ref()) {
+            Ok((ready, _)) => ready.iter().map(|e| e.data.u64()).collect::<Vec<u64>>(),
+            Err(rustix::io::Errno::INTR) => Vec::new(),
+            Err(e) => {
+                tracing::error!("the job-budget thread cannot wait: {e}");
+                std::thread::sleep(POLL);
+                Vec::new()
+            }
+        };
+        for id in ready {
+            if id == WAKE {
+                let mut count = [0u8; 8];
+                let _ = rustix::io::read(wake, &mut count);
+            } else if let Some(job) = jobs.get_mut(&id) {
+                job.dirty |= job.tree.drain();
+            }
+        }
+        for job in jobs.values_mut() {
+            job.check();
+        }
+    }
 }
 
 struct Tree {
@@ -320,66 +474,6 @@ fn over(tree: &Tree, usage: &Usage, free: Option<u64>, limits: &Limits) -> Optio
     }
 }
 
-/// Watch until `stop`; then return (the caller drops `tree`, closing the
-/// inotify instance, only after telling the job it has stopped).
-fn run(
-    tree: &mut Tree,
-    free_space_of: SafeDir,
-    limits: Limits,
-    usage: &Usage,
-    stop: Arc<AtomicBool>,
-    wake: &OwnedFd,
-    breach: impl FnOnce(String),
-) {
-    let mut breach = Some(breach);
-    let mut last_scan = Instant::now();
-    let mut dirty = false;
-    let mut free = free_space_of.free_bytes().ok();
-    let mut last_free = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
-        let mut pollfds = [
-            libc::pollfd {
-                fd: tree.inotify.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: wake.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        let wait = if dirty {
-            RESCAN_MIN.saturating_sub(last_scan.elapsed())
-        } else {
-            POLL
-        };
-        // SAFETY: two valid pollfds, for the duration of the call.
-        unsafe { libc::poll(pollfds.as_mut_ptr(), 2, wait.as_millis() as i32) };
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
-        dirty |= tree.drain();
-        let since = last_scan.elapsed();
-        if (dirty && since >= RESCAN_MIN) || since >= RESCAN_EVERY {
-            tree.rescan();
-            dirty = tree.drain();
-            last_scan = Instant::now();
-        }
-        if last_free.elapsed() >= POLL {
-            free = free_space_of.free_bytes().ok();
-            last_free = Instant::now();
-        }
-        tree.publish(usage);
-        if let Some(reason) = over(tree, usage, free, &limits)
-            && let Some(breach) = breach.take()
-        {
-            tracing::warn!(bytes = tree.bytes, files = tree.entries, "{reason}");
-            breach(reason);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -433,6 +527,38 @@ mod tests {
         }
         let reason = rx.recv_timeout(Duration::from_secs(5)).unwrap();
         assert!(reason.contains("storage.job_max_files"), "{reason}");
+    }
+
+    /// Threads of this process named `name`.
+    fn threads_named(name: &str) -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|comm| comm.trim_end() == name)
+            .count()
+    }
+
+    #[test]
+    fn one_thread_watches_jobs_side_by_side_and_lets_go_of_a_dropped_one() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (_wa, ra) = watched(a.path(), limits(1 << 30, 5));
+        let (wb, rb) = watched(b.path(), limits(1 << 30, 5));
+        assert_eq!(threads_named("job-budget"), 1);
+        for i in 0..20 {
+            std::fs::write(a.path().join(format!("f{i}")), b"x").unwrap();
+        }
+        let reason = ra.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(reason.contains("storage.job_max_files"), "{reason}");
+        // b's watch is dropped before it goes over: its breach is never
+        // called, and is let go (the channel's sender goes with it).
+        drop(wb);
+        for i in 0..20 {
+            std::fs::write(b.path().join(format!("f{i}")), b"x").unwrap();
+        }
+        assert_eq!(
+            rb.recv_timeout(Duration::from_secs(5)),
+            Err(mpsc::RecvTimeoutError::Disconnected)
+        );
     }
 
     #[test]

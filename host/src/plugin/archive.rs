@@ -33,7 +33,7 @@ const ENTRY_NAME_MAX: usize = 4096;
 /// Entries whose source is at least this large compress into a temporary
 /// file rather than memory.
 const SPOOL_IN_MEMORY_MAX: u64 = 8 << 20;
-/// Most compressing threads per archive.
+/// Most compressing threads (the process's, shared by its archives).
 const WORKERS_MAX: usize = 8;
 /// Read size.
 const CHUNK: usize = 256 * 1024;
@@ -338,14 +338,26 @@ struct Pending {
     done: mpsc::Receiver<Done>,
 }
 
-/// A few threads compressing entries.
+/// A few threads compressing entries: the process's, shared by every
+/// archive (a node writes one at a time), started with the first one, so
+/// an archive costs no thread start and exit.
 struct Pool {
-    jobs: Option<mpsc::Sender<Box<dyn FnOnce() + Send>>>,
+    jobs: mpsc::Sender<Box<dyn FnOnce() + Send>>,
     size: usize,
 }
 
+/// The process's compression threads.
+static POOL: std::sync::OnceLock<Result<Pool, String>> = std::sync::OnceLock::new();
+
 impl Pool {
-    fn new() -> io::Result<Pool> {
+    /// The process's pool, started on first use.
+    fn get() -> Result<&'static Pool, ArchiveError> {
+        POOL.get_or_init(|| Pool::start().map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| ArchiveError::Failed(format!("starting the compression threads: {e}")))
+    }
+
+    fn start() -> io::Result<Pool> {
         let size = std::thread::available_parallelism()
             .map_or(1, usize::from)
             .clamp(1, WORKERS_MAX);
@@ -365,17 +377,13 @@ impl Pool {
                     }
                 })?;
         }
-        Ok(Pool {
-            jobs: Some(tx),
-            size,
-        })
+        Ok(Pool { jobs: tx, size })
     }
 
     fn submit(&self, job: Box<dyn FnOnce() + Send>) -> Result<(), ArchiveError> {
         self.jobs
-            .as_ref()
-            .and_then(|tx| tx.send(job).ok())
-            .ok_or_else(|| ArchiveError::Failed("the compression threads are gone".into()))
+            .send(job)
+            .map_err(|_| ArchiveError::Failed("the compression threads are gone".into()))
     }
 }
 
@@ -389,7 +397,7 @@ pub struct Archive {
     opened_grants: HashMap<String, Arc<SafeDir>>,
     names: HashSet<String>,
     pending: VecDeque<Pending>,
-    pool: Pool,
+    pool: &'static Pool,
     /// Set when the archive is dropped: queued entries stop early.
     abandoned: Arc<AtomicBool>,
     /// The first failure: every later call reports it.
@@ -436,7 +444,7 @@ impl Archive {
                 failed(&format!("creating {name:?}"), e)
             }
         })?;
-        let pool = Pool::new().map_err(|e| failed("starting the compression threads", e))?;
+        let pool = Pool::get()?;
         Ok(Archive {
             name: name.to_string(),
             dir: Arc::new(dir),
@@ -679,7 +687,6 @@ impl Archive {
 impl Drop for Archive {
     fn drop(&mut self) {
         self.abandoned.store(true, Ordering::Relaxed);
-        self.pool.jobs = None;
         if !self.finished {
             // Unfinished (dropped, or failed): no half-written zip stays.
             drop(self.zip.take());
