@@ -5,11 +5,12 @@
 //!   grants (host paths) and the redaction the request asks for.
 //! - [`Archive`]: one zip being written. Entries (bytes from the guest, or
 //!   a granted file the host opens with `RESOLVE_BENEATH |
-//!   RESOLVE_NO_SYMLINKS`) are compressed on a small pool of threads,
-//!   each into a one-entry zip of its own (in memory, or an unnamed
-//!   temporary file in the output directory for large ones), and copied
-//!   raw into the final zip in the order they were added. At most
-//!   [`Archive`]'s pool size × 2 entries are in flight.
+//!   RESOLVE_NO_SYMLINKS`) are compressed on the process's small pool of
+//!   threads (shared by its archives), each into a one-entry zip of its
+//!   own (in memory, or an unnamed temporary file in the output directory
+//!   for large ones), and copied raw into the final zip in the order they
+//!   were added. At most the pool's size × 2 entries of an archive are in
+//!   flight.
 //! - [`ArchiveHandle`]: the host side of the WIT `archive` resource.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
