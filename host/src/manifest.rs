@@ -366,19 +366,12 @@ pub fn mask_args(args: &[String], secrets: &[String]) -> Vec<String> {
 
 /// SHA-256 (lowercase hex) and size of everything `reader` yields.
 pub fn sha256_of(mut reader: impl Read) -> std::io::Result<(String, u64)> {
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut size = 0u64;
-    loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buf[..n]);
-        size += n as u64;
-    }
+    // Reads of 256 KiB, straight into the buffer's spare capacity
+    // (`io::copy` into a `BufWriter`): never cleared first, and only the
+    // pages a small file fills are touched.
+    let mut hasher = std::io::BufWriter::with_capacity(256 * 1024, Sha256::new());
+    let size = std::io::copy(&mut reader, &mut hasher)?;
+    let hasher = hasher.into_inner().map_err(|e| e.into_error())?;
     Ok((hex(&hasher.finalize()), size))
 }
 

@@ -428,6 +428,9 @@ impl Tree {
                 self.add_tree(sub, 1);
             }
         }
+        // One `stat` per file, however many writes it had queued.
+        writes.sort_unstable();
+        writes.dedup();
         for (wd, name) in writes {
             self.touched(wd, name);
         }

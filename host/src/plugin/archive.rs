@@ -739,18 +739,35 @@ fn compress(
     let salt = job.salt.as_deref();
     match job.source {
         Source::Bytes(data) => write_entry(
-            Cursor::new(data),
+            (data.len() as u64, Cursor::new(data)),
             job.size,
             job.max,
             salt,
             &mut zip,
             abandoned,
         )?,
-        Source::File(file) => write_entry(file, job.size, job.max, salt, &mut zip, abandoned)?,
+        Source::File(file) => write_entry(
+            (job.size, file),
+            job.size,
+            job.max,
+            salt,
+            &mut zip,
+            abandoned,
+        )?,
     }
     let mut spool = zip.finish().map_err(io::Error::other)?;
     spool.seek(SeekFrom::Start(0))?;
     Ok(spool)
+}
+
+/// A read buffer for a source of about `hint` bytes (0: unknown): no
+/// larger than needed to read it in one go (and see its end), at most
+/// [`CHUNK`].
+fn read_size(hint: u64) -> usize {
+    match usize::try_from(hint) {
+        Ok(0) | Err(_) => CHUNK,
+        Ok(n) => n.saturating_add(1).min(CHUNK),
+    }
 }
 
 /// The last `max` bytes of what is pushed (for sources of unknown size).
@@ -773,13 +790,14 @@ impl Tail {
     }
 }
 
-/// Stream `src` (`size` bytes when queued; 0: unknown, read to the end)
-/// into `out`: of a source over `max`, its tail; redacted with `salt`
+/// Stream `src` (`size` bytes when queued; 0: unknown, read to the end;
+/// `hint`: about how many bytes it holds, 0 if unknown) into `out`: of a
+/// source over `max`, its tail; redacted with `salt`
 /// (the whole source goes through the redactor, so a tag cut by the
 /// limit is still redacted: what is kept is a suffix of the redacted
 /// whole).
 fn write_entry(
-    mut src: impl Read + Seek,
+    (hint, mut src): (u64, impl Read + Seek),
     size: u64,
     max: Option<u64>,
     salt: Option<&str>,
@@ -811,7 +829,9 @@ fn write_entry(
     };
     let mut src = src.take(limit);
     let mut redactor = salt.map(Redactor::new);
-    let mut buf = vec![0u8; CHUNK];
+    // Zeroed once per entry: no larger than what there is to read (a
+    // small entry does not pay for clearing, and faulting in, 256 KiB).
+    let mut buf = vec![0u8; read_size(hint)];
     let mut redacted = Vec::new();
     let mut emit = |bytes: &[u8], tail: &mut Option<Tail>| -> io::Result<()> {
         match tail {
@@ -1122,6 +1142,14 @@ mod tests {
         let mut text = String::new();
         entry.read_to_string(&mut text).unwrap();
         assert_eq!(text, "secret bytes");
+    }
+
+    #[test]
+    fn a_small_source_gets_a_small_read_buffer() {
+        assert_eq!(read_size(0), CHUNK, "unknown size");
+        assert_eq!(read_size(10), 11, "its size and one byte to see the end");
+        assert_eq!(read_size(CHUNK as u64), CHUNK);
+        assert_eq!(read_size(u64::MAX), CHUNK);
     }
 
     #[test]
