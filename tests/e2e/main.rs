@@ -22,6 +22,7 @@ mod files_collector;
 mod grants;
 mod harness;
 mod hostile_client;
+mod hostile_node;
 mod hostile_peer;
 mod hostile_plugin;
 mod http2;

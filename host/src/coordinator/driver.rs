@@ -19,6 +19,59 @@ use crate::protocol::NodeEvent;
 /// which get two `exec_grace_secs` (10 s each by default) before SIGKILL.
 const CANCEL_CONFIRM: Duration = Duration::from_secs(30);
 
+/// The most often a node's progress is applied to the task: half the
+/// interval the node forwards it at (a correct node is never held back),
+/// so that a node that floods progress costs the coordinator a parse per
+/// line, not a new task version and event.
+const PROGRESS_MIN: Duration = Duration::from_millis(50);
+
+/// A phase of a node's part in the task, and the events the node may
+/// send during it, in protocol order: a node (buggy, or in hostile hands)
+/// can neither move its state back nor report what its phase cannot
+/// have done (an upload while collecting, a second start).
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    Collect,
+    Upload,
+}
+
+impl Phase {
+    fn ends(self, event: &NodeEvent) -> bool {
+        match self {
+            Phase::Collect => event.ends_collection(),
+            Phase::Upload => event.ends_upload(),
+        }
+    }
+
+    /// May a node in `state` send `event` in this phase?
+    fn allows(self, state: NodeState, event: &NodeEvent) -> bool {
+        use NodeEvent as E;
+        use NodeState as S;
+        match (self, event) {
+            (_, E::Heartbeat | E::Cancelled) => true,
+            (Phase::Collect, E::Started { .. }) => state == S::Starting,
+            (Phase::Collect, E::Progress { .. }) => state == S::Started,
+            (Phase::Collect, E::Collected { .. } | E::Failed { .. }) => {
+                matches!(state, S::Starting | S::Started)
+            }
+            (Phase::Upload, E::UploadStarted { .. }) => state == S::StartingUpload,
+            (Phase::Upload, E::Progress { .. }) => state == S::StartedUpload,
+            (Phase::Upload, E::Uploaded { .. } | E::UploadFailed { .. }) => {
+                matches!(state, S::StartingUpload | S::StartedUpload)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The name of an event, as the protocol spells it.
+fn event_name(event: &NodeEvent) -> String {
+    serde_json::to_value(event)
+        .ok()
+        .and_then(|v| Some(v.get("event")?.as_str()?.to_string()))
+        .unwrap_or_else(|| "?".into())
+}
+
 /// A node's driver for one task.
 struct Driver {
     ctx: Arc<TaskCtx>,
@@ -51,7 +104,7 @@ impl Driver {
         if let Some(state) = self.command_failed(started, "could not start the job") {
             return self.set(NodeStatus::failed(None, state));
         }
-        if self.follow(session, NodeEvent::ends_collection).await != Some(NodeState::Collected) {
+        if self.follow(session, Phase::Collect).await != Some(NodeState::Collected) {
             return;
         }
         drop(permit);
@@ -79,7 +132,7 @@ impl Driver {
             });
             return;
         }
-        self.follow(session, NodeEvent::ends_upload).await;
+        self.follow(session, Phase::Upload).await;
     }
 
     /// Wait for a slot of `slots`, unless the task is cancelled first:
@@ -120,18 +173,20 @@ impl Driver {
         })
     }
 
-    /// Apply the node's events until `ends_phase` says the phase is over
-    /// (or contact is lost, or a cancel is confirmed). Returns the node's
-    /// state after the phase.
-    async fn follow(
-        &self,
-        session: &mut SessionEvents,
-        ends_phase: fn(&NodeEvent) -> bool,
-    ) -> Option<NodeState> {
+    /// Apply the node's events until one ends `phase` (or contact is
+    /// lost, or a cancel is confirmed, or the node breaks the protocol).
+    /// Returns the node's state after the phase.
+    async fn follow(&self, session: &mut SessionEvents, phase: Phase) -> Option<NodeState> {
         let ctx = &self.ctx;
         // A live node sends a heartbeat every interval; three missed is dead.
         let liveness = ctx.coordinator.heartbeat() * 3;
         let mut cancel_deadline: Option<Instant> = None;
+        let mut state = ctx.coordinator.node_state(&ctx.task_id, &self.node)?;
+        // Progress that came sooner than PROGRESS_MIN after the last one
+        // applied: applied with the next line that comes later, and
+        // always before an event that changes the state.
+        let mut progress: Option<NodeEvent> = None;
+        let mut progress_applied: Option<Instant> = None;
         loop {
             let wait = match cancel_deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()),
@@ -158,12 +213,38 @@ impl Driver {
                 other => other,
             };
             let lost = match next {
-                Ok(Some(Ok(NodeEvent::Heartbeat))) => continue,
+                Ok(Some(Ok(event))) if !phase.allows(state, &event) => {
+                    return Some(self.broke_protocol(phase, state, &event).await);
+                }
                 Ok(Some(Ok(event))) => {
-                    let state = self.update(event.clone());
-                    if ends_phase(&event) {
-                        return state;
+                    let due = progress_applied.is_none_or(|t| t.elapsed() >= PROGRESS_MIN);
+                    if let NodeEvent::Progress { .. } = event {
+                        // A later report supersedes one held back.
+                        progress = (!due).then_some(event.clone());
+                        if due {
+                            self.update(event);
+                            progress_applied = Some(Instant::now());
+                        }
+                        continue;
                     }
+                    let heartbeat = matches!(event, NodeEvent::Heartbeat);
+                    if let Some(held) = progress.take() {
+                        if due || !heartbeat {
+                            self.update(held);
+                            progress_applied = Some(Instant::now());
+                        } else {
+                            progress = Some(held);
+                        }
+                    }
+                    if heartbeat {
+                        continue;
+                    }
+                    let ends = phase.ends(&event);
+                    let after = self.update(event);
+                    if ends {
+                        return after;
+                    }
+                    state = after.unwrap_or(state);
                     continue;
                 }
                 Err(_) if cancel_deadline.is_some() => {
@@ -179,6 +260,43 @@ impl Driver {
                 Ok(Some(Err(e))) => format!("lost contact with {}: {e}", self.node),
             };
             return Some(self.lost(lost, cancel_deadline.is_some()));
+        }
+    }
+
+    /// The node sent `event`, which its `state` in `phase` does not allow:
+    /// it fails (its upload, in the upload phase) with the reason, and is
+    /// told to stop what it runs. Nothing of the event is applied.
+    async fn broke_protocol(&self, phase: Phase, state: NodeState, event: &NodeEvent) -> NodeState {
+        let ctx = &self.ctx;
+        let why = format!(
+            "{} broke the node-to-node protocol: it sent `{}` while `{}`",
+            self.node,
+            event_name(event),
+            state.as_str()
+        );
+        tracing::warn!(task = %ctx.task_id, node = %self.node, "{why}");
+        if let Err(e) = ctx
+            .coordinator
+            .peers
+            .cancel_job(&self.node, &ctx.task_id)
+            .await
+        {
+            tracing::warn!(task = %ctx.task_id, node = %self.node, "cancel request failed: {e}");
+        }
+        match phase {
+            Phase::Collect => {
+                self.set(NodeStatus::failed(None, why));
+                NodeState::Failed
+            }
+            Phase::Upload => {
+                let url = ctx.upload.as_ref().map(|d| d.base_url.clone());
+                self.update(NodeEvent::UploadFailed {
+                    url: url.unwrap_or_default(),
+                    status_code: None,
+                    output: why,
+                });
+                NodeState::FailedUpload
+            }
         }
     }
 

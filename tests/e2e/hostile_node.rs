@@ -1,0 +1,210 @@
+//! A node in hostile hands (or a buggy one), as its coordinator sees it:
+//! the events on its session stream are checked against the protocol.
+//! A node cannot move its state back, report what its phase cannot have
+//! done, or grow the task by repeating itself: it is failed, with the
+//! reason, and told to stop. One that floods progress costs the
+//! coordinator a parse per line, not a task version per line.
+//!
+//! The fake nodes here answer the coordinator's node-to-node requests
+//! themselves (plain HTTP/2, as the coordinator speaks to nodes when TLS
+//! is off), with the events each test scripts.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use autocollect::config::TlsSetting;
+use autocollect::coordinator::task::{NodeState, TaskState};
+use autocollect::protocol::NodeEvent;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use tokio::sync::mpsc;
+
+use crate::support::*;
+
+#[derive(Clone)]
+struct Fake {
+    /// What the node sends once it is told to start its job.
+    script: Arc<Vec<NodeEvent>>,
+    /// The open session's stream.
+    stream: Arc<Mutex<Option<mpsc::UnboundedSender<NodeEvent>>>>,
+    /// `cancel` commands received.
+    cancels: Arc<AtomicUsize>,
+}
+
+/// A fake node listening on loopback: its address and its count of
+/// `cancel` commands. It lives as long as the test's runtime.
+async fn fake_node(script: Vec<NodeEvent>) -> (SocketAddr, Arc<AtomicUsize>) {
+    let fake = Fake {
+        script: Arc::new(script),
+        stream: Arc::default(),
+        cancels: Arc::default(),
+    };
+    let cancels = fake.cancels.clone();
+    let app = Router::new()
+        .route("/internal/v1/sessions", post(open_session))
+        .route("/internal/v1/sessions/{task}/{verb}", post(command))
+        .route("/health", get(|| async { "{}" }))
+        .with_state(fake);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, cancels)
+}
+
+/// The session: a stream of event lines, a heartbeat every 100 ms (so the
+/// node is never lost for silence), and the script once the job starts.
+async fn open_session(State(fake): State<Fake>) -> axum::response::Response {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let _ = tx.send(NodeEvent::Heartbeat);
+    *fake.stream.lock().unwrap() = Some(tx.clone());
+    tokio::spawn(async move {
+        while tx.send(NodeEvent::Heartbeat).is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let lines = futures::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx).map(|event| {
+            event.map(|e| {
+                let line = serde_json::to_string(&e).unwrap() + "\n";
+                Ok::<_, Infallible>(Bytes::from(line))
+            })
+        })
+    });
+    axum::response::Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(lines))
+        .unwrap()
+}
+
+async fn command(
+    State(fake): State<Fake>,
+    Path((_task, verb)): Path<(String, String)>,
+) -> axum::Json<serde_json::Value> {
+    match verb.as_str() {
+        "job" => {
+            if let Some(stream) = fake.stream.lock().unwrap().as_ref() {
+                for event in fake.script.iter() {
+                    let _ = stream.send(event.clone());
+                }
+            }
+        }
+        "cancel" => {
+            fake.cancels.fetch_add(1, Ordering::SeqCst);
+        }
+        _ => {}
+    }
+    axum::Json(serde_json::json!({}))
+}
+
+fn started() -> NodeEvent {
+    NodeEvent::Started { plugin: None }
+}
+
+fn collected() -> NodeEvent {
+    NodeEvent::Collected {
+        path: "/var/lib/autocollect/results/x.zip".into(),
+        size: 1,
+        summary: "done".into(),
+        sha256: None,
+        partial: None,
+        ignored: Vec::new(),
+    }
+}
+
+/// A cluster of `n1` (a real daemon, coordinating) and the fake `nodes`.
+async fn with_fakes(nodes: &[(&str, SocketAddr)]) -> TestCluster {
+    cluster(&["n1"], |config| {
+        config.tls = Some(TlsSetting::Off);
+        for (name, addr) in nodes {
+            config.nodes.insert(name.to_string(), addr.to_string());
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_node_that_breaks_the_protocol_is_failed_told_to_stop_and_cannot_grow_the_task() {
+    // Starts again and again (each start used to add to its plugin list,
+    // without end); reports an upload while it collects; collects, then
+    // claims to have started again.
+    let mut restarts = vec![started(); 10_000];
+    restarts.push(collected());
+    let uploads = vec![
+        started(),
+        NodeEvent::Uploaded {
+            url: "https://uploads.example.com/x.zip".into(),
+            bytes_sent: 1,
+        },
+    ];
+    let (restarting, restarting_cancels) = fake_node(restarts).await;
+    let (uploading, uploading_cancels) = fake_node(uploads).await;
+    let c = with_fakes(&[("restarts", restarting), ("uploads", uploading)]).await;
+    let admin = c.admin("n1");
+
+    let started = admin.start("all").await.unwrap();
+    let task = admin
+        .wait_for_end(&started.task_id, PATIENCE)
+        .await
+        .unwrap();
+    assert_eq!(task.status, TaskState::Completed);
+    assert_eq!(task.per_node["n1"].status, NodeState::Collected);
+    for (node, sent, state) in [
+        ("restarts", "started", "started"),
+        ("uploads", "uploaded", "started"),
+    ] {
+        let status = &task.per_node[node];
+        assert_eq!(status.status, NodeState::Failed, "{node}: {status:?}");
+        assert_eq!(
+            status.collection_output.as_deref(),
+            Some(
+                format!("{node} broke the node-to-node protocol: it sent `{sent}` while `{state}`")
+                    .as_str()
+            ),
+        );
+        assert!(status.plugins.len() <= 1, "{node}: {:?}", status.plugins);
+        assert_eq!(status.url, None, "{node}: nothing was uploaded");
+    }
+    // Both were told to stop whatever they run.
+    assert_eq!(restarting_cancels.load(Ordering::SeqCst), 1);
+    assert_eq!(uploading_cancels.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_node_that_floods_progress_costs_a_parse_per_line_and_its_last_report_stands() {
+    const REPORTS: u64 = 20_000;
+    let mut script = vec![started()];
+    script.extend((1..=REPORTS).map(|done| NodeEvent::Progress {
+        done,
+        total: REPORTS,
+        message: format!("item {done}"),
+    }));
+    script.push(collected());
+    let (flooding, _) = fake_node(script).await;
+    let c = with_fakes(&[("floods", flooding)]).await;
+    let admin = c.admin("n1");
+
+    let started = admin.start("all").await.unwrap();
+    let task = admin
+        .wait_for_end(&started.task_id, PATIENCE)
+        .await
+        .unwrap();
+    assert_eq!(task.status, TaskState::Completed);
+    let node = &task.per_node["floods"];
+    assert_eq!(node.status, NodeState::Collected);
+    // The last report is applied before the state it precedes.
+    let progress = node.progress.as_ref().expect("its progress");
+    assert_eq!((progress.done, progress.total), (REPORTS, REPORTS));
+    assert_eq!(progress.message, format!("item {REPORTS}"));
+    // Every applied change is a new version of the task (and an event to
+    // every console): a few per node, not one per line.
+    let changes = task.version - started.version;
+    assert!(
+        changes < 1_000,
+        "{changes} versions of the task for {REPORTS} progress lines"
+    );
+}
