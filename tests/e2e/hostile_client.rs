@@ -30,13 +30,6 @@ fn loopback(i: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 1, i))
 }
 
-/// Peak resident memory of a process, in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 #[tokio::test]
 async fn wrong_passwords_from_one_address_are_throttled_but_known_users_pass() {
     let c = cluster(&["n1"], |_| {}).await;

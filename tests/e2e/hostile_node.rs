@@ -208,3 +208,42 @@ async fn a_node_that_floods_progress_costs_a_parse_per_line_and_its_last_report_
         "{changes} versions of the task for {REPORTS} progress lines"
     );
 }
+
+#[tokio::test]
+async fn a_nodes_answer_is_read_only_up_to_its_bound() {
+    // Refuses the session (busy) with a reason of 1 GiB.
+    let app = Router::new().route(
+        "/internal/v1/sessions",
+        post(|| async {
+            let chunk = Bytes::from(vec![b' '; 1 << 20]);
+            let body =
+                futures::stream::iter(std::iter::repeat_n(chunk, 1024).map(Ok::<_, Infallible>));
+            axum::response::Response::builder()
+                .status(409)
+                .header("content-type", "application/json")
+                .body(Body::from_stream(body))
+                .unwrap()
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let c = with_fakes(&[("verbose", addr)]).await;
+    let admin = c.admin("n1");
+
+    let started = admin.start("all").await.unwrap();
+    let task = admin
+        .wait_for_end(&started.task_id, PATIENCE)
+        .await
+        .unwrap();
+    assert_eq!(task.per_node["n1"].status, NodeState::Collected);
+    let verbose = &task.per_node["verbose"];
+    assert_eq!(verbose.status, NodeState::Failed);
+    assert_eq!(
+        verbose.collection_output.as_deref(),
+        Some("verbose sent an answer over 65536 bytes")
+    );
+    let pid = c.node("n1").pid().expect("the coordinator runs");
+    let peak = peak_rss_kib(pid) >> 10;
+    assert!(peak < 256, "the coordinator's peak RSS: {peak} MiB");
+}

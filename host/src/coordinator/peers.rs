@@ -50,6 +50,8 @@ pub enum PeerError {
     },
     #[error("the connection to {node} broke: {reason}")]
     Broken { node: String, reason: String },
+    #[error("{node} sent an answer over {max} bytes")]
+    TooLarge { node: String, max: usize },
     #[error("{node} refused the request ({status}): {message}")]
     Rejected {
         node: String,
@@ -69,9 +71,11 @@ impl PeerError {
     }
 }
 
-/// Largest answer to a task events request: a whole task of 10,000 nodes
-/// with long outputs fits.
-const MAX_TASK_EVENTS_BYTES: usize = 64 << 20;
+/// Largest answer that carries a whole task (forwarded status, cancel,
+/// task events): a task of 10,000 nodes with long outputs fits.
+const MAX_TASK_BYTES: usize = 64 << 20;
+/// Largest answer of another kind (a refusal's reason: busy, low disk).
+const MAX_SMALL_ANSWER: usize = 64 * 1024;
 
 /// `5 s`, `1.5 s`: durations as operators read them.
 pub fn secs(d: Duration) -> String {
@@ -224,14 +228,18 @@ impl Peers {
         match response.status() {
             StatusCode::OK => {}
             StatusCode::CONFLICT => {
-                let busy = self.read_json::<Busy>(node, response).await?;
+                let busy = self
+                    .read_json::<Busy>(node, response, MAX_SMALL_ANSWER)
+                    .await?;
                 return Err(PeerError::Busy {
                     node: node.to_string(),
                     busy,
                 });
             }
             StatusCode::INSUFFICIENT_STORAGE => {
-                let low = self.read_json::<LowDisk>(node, response).await?;
+                let low = self
+                    .read_json::<LowDisk>(node, response, MAX_SMALL_ANSWER)
+                    .await?;
                 return Err(PeerError::LowDisk {
                     node: node.to_string(),
                     message: low.message,
@@ -344,13 +352,13 @@ impl Peers {
             .request(Method::GET, node, &path, None)?
             .timeout(self.timeout + wait);
         let response = self.answer(node, request, self.timeout + wait).await?;
-        self.read_json(node, response).await
+        self.read_json(node, response, MAX_TASK_BYTES).await
     }
 
     /// The coordinator `node`'s task events after version `after` (waiting
     /// up to `wait` for one), or its latest task whole when `after` is
     /// `None` or too old: for the event stream of a node that does not
-    /// coordinate. The answer is bounded (`MAX_TASK_EVENTS_BYTES`).
+    /// coordinate. The answer is bounded (`MAX_TASK_BYTES`).
     pub async fn task_events(
         &self,
         node: &str,
@@ -370,9 +378,7 @@ impl Peers {
             .request(Method::GET, node, &path, None)?
             .timeout(self.timeout + wait);
         let response = self.answer(node, request, self.timeout + wait).await?;
-        let body = self
-            .read_body(node, response, MAX_TASK_EVENTS_BYTES)
-            .await?;
+        let body = self.read_whole(node, response, MAX_TASK_BYTES).await?;
         serde_json::from_slice(&body).map_err(|e| PeerError::Broken {
             node: node.to_string(),
             reason: format!("it sent task events this node does not understand: {e}"),
@@ -392,7 +398,7 @@ impl Peers {
             .json(node, CANCEL_TASK_PATH, &body)?
             .timeout(self.timeout + wait);
         let response = self.answer(node, request, self.timeout + wait).await?;
-        self.read_json(node, response).await
+        self.read_json(node, response, MAX_TASK_BYTES).await
     }
 
     /// Give `node` the cluster's new settings.
@@ -437,12 +443,33 @@ impl Peers {
         &self,
         node: &str,
         response: reqwest::Response,
+        max: usize,
     ) -> Result<T, PeerError> {
-        let body = self.read_body(node, response, usize::MAX).await?;
+        let body = self.read_whole(node, response, max).await?;
         serde_json::from_slice(&body).map_err(|e| PeerError::Broken {
             node: node.to_string(),
             reason: format!("it sent an answer this node does not understand: {e}"),
         })
+    }
+
+    /// The body, read within the peer timeout: at most `max` bytes, or
+    /// an error that says so (a node's answer is input like any other).
+    async fn read_whole(
+        &self,
+        node: &str,
+        response: reqwest::Response,
+        max: usize,
+    ) -> Result<Bytes, PeerError> {
+        let body = self
+            .read_body(node, response, max.saturating_add(1))
+            .await?;
+        if body.len() > max {
+            return Err(PeerError::TooLarge {
+                node: node.to_string(),
+                max,
+            });
+        }
+        Ok(body)
     }
 
     /// The body, read within the peer timeout and at most `max` bytes
