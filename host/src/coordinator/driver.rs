@@ -220,10 +220,12 @@ impl Driver {
                     let due = progress_applied.is_none_or(|t| t.elapsed() >= PROGRESS_MIN);
                     if let NodeEvent::Progress { .. } = event {
                         // A later report supersedes one held back.
-                        progress = (!due).then_some(event.clone());
                         if due {
+                            progress = None;
                             self.update(event);
                             progress_applied = Some(Instant::now());
+                        } else {
+                            progress = Some(event);
                         }
                         continue;
                     }
