@@ -30,6 +30,8 @@ use crate::support::*;
 struct Fake {
     /// What the node sends once it is told to start its job.
     script: Arc<Vec<NodeEvent>>,
+    /// What it sends once it is told to upload.
+    upload_script: Arc<Vec<NodeEvent>>,
     /// The open session's stream.
     stream: Arc<Mutex<Option<mpsc::UnboundedSender<NodeEvent>>>>,
     /// `cancel` commands received.
@@ -39,8 +41,17 @@ struct Fake {
 /// A fake node listening on loopback: its address and its count of
 /// `cancel` commands. It lives as long as the test's runtime.
 async fn fake_node(script: Vec<NodeEvent>) -> (SocketAddr, Arc<AtomicUsize>) {
+    fake_uploading_node(script, Vec::new()).await
+}
+
+/// A fake node that also answers `upload` with `upload_script`.
+async fn fake_uploading_node(
+    script: Vec<NodeEvent>,
+    upload_script: Vec<NodeEvent>,
+) -> (SocketAddr, Arc<AtomicUsize>) {
     let fake = Fake {
         script: Arc::new(script),
+        upload_script: Arc::new(upload_script),
         stream: Arc::default(),
         cancels: Arc::default(),
     };
@@ -85,14 +96,17 @@ async fn command(
     State(fake): State<Fake>,
     Path((_task, verb)): Path<(String, String)>,
 ) -> axum::Json<serde_json::Value> {
-    match verb.as_str() {
-        "job" => {
-            if let Some(stream) = fake.stream.lock().unwrap().as_ref() {
-                for event in fake.script.iter() {
-                    let _ = stream.send(event.clone());
-                }
-            }
+    let script = match verb.as_str() {
+        "job" => Some(&fake.script),
+        "upload" => Some(&fake.upload_script),
+        _ => None,
+    };
+    if let (Some(script), Some(stream)) = (script, fake.stream.lock().unwrap().as_ref()) {
+        for event in script.iter() {
+            let _ = stream.send(event.clone());
         }
+    }
+    match verb.as_str() {
         "cancel" => {
             fake.cancels.fetch_add(1, Ordering::SeqCst);
         }
@@ -172,6 +186,52 @@ async fn a_node_that_breaks_the_protocol_is_failed_told_to_stop_and_cannot_grow_
     // Both were told to stop whatever they run.
     assert_eq!(restarting_cancels.load(Ordering::SeqCst), 1);
     assert_eq!(uploading_cancels.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_node_that_breaks_the_protocol_while_uploading_fails_its_upload() {
+    let (liar, cancels) = fake_uploading_node(
+        vec![started(), collected()],
+        vec![
+            NodeEvent::UploadStarted {
+                url: "http://127.0.0.1:9/Example+inc./12345/x.zip".into(),
+                plugin: None,
+            },
+            // A collect phase's event, in the upload phase.
+            started(),
+        ],
+    )
+    .await;
+    let c = cluster(&["n1"], |config| {
+        config.tls = Some(TlsSetting::Off);
+        config.upload.allow_http = true;
+        config.nodes.insert("liar".into(), liar.to_string());
+    })
+    .await;
+    let admin = c.admin("n1");
+
+    let started = admin
+        .start_with(&autocollect::client::StartOptions {
+            nodes: "liar".into(),
+            upload_host: Some("http://127.0.0.1:9".into()),
+            customer: Some("Example inc.".into()),
+            ticket: Some("12345".into()),
+            bypass_reachability_checks: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let task = admin
+        .wait_for_end(&started.task_id, PATIENCE)
+        .await
+        .unwrap();
+    let status = &task.per_node["liar"];
+    assert_eq!(status.status, NodeState::FailedUpload, "{status:?}");
+    assert_eq!(
+        status.upload_output.as_deref(),
+        Some("liar broke the node-to-node protocol: it sent `started` while `startedUpload`")
+    );
+    assert_eq!(cancels.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
