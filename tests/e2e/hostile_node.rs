@@ -106,11 +106,8 @@ async fn command(
             let _ = stream.send(event.clone());
         }
     }
-    match verb.as_str() {
-        "cancel" => {
-            fake.cancels.fetch_add(1, Ordering::SeqCst);
-        }
-        _ => {}
+    if verb == "cancel" {
+        fake.cancels.fetch_add(1, Ordering::SeqCst);
     }
     axum::Json(serde_json::json!({}))
 }
