@@ -58,8 +58,9 @@ pub fn router(state: AppState) -> Router<AppState> {
 #[derive(Debug, Clone)]
 struct SignedBy(String);
 
-/// Read the body (bounded in size and time: [`super::body::read_whole`]), check the signature over
-/// it, and hand the request on with the signer's name.
+/// Read the body (bounded in size and time: [`super::body::read_whole`]),
+/// check the signature over it, and hand the request on with the
+/// signer's name.
 async fn verify_peer(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let (mut parts, body) = match super::body::read_whole(request, MAX_BODY).await {
         Ok(read) => read,
