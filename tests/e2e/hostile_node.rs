@@ -157,11 +157,7 @@ async fn a_node_that_breaks_the_protocol_is_failed_told_to_stop_and_cannot_grow_
     let c = with_fakes(&[("restarts", restarting), ("uploads", uploading)]).await;
     let admin = c.admin("n1");
 
-    let started = admin.start("all").await.unwrap();
-    let task = admin
-        .wait_for_end(&started.task_id, PATIENCE)
-        .await
-        .unwrap();
+    let task = collect_once(&admin).await;
     assert_eq!(task.status, TaskState::Completed);
     assert_eq!(task.per_node["n1"].status, NodeState::Collected);
     for (node, sent, state) in [
@@ -218,10 +214,7 @@ async fn a_node_that_breaks_the_protocol_while_uploading_fails_its_upload() {
         })
         .await
         .unwrap();
-    let task = admin
-        .wait_for_end(&started.task_id, PATIENCE)
-        .await
-        .unwrap();
+    let task = wait_for_end(&admin, &started.task_id).await;
     let status = &task.per_node["liar"];
     assert_eq!(status.status, NodeState::FailedUpload, "{status:?}");
     assert_eq!(
@@ -246,10 +239,7 @@ async fn a_node_that_floods_progress_costs_a_parse_per_line_and_its_last_report_
     let admin = c.admin("n1");
 
     let started = admin.start("all").await.unwrap();
-    let task = admin
-        .wait_for_end(&started.task_id, PATIENCE)
-        .await
-        .unwrap();
+    let task = wait_for_end(&admin, &started.task_id).await;
     assert_eq!(task.status, TaskState::Completed);
     let node = &task.per_node["floods"];
     assert_eq!(node.status, NodeState::Collected);
@@ -288,11 +278,7 @@ async fn a_nodes_answer_is_read_only_up_to_its_bound() {
     let c = with_fakes(&[("verbose", addr)]).await;
     let admin = c.admin("n1");
 
-    let started = admin.start("all").await.unwrap();
-    let task = admin
-        .wait_for_end(&started.task_id, PATIENCE)
-        .await
-        .unwrap();
+    let task = collect_once(&admin).await;
     assert_eq!(task.per_node["n1"].status, NodeState::Collected);
     let verbose = &task.per_node["verbose"];
     assert_eq!(verbose.status, NodeState::Failed);

@@ -145,14 +145,7 @@ impl Driver {
             _ = ctx.cancel.cancelled() => None,
         };
         if permit.is_none() || ctx.cancel.is_cancelled() {
-            if let Err(e) = ctx
-                .coordinator
-                .peers
-                .cancel_job(&self.node, &ctx.task_id)
-                .await
-            {
-                tracing::warn!(task = %ctx.task_id, node = %self.node, "cancel request failed: {e}");
-            }
+            self.send_cancel().await;
             self.set_state(NodeState::Cancelled);
             return None;
         }
@@ -195,9 +188,7 @@ impl Driver {
             let next = tokio::select! {
                 next = tokio::time::timeout(wait, session.next()) => next,
                 _ = ctx.cancel.cancelled(), if cancel_deadline.is_none() => {
-                    if let Err(e) = ctx.coordinator.peers.cancel_job(&self.node, &ctx.task_id).await {
-                        tracing::warn!(task = %ctx.task_id, node = %self.node, "cancel request failed: {e}");
-                    }
+                    self.send_cancel().await;
                     cancel_deadline = Some(Instant::now() + CANCEL_CONFIRM);
                     continue;
                 }
@@ -277,6 +268,14 @@ impl Driver {
             state.as_str()
         );
         tracing::warn!(task = %ctx.task_id, node = %self.node, "{why}");
+        self.send_cancel().await;
+        self.fail(matches!(phase, Phase::Upload), why)
+    }
+
+    /// Ask the node to stop whatever it runs (a failure is logged: the
+    /// job dies with the session anyway).
+    async fn send_cancel(&self) {
+        let ctx = &self.ctx;
         if let Err(e) = ctx
             .coordinator
             .peers
@@ -285,20 +284,22 @@ impl Driver {
         {
             tracing::warn!(task = %ctx.task_id, node = %self.node, "cancel request failed: {e}");
         }
-        match phase {
-            Phase::Collect => {
-                self.set(NodeStatus::failed(None, why));
-                NodeState::Failed
-            }
-            Phase::Upload => {
-                let url = ctx.upload.as_ref().map(|d| d.base_url.clone());
-                self.update(NodeEvent::UploadFailed {
-                    url: url.unwrap_or_default(),
-                    status_code: None,
-                    output: why,
-                });
-                NodeState::FailedUpload
-            }
+    }
+
+    /// Mark the node failed with `why`: its upload (`failedUpload`) if it
+    /// was uploading, else its collection.
+    fn fail(&self, uploading: bool, why: String) -> NodeState {
+        if uploading {
+            let url = self.ctx.upload.as_ref().map(|d| d.base_url.clone());
+            self.update(NodeEvent::UploadFailed {
+                url: url.unwrap_or_default(),
+                status_code: None,
+                output: why,
+            });
+            NodeState::FailedUpload
+        } else {
+            self.set(NodeStatus::failed(None, why));
+            NodeState::Failed
         }
     }
 
@@ -314,18 +315,7 @@ impl Driver {
             .coordinator
             .node_state(&self.ctx.task_id, &self.node)
             .is_some_and(|s| matches!(s, NodeState::StartingUpload | NodeState::StartedUpload));
-        if uploading {
-            let url = self.ctx.upload.as_ref().map(|d| d.base_url.clone());
-            self.update(NodeEvent::UploadFailed {
-                url: url.unwrap_or_default(),
-                status_code: None,
-                output: why,
-            });
-            NodeState::FailedUpload
-        } else {
-            self.set(NodeStatus::failed(None, why));
-            NodeState::Failed
-        }
+        self.fail(uploading, why)
     }
 
     /// Apply an event to the task; log and return the node's new state.
