@@ -356,10 +356,19 @@ async fn a_start_whose_client_hangs_up_still_runs_and_is_audited() {
     c.signal("n3", libc::SIGSTOP);
     let impatient = c.http_client(None);
     let url = c.node("n1").url();
-    // Connected first, so that the start request goes out at once on it.
-    let health = impatient.get(format!("{url}/health")).send().await.unwrap();
-    assert_eq!(health.status(), StatusCode::OK);
-    health.text().await.unwrap(); // read whole: the connection goes back to the pool
+    // Connected and signed in first, so that the start request goes out
+    // at once on that connection and its credentials are already verified
+    // (argon2 runs once per user, and under load it can take longer than
+    // this client's patience: the start would then be given up before it
+    // began, and rightly never run).
+    let signed_in = impatient
+        .get(format!("{url}/pools/default/tasks"))
+        .basic_auth(ADMIN_USER, Some(&c.admin_password))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed_in.status(), StatusCode::OK);
+    signed_in.text().await.unwrap(); // read whole: the connection goes back to the pool
     let gave_up = impatient
         .post(format!("{url}/collectLogs/start"))
         .basic_auth(ADMIN_USER, Some(&c.admin_password))
