@@ -53,19 +53,39 @@ async fn runs_and_collects(wasm: &Path) {
 #[tokio::test]
 async fn a_new_rust_collector_and_uploader_build_and_run_outside_the_repository() {
     let dir = tempfile::tempdir().unwrap();
-    // One target directory for both, so the SDK's dependencies build once.
-    let target = dir.path().join("target");
+    // The target directory this repository's plugins were built in: the
+    // project's Cargo.lock pins the versions they were built with, so the
+    // SDK's dependencies (wit-bindgen and what it uses) are not compiled
+    // again (3 s, where a target directory of its own took 45 s of the
+    // test run's two cores). The project, its vendored SDK and its lock
+    // are still its own, outside the repository.
+    let target = autocollect::plugin::builtin::build_output("x")
+        .ancestors()
+        .nth(3)
+        .expect("target/wasm-plugins/wasm32-wasip2/release/x.wasm")
+        .to_path_buf();
     let collector = new(dir.path(), "my-collector", &[]).await;
     assert!(
         collector
             .join("vendor/autocollect-sdk/wit/collector.wit")
             .exists()
     );
+    let lock = std::fs::read_to_string(collector.join("Cargo.lock")).expect("a Cargo.lock");
     build(&collector, &[("CARGO_TARGET_DIR", &target)]);
+    assert_eq!(
+        std::fs::read_to_string(collector.join("Cargo.lock")).unwrap(),
+        lock,
+        "cargo changed the Cargo.lock that plugin new wrote: it is stale or out of order"
+    );
     runs_and_collects(&target.join("wasm32-wasip2/release/my_collector.wasm")).await;
 
     let uploader = new(dir.path(), "my-uploader", &["--uploader"]).await;
+    let lock = std::fs::read_to_string(uploader.join("Cargo.lock")).expect("a Cargo.lock");
     build(&uploader, &[("CARGO_TARGET_DIR", &target)]);
+    assert_eq!(
+        std::fs::read_to_string(uploader.join("Cargo.lock")).unwrap(),
+        lock
+    );
     let wasm = target.join("wasm32-wasip2/release/my_uploader.wasm");
     let server = UploadServer::start_tls().await;
     let ca = server.write_ca(dir.path());

@@ -44,6 +44,16 @@ const SDK: &[(&str, &str)] = &[
     ),
 ];
 
+/// The SDK's dependencies at the versions this repository builds and
+/// tests its own plugins with: `plugins/Cargo.lock` less its own crates
+/// (a unit test keeps the two equal). A new project builds with these,
+/// not with whatever was released since. To write it again after
+/// `plugins/Cargo.lock` changes: make a project with `plugin new
+/// plugin-name`, copy `plugins/Cargo.lock` into it, run `cargo fetch
+/// --target wasm32-wasip2` there (cargo drops what the project does not
+/// use) and save the result here without the `plugin-name` package.
+const SDK_LOCK: &str = include_str!("plugin_new_rust.Cargo.lock");
+
 const COLLECTOR: &str = include_str!("../../../plugins/template-collector/src/lib.rs");
 const UPLOADER: &str = include_str!("../../../plugins/template-uploader/src/lib.rs");
 
@@ -80,6 +90,9 @@ pub fn files(name: &str, uploader: bool) -> Vec<(String, String)> {
              [workspace]\n"
         ),
     ));
+    if let Some(lock) = cargo_lock(name) {
+        files.push(("Cargo.lock".into(), lock));
+    }
     files.push((
         "src/lib.rs".into(),
         if uploader { UPLOADER } else { COLLECTOR }.to_string(),
@@ -117,4 +130,105 @@ pub fn files(name: &str, uploader: bool) -> Vec<(String, String)> {
         ),
     ));
     files
+}
+
+/// The project's `Cargo.lock`: [`SDK_LOCK`] with the project's own package
+/// among the others in the order cargo writes them (by name), so that the
+/// first build leaves the file as it is. `None` when the project's name is
+/// one of its dependencies' (cargo would have to tell the two apart by
+/// version): cargo then resolves the versions itself.
+fn cargo_lock(name: &str) -> Option<String> {
+    const SEPARATOR: &str = "\n[[package]]\n";
+    let (head, packages) = SDK_LOCK.split_once(SEPARATOR)?;
+    let mut packages: Vec<String> = packages.split(SEPARATOR).map(str::to_string).collect();
+    let name_of = |package: &str| -> String {
+        package
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("name = \""))
+            .and_then(|l| l.strip_suffix('"'))
+            .unwrap_or_default()
+            .to_string()
+    };
+    if packages.iter().any(|p| name_of(p) == name) {
+        return None;
+    }
+    packages.push(format!(
+        "name = \"{name}\"\nversion = \"0.1.0\"\ndependencies = [\n \"autocollect-sdk\",\n]\n"
+    ));
+    packages.sort_by_key(|p| name_of(p));
+    Some(
+        packages
+            .iter()
+            .fold(head.to_string(), |lock, package| lock + SEPARATOR + package),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// A package as a lock pins it: version, source, checksum, and the
+    /// names of its dependencies (a lock adds a dependency's version only
+    /// where it holds two versions of it; each is pinned by its own entry).
+    fn pinned(
+        package: &toml::Value,
+    ) -> (Option<&toml::Value>, Vec<Option<&toml::Value>>, Vec<&str>) {
+        let dependencies = package
+            .get("dependencies")
+            .and_then(toml::Value::as_array)
+            .map(|d| {
+                d.iter()
+                    .filter_map(|d| d.as_str()?.split(' ').next())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let source = ["source", "checksum"].map(|k| package.get(k)).to_vec();
+        (package.get("version"), source, dependencies)
+    }
+
+    /// A lock file's packages by name (none is there twice in these).
+    fn packages(lock: &str) -> BTreeMap<String, toml::Value> {
+        let lock: toml::Table = toml::from_str(lock).expect("a lock file");
+        lock["package"]
+            .as_array()
+            .expect("packages")
+            .iter()
+            .map(|p| (p["name"].as_str().unwrap().to_string(), p.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn a_new_project_pins_the_versions_the_repositorys_plugins_build_with() {
+        let plugins = packages(include_str!("../../../plugins/Cargo.lock"));
+        let sdk = packages(SDK_LOCK);
+        assert!(sdk.contains_key("autocollect-sdk") && sdk.contains_key("wit-bindgen"));
+        for (name, package) in &sdk {
+            assert_eq!(
+                Some(pinned(package)),
+                plugins.get(name).map(pinned),
+                "{name} in host/src/cli/plugin_new_rust.Cargo.lock is not as in \
+                 plugins/Cargo.lock: write it again (see SDK_LOCK)"
+            );
+        }
+    }
+
+    #[test]
+    fn the_projects_package_goes_where_cargo_puts_it() {
+        for name in ["aaa", "my-collector", "zzz"] {
+            let lock = cargo_lock(name).unwrap();
+            let names: Vec<String> = packages(&lock).into_keys().collect();
+            let in_file: Vec<&str> = lock
+                .lines()
+                .filter_map(|l| l.strip_prefix("name = \""))
+                .map(|l| l.trim_end_matches('"'))
+                .collect();
+            assert_eq!(in_file, names, "sorted by name, as cargo writes it");
+            let own = &packages(&lock)[name];
+            assert_eq!(own["dependencies"][0].as_str(), Some("autocollect-sdk"));
+            assert!(own.get("source").is_none(), "{own}");
+        }
+        assert_eq!(cargo_lock("wit-bindgen"), None);
+    }
 }
