@@ -38,6 +38,7 @@ pub struct LocalNode {
     exe: PathBuf,
     netns: Option<PathBuf>,
     daemon_args: Vec<String>,
+    launcher: Vec<String>,
     child: Option<Child>,
 }
 
@@ -74,6 +75,11 @@ pub struct NodeSpec {
     pub netns: Option<PathBuf>,
     /// More arguments for `autocollect serve` (e.g. `--log-format json`).
     pub daemon_args: Vec<String>,
+    /// A command the daemon is started through, given the daemon's own
+    /// command line after these words (e.g. `unshare -U -r` and a shell
+    /// that lowers a limit, then `exec "$@"`): each must exec the next,
+    /// so that the process started is the daemon. Empty: none.
+    pub launcher: Vec<String>,
 }
 
 impl NodeSpec {
@@ -84,6 +90,7 @@ impl NodeSpec {
             ip: std::net::Ipv4Addr::LOCALHOST.into(),
             netns: None,
             daemon_args: Vec::new(),
+            launcher: Vec::new(),
         }
     }
 }
@@ -206,6 +213,7 @@ impl LocalCluster {
                 listener,
                 spec.netns.as_deref(),
                 &spec.daemon_args,
+                &spec.launcher,
             )
             .with_context(|| format!("starting node {name}"))?;
             cluster.nodes.push(LocalNode {
@@ -218,6 +226,7 @@ impl LocalCluster {
                 exe: exe.to_path_buf(),
                 netns: spec.netns.clone(),
                 daemon_args: spec.daemon_args.clone(),
+                launcher: spec.launcher.clone(),
                 child: Some(child),
             });
         }
@@ -324,6 +333,7 @@ impl LocalCluster {
             &listener,
             node.netns.as_deref(),
             &node.daemon_args,
+            &node.launcher,
         )
         .with_context(|| format!("restarting node {name}"))?;
         drop(listener);
@@ -404,13 +414,21 @@ fn spawn_daemon(
     listener: &TcpListener,
     netns: Option<&Path>,
     args: &[String],
+    launcher: &[String],
 ) -> Result<Child> {
     let netns = netns.map(File::open).transpose()?;
     let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
     // Appended to, so a restarted node's log follows its first life.
     let log_file = File::options().create(true).append(true).open(log)?;
     let fd = listener.as_raw_fd();
-    let mut cmd = Command::new(exe);
+    let mut cmd = match launcher.split_first() {
+        Some((program, words)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(words).arg(exe);
+            cmd
+        }
+        None => Command::new(exe),
+    };
     cmd.arg("serve")
         .arg("--config")
         .arg(config)

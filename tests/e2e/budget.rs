@@ -97,3 +97,42 @@ async fn a_partial_reason_never_carries_the_salt_out() {
     assert!(!status.contains(salt), "{status}");
     assert!(!manifest_of(n1).to_string().contains(salt));
 }
+
+/// The disk budget is enforced by a watch on the job's directories (an
+/// inotify instance). A node that cannot set one up (here a daemon in a
+/// user namespace of its own whose inotify instances are capped at 0, as
+/// a machine whose `fs.inotify.max_user_instances` is used up would be)
+/// does not run the collector unwatched: the job fails, saying why, and
+/// nothing is left of it.
+#[tokio::test]
+async fn a_collector_whose_disk_budget_cannot_be_watched_is_not_run() {
+    let no_inotify = autocollect::cluster::NodeSpec {
+        launcher: [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "sh",
+            "-c",
+            "echo 0 > /proc/sys/user/max_inotify_instances && exec \"$@\"",
+            "sh",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..autocollect::cluster::NodeSpec::loopback("n1")
+    };
+    // The mock collector, which collects at once when it is run.
+    let c = cluster_on(&[no_inotify], |_| {}).await;
+    let task = collect_once(&c.admin("n1")).await;
+    let n1 = &task.per_node["n1"];
+    assert_eq!(n1.status, NodeState::Failed, "{n1:?}");
+    let output = n1.collection_output.as_deref().unwrap_or_default();
+    assert!(
+        output.starts_with("the collector was not run: its disk use cannot be watched ("),
+        "{output}"
+    );
+    assert!(n1.plugins.is_empty(), "no plugin started: {n1:?}");
+    let data = std::fs::read_dir(c.node("n1").data_dir.join("jobs"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(data, 0, "nothing is left of the job");
+}

@@ -452,12 +452,14 @@ async fn a_node_cut_off_from_its_coordinator_lets_go_of_its_lock() {
             ip: ns.host_ip,
             netns: None,
             daemon_args: Vec::new(),
+            launcher: Vec::new(),
         },
         autocollect::cluster::NodeSpec {
             name: "n2".into(),
             ip: ns.ns_ip,
             netns: Some(ns.path()),
             daemon_args: Vec::new(),
+            launcher: Vec::new(),
         },
     ];
     let c = cluster_on(&specs, |config| set_option(config, "delay-ms", 120_000i64)).await;

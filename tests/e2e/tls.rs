@@ -23,6 +23,7 @@ fn on(name: &str, last: u8) -> NodeSpec {
         ip: IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)),
         netns: None,
         daemon_args: Vec::new(),
+        launcher: Vec::new(),
     }
 }
 
@@ -177,6 +178,7 @@ async fn plain_http_is_refused_off_loopback_unless_explicitly_allowed() {
         ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         netns: None,
         daemon_args: Vec::new(),
+        launcher: Vec::new(),
     };
     let dir = tempfile::tempdir().unwrap();
     let refused = LocalCluster::launch_on(exe, dir.path(), std::slice::from_ref(&anywhere), |c| {

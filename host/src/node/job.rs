@@ -68,32 +68,38 @@ pub(super) async fn collect(
     };
     // This job runs on the plugins current now, whatever a reload brings.
     let plugins = node.plugins().current();
-    tracing::info!(task = %task_id, state = "started", "collector started");
-    let _ = events.send(NodeEvent::Started {
-        plugin: Some(plugins.collector_ref()),
-    });
-
     let breach = Breach::default();
     let urgent = Arc::new(AtomicBool::new(false));
     let usage = Arc::new(budget::Usage::default());
+    // No collector runs without its disk budget watched: its limits on
+    // bytes and files are enforced by that watch alone.
     let watch = start_budget(&node, &dirs, &breach, &urgent, &cancel, &usage);
     let started = std::time::Instant::now();
-    let job_budget = watch.as_ref().map(|_| {
-        let settings = node.storage.settings();
-        JobBudget {
-            max_bytes: settings.job_max_mb << 20,
-            max_files: settings.job_max_files,
-            archives: usage.archives.clone(),
-            usage: Arc::new(move || (usage.bytes(), usage.entries())),
+    let result = match &watch {
+        Ok(_) => {
+            tracing::info!(task = %task_id, state = "started", "collector started");
+            let _ = events.send(NodeEvent::Started {
+                plugin: Some(plugins.collector_ref()),
+            });
+            let settings = node.storage.settings();
+            let controls = RunControls {
+                cancel,
+                urgent,
+                budget: Some(JobBudget {
+                    max_bytes: settings.job_max_mb << 20,
+                    max_files: settings.job_max_files,
+                    archives: usage.archives.clone(),
+                    usage: Arc::new(move || (usage.bytes(), usage.entries())),
+                }),
+                role: &plugins.collector,
+            };
+            run_collector(&node, &task_id, &dirs, &parameters, &events, controls).await
         }
-    });
-    let controls = RunControls {
-        cancel,
-        urgent,
-        budget: job_budget,
-        role: &plugins.collector,
+        Err(why) => Err(NodeEvent::Failed {
+            status_code: None,
+            output: why.clone(),
+        }),
     };
-    let result = run_collector(&node, &task_id, &dirs, &parameters, &events, controls).await;
     let wall_time = started.elapsed();
     crate::metrics::global()
         .collection_seconds
@@ -256,7 +262,8 @@ fn manifest_of(
 }
 
 /// Watch the job's directories; on a breach, stop the run at once (its
-/// programs get no grace) and remember why.
+/// programs get no grace) and remember why. An error says why the watch
+/// could not be set up (no inotify instance or watch left, say).
 fn start_budget(
     node: &NodeService,
     dirs: &JobDirs,
@@ -264,7 +271,7 @@ fn start_budget(
     urgent: &Arc<AtomicBool>,
     cancel: &CancellationToken,
     usage: &Arc<budget::Usage>,
-) -> Option<BudgetWatch> {
+) -> Result<BudgetWatch, String> {
     let settings = node.storage.settings();
     let limits = Limits {
         max_bytes: settings.job_max_mb << 20,
@@ -291,13 +298,14 @@ fn start_budget(
             },
         )
     });
-    match started {
-        Ok(watch) => Some(watch),
-        Err(e) => {
-            tracing::error!("cannot watch the job's disk use: {e}");
-            None
-        }
-    }
+    started.map_err(|e| {
+        let why = format!(
+            "the collector was not run: its disk use cannot be watched ({e}), and that \
+             watch is what holds it to the job's limits on bytes and files"
+        );
+        tracing::error!("{why}");
+        why
+    })
 }
 
 /// What to upload where.
