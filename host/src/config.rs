@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 pub use crate::tls::{TlsFiles, TlsSetting};
 pub use crate::upload::UploadPolicy;
@@ -285,6 +286,20 @@ pub struct CoordinatorSettings {
     /// does not is reported as not answering, never waited on for longer.
     #[serde(default = "default_peer_timeout_ms")]
     pub peer_timeout_ms: u64,
+    /// The longest the coordinator follows a node's collection, from the
+    /// start of its job, in seconds: past it the node is failed and told
+    /// to stop. A node holds its collector to its own deadline; this
+    /// bounds one that does not (buggy, or in hostile hands) and would
+    /// otherwise hold the task, and with it the cluster's one collection,
+    /// until an admin cancelled. Default ([`Config::phase_limits`]): this
+    /// node's `collector.timeout_secs` and twice its `exec_grace_secs`,
+    /// plus a minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_collect_secs: Option<f64>,
+    /// The same for a node's upload (default: `uploader.timeout_secs`
+    /// and twice its `exec_grace_secs`, plus a minute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_upload_secs: Option<f64>,
 }
 
 impl Default for CoordinatorSettings {
@@ -295,8 +310,23 @@ impl Default for CoordinatorSettings {
             heartbeat_interval_ms: default_heartbeat_ms(),
             connect_timeout_ms: default_connect_timeout_ms(),
             peer_timeout_ms: default_peer_timeout_ms(),
+            max_collect_secs: None,
+            max_upload_secs: None,
         }
     }
+}
+
+/// What the coordinator allows past a node's own deadline by default.
+pub const PHASE_MARGIN: Duration = Duration::from_secs(60);
+/// The largest `max_collect_secs` or `max_upload_secs`: a week.
+const MAX_PHASE_SECS: f64 = 7.0 * 24.0 * 3600.0;
+
+/// How long the coordinator follows a node's collection and its upload
+/// before failing it ([`CoordinatorSettings::max_collect_secs`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PhaseLimits {
+    pub collect: Duration,
+    pub upload: Duration,
 }
 
 /// `[storage]`: what a job may write on this node, and what is kept.
@@ -478,6 +508,24 @@ impl Config {
         Ok(config)
     }
 
+    /// How long the coordinator follows a node's collection and upload:
+    /// `coordinator.max_collect_secs` and `max_upload_secs`, or by
+    /// default this node's role deadline and twice its grace for the
+    /// programs it started, plus [`PHASE_MARGIN`] (the node's own
+    /// deadline comes first, with room for its cleanup and its report).
+    pub fn phase_limits(&self) -> PhaseLimits {
+        let default = |role: &PluginRole| {
+            Duration::from_secs_f64(role.timeout_secs + 2.0 * role.exec_grace_secs) + PHASE_MARGIN
+        };
+        let limit = |set: Option<f64>, role: &PluginRole| {
+            set.map_or_else(|| default(role), Duration::from_secs_f64)
+        };
+        PhaseLimits {
+            collect: limit(self.coordinator.max_collect_secs, &self.collector),
+            upload: limit(self.coordinator.max_upload_secs, &self.uploader),
+        }
+    }
+
     fn resolve_secret(&mut self, base: &Path) -> Result<()> {
         if let Some(file) = &self.cluster_secret_file {
             if self.cluster_secret.is_some() {
@@ -566,6 +614,16 @@ impl Config {
         }
         if self.coordinator.peer_timeout_ms == 0 || self.coordinator.connect_timeout_ms == 0 {
             bail!("coordinator.peer_timeout_ms and connect_timeout_ms must be positive");
+        }
+        for (key, value) in [
+            ("max_collect_secs", self.coordinator.max_collect_secs),
+            ("max_upload_secs", self.coordinator.max_upload_secs),
+        ] {
+            if let Some(secs) = value
+                && !(secs.is_finite() && secs > 0.0 && secs <= MAX_PHASE_SECS)
+            {
+                bail!("coordinator.{key} must be positive, and at most {MAX_PHASE_SECS} (a week)");
+            }
         }
         check_inputs(&self.collector.inputs, &self.own_secrets())?;
         if self.collector.exec_max_processes == 0 && !self.collector.exec_allow.is_empty() {
@@ -804,6 +862,35 @@ mod tests {
             toml::from_str::<Config>(&format!("{BASE}\n[uploader]\nplugin = \"u\"\nbogus = 1"))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_nodes_phases_are_followed_past_its_own_deadlines_and_no_longer() {
+        let c = parse("[collector]\nplugin = \"c.wasm\"\nexec_grace_secs = 5\n");
+        assert_eq!(
+            c.phase_limits(),
+            PhaseLimits {
+                collect: Duration::from_secs(3600 + 10 + 60),
+                upload: Duration::from_secs(4 * 3600 + 20 + 60),
+            }
+        );
+        let mut c = parse("[coordinator]\nmax_collect_secs = 90\nmax_upload_secs = 0.5\n");
+        c.check().unwrap();
+        assert_eq!(
+            c.phase_limits(),
+            PhaseLimits {
+                collect: Duration::from_secs(90),
+                upload: Duration::from_millis(500),
+            }
+        );
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 8.0 * 24.0 * 3600.0] {
+            c.coordinator.max_upload_secs = Some(bad);
+            let e = c.check().unwrap_err().to_string();
+            assert!(
+                e.starts_with("coordinator.max_upload_secs must be positive"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

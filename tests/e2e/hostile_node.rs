@@ -3,7 +3,8 @@
 //! A node cannot move its state back, report what its phase cannot have
 //! done, or grow the task by repeating itself: it is failed, with the
 //! reason, and told to stop. One that floods progress costs the
-//! coordinator a parse per line, not a task version per line.
+//! coordinator a parse per line, not a task version per line. One that
+//! never ends its phase is failed at the coordinator's limit for it.
 //!
 //! The fake nodes here answer the coordinator's node-to-node requests
 //! themselves (plain HTTP/2, as the coordinator speaks to nodes when TLS
@@ -289,4 +290,65 @@ async fn a_nodes_answer_is_read_only_up_to_its_bound() {
     let pid = c.node("n1").pid().expect("the coordinator runs");
     let peak = peak_rss_kib(pid) >> 10;
     assert!(peak < 256, "the coordinator's peak RSS: {peak} MiB");
+}
+
+/// A node that keeps its session alive (heartbeats) but never ends its
+/// collection, or its upload, does not hold the task, and with it the
+/// cluster's one collection, until an admin cancels: past the
+/// coordinator's limit for the phase it is failed, with the reason, and
+/// told to stop, and the task ends.
+#[tokio::test]
+async fn a_node_that_never_ends_its_phase_is_failed_at_the_coordinators_limit() {
+    let (endless, endless_cancels) = fake_node(vec![started()]).await;
+    let endless_upload = NodeEvent::UploadStarted {
+        url: "http://127.0.0.1:9/Example+inc./12345/x.zip".into(),
+        plugin: None,
+    };
+    let (stuck, stuck_cancels) =
+        fake_uploading_node(vec![started(), collected()], vec![endless_upload]).await;
+    let c = cluster(&["n1"], |config| {
+        config.tls = Some(TlsSetting::Off);
+        config.upload.allow_http = true;
+        config.coordinator.max_collect_secs = Some(1.0);
+        config.coordinator.max_upload_secs = Some(1.5);
+        config.nodes.insert("endless".into(), endless.to_string());
+        config.nodes.insert("stuck".into(), stuck.to_string());
+    })
+    .await;
+    let admin = c.admin("n1");
+    let started = admin
+        .start_with(&autocollect::client::StartOptions {
+            nodes: "endless,stuck".into(),
+            upload_host: Some("http://127.0.0.1:9".into()),
+            customer: Some("Example inc.".into()),
+            ticket: Some("12345".into()),
+            bypass_reachability_checks: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let task = wait_for_end(&admin, &started.task_id).await;
+    assert_eq!(task.status, TaskState::Completed, "{task:?}");
+
+    let endless = &task.per_node["endless"];
+    assert_eq!(endless.status, NodeState::Failed, "{endless:?}");
+    assert_eq!(
+        endless.collection_output.as_deref(),
+        Some(
+            "endless did not end its collection within 1 s (coordinator.max_collect_secs), \
+             and was told to stop"
+        )
+    );
+    assert_eq!(endless_cancels.load(Ordering::SeqCst), 1);
+
+    let stuck = &task.per_node["stuck"];
+    assert_eq!(stuck.status, NodeState::FailedUpload, "{stuck:?}");
+    assert_eq!(
+        stuck.upload_output.as_deref(),
+        Some(
+            "stuck did not end its upload within 1.5 s (coordinator.max_upload_secs), \
+             and was told to stop"
+        )
+    );
+    assert_eq!(stuck_cancels.load(Ordering::SeqCst), 1);
 }

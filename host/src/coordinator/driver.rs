@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use super::TaskCtx;
 use super::peers::{PeerError, SessionEvents, secs};
 use super::task::{NodeState, NodeStatus};
+use crate::config::PhaseLimits;
 use crate::protocol::NodeEvent;
 
 /// How long a node has to confirm a cancel before we stop waiting. A node
@@ -36,6 +37,15 @@ enum Phase {
 }
 
 impl Phase {
+    /// How long the coordinator follows this phase of a node, and the
+    /// setting that says so.
+    fn limit(self, limits: &PhaseLimits) -> (Duration, &'static str) {
+        match self {
+            Phase::Collect => (limits.collect, "coordinator.max_collect_secs"),
+            Phase::Upload => (limits.upload, "coordinator.max_upload_secs"),
+        }
+    }
+
     fn ends(self, event: &NodeEvent) -> bool {
         match self {
             Phase::Collect => event.ends_collection(),
@@ -167,10 +177,13 @@ impl Driver {
     }
 
     /// Apply the node's events until one ends `phase` (or contact is
-    /// lost, or a cancel is confirmed, or the node breaks the protocol).
-    /// Returns the node's state after the phase.
+    /// lost, or a cancel is confirmed, or the node breaks the protocol,
+    /// or the phase outlasts its limit). Returns the node's state after
+    /// the phase.
     async fn follow(&self, session: &mut SessionEvents, phase: Phase) -> Option<NodeState> {
         let ctx = &self.ctx;
+        let (limit, setting) = phase.limit(&ctx.coordinator.phase_limits);
+        let phase_deadline = Instant::now() + limit;
         // A live node sends a heartbeat every interval; three missed is dead.
         let liveness = ctx.coordinator.heartbeat() * 3;
         let mut cancel_deadline: Option<Instant> = None;
@@ -191,6 +204,20 @@ impl Driver {
                     self.send_cancel().await;
                     cancel_deadline = Some(Instant::now() + CANCEL_CONFIRM);
                     continue;
+                }
+                _ = tokio::time::sleep_until(phase_deadline), if cancel_deadline.is_none() => {
+                    let why = format!(
+                        "{} did not end its {} within {} ({setting}), and was told to stop",
+                        self.node,
+                        match phase {
+                            Phase::Collect => "collection",
+                            Phase::Upload => "upload",
+                        },
+                        secs(limit)
+                    );
+                    tracing::warn!(task = %ctx.task_id, node = %self.node, "{why}");
+                    self.send_cancel().await;
+                    return Some(self.fail(matches!(phase, Phase::Upload), why));
                 }
             };
             // Silence may be ours: if this process was stopped (SIGSTOP, a

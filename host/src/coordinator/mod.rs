@@ -32,7 +32,7 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::CoordinatorSettings;
+use crate::config::{CoordinatorSettings, PhaseLimits};
 use crate::protocol::{CollectParameters, OpenSession, TaskId};
 use crate::upload::{self, Destination, Proxy, UploadPolicy};
 use peers::{PeerError, Peers, SessionEvents};
@@ -96,6 +96,9 @@ pub struct Coordinator {
     me: String,
     peers: Peers,
     settings: CoordinatorSettings,
+    /// How long a node's collection, and its upload, is followed before
+    /// the node is failed and told to stop.
+    phase_limits: PhaseLimits,
     upload_policy: UploadPolicy,
     /// What the preflight's TLS trusts (built from `upload_policy`).
     upload_tls: Arc<crate::upload::UploadTls>,
@@ -131,6 +134,7 @@ impl Coordinator {
         me: String,
         peers: Peers,
         settings: CoordinatorSettings,
+        phase_limits: PhaseLimits,
         upload_policy: UploadPolicy,
         upload_tls: Arc<crate::upload::UploadTls>,
         data_dir: &std::path::Path,
@@ -141,6 +145,7 @@ impl Coordinator {
             me,
             peers,
             settings,
+            phase_limits,
             upload_policy,
             upload_tls,
             start_lock: Default::default(),

@@ -84,6 +84,7 @@ pub async fn build(config: &Config, config_path: &Path) -> Result<(AppState, api
         config.node.clone(),
         peers,
         config.coordinator.clone(),
+        config.phase_limits(),
         config.upload.clone(),
         upload_tls,
         &config.data_dir,
