@@ -11,21 +11,29 @@
 //! is stuck costs a compile here, never a daemon that does not start. The
 //! kernel lets go of the lock of a holder that dies.
 //!
-//! The directory must be writable only by the daemon: its files are
-//! loaded as machine code (see the configuration's `plugin_cache_dir`).
+//! Its files are loaded as machine code, so whoever can write one runs
+//! code in the daemon. The directory is refused unless it belongs to the
+//! daemon's user and no one else may write it, and an entry is loaded
+//! only if the same holds for it (it is compiled again otherwise). Every
+//! file is opened through the directory opened and checked at start,
+//! never through a link: a writable parent cannot swap either.
 
 use std::fs::File;
 use std::hash::{Hash, Hasher};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
-use rustix::fs::{FlockOperation, flock};
+use anyhow::{Context, Result};
+use rustix::fs::{FlockOperation, Mode, OFlags, flock};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
 use crate::hex;
+use crate::safe_dir::SafeDir;
 
 /// The longest a daemon waits for another process compiling the same
 /// plugin into the same directory before compiling it itself. A
@@ -35,12 +43,32 @@ pub const LOCK_WAIT: Duration = Duration::from_secs(120);
 /// A directory of compiled components.
 #[derive(Debug, Clone)]
 pub struct DiskCache {
-    dir: PathBuf,
+    dir: Arc<SafeDir>,
 }
 
 impl DiskCache {
-    pub fn new(dir: PathBuf) -> DiskCache {
-        DiskCache { dir }
+    /// The cache in `dir`, made (mode 0700) if it is not there. Refused
+    /// unless it belongs to this process's user (or root) and no one else
+    /// may write it.
+    pub fn open(dir: &Path) -> Result<DiskCache> {
+        let refused = || {
+            format!(
+                "plugin_cache_dir {}: its files are loaded as machine code, so it must belong \
+                 to the daemon's user (or root) and no one else may write it",
+                dir.display()
+            )
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(refused)?;
+        let opened = SafeDir::open_root(dir, false).with_context(refused)?;
+        let stat = rustix::fs::fstat(opened.as_fd()).map_err(io::Error::from)?;
+        private(&stat).map_err(|why| anyhow::anyhow!("{}: it is {why}", refused()))?;
+        Ok(DiskCache {
+            dir: Arc::new(opened),
+        })
     }
 
     /// The component compiled from `bytes` (whose SHA-256 is `key`): read
@@ -53,13 +81,13 @@ impl DiskCache {
         key: &[u8; 32],
     ) -> Result<Component> {
         let stem = entry_stem(engine, key);
-        let path = self.dir.join(format!("{stem}.cwasm"));
-        if let Some(component) = load(engine, &path) {
+        let entry = format!("{stem}.cwasm");
+        if let Some(component) = self.load(engine, &entry) {
             return Ok(component);
         }
         let lock = self.lock(&stem, LOCK_WAIT);
         if lock.is_some()
-            && let Some(component) = load(engine, &path)
+            && let Some(component) = self.load(engine, &entry)
         {
             // Compiled by the process that held the lock.
             return Ok(component);
@@ -67,8 +95,8 @@ impl DiskCache {
         let started = Instant::now();
         let component = Component::new(engine, bytes)?;
         tracing::debug!(elapsed = ?started.elapsed(), "compiled plugin");
-        if let Err(e) = store(&path, &component) {
-            tracing::warn!(path = %path.display(), "could not cache compiled plugin: {e:#}");
+        if let Err(e) = self.store(&entry, &component) {
+            tracing::warn!(path = %self.path(&entry), "could not cache compiled plugin: {e:#}");
         }
         drop(lock);
         Ok(component)
@@ -78,21 +106,21 @@ impl DiskCache {
     /// warning) when it cannot be had within `wait`: the caller compiles
     /// without it.
     fn lock(&self, stem: &str, wait: Duration) -> Option<File> {
-        let path = self.dir.join(format!("{stem}.lock"));
-        let file = std::fs::create_dir_all(&self.dir).and_then(|()| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                // The directory is the daemon's own; a link planted in it
-                // all the same is refused, not followed.
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&path)
-        });
+        let name = format!("{stem}.lock");
+        let path = self.path(&name);
+        // A link planted in the directory all the same is refused, not
+        // followed.
+        let file = rustix::fs::openat(
+            self.dir.as_fd(),
+            name.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map(File::from);
         let file = match file {
             Ok(file) => file,
             Err(e) => {
-                tracing::warn!(path = %path.display(), "compiling without the cache's lock: {e}");
+                tracing::warn!(%path, "compiling without the cache's lock: {e}");
                 return None;
             }
         };
@@ -105,7 +133,7 @@ impl DiskCache {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         tracing::warn!(
-                            path = %path.display(),
+                            %path,
                             "compiling without the cache's lock: another process has held it for {wait:?}"
                         );
                         return None;
@@ -117,12 +145,81 @@ impl DiskCache {
                     pause = (pause * 2).min(Duration::from_millis(200));
                 }
                 Err(e) => {
-                    tracing::warn!(path = %path.display(), "compiling without the cache's lock: {e}");
+                    tracing::warn!(%path, "compiling without the cache's lock: {e}");
                     return None;
                 }
             }
         }
     }
+
+    /// The entry `name`, if there is one this engine can load and only
+    /// this daemon's user could have written; another is logged and
+    /// ignored (it is compiled again and replaced).
+    fn load(&self, engine: &Engine, name: &str) -> Option<Component> {
+        let ignored = |why: &dyn std::fmt::Display| {
+            tracing::warn!(path = %self.path(name), "ignoring cache entry: {why}");
+            None
+        };
+        let file = match self.dir.open_file(name) {
+            Ok((file, _)) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+            Err(e) => return ignored(&e),
+        };
+        match rustix::fs::fstat(&file).map_err(io::Error::from) {
+            Ok(stat) => {
+                if let Err(why) = private(&stat) {
+                    return ignored(&format!("it is {why}: it was not written by this daemon"));
+                }
+            }
+            Err(e) => return ignored(&e),
+        }
+        // SAFETY: the file is the one opened and checked above (its
+        // descriptor's own link, not its name again): written whole by
+        // `store` (renamed into place), in a directory and by a user that
+        // no one else writes as, and wasmtime checks the engine
+        // compatibility header.
+        let opened = format!("/proc/self/fd/{}", file.as_raw_fd());
+        match unsafe { Component::deserialize_file(engine, opened) } {
+            Ok(component) => Some(component),
+            Err(e) => ignored(&format!("{e:#}")),
+        }
+    }
+
+    fn store(&self, name: &str, component: &Component) -> Result<()> {
+        let bytes = component.serialize()?;
+        // A bad entry (or whatever else has its name) goes first: a new
+        // one is written whole beside it and renamed into place.
+        match self.dir.remove_file(name) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+        self.dir.write_new(name, &bytes)?;
+        Ok(())
+    }
+
+    /// `name`'s path, for messages.
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+}
+
+/// Why a file is not private to this process's user, if it is not: owned
+/// by another user than it and root, or writable by its group or by
+/// anyone.
+fn private(stat: &rustix::fs::Stat) -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if stat.st_uid != me && stat.st_uid != 0 {
+        return Err(format!(
+            "owned by uid {}, neither the daemon's user (uid {me}) nor root",
+            stat.st_uid
+        ));
+    }
+    let mode = stat.st_mode & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(format!("writable by others (mode {mode:04o})"));
+    }
+    Ok(())
 }
 
 /// The entry's file name without extension: the component's hash and a
@@ -132,29 +229,6 @@ fn entry_stem(engine: &Engine, key: &[u8; 32]) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut h);
     format!("{}-{:016x}", hex(key), h.finish())
-}
-
-/// The entry at `path`, if there is one this engine can load; a bad one
-/// is logged and ignored (it is compiled again and replaced).
-fn load(engine: &Engine, path: &Path) -> Option<Component> {
-    if !path.is_file() {
-        return None;
-    }
-    // SAFETY: the cache directory is the daemon's own (see the module's
-    // docs), its files are written whole by `store` (renamed into
-    // place), and wasmtime checks the engine compatibility header.
-    match unsafe { Component::deserialize_file(engine, path) } {
-        Ok(component) => Some(component),
-        Err(e) => {
-            tracing::warn!(path = %path.display(), "ignoring bad cache entry: {e:#}");
-            None
-        }
-    }
-}
-
-fn store(path: &Path, component: &Component) -> Result<()> {
-    crate::files::write_atomically(path, &component.serialize()?)?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -189,7 +263,7 @@ mod tests {
     #[test]
     fn a_second_load_reads_the_entry_the_first_one_stored() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = DiskCache::new(dir.path().join("cache"));
+        let cache = DiskCache::open(&dir.path().join("cache")).unwrap();
         let engine = engine();
         let key = [7u8; 32];
         cache
@@ -210,7 +284,7 @@ mod tests {
     #[test]
     fn a_waiter_loads_what_the_lock_holder_compiled_and_gives_up_in_time() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = DiskCache::new(dir.path().to_path_buf());
+        let cache = DiskCache::open(dir.path()).unwrap();
         let engine = engine();
         let key = [9u8; 32];
         let stem = entry_stem(&engine, &key);
@@ -245,7 +319,7 @@ mod tests {
         );
         let compiled = Component::new(&engine, EMPTY_COMPONENT).unwrap();
         let entry = dir.path().join(format!("{stem}.cwasm"));
-        store(&entry, &compiled).unwrap();
+        cache.store(&format!("{stem}.cwasm"), &compiled).unwrap();
         let stored = inode(&entry);
         drop(held);
         waiter.join().unwrap().unwrap();
@@ -254,5 +328,76 @@ mod tests {
             stored,
             "the waiter did not compile and store it again"
         );
+    }
+
+    /// Make `path` belong to another user (the tests run as root, as
+    /// `.ci/test` does).
+    fn give_away(path: &Path) {
+        std::os::unix::fs::chown(path, Some(65534), None).expect("chown (the tests run as root)");
+    }
+
+    #[test]
+    fn a_directory_others_could_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let e = format!("{:#}", DiskCache::open(&shared).unwrap_err());
+        assert!(e.ends_with("it is writable by others (mode 1777)"), "{e}");
+        assert!(e.contains("must belong to the daemon's user"), "{e}");
+
+        let theirs = dir.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        give_away(&theirs);
+        let e = format!("{:#}", DiskCache::open(&theirs).unwrap_err());
+        assert!(
+            e.contains("it is owned by uid 65534, neither the daemon's user"),
+            "{e}"
+        );
+
+        // Made when missing: the daemon's user's alone.
+        let made = dir.path().join("made/cache");
+        DiskCache::open(&made).unwrap();
+        let mode = std::fs::metadata(&made).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn an_entry_someone_else_could_have_written_is_compiled_again_not_loaded() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path()).unwrap();
+        let engine = engine();
+        let key = [5u8; 32];
+        let entry = dir
+            .path()
+            .join(format!("{}.cwasm", entry_stem(&engine, &key)));
+        let tampered: [&dyn Fn(&Path); 3] = [
+            &|path| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).unwrap(),
+            &|path| give_away(path),
+            // A link to a good entry elsewhere is not followed either.
+            &|path| {
+                let elsewhere = path.with_extension("elsewhere");
+                std::fs::rename(path, &elsewhere).unwrap();
+                std::os::unix::fs::symlink(&elsewhere, path).unwrap();
+            },
+        ];
+        for tamper in tampered {
+            cache
+                .load_or_compile(&engine, EMPTY_COMPONENT, &key)
+                .unwrap();
+            tamper(&entry);
+            cache
+                .load_or_compile(&engine, EMPTY_COMPONENT, &key)
+                .unwrap();
+            // Replaced by a fresh compile (a loaded entry stays as it is):
+            // the daemon's own file again, its alone.
+            let now = std::fs::symlink_metadata(&entry).unwrap();
+            assert!(now.file_type().is_file());
+            // SAFETY: geteuid has no preconditions.
+            assert_eq!(now.uid(), unsafe { libc::geteuid() });
+            assert_eq!(now.permissions().mode() & 0o777, 0o600);
+        }
     }
 }

@@ -334,7 +334,10 @@ impl PluginHost {
             engine,
             allocator,
             compiled: Default::default(),
-            disk_cache: disk_cache.map(disk_cache::DiskCache::new),
+            disk_cache: disk_cache
+                .as_deref()
+                .map(disk_cache::DiskCache::open)
+                .transpose()?,
             _ticker: ticker,
         }))
     }
