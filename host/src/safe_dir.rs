@@ -361,6 +361,33 @@ impl SafeDir {
     pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.fd.as_fd()
     }
+
+    /// Why this directory is not the daemon's own, if it is not
+    /// ([`private`]).
+    pub fn not_private(&self) -> io::Result<Option<String>> {
+        Ok(private(&rustix::fs::fstat(&self.fd)?).err())
+    }
+}
+
+/// Why a file or directory is not private to this process's user, if it
+/// is not: owned by another user than it and root, or writable by its
+/// group or by anyone. What only the daemon's user (or root) can have
+/// written is what the daemon may trust: machine code to load, records
+/// of directories to remove.
+pub fn private(stat: &rustix::fs::Stat) -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if stat.st_uid != me && stat.st_uid != 0 {
+        return Err(format!(
+            "owned by uid {}, neither the daemon's user (uid {me}) nor root",
+            stat.st_uid
+        ));
+    }
+    let mode = stat.st_mode & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(format!("writable by others (mode {mode:04o})"));
+    }
+    Ok(())
 }
 
 fn file_id(stat: &rustix::fs::Stat) -> FileId {

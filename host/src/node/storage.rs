@@ -111,10 +111,25 @@ pub struct Storage {
 
 impl Storage {
     /// This node's storage under `data_dir` (created if missing).
+    /// The storage in `data_dir` (made if it is not there). Refused
+    /// unless it belongs to the daemon's user (or root) and no one else
+    /// may write it: the daemon removes the directories its records name
+    /// and uploads what `results/` holds.
     pub fn open(data_dir: &Path, node: &str, settings: StorageSettings) -> io::Result<Storage> {
+        let root = SafeDir::open_root(data_dir, true)?;
+        if let Some(why) = root.not_private()? {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "data_dir {}: it holds the daemon's jobs, results and records, so it must \
+                     belong to the daemon's user (or root) and no one else may write it: it is {why}",
+                    data_dir.display()
+                ),
+            ));
+        }
         Ok(Storage {
             data_dir: data_dir.to_path_buf(),
-            root: SafeDir::open_root(data_dir, true)?,
+            root,
             node: node.to_string(),
             settings,
             results: Mutex::default(),
@@ -675,6 +690,31 @@ mod tests {
 
     fn task() -> TaskId {
         TaskId::parse("0123456789abcdef0123456789abcdef").unwrap()
+    }
+
+    #[test]
+    fn a_data_dir_others_could_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = Storage::open(&data, "n1", StorageSettings::default())
+            .err()
+            .expect("refused");
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        assert!(
+            e.to_string()
+                .ends_with("no one else may write it: it is writable by others (mode 0777)"),
+            "{e}"
+        );
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o750)).unwrap();
+        Storage::open(&data, "n1", StorageSettings::default()).unwrap();
+        std::os::unix::fs::chown(&data, Some(65534), None).expect("chown (the tests run as root)");
+        let e = Storage::open(&data, "n1", StorageSettings::default())
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("it is owned by uid 65534"), "{e}");
     }
 
     #[test]

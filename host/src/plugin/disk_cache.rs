@@ -33,7 +33,7 @@ use wasmtime::Engine;
 use wasmtime::component::Component;
 
 use crate::hex;
-use crate::safe_dir::SafeDir;
+use crate::safe_dir::{SafeDir, private};
 
 /// The longest a daemon waits for another process compiling the same
 /// plugin into the same directory before compiling it itself. A
@@ -64,8 +64,9 @@ impl DiskCache {
             .create(dir)
             .with_context(refused)?;
         let opened = SafeDir::open_root(dir, false).with_context(refused)?;
-        let stat = rustix::fs::fstat(opened.as_fd()).map_err(io::Error::from)?;
-        private(&stat).map_err(|why| anyhow::anyhow!("{}: it is {why}", refused()))?;
+        if let Some(why) = opened.not_private()? {
+            anyhow::bail!("{}: it is {why}", refused());
+        }
         Ok(DiskCache {
             dir: Arc::new(opened),
         })
@@ -201,25 +202,6 @@ impl DiskCache {
     fn path(&self, name: &str) -> String {
         self.dir.path().join(name).display().to_string()
     }
-}
-
-/// Why a file is not private to this process's user, if it is not: owned
-/// by another user than it and root, or writable by its group or by
-/// anyone.
-fn private(stat: &rustix::fs::Stat) -> Result<(), String> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
-    if stat.st_uid != me && stat.st_uid != 0 {
-        return Err(format!(
-            "owned by uid {}, neither the daemon's user (uid {me}) nor root",
-            stat.st_uid
-        ));
-    }
-    let mode = stat.st_mode & 0o7777;
-    if mode & 0o022 != 0 {
-        return Err(format!("writable by others (mode {mode:04o})"));
-    }
-    Ok(())
 }
 
 /// The entry's file name without extension: the component's hash and a
