@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use autocollect::config::TlsSetting;
-use autocollect::coordinator::task::{NodeState, TaskState};
+use autocollect::coordinator::task::{NodeState, TaskState, TaskStatus};
 use autocollect::protocol::NodeEvent;
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -128,6 +128,31 @@ fn collected() -> NodeEvent {
     }
 }
 
+fn upload_started() -> NodeEvent {
+    NodeEvent::UploadStarted {
+        url: "http://127.0.0.1:9/Example+inc./12345/x.zip".into(),
+        plugin: None,
+    }
+}
+
+/// Collect from `nodes` (comma-separated) with an upload to a host no
+/// fake reaches (they only say what they do), and wait for the end.
+async fn collect_and_upload(c: &TestCluster, nodes: &str) -> TaskStatus {
+    let admin = c.admin("n1");
+    let started = admin
+        .start_with(&autocollect::client::StartOptions {
+            nodes: nodes.into(),
+            upload_host: Some("http://127.0.0.1:9".into()),
+            customer: Some("Example inc.".into()),
+            ticket: Some("12345".into()),
+            bypass_reachability_checks: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    wait_for_end(&admin, &started.task_id).await
+}
+
 /// A cluster of `n1` (a real daemon, coordinating) and the fake `nodes`.
 async fn with_fakes(nodes: &[(&str, SocketAddr)]) -> TestCluster {
     cluster(&["n1"], |config| {
@@ -186,14 +211,8 @@ async fn a_node_that_breaks_the_protocol_is_failed_told_to_stop_and_cannot_grow_
 async fn a_node_that_breaks_the_protocol_while_uploading_fails_its_upload() {
     let (liar, cancels) = fake_uploading_node(
         vec![started(), collected()],
-        vec![
-            NodeEvent::UploadStarted {
-                url: "http://127.0.0.1:9/Example+inc./12345/x.zip".into(),
-                plugin: None,
-            },
-            // A collect phase's event, in the upload phase.
-            started(),
-        ],
+        // A collect phase's event, in the upload phase.
+        vec![upload_started(), started()],
     )
     .await;
     let c = cluster(&["n1"], |config| {
@@ -202,20 +221,7 @@ async fn a_node_that_breaks_the_protocol_while_uploading_fails_its_upload() {
         config.nodes.insert("liar".into(), liar.to_string());
     })
     .await;
-    let admin = c.admin("n1");
-
-    let started = admin
-        .start_with(&autocollect::client::StartOptions {
-            nodes: "liar".into(),
-            upload_host: Some("http://127.0.0.1:9".into()),
-            customer: Some("Example inc.".into()),
-            ticket: Some("12345".into()),
-            bypass_reachability_checks: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let task = wait_for_end(&admin, &started.task_id).await;
+    let task = collect_and_upload(&c, "liar").await;
     let status = &task.per_node["liar"];
     assert_eq!(status.status, NodeState::FailedUpload, "{status:?}");
     assert_eq!(
@@ -300,12 +306,8 @@ async fn a_nodes_answer_is_read_only_up_to_its_bound() {
 #[tokio::test]
 async fn a_node_that_never_ends_its_phase_is_failed_at_the_coordinators_limit() {
     let (endless, endless_cancels) = fake_node(vec![started()]).await;
-    let endless_upload = NodeEvent::UploadStarted {
-        url: "http://127.0.0.1:9/Example+inc./12345/x.zip".into(),
-        plugin: None,
-    };
     let (stuck, stuck_cancels) =
-        fake_uploading_node(vec![started(), collected()], vec![endless_upload]).await;
+        fake_uploading_node(vec![started(), collected()], vec![upload_started()]).await;
     let c = cluster(&["n1"], |config| {
         config.tls = Some(TlsSetting::Off);
         config.upload.allow_http = true;
@@ -315,19 +317,7 @@ async fn a_node_that_never_ends_its_phase_is_failed_at_the_coordinators_limit() 
         config.nodes.insert("stuck".into(), stuck.to_string());
     })
     .await;
-    let admin = c.admin("n1");
-    let started = admin
-        .start_with(&autocollect::client::StartOptions {
-            nodes: "endless,stuck".into(),
-            upload_host: Some("http://127.0.0.1:9".into()),
-            customer: Some("Example inc.".into()),
-            ticket: Some("12345".into()),
-            bypass_reachability_checks: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let task = wait_for_end(&admin, &started.task_id).await;
+    let task = collect_and_upload(&c, "endless,stuck").await;
     assert_eq!(task.status, TaskState::Completed, "{task:?}");
 
     let endless = &task.per_node["endless"];
