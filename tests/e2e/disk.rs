@@ -90,3 +90,58 @@ async fn what_a_killed_node_left_behind_is_removed_when_it_starts_again() {
     assert_eq!(std::fs::read_dir(&leftovers[1]).unwrap().count(), 0);
     admin.cancel().await.unwrap();
 }
+
+/// What the daemon trusts on disk must be its own: the compiled-plugin
+/// cache (machine code it runs) and `data_dir` (records of directories
+/// it removes, results it uploads). A daemon given either where another
+/// local user could write refuses to start, and says why.
+#[tokio::test]
+async fn a_cache_or_data_dir_others_could_write_stops_the_daemon_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_autocollect"));
+    let shared = |dir: &std::path::Path| {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        dir.to_path_buf()
+    };
+    let node = [autocollect::cluster::NodeSpec::loopback("n1")];
+
+    let dir = tempfile::tempdir().unwrap();
+    let cache = shared(&dir.path().join("shared-cache"));
+    let refused = autocollect::cluster::LocalCluster::launch_on(exe, dir.path(), &node, |c| {
+        c.plugin_cache_dir = Some(cache.clone());
+    })
+    .await
+    .err()
+    .expect("the daemon refuses to start");
+    let message = format!("{refused:#}");
+    assert!(
+        message.contains(&format!(
+            "plugin_cache_dir {}: its files are loaded as machine code, so it must belong to the \
+             daemon's user (or root) and no one else may write it: it is writable by others (mode 1777)",
+            cache.display()
+        )),
+        "{message}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = shared(&dir.path().join("shared-data"));
+    let refused = autocollect::cluster::LocalCluster::launch_on(exe, dir.path(), &node, |c| {
+        c.data_dir = data.clone();
+    })
+    .await
+    .err()
+    .expect("the daemon refuses to start");
+    let message = format!("{refused:#}");
+    assert!(
+        message.contains(&format!(
+            "data_dir {}: it holds the daemon's jobs, results and records",
+            data.display()
+        )),
+        "{message}"
+    );
+    assert!(
+        message.contains("it is writable by others (mode 1777)"),
+        "{message}"
+    );
+}
