@@ -13,10 +13,10 @@
 //!
 //! Its files are loaded as machine code, so whoever can write one runs
 //! code in the daemon. The directory is refused unless it belongs to the
-//! daemon's user and no one else may write it, and an entry is loaded
-//! only if the same holds for it (it is compiled again otherwise). Every
-//! file is opened through the directory opened and checked at start,
-//! never through a link: a writable parent cannot swap either.
+//! daemon's user (or root) and no one else may write it, and an entry is
+//! loaded only if the same holds for it (it is compiled again otherwise).
+//! Every file is opened through the directory opened and checked at
+//! start, never through a link: a writable parent cannot swap either.
 
 use std::fs::File;
 use std::hash::{Hash, Hasher};
