@@ -318,8 +318,10 @@ impl Default for CoordinatorSettings {
 
 /// What the coordinator allows past a node's own deadline by default.
 pub const PHASE_MARGIN: Duration = Duration::from_secs(60);
-/// The largest `max_collect_secs` or `max_upload_secs`: a week.
-const MAX_PHASE_SECS: f64 = 7.0 * 24.0 * 3600.0;
+/// The longest any duration in the config may be: a year. Past that,
+/// a number of seconds is a mistake, and one large enough would overflow
+/// the daemon's clock arithmetic.
+const MAX_SECS: f64 = 365.0 * 24.0 * 3600.0;
 
 /// How long the coordinator follows a node's collection and its upload
 /// before failing it ([`CoordinatorSettings::max_collect_secs`]).
@@ -594,6 +596,11 @@ impl Config {
             if !role.timeout_secs.is_finite() || role.timeout_secs <= 0.0 {
                 bail!("{name}.timeout_secs must be positive");
             }
+            if role.timeout_secs > MAX_SECS || role.exec_grace_secs > MAX_SECS {
+                bail!(
+                    "{name}.timeout_secs and exec_grace_secs must be at most {MAX_SECS} (a year)"
+                );
+            }
             if role.memory_limit_mb == 0 {
                 bail!("{name}.memory_limit_mb must be positive");
             }
@@ -620,9 +627,9 @@ impl Config {
             ("max_upload_secs", self.coordinator.max_upload_secs),
         ] {
             if let Some(secs) = value
-                && !(secs.is_finite() && secs > 0.0 && secs <= MAX_PHASE_SECS)
+                && !(secs.is_finite() && secs > 0.0 && secs <= MAX_SECS)
             {
-                bail!("coordinator.{key} must be positive, and at most {MAX_PHASE_SECS} (a week)");
+                bail!("coordinator.{key} must be positive, and at most {MAX_SECS} (a year)");
             }
         }
         check_inputs(&self.collector.inputs, &self.own_secrets())?;
@@ -633,8 +640,11 @@ impl Config {
         if storage.job_max_mb == 0 || storage.job_max_files == 0 {
             bail!("storage.job_max_mb and storage.job_max_files must be positive");
         }
-        if !storage.keep_results_hours.is_finite() || storage.keep_results_hours < 0.0 {
-            bail!("storage.keep_results_hours must be zero or positive");
+        if !storage.keep_results_hours.is_finite()
+            || storage.keep_results_hours < 0.0
+            || storage.keep_results_hours * 3600.0 > MAX_SECS
+        {
+            bail!("storage.keep_results_hours must be zero or positive, and at most a year");
         }
         for (key, dirs) in [
             ("allowed_log_dirs", &storage.allowed_log_dirs),
@@ -645,8 +655,8 @@ impl Config {
             }
         }
         let timeout = self.server.header_timeout_secs;
-        if !timeout.is_finite() || timeout <= 0.0 {
-            bail!("server.header_timeout_secs must be positive");
+        if !timeout.is_finite() || timeout <= 0.0 || timeout > MAX_SECS {
+            bail!("server.header_timeout_secs must be positive, and at most a year");
         }
         if let Err(e) = self.upload.check() {
             bail!("upload.{e}");
@@ -883,13 +893,54 @@ mod tests {
                 upload: Duration::from_millis(500),
             }
         );
-        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 8.0 * 24.0 * 3600.0] {
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 400.0 * 24.0 * 3600.0] {
             c.coordinator.max_upload_secs = Some(bad);
             let e = c.check().unwrap_err().to_string();
             assert!(
                 e.starts_with("coordinator.max_upload_secs must be positive"),
                 "{e}"
             );
+        }
+    }
+
+    /// Durations too large for the daemon's clock arithmetic (which would
+    /// panic at start) are refused when the config is read.
+    #[test]
+    fn no_duration_in_the_config_may_pass_a_year() {
+        for (section, key, message) in [
+            (
+                "collector",
+                "timeout_secs",
+                "collector.timeout_secs and exec_grace_secs",
+            ),
+            (
+                "uploader",
+                "timeout_secs",
+                "uploader.timeout_secs and exec_grace_secs",
+            ),
+            (
+                "collector",
+                "exec_grace_secs",
+                "collector.timeout_secs and exec_grace_secs",
+            ),
+            (
+                "storage",
+                "keep_results_hours",
+                "storage.keep_results_hours",
+            ),
+            (
+                "server",
+                "header_timeout_secs",
+                "server.header_timeout_secs",
+            ),
+        ] {
+            let plugin = match section {
+                "collector" | "uploader" => "plugin = \"p.wasm\"\n",
+                _ => "",
+            };
+            let c = parse(&format!("[{section}]\n{plugin}{key} = 1e300\n"));
+            let e = c.check().unwrap_err().to_string();
+            assert!(e.starts_with(message) && e.contains("a year"), "{e}");
         }
     }
 

@@ -1,6 +1,8 @@
 //! Disk, bounded: a start needs free space on every chosen node, results
 //! are kept within the operator's retention, and what a crash left behind
-//! is removed when the node starts again.
+//! is removed when the node starts again. A daemon refuses to start on
+//! directories others could write, or on a duration (such as a
+//! retention) past what its clock can hold.
 
 use autocollect::coordinator::task::NodeState;
 use reqwest::StatusCode;
@@ -91,6 +93,19 @@ async fn what_a_killed_node_left_behind_is_removed_when_it_starts_again() {
     admin.cancel().await.unwrap();
 }
 
+/// What a daemon whose config is `customize`d says when it refuses to
+/// start (it must).
+async fn refusal(customize: impl FnMut(&mut autocollect::config::Config)) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_autocollect"));
+    let node = [autocollect::cluster::NodeSpec::loopback("n1")];
+    let refused = autocollect::cluster::LocalCluster::launch_on(exe, dir.path(), &node, customize)
+        .await
+        .err()
+        .expect("the daemon refuses to start");
+    format!("{refused:#}")
+}
+
 /// What the daemon trusts on disk must be its own: the compiled-plugin
 /// cache (machine code it runs) and `data_dir` (records of directories
 /// it removes, results it uploads). A daemon given either where another
@@ -98,23 +113,16 @@ async fn what_a_killed_node_left_behind_is_removed_when_it_starts_again() {
 #[tokio::test]
 async fn a_cache_or_data_dir_others_could_write_stops_the_daemon_at_start() {
     use std::os::unix::fs::PermissionsExt;
-    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_autocollect"));
-    let shared = |dir: &std::path::Path| {
-        std::fs::create_dir_all(dir).unwrap();
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
-        dir.to_path_buf()
-    };
-    let node = [autocollect::cluster::NodeSpec::loopback("n1")];
-
     let dir = tempfile::tempdir().unwrap();
-    let cache = shared(&dir.path().join("shared-cache"));
-    let refused = autocollect::cluster::LocalCluster::launch_on(exe, dir.path(), &node, |c| {
-        c.plugin_cache_dir = Some(cache.clone());
-    })
-    .await
-    .err()
-    .expect("the daemon refuses to start");
-    let message = format!("{refused:#}");
+    let shared = |name: &str| {
+        let shared = dir.path().join(name);
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        shared
+    };
+
+    let cache = shared("cache");
+    let message = refusal(|c| c.plugin_cache_dir = Some(cache.clone())).await;
     assert!(
         message.contains(&format!(
             "plugin_cache_dir {}: its files are loaded as machine code, so it must belong to the \
@@ -124,15 +132,8 @@ async fn a_cache_or_data_dir_others_could_write_stops_the_daemon_at_start() {
         "{message}"
     );
 
-    let dir = tempfile::tempdir().unwrap();
-    let data = shared(&dir.path().join("shared-data"));
-    let refused = autocollect::cluster::LocalCluster::launch_on(exe, dir.path(), &node, |c| {
-        c.data_dir = data.clone();
-    })
-    .await
-    .err()
-    .expect("the daemon refuses to start");
-    let message = format!("{refused:#}");
+    let data = shared("data");
+    let message = refusal(|c| c.data_dir = data.clone()).await;
     assert!(
         message.contains(&format!(
             "data_dir {}: it holds the daemon's jobs, results and records",
@@ -144,4 +145,22 @@ async fn a_cache_or_data_dir_others_could_write_stops_the_daemon_at_start() {
         message.contains("it is writable by others (mode 1777)"),
         "{message}"
     );
+}
+
+/// A duration too large for the daemon's clock arithmetic is refused
+/// when the config is read, with the key: the daemon used to panic on
+/// `collector.timeout_secs = 1e300` as it started.
+#[tokio::test]
+async fn a_duration_past_a_year_is_refused_at_start_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let printed = serve_stops_with(
+        dir.path(),
+        "[collector]\nplugin = \"builtin:mock-collector\"\ntimeout_secs = 1e300",
+    )
+    .await;
+    assert!(
+        printed.contains("collector.timeout_secs and exec_grace_secs must be at most"),
+        "{printed}"
+    );
+    assert!(!printed.contains("panicked"), "{printed}");
 }
