@@ -622,6 +622,20 @@ impl Config {
         if self.coordinator.peer_timeout_ms == 0 || self.coordinator.connect_timeout_ms == 0 {
             bail!("coordinator.peer_timeout_ms and connect_timeout_ms must be positive");
         }
+        let coordinator = &self.coordinator;
+        if [
+            coordinator.heartbeat_interval_ms,
+            coordinator.peer_timeout_ms,
+            coordinator.connect_timeout_ms,
+        ]
+        .into_iter()
+        .any(|ms| ms as f64 / 1000.0 > MAX_SECS)
+        {
+            bail!(
+                "coordinator.heartbeat_interval_ms, peer_timeout_ms and connect_timeout_ms must be \
+                 at most a year"
+            );
+        }
         for (key, value) in [
             ("max_collect_secs", self.coordinator.max_collect_secs),
             ("max_upload_secs", self.coordinator.max_upload_secs),
@@ -942,6 +956,12 @@ mod tests {
             let e = c.check().unwrap_err().to_string();
             assert!(e.starts_with(message) && e.contains("a year"), "{e}");
         }
+        let c = parse("[coordinator]\nheartbeat_interval_ms = 9223372036854775807\n");
+        let e = c.check().unwrap_err().to_string();
+        assert!(
+            e.starts_with("coordinator.heartbeat_interval_ms, peer_timeout_ms"),
+            "{e}"
+        );
     }
 
     #[test]

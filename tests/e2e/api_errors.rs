@@ -229,7 +229,7 @@ async fn unknown_routes_and_methods_get_json_errors() {
 /// the default 30 s, so `status?since=0&wait=-1` hung half a minute
 /// before any task existed. It is a 400 now, at once.
 #[tokio::test]
-async fn a_negative_or_infinite_wait_is_refused_at_once() {
+async fn a_negative_or_infinite_wait_is_refused_at_once_and_a_huge_one_bounded() {
     let c = cluster(&["n1"], |_| {}).await;
     let reader = c.reader("n1");
     for (path, key) in [
@@ -264,6 +264,19 @@ async fn a_negative_or_infinite_wait_is_refused_at_once() {
         .await
         .unwrap();
     assert_eq!(status, StatusCode::NOT_FOUND);
+    // So is a finite wait too large for a duration: it is bounded (it
+    // panicked the request, anonymous ones on /health too). Both answer
+    // at once here: the node is idle, and the task is past version 0.
+    collect_once(&c.admin("n1")).await;
+    for path in [
+        "/health?waitIdle=1e300",
+        "/collectLogs/status?since=0&wait=1e300",
+    ] {
+        let (status, body) = reader.request(Method::GET, path, None, true).await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+    }
+    let log = std::fs::read_to_string(&c.node("n1").log_path).unwrap();
+    assert!(!log.contains("panicked"), "{log}");
 }
 
 /// One HTTP/1.1 response read off `conn`: its head (lowercase) and body

@@ -788,9 +788,13 @@ pub(super) fn check_wait(key: &str, wait: Option<f64>) -> Result<(), ApiError> {
 }
 
 /// A client-given wait, bounded; the default when absent or invalid.
+/// Bounded before it becomes a `Duration`: a finite wait of `1e300`
+/// seconds is more than a `Duration` holds (and panicked here).
 fn clamp_wait(wait: Option<f64>) -> Duration {
     match wait {
-        Some(w) if w.is_finite() && w >= 0.0 => Duration::from_secs_f64(w).min(MAX_LONG_POLL),
+        Some(w) if w.is_finite() && w >= 0.0 => {
+            Duration::from_secs_f64(w.min(MAX_LONG_POLL.as_secs_f64()))
+        }
         _ => DEFAULT_LONG_POLL,
     }
 }
