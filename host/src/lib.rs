@@ -21,6 +21,8 @@
 //! - [`upload`]: upload destinations: validation, policy, preflight.
 //! - [`simulated`]: many simulated nodes in one process (scale bench and
 //!   test).
+//! - [`started_once`]: a process-wide service (a thread, a pool) started
+//!   on first use, tried again after a failed start.
 //! - [`client`], [`cluster`]: API client and a local-cluster launcher
 //!   (used by the CLI's `demo`, the tests and the benchmarks);
 //!   [`local_tls`]: a throwaway CA and a TLS listener for the tests' and
@@ -46,6 +48,7 @@ pub mod safe_dir;
 pub mod server;
 pub mod settings;
 pub mod simulated;
+pub mod started_once;
 pub mod testing;
 pub mod tls;
 pub mod upload;

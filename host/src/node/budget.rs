@@ -16,8 +16,8 @@ use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use rustix::event::{EventfdFlags, Timespec, epoll};
@@ -26,6 +26,7 @@ use rustix::fs::{AtFlags, FileType};
 
 use crate::plugin::archive::ArchiveHeld;
 use crate::safe_dir::SafeDir;
+use crate::started_once::StartedOnce;
 
 /// Shortest time between two full walks triggered by events.
 const RESCAN_MIN: Duration = Duration::from_millis(20);
@@ -126,13 +127,13 @@ pub fn watch(
 static NEXT_JOB: AtomicU64 = AtomicU64::new(0);
 
 /// The process's one watcher thread, started with the first watch.
-static WATCHER: OnceLock<Result<Watcher, String>> = OnceLock::new();
+static WATCHER: StartedOnce<Watcher> = StartedOnce::new();
 
 fn watcher() -> io::Result<&'static Watcher> {
-    WATCHER
-        .get_or_init(|| Watcher::start().map_err(|e| e.to_string()))
-        .as_ref()
-        .map_err(|e| io::Error::other(format!("cannot start the job-budget thread: {e}")))
+    WATCHER.get_or_start(|| {
+        Watcher::start()
+            .map_err(|e| io::Error::other(format!("cannot start the job-budget thread: {e}")))
+    })
 }
 
 /// One thread watches every job of the process (a node runs one at a

@@ -28,6 +28,7 @@ use zip::{CompressionMethod, ZipArchive, ZipWriter};
 use crate::config::InputGrant;
 use crate::redact::Redactor;
 use crate::safe_dir::{SafeDir, is_plain_name};
+use crate::started_once::StartedOnce;
 
 /// Longest entry name accepted, in bytes.
 const ENTRY_NAME_MAX: usize = 4096;
@@ -348,14 +349,15 @@ struct Pool {
 }
 
 /// The process's compression threads.
-static POOL: std::sync::OnceLock<Result<Pool, String>> = std::sync::OnceLock::new();
+static POOL: StartedOnce<Pool> = StartedOnce::new();
 
 impl Pool {
     /// The process's pool, started on first use.
     fn get() -> Result<&'static Pool, ArchiveError> {
-        POOL.get_or_init(|| Pool::start().map_err(|e| e.to_string()))
-            .as_ref()
-            .map_err(|e| ArchiveError::Failed(format!("starting the compression threads: {e}")))
+        POOL.get_or_start(|| {
+            Pool::start()
+                .map_err(|e| ArchiveError::Failed(format!("starting the compression threads: {e}")))
+        })
     }
 
     fn start() -> io::Result<Pool> {
