@@ -22,6 +22,7 @@ const PLUGINS: &[&str] = &[
     "template_uploader",
     "test_hostile_uploader",
     "test_misbehave",
+    "test_noop",
 ];
 
 fn main() {

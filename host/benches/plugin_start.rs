@@ -83,74 +83,109 @@ async fn run() -> anyhow::Result<()> {
 }
 
 /// Steady state: instantiate + one no-op collect per run, on demand
-/// then from the pool; and where the time goes.
-/// The steady-state rows; `on_demand: false` leaves out the on-demand
-/// one (for a profile of the pooled path alone).
+/// then from the pool; and where the time goes. Two no-op collectors:
+/// `test_noop`, the smallest on the SDK, and `test_misbehave` in its
+/// `noop` mode, which imports every WASI interface for its escape tests
+/// (wasmtime's instantiation does work for each imported function, so
+/// the two rows tell the host's cost from the imports').
+/// `on_demand: false` leaves out the on-demand rows (for a profile of
+/// the pooled path alone).
 async fn steady(host: &Arc<PluginHost>, tmp: &Path, on_demand: bool) -> anyhow::Result<()> {
     // `PLUGIN_START_CALLS=N` for longer runs (profiling).
     let calls = std::env::var("PLUGIN_START_CALLS")
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(CALLS);
-    let noop_source = PluginSource::File(builtin::build_output("test_misbehave"));
-    let options = [("mode".to_string(), "noop".to_string())];
-    let out = tmp.join("noop");
-    std::fs::create_dir_all(&out)?;
-    if on_demand {
-        let noop = CollectorPlugin::load(host, noop_source.clone())?;
-        let on_demand = collect_n(&noop, &options, &out, calls + 100, 100).await;
-        row(
-            "instantiate + no-op collect (cached, on-demand)",
-            &on_demand,
-        );
-    }
     let pooled = pooled_host()?;
     println!("  pool: {}", pooled.allocator());
-    let noop = CollectorPlugin::load(&pooled, noop_source)?;
-    let per_call = collect_n(&noop, &options, &out, calls + 100, 100).await;
-    row("instantiate + no-op collect (cached, pooling)", &per_call);
-    println!(
-        "  target: median <= 20 µs -> {}",
-        if per_call.median() <= Duration::from_micros(20) {
-            "met"
-        } else {
-            "NOT met"
+    let noops: [(&str, &str, &[(String, String)]); 2] = [
+        ("test_noop", "the SDK's smallest collector", &[]),
+        (
+            "test_misbehave",
+            "mode=noop, every WASI interface imported",
+            &[("mode".to_string(), "noop".to_string())],
+        ),
+    ];
+    for (file, what, options) in noops {
+        let source = PluginSource::File(builtin::build_output(file));
+        let lowered = lowered_imports(&pooled, &source)?;
+        println!("{file} ({what}; {lowered} imported functions):");
+        let out = tmp.join("noop");
+        std::fs::create_dir_all(&out)?;
+        if on_demand {
+            let noop = CollectorPlugin::load(host, source.clone())?;
+            let on_demand = collect_n(&noop, options, &out, calls + 100, 100).await;
+            row(
+                "  instantiate + no-op collect (cached, on-demand)",
+                &on_demand,
+            );
         }
-    );
-    let sandbox = time_n(100, calls, || {
-        let (tx, _rx) = watch::channel(None);
-        let setup = collect_setup(&out, tx);
-        drop(new_store(pooled.engine(), setup).unwrap());
-    });
-    row("  of which: sandbox (WasiCtx + store)", &sandbox);
-    let mut samples = Vec::with_capacity(calls);
-    for i in 0..calls + 100 {
-        let t = Instant::now();
-        noop.instantiate_only().await.expect("instantiate");
-        if i >= 100 {
-            samples.push(t.elapsed());
+        let noop = CollectorPlugin::load(&pooled, source)?;
+        let per_call = collect_n(&noop, options, &out, calls + 100, 100).await;
+        row("  instantiate + no-op collect (cached, pooling)", &per_call);
+        println!(
+            "    target: median <= 20 µs -> {}",
+            if per_call.median() <= Duration::from_micros(20) {
+                "met"
+            } else {
+                "NOT met"
+            }
+        );
+        let sandbox = time_n(100, calls, || {
+            let (tx, _rx) = watch::channel(None);
+            let setup = collect_setup(&out, tx);
+            drop(new_store(pooled.engine(), setup).unwrap());
+        });
+        row("    of which: sandbox (WasiCtx + store)", &sandbox);
+        let mut samples = Vec::with_capacity(calls);
+        for i in 0..calls + 100 {
+            let t = Instant::now();
+            noop.instantiate_only().await.expect("instantiate");
+            if i >= 100 {
+                samples.push(t.elapsed());
+            }
         }
+        row(
+            "    bare store + instantiate (pooling)",
+            &Samples::new(samples),
+        );
+        let mut samples = Vec::with_capacity(calls);
+        for i in 0..calls + 100 {
+            let t = Instant::now();
+            noop.validate_options(options)
+                .await
+                .expect("validate-options");
+            if i >= 100 {
+                samples.push(t.elapsed());
+            }
+        }
+        row(
+            "    bare store + instantiate + validate-options",
+            &Samples::new(samples),
+        );
     }
-    row(
-        "  bare store + instantiate (pooling)",
-        &Samples::new(samples),
-    );
-    let mut samples = Vec::with_capacity(calls);
-    for i in 0..calls + 100 {
-        let t = Instant::now();
-        noop.validate_options(&options)
-            .await
-            .expect("validate-options");
-        if i >= 100 {
-            samples.push(t.elapsed());
-        }
-    }
-    row(
-        "  bare store + instantiate + validate-options",
-        &Samples::new(samples),
-    );
-
     Ok(())
+}
+
+/// How many functions `source` imports: what wasmtime's instantiation
+/// does work for, each time.
+fn lowered_imports(host: &PluginHost, source: &PluginSource) -> anyhow::Result<usize> {
+    use wasmtime::component::types::ComponentItem;
+    let component = host.component(source)?;
+    let engine = host.engine();
+    let functions = |item: &ComponentItem| match item {
+        ComponentItem::ComponentFunc(_) => 1,
+        ComponentItem::ComponentInstance(instance) => instance
+            .exports(engine)
+            .filter(|(_, item)| matches!(item.ty, ComponentItem::ComponentFunc(_)))
+            .count(),
+        _ => 0,
+    };
+    Ok(component
+        .component_type()
+        .imports(engine)
+        .map(|(_, item)| functions(&item.ty))
+        .sum())
 }
 
 /// Engine and pool settings, each on its own pooled host, measured in
