@@ -98,7 +98,9 @@ async fn steady(host: &Arc<PluginHost>, tmp: &Path, on_demand: bool) -> anyhow::
         .unwrap_or(CALLS);
     let pooled = pooled_host()?;
     println!("  pool: {}", pooled.allocator());
-    let noops: [(&str, &str, &[(String, String)]); 2] = [
+    // (file, what it is, its options for a no-op collect)
+    type Noop<'a> = (&'a str, &'a str, &'a [(String, String)]);
+    let noops: [Noop; 2] = [
         ("test_noop", "the SDK's smallest collector", &[]),
         (
             "test_misbehave",
