@@ -16,6 +16,8 @@
 //! `PLUGIN_START_BENCH=pooled` those without the on-demand one, for a
 //! profile of the pooled path, `PLUGIN_START_OTHER=FILE` adds a compile
 //! of another plugin after the languages' ones,
+//! `PLUGIN_START_BENCH=file PLUGIN_START_FILE=X.wasm` the start of a
+//! collector of your own,
 //! `PLUGIN_START_BENCH=variants` the pool settings compared, before and
 //! after and the candidates measured for issue 13, in one process.)
 
@@ -50,6 +52,7 @@ async fn run() -> anyhow::Result<()> {
         Ok("steady") => return steady(&PluginHost::new(None)?, tmp.path(), true).await,
         Ok("pooled") => return steady(&PluginHost::new(None)?, tmp.path(), false).await,
         Ok("variants") => return variants(tmp.path()).await,
+        Ok("file") => return one_file(tmp.path()).await,
         _ => {}
     }
     let mock = PluginSource::Builtin("mock-collector");
@@ -188,6 +191,43 @@ fn lowered_imports(host: &PluginHost, source: &PluginSource) -> anyhow::Result<u
         .imports(engine)
         .map(|(_, item)| functions(&item.ty))
         .sum())
+}
+
+/// `PLUGIN_START_BENCH=file PLUGIN_START_FILE=X.wasm`: a collector of
+/// your own, started as the daemon starts it (pooling, compiled once):
+/// instantiate + `validate-options` with no option, `PLUGIN_START_CALLS`
+/// times (default 2000), and its imported functions.
+async fn one_file(tmp: &Path) -> anyhow::Result<()> {
+    let file = std::env::var_os("PLUGIN_START_FILE")
+        .ok_or_else(|| anyhow::anyhow!("PLUGIN_START_FILE=X.wasm names the collector"))?;
+    let calls = std::env::var("PLUGIN_START_CALLS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(CALLS);
+    let host = pooled_host_cached(Some(tmp.join("cache")))?;
+    let source = PluginSource::File(PathBuf::from(&file));
+    let plugin = CollectorPlugin::load(&host, source.clone())?;
+    println!(
+        "{} ({} imported functions):",
+        Path::new(&file).display(),
+        lowered_imports(&host, &source)?
+    );
+    let mut samples = Vec::with_capacity(calls);
+    for i in 0..calls + 20 {
+        let t = Instant::now();
+        plugin
+            .validate_options(&[])
+            .await
+            .expect("validate-options");
+        if i >= 20 {
+            samples.push(t.elapsed());
+        }
+    }
+    row(
+        "  instantiate + validate-options (pooling)",
+        &Samples::new(samples),
+    );
+    Ok(())
 }
 
 /// Engine and pool settings, each on its own pooled host, measured in
