@@ -94,11 +94,7 @@ async fn run() -> anyhow::Result<()> {
 /// `on_demand: false` leaves out the on-demand rows (for a profile of
 /// the pooled path alone).
 async fn steady(host: &Arc<PluginHost>, tmp: &Path, on_demand: bool) -> anyhow::Result<()> {
-    // `PLUGIN_START_CALLS=N` for longer runs (profiling).
-    let calls = std::env::var("PLUGIN_START_CALLS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(CALLS);
+    let calls = calls();
     let pooled = pooled_host()?;
     println!("  pool: {}", pooled.allocator());
     // (file, what it is, its options for a no-op collect)
@@ -154,22 +150,43 @@ async fn steady(host: &Arc<PluginHost>, tmp: &Path, on_demand: bool) -> anyhow::
             "    bare store + instantiate (pooling)",
             &Samples::new(samples),
         );
-        let mut samples = Vec::with_capacity(calls);
-        for i in 0..calls + 100 {
-            let t = Instant::now();
-            noop.validate_options(options)
-                .await
-                .expect("validate-options");
-            if i >= 100 {
-                samples.push(t.elapsed());
-            }
-        }
         row(
             "    bare store + instantiate + validate-options",
-            &Samples::new(samples),
+            &validate_n(&noop, options, calls, 100).await,
         );
     }
     Ok(())
+}
+
+/// `PLUGIN_START_CALLS=N` (default 2000): timed calls per row, more for
+/// a profile.
+fn calls() -> usize {
+    std::env::var("PLUGIN_START_CALLS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(CALLS)
+}
+
+/// `calls` timed runs of instantiate + `validate-options`, after
+/// `warmup` untimed ones.
+async fn validate_n(
+    plugin: &CollectorPlugin,
+    options: &[(String, String)],
+    calls: usize,
+    warmup: usize,
+) -> Samples {
+    let mut samples = Vec::with_capacity(calls);
+    for i in 0..calls + warmup {
+        let t = Instant::now();
+        plugin
+            .validate_options(options)
+            .await
+            .expect("validate-options");
+        if i >= warmup {
+            samples.push(t.elapsed());
+        }
+    }
+    Samples::new(samples)
 }
 
 /// How many functions `source` imports: what wasmtime's instantiation
@@ -200,10 +217,6 @@ fn lowered_imports(host: &PluginHost, source: &PluginSource) -> anyhow::Result<u
 async fn one_file(tmp: &Path) -> anyhow::Result<()> {
     let file = std::env::var_os("PLUGIN_START_FILE")
         .ok_or_else(|| anyhow::anyhow!("PLUGIN_START_FILE=X.wasm names the collector"))?;
-    let calls = std::env::var("PLUGIN_START_CALLS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(CALLS);
     let host = pooled_host_cached(Some(tmp.join("cache")))?;
     let source = PluginSource::File(PathBuf::from(&file));
     let plugin = CollectorPlugin::load(&host, source.clone())?;
@@ -212,20 +225,9 @@ async fn one_file(tmp: &Path) -> anyhow::Result<()> {
         Path::new(&file).display(),
         lowered_imports(&host, &source)?
     );
-    let mut samples = Vec::with_capacity(calls);
-    for i in 0..calls + 20 {
-        let t = Instant::now();
-        plugin
-            .validate_options(&[])
-            .await
-            .expect("validate-options");
-        if i >= 20 {
-            samples.push(t.elapsed());
-        }
-    }
     row(
         "  instantiate + validate-options (pooling)",
-        &Samples::new(samples),
+        &validate_n(&plugin, &[], calls(), 20).await,
     );
     Ok(())
 }
@@ -486,20 +488,9 @@ async fn languages(tmp: &Path) -> anyhow::Result<()> {
             ("pooling", pooled_host_cached(Some(cache.clone()))?),
         ] {
             let plugin = CollectorPlugin::load(&host, source.clone())?;
-            let mut samples = Vec::new();
-            for i in 0..220 {
-                let t = Instant::now();
-                plugin
-                    .validate_options(&[])
-                    .await
-                    .expect("validate-options");
-                if i >= 20 {
-                    samples.push(t.elapsed());
-                }
-            }
             row(
                 &format!("  instantiate + validate-options ({allocator})"),
-                &Samples::new(samples),
+                &validate_n(&plugin, &[], 200, 20).await,
             );
 
             let mut samples = Vec::new();
