@@ -36,6 +36,9 @@ use crate::config::{CoordinatorSettings, PhaseLimits};
 use crate::protocol::{CollectParameters, OpenSession, TaskId};
 use crate::upload::{self, Destination, Proxy, UploadPolicy};
 use peers::{PeerError, Peers, SessionEvents};
+
+/// Most session closes in flight at once at a task's end.
+const CLOSES_IN_FLIGHT: usize = 512;
 use store::TaskStore;
 use task::{NodeState, NodeStatus, TaskState, TaskStatus};
 
@@ -211,14 +214,34 @@ impl Coordinator {
         self.heartbeat() * 3 + Duration::from_secs(1)
     }
 
-    /// Close task `task_id`'s sessions on `nodes`, all at once.
+    /// Close task `task_id`'s sessions on `nodes`: a node hears at once
+    /// that the task ended and releases its slot. At most
+    /// [`CLOSES_IN_FLIGHT`] at a time (ten thousand at once were 50 MiB of
+    /// a coordinator's peak memory), and all within one peer timeout, as
+    /// when they all went at once: a close that has not gone out by then
+    /// is left to the session stream's drop, which the node sees as its
+    /// stream reset.
     async fn close_sessions(&self, task_id: &TaskId, nodes: impl Iterator<Item = &String>) {
-        futures::future::join_all(nodes.map(|node| async move {
-            if let Err(e) = self.peers.close_session(node, task_id).await {
-                tracing::debug!(%node, "closing session: {e}");
-            }
-        }))
-        .await;
+        use futures::StreamExt;
+        // Owned names: with closures over `&String`, the spawned task's
+        // future is not general enough over lifetimes for the compiler.
+        let nodes: Vec<String> = nodes.cloned().collect();
+        let closes = futures::stream::iter(nodes)
+            .map(|node| async move {
+                if let Err(e) = self.peers.close_session(&node, task_id).await {
+                    tracing::debug!(%node, "closing session: {e}");
+                }
+            })
+            .buffer_unordered(CLOSES_IN_FLIGHT)
+            .collect::<()>();
+        if tokio::time::timeout(self.peers.timeout(), closes)
+            .await
+            .is_err()
+        {
+            tracing::warn!(task = %task_id,
+                "not every node's session was closed within {}: the rest end with their streams",
+                peers::secs(self.peers.timeout()));
+        }
     }
 
     /// Start a collection; returns the new task's status. The start and

@@ -160,6 +160,11 @@ impl Peers {
         self.addresses.contains_key(node)
     }
 
+    /// How long a node has to answer a request (`peer_timeout`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The client for the current TLS configuration (rebuilt after a
     /// SIGHUP reload; requests in flight keep the one they started with).
     fn client(&self) -> reqwest::Client {
