@@ -220,7 +220,7 @@ impl Coordinator {
     /// a coordinator's peak memory), and all within one peer timeout, as
     /// when they all went at once: a close that has not gone out by then
     /// is left to the session stream's drop, which the node sees as its
-    /// stream reset.
+    /// stream reset at the latest when it next writes to it (a heartbeat).
     async fn close_sessions(&self, task_id: &TaskId, nodes: impl Iterator<Item = &String>) {
         use futures::StreamExt;
         // Owned names: with closures over `&String`, the spawned task's
