@@ -36,11 +36,11 @@ use crate::config::{CoordinatorSettings, PhaseLimits};
 use crate::protocol::{CollectParameters, OpenSession, TaskId};
 use crate::upload::{self, Destination, Proxy, UploadPolicy};
 use peers::{PeerError, Peers, SessionEvents};
+use store::TaskStore;
+use task::{NodeState, NodeStatus, TaskState, TaskStatus};
 
 /// Most session closes in flight at once at a task's end.
 const CLOSES_IN_FLIGHT: usize = 512;
-use store::TaskStore;
-use task::{NodeState, NodeStatus, TaskState, TaskStatus};
 
 /// Which nodes to collect from.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,7 +6,7 @@
 //! host's cost and the SDK's, not that of imports a plugin of its own
 //! brings: wasmtime's instantiation does work for every imported
 //! function, and `test-misbehave`, the other no-op measured there,
-//! imports three times as many (every WASI interface, for its escape
+//! imports seven times as many (every WASI interface, for its escape
 //! tests).
 
 use autocollect_sdk::{CollectOutcome, CollectRequest, Collector, Error, Options};
