@@ -362,10 +362,38 @@ impl SafeDir {
         self.fd.as_fd()
     }
 
-    /// Why this directory is not the daemon's own, if it is not
-    /// ([`private`]).
-    pub fn not_private(&self) -> io::Result<Option<String>> {
-        Ok(private(&rustix::fs::fstat(&self.fd)?).err())
+    /// A directory the daemon keeps for itself, given in its config as
+    /// `key` (`data_dir`, `plugin_cache_dir`), which `holds` what it
+    /// holds (for the message). Made if it is not there, mode 0700 for it
+    /// and any missing parent, whatever the umask: under a umask of 0002
+    /// (a user's default on many distributions) a directory made with the
+    /// default mode is group-writable, and the check below would refuse
+    /// what the daemon itself had just made. Refused (`PermissionDenied`)
+    /// unless it is [`private`].
+    pub fn open_private(path: &Path, key: &str, holds: &str) -> io::Result<SafeDir> {
+        use std::os::unix::fs::DirBuilderExt;
+        let open = || -> io::Result<(SafeDir, rustix::fs::Stat)> {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(path)?;
+            let dir = SafeDir::open_root(path, false)?;
+            let stat = rustix::fs::fstat(&dir.fd)?;
+            Ok((dir, stat))
+        };
+        let (dir, stat) = open()
+            .map_err(|e| io::Error::new(e.kind(), format!("{key} {}: {e}", path.display())))?;
+        private(&stat).map_err(|why| {
+            io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{key} {}: {holds}, so it must belong to the daemon's user (or root) and no \
+                     one else may write it: it is {why}",
+                    path.display()
+                ),
+            )
+        })?;
+        Ok(dir)
     }
 }
 
@@ -388,6 +416,13 @@ pub fn private(stat: &rustix::fs::Stat) -> Result<(), String> {
         return Err(format!("writable by others (mode {mode:04o})"));
     }
     Ok(())
+}
+
+/// Make `path` belong to another user (uid 65534), for the tests of what
+/// [`private`] refuses: they run as root, as `.ci/test` does.
+#[cfg(test)]
+pub(crate) fn give_away(path: &Path) {
+    std::os::unix::fs::chown(path, Some(65534), None).expect("chown (the tests run as root)");
 }
 
 fn file_id(stat: &rustix::fs::Stat) -> FileId {

@@ -164,3 +164,31 @@ async fn a_duration_past_a_year_is_refused_at_start_not_a_panic() {
     );
     assert!(!printed.contains("panicked"), "{printed}");
 }
+
+/// Under a umask of 0002 (a user's default on many distributions) the
+/// directories the daemon makes for itself are still its own (0700), so
+/// it starts and collects: it used to make `data_dir` group-writable
+/// with the default mode, then refuse to start on it.
+#[tokio::test]
+async fn a_daemon_started_under_a_group_writable_umask_makes_its_directories_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("fresh/plugin-cache");
+    let node = autocollect::cluster::NodeSpec {
+        launcher: ["sh", "-c", "umask 0002 && exec \"$@\"", "sh"]
+            .map(String::from)
+            .to_vec(),
+        ..autocollect::cluster::NodeSpec::loopback("n1")
+    };
+    let c = cluster_on(&[node], |config| {
+        config.plugin_cache_dir = Some(cache.clone())
+    })
+    .await;
+    let task = collect_once(&c.admin("n1")).await;
+    let n1 = &task.per_node["n1"];
+    assert_eq!(n1.status, NodeState::Collected, "{n1:?}");
+    for made in [&c.node("n1").data_dir, &cache] {
+        let mode = std::fs::metadata(made).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{}", made.display());
+    }
+}

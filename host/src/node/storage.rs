@@ -110,23 +110,16 @@ pub struct Storage {
 }
 
 impl Storage {
-    /// This node's storage under `data_dir` (created if missing).
-    /// The storage in `data_dir` (made if it is not there). Refused
+    /// The storage in `data_dir` (made, mode 0700, if it is not there). Refused
     /// unless it belongs to the daemon's user (or root) and no one else
     /// may write it: the daemon removes the directories its records name
     /// and uploads what `results/` holds.
     pub fn open(data_dir: &Path, node: &str, settings: StorageSettings) -> io::Result<Storage> {
-        let root = SafeDir::open_root(data_dir, true)?;
-        if let Some(why) = root.not_private()? {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                format!(
-                    "data_dir {}: it holds the daemon's jobs, results and records, so it must \
-                     belong to the daemon's user (or root) and no one else may write it: it is {why}",
-                    data_dir.display()
-                ),
-            ));
-        }
+        let root = SafeDir::open_private(
+            data_dir,
+            "data_dir",
+            "it holds the daemon's jobs, results and records",
+        )?;
         Ok(Storage {
             data_dir: data_dir.to_path_buf(),
             root,
@@ -710,7 +703,7 @@ mod tests {
         );
         std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o750)).unwrap();
         Storage::open(&data, "n1", StorageSettings::default()).unwrap();
-        std::os::unix::fs::chown(&data, Some(65534), None).expect("chown (the tests run as root)");
+        crate::safe_dir::give_away(&data);
         let e = Storage::open(&data, "n1", StorageSettings::default())
             .err()
             .expect("refused");

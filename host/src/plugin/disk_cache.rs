@@ -22,12 +22,11 @@ use std::fs::File;
 use std::hash::{Hash, Hasher};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use rustix::fs::{FlockOperation, Mode, OFlags, flock};
 use wasmtime::Engine;
 use wasmtime::component::Component;
@@ -51,22 +50,11 @@ impl DiskCache {
     /// unless it belongs to this process's user (or root) and no one else
     /// may write it.
     pub fn open(dir: &Path) -> Result<DiskCache> {
-        let refused = || {
-            format!(
-                "plugin_cache_dir {}: its files are loaded as machine code, so it must belong \
-                 to the daemon's user (or root) and no one else may write it",
-                dir.display()
-            )
-        };
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(refused)?;
-        let opened = SafeDir::open_root(dir, false).with_context(refused)?;
-        if let Some(why) = opened.not_private()? {
-            anyhow::bail!("{}: it is {why}", refused());
-        }
+        let opened = SafeDir::open_private(
+            dir,
+            "plugin_cache_dir",
+            "its files are loaded as machine code",
+        )?;
         Ok(DiskCache {
             dir: Arc::new(opened),
         })
@@ -216,6 +204,7 @@ fn entry_stem(engine: &Engine, key: &[u8; 32]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::safe_dir::give_away;
 
     use std::os::unix::fs::MetadataExt;
 
@@ -310,12 +299,6 @@ mod tests {
             stored,
             "the waiter did not compile and store it again"
         );
-    }
-
-    /// Make `path` belong to another user (the tests run as root, as
-    /// `.ci/test` does).
-    fn give_away(path: &Path) {
-        std::os::unix::fs::chown(path, Some(65534), None).expect("chown (the tests run as root)");
     }
 
     #[test]

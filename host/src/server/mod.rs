@@ -251,8 +251,8 @@ pub async fn serve(
     config_path: &Path,
     listener: std::net::TcpListener,
 ) -> Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
+    // `data_dir` is made by `Storage::open` (in `build`), the daemon's
+    // own from the start: mode 0700, whatever the umask.
     return_large_allocations_to_the_system();
     let limits = listener::Limits::resolve(&config.server, config.nodes.len());
     let (state, app) = build(&config, config_path).await?;
