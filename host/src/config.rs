@@ -323,6 +323,12 @@ pub const PHASE_MARGIN: Duration = Duration::from_secs(60);
 /// the daemon's clock arithmetic.
 const MAX_SECS: f64 = 365.0 * 24.0 * 3600.0;
 
+/// Whether `secs` is a duration the config may hold: a number, positive
+/// (or zero where `zero_allowed`), and at most a year.
+fn duration_ok(secs: f64, zero_allowed: bool) -> bool {
+    secs.is_finite() && (secs > 0.0 || (zero_allowed && secs == 0.0)) && secs <= MAX_SECS
+}
+
 /// How long the coordinator follows a node's collection and its upload
 /// before failing it ([`CoordinatorSettings::max_collect_secs`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -641,7 +647,7 @@ impl Config {
             ("max_upload_secs", self.coordinator.max_upload_secs),
         ] {
             if let Some(secs) = value
-                && !(secs.is_finite() && secs > 0.0 && secs <= MAX_SECS)
+                && !duration_ok(secs, false)
             {
                 bail!("coordinator.{key} must be positive, and at most {MAX_SECS} (a year)");
             }
@@ -654,10 +660,7 @@ impl Config {
         if storage.job_max_mb == 0 || storage.job_max_files == 0 {
             bail!("storage.job_max_mb and storage.job_max_files must be positive");
         }
-        if !storage.keep_results_hours.is_finite()
-            || storage.keep_results_hours < 0.0
-            || storage.keep_results_hours * 3600.0 > MAX_SECS
-        {
+        if !duration_ok(storage.keep_results_hours * 3600.0, true) {
             bail!("storage.keep_results_hours must be zero or positive, and at most a year");
         }
         for (key, dirs) in [
@@ -668,8 +671,7 @@ impl Config {
                 bail!("storage.{key}: {} must be an absolute path", d.display());
             }
         }
-        let timeout = self.server.header_timeout_secs;
-        if !timeout.is_finite() || timeout <= 0.0 || timeout > MAX_SECS {
+        if !duration_ok(self.server.header_timeout_secs, false) {
             bail!("server.header_timeout_secs must be positive, and at most a year");
         }
         if let Err(e) = self.upload.check() {
