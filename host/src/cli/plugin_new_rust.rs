@@ -141,22 +141,21 @@ fn cargo_lock(name: &str) -> Option<String> {
     const SEPARATOR: &str = "\n[[package]]\n";
     let (head, packages) = SDK_LOCK.split_once(SEPARATOR)?;
     let mut packages: Vec<String> = packages.split(SEPARATOR).map(str::to_string).collect();
-    let name_of = |package: &str| -> String {
+    fn name_of(package: &str) -> &str {
         package
             .lines()
             .next()
             .and_then(|l| l.strip_prefix("name = \""))
             .and_then(|l| l.strip_suffix('"'))
             .unwrap_or_default()
-            .to_string()
-    };
+    }
     if packages.iter().any(|p| name_of(p) == name) {
         return None;
     }
     packages.push(format!(
         "name = \"{name}\"\nversion = \"0.1.0\"\ndependencies = [\n \"autocollect-sdk\",\n]\n"
     ));
-    packages.sort_by_key(|p| name_of(p));
+    packages.sort_by(|a, b| name_of(a).cmp(name_of(b)));
     Some(
         packages
             .iter()
