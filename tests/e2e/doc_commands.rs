@@ -240,7 +240,7 @@ const COVERAGE: &[Coverage] = &[
     covered(
         "plugins/README.md",
         Some("Build and check"),
-        Some("cargo test -p autocollect-sdk"),
+        Some("cargo test --release -p autocollect-sdk"),
         Runs::Script(".ci/test"),
     ),
     covered(
@@ -294,7 +294,7 @@ const COVERAGE: &[Coverage] = &[
     covered(
         "plugins/sdk/README.md",
         None,
-        Some("cargo test -p autocollect-sdk"),
+        Some("cargo test --release -p autocollect-sdk"),
         Runs::Script(".ci/test"),
     ),
     covered(
