@@ -75,12 +75,10 @@ fn plain(name: &str) -> io::Result<&str> {
 }
 
 impl SafeDir {
-    /// Open a root the operator chose (creating it and its parents if
-    /// `create`). Its own path is trusted; nothing below it is.
-    pub fn open_root(path: &Path, create: bool) -> io::Result<SafeDir> {
-        if create {
-            std::fs::create_dir_all(path)?;
-        }
+    /// Open a root the operator chose. Its own path is trusted; nothing
+    /// below it is. (A root the daemon makes for itself:
+    /// [`SafeDir::open_private`].)
+    pub fn open_root(path: &Path) -> io::Result<SafeDir> {
         let fd = rustix::fs::open(
             path,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -377,7 +375,7 @@ impl SafeDir {
                 .recursive(true)
                 .mode(0o700)
                 .create(path)?;
-            let dir = SafeDir::open_root(path, false)?;
+            let dir = SafeDir::open_root(path)?;
             let stat = rustix::fs::fstat(&dir.fd)?;
             Ok((dir, stat))
         };
@@ -509,7 +507,7 @@ mod tests {
         std::fs::create_dir_all(&inside).unwrap();
         std::fs::create_dir_all(&outside).unwrap();
         std::fs::write(outside.join("secret"), b"secret").unwrap();
-        let dir = SafeDir::open_root(&inside, false).unwrap();
+        let dir = SafeDir::open_root(&inside).unwrap();
         (tmp, dir, outside)
     }
 
@@ -530,7 +528,7 @@ mod tests {
         assert!(dir.open_file("../outside/secret").is_err());
 
         // Removing the tree removes the links, not what they point to.
-        let parent = SafeDir::open_root(root.parent().unwrap(), false).unwrap();
+        let parent = SafeDir::open_root(root.parent().unwrap()).unwrap();
         parent.remove_all("inside").unwrap();
         assert!(!root.exists());
         assert_eq!(std::fs::read(outside.join("secret")).unwrap(), b"secret");

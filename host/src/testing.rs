@@ -331,12 +331,12 @@ impl Collection {
                 let watch = {
                     let (breach, cancel, urgent) = (breach.clone(), cancel.clone(), urgent.clone());
                     let roots = vec![
-                        SafeDir::open_root(&out_dir, false)?,
-                        SafeDir::open_root(tmp.path(), false)?,
+                        SafeDir::open_root(&out_dir)?,
+                        SafeDir::open_root(tmp.path())?,
                     ];
                     crate::node::budget::watch(
                         roots,
-                        SafeDir::open_root(&out_dir, false)?,
+                        SafeDir::open_root(&out_dir)?,
                         crate::node::budget::Limits {
                             max_bytes: self.max_bytes,
                             max_entries: self.max_files,

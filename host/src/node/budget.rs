@@ -493,8 +493,8 @@ mod tests {
 
     fn watched(dir: &Path, limits: Limits) -> (BudgetWatch, mpsc::Receiver<String>) {
         let (tx, rx) = mpsc::channel();
-        let root = SafeDir::open_root(dir, false).unwrap();
-        let free = SafeDir::open_root(dir, false).unwrap();
+        let root = SafeDir::open_root(dir).unwrap();
+        let free = SafeDir::open_root(dir).unwrap();
         let w = watch(vec![root], free, limits, Default::default(), move |r| {
             tx.send(r).unwrap()
         })
@@ -571,8 +571,8 @@ mod tests {
         let outside = tempfile::tempdir().unwrap();
         std::fs::write(outside.path().join("huge"), vec![0u8; 1 << 20]).unwrap();
         std::os::unix::fs::symlink(outside.path(), tmp.path().join("out")).unwrap();
-        let root = SafeDir::open_root(tmp.path(), false).unwrap();
-        let free = SafeDir::open_root(tmp.path(), false).unwrap();
+        let root = SafeDir::open_root(tmp.path()).unwrap();
+        let free = SafeDir::open_root(tmp.path()).unwrap();
         let (tx, rx) = mpsc::channel();
         let _w = watch(
             vec![root],

@@ -213,7 +213,7 @@ impl Storage {
     /// prefix, no symlink is followed.
     fn open_requested(&self, kind: RequestedDir, requested: &str) -> Result<SafeDir, String> {
         let (prefix, rest) = self.allowed(kind, requested)?;
-        let root = SafeDir::open_root(&prefix, false)
+        let root = SafeDir::open_root(&prefix)
             .map_err(|e| format!("cannot open {}: {e}", prefix.display()))?;
         if rest.as_os_str().is_empty() {
             return Ok(root);

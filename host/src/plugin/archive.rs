@@ -438,8 +438,8 @@ impl Archive {
             ));
         };
         let failed = |what: &str, e: io::Error| ArchiveError::Failed(format!("{what}: {e}"));
-        let dir = SafeDir::open_root(output, false)
-            .map_err(|e| failed("opening the output directory", e))?;
+        let dir =
+            SafeDir::open_root(output).map_err(|e| failed("opening the output directory", e))?;
         let file = dir.create_new_file(name).map_err(|e| {
             if e.kind() == io::ErrorKind::AlreadyExists {
                 ArchiveError::InvalidName(format!("{name:?} already exists"))
@@ -596,7 +596,7 @@ impl Archive {
                 }
             )));
         };
-        let dir = SafeDir::open_root(&g.host, false)
+        let dir = SafeDir::open_root(&g.host)
             .map_err(|e| ArchiveError::Failed(format!("opening grant {grant:?}: {e}")))?;
         let dir = Arc::new(dir);
         self.opened_grants.insert(grant.to_string(), dir.clone());
