@@ -444,12 +444,16 @@ async fn pools_answer_what_couchbase_cli_reads_and_its_node_names_are_accepted()
 
 #[tokio::test]
 async fn concurrent_pool_requests_share_one_round_of_probes() {
-    let mut c = cluster(&["n1", "n2"], |_| {}).await;
-    // n1 stops answering: in its place, a listener that takes connections
-    // and says nothing, so each probe of n1 waits out its 2 s.
-    let n1 = c.node("n1").addr;
-    c.kill("n1");
-    let silent = tokio::net::TcpListener::bind(n1).await.unwrap();
+    // n1 does not answer: at its address, a listener that takes
+    // connections and says nothing, so each probe of n1 waits out its 2 s.
+    // (Bound before the cluster starts: a dead daemon's port, bound again
+    // later, can meanwhile be taken by any other test's socket.)
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let n1 = silent.local_addr().unwrap();
+    let c = cluster(&["n2"], |config| {
+        config.nodes.insert("n1".into(), n1.to_string());
+    })
+    .await;
     let probes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = probes.clone();
     let hold = tokio::spawn(async move {
