@@ -53,17 +53,20 @@ async fn runs_and_collects(wasm: &Path) {
 #[tokio::test]
 async fn a_new_rust_collector_and_uploader_build_and_run_outside_the_repository() {
     let dir = tempfile::tempdir().unwrap();
-    // The target directory this repository's plugins were built in: the
-    // project's Cargo.lock pins the versions they were built with, so the
-    // SDK's dependencies (wit-bindgen and what it uses) are not compiled
-    // again (3 s, where a target directory of its own took 45 s of the
-    // test run's two cores). The project, its vendored SDK and its lock
-    // are still its own, outside the repository.
-    let target = autocollect::plugin::builtin::build_output("x")
-        .ancestors()
-        .nth(3)
-        .expect("target/wasm-plugins/wasm32-wasip2/release/x.wasm")
-        .to_path_buf();
+    // The target directory this repository's plugins were built in (by
+    // host/build.rs and .ci/test; `build_output`'s directory only holds
+    // copies): the project's Cargo.lock pins the versions they were built
+    // with, so the SDK's dependencies (wit-bindgen and what it uses) are
+    // not compiled again. The project, its vendored SDK and its lock are
+    // still its own, outside the repository.
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasm-plugins");
+    assert!(
+        target
+            .join("wasm32-wasip2/release/mock_collector.wasm")
+            .exists(),
+        "{} is not where the plugins were built",
+        target.display()
+    );
     let collector = new(dir.path(), "my-collector", &[]).await;
     assert!(
         collector
