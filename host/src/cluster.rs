@@ -7,6 +7,12 @@
 //! and a request sent at once simply waits in the backlog until the
 //! daemon is ready: no polling for readiness. Children are killed when
 //! the cluster is dropped (and, on Linux, if this process dies).
+//!
+//! Each node's port also stays held for the cluster's life by a socket
+//! bound to it that never listens ([`hold_port`]): a killed node's port
+//! refuses connections, as a dead node's would, but no other socket of
+//! the machine (another test's daemon, a connection's source port) can
+//! take it before the node is restarted there.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -40,6 +46,8 @@ pub struct LocalNode {
     daemon_args: Vec<String>,
     launcher: Vec<String>,
     child: Option<Child>,
+    /// Keeps the node's port while no daemon listens on it.
+    _port: socket2::Socket,
 }
 
 impl LocalNode {
@@ -135,7 +143,7 @@ impl LocalCluster {
 
         let listeners: Vec<TcpListener> = specs
             .iter()
-            .map(|spec| bind_in(spec.netns.as_deref(), SocketAddr::new(spec.ip, 0)))
+            .map(|spec| bind_node(spec.netns.as_deref(), SocketAddr::new(spec.ip, 0)))
             .collect::<std::io::Result<_>>()?;
         let addrs: Vec<SocketAddr> = listeners
             .iter()
@@ -166,12 +174,19 @@ impl LocalCluster {
             secret: secret.clone(),
             ca_file: issued.ca_file.clone(),
         };
-        for ((((name, addr), listener), spec), files) in names
+        let holds: Vec<socket2::Socket> = specs
+            .iter()
+            .zip(&addrs)
+            .map(|(spec, addr)| hold_port(spec.netns.as_deref(), *addr))
+            .collect::<std::io::Result<_>>()
+            .context("holding the nodes' ports")?;
+        for (((((name, addr), listener), spec), files), hold) in names
             .iter()
             .zip(&addrs)
             .zip(&listeners)
             .zip(specs)
             .zip(&issued.nodes)
+            .zip(holds)
         {
             let dir = root.join(name);
             std::fs::create_dir_all(&dir)?;
@@ -228,6 +243,7 @@ impl LocalCluster {
                 daemon_args: spec.daemon_args.clone(),
                 launcher: spec.launcher.clone(),
                 child: Some(child),
+                _port: hold,
             });
         }
         drop(listeners); // the children hold them now
@@ -325,7 +341,7 @@ impl LocalCluster {
         self.kill(name);
         let tls = self.client_tls();
         let node = self.nodes.iter_mut().find(|n| n.name == name).unwrap();
-        let listener = bind_in(node.netns.as_deref(), node.addr)?;
+        let listener = bind_node(node.netns.as_deref(), node.addr)?;
         let child = spawn_daemon(
             &node.exe,
             &node.config_path,
@@ -346,7 +362,8 @@ impl LocalCluster {
         Ok(())
     }
 
-    /// Kill one daemon (SIGKILL) and reap it.
+    /// Kill one daemon (SIGKILL) and reap it. Its port stays held: it
+    /// refuses connections until [`LocalCluster::restart`].
     pub fn kill(&mut self, name: &str) {
         let node = self.nodes.iter_mut().find(|n| n.name == name).unwrap();
         if let Some(mut child) = node.child.take() {
@@ -386,11 +403,38 @@ impl Drop for LocalCluster {
     }
 }
 
-/// Bind `addr`, in network namespace `netns` if given (from a thread that
+/// A node's listening socket on `addr` (in network namespace `netns` if
+/// given), as the daemon binds its own but sharing its port with the
+/// node's [`hold_port`] (`SO_REUSEPORT`, which only the two of them set).
+fn bind_node(netns: Option<&Path>, addr: SocketAddr) -> std::io::Result<TcpListener> {
+    in_netns(netns, || crate::server::listener::bind_sharing(addr, true))
+}
+
+/// A socket bound to `addr` that never listens, so that the port is
+/// nobody else's while the node's daemon is down: connections to it are
+/// refused, and any other socket's bind fails, but for the node's next
+/// listener ([`bind_node`]: with `SO_REUSEPORT`, as this one).
+fn hold_port(netns: Option<&Path>, addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    in_netns(netns, || {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_port(true)?;
+        socket.bind(&addr.into())?;
+        Ok(socket)
+    })
+}
+
+/// Run `bind` in network namespace `netns` if given (on a thread that
 /// joins it, so this process stays where it is).
-fn bind_in(netns: Option<&Path>, addr: SocketAddr) -> std::io::Result<TcpListener> {
+fn in_netns<T: Send>(
+    netns: Option<&Path>,
+    bind: impl FnOnce() -> std::io::Result<T> + Send,
+) -> std::io::Result<T> {
     let Some(netns) = netns else {
-        return crate::server::listener::bind(addr);
+        return bind();
     };
     let netns = File::open(netns)?;
     std::thread::scope(|scope| {
@@ -400,7 +444,7 @@ fn bind_in(netns: Option<&Path>, addr: SocketAddr) -> std::io::Result<TcpListene
                 if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                crate::server::listener::bind(addr)
+                bind()
             })
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("binding thread panicked")))

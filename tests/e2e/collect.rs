@@ -88,6 +88,14 @@ async fn a_failing_node_reports_its_code_and_output_and_the_others_proceed() {
 async fn an_unreachable_node_fails_and_the_others_proceed() {
     let mut c = cluster(&["n1", "n2", "n3"], |_| {}).await;
     c.kill("n3");
+    // Its port is still its own: no other socket can take it meanwhile,
+    // so whatever answers there later is n3 again.
+    let n3_addr = c.node("n3").addr;
+    let taken = std::net::TcpListener::bind(n3_addr).map(|_| ());
+    assert_eq!(
+        taken.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::AddrInUse)
+    );
 
     let admin = c.admin("n1");
     let started = admin.start("all").await.expect("start despite n3");
@@ -106,6 +114,14 @@ async fn an_unreachable_node_fails_and_the_others_proceed() {
     assert_eq!(task.per_node["n1"].status, NodeState::Collected);
     assert_eq!(task.per_node["n2"].status, NodeState::Collected);
     assert_eq!(task.per_node["n3"].status, NodeState::Failed);
+
+    // Back at its address, it collects with the others.
+    c.restart("n3").await.unwrap();
+    let task = collect_once(&admin).await;
+    assert_ended(&task, TaskState::Completed);
+    for node in ["n1", "n2", "n3"] {
+        assert_eq!(task.per_node[node].status, NodeState::Collected, "{node}");
+    }
 }
 
 /// When each node's mock collection ran: (started, finished) in Unix ms.

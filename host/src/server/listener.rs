@@ -130,12 +130,22 @@ const LISTEN_BACKLOG: i32 = 4096;
 /// A listening TCP socket on `addr`, as `std::net::TcpListener::bind`
 /// makes it (`SO_REUSEADDR`, close-on-exec) but with [`LISTEN_BACKLOG`].
 pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    bind_sharing(addr, false)
+}
+
+/// [`bind`], with `SO_REUSEPORT` set before binding if `reuse_port`: the
+/// port may then be shared with a socket that holds it (the local
+/// cluster's, [`crate::cluster`]).
+pub fn bind_sharing(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
     )?;
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     Ok(socket.into())
