@@ -406,8 +406,17 @@ impl Drop for LocalCluster {
 /// A node's listening socket on `addr` (in network namespace `netns` if
 /// given), as the daemon binds its own but sharing its port with the
 /// node's [`hold_port`] (`SO_REUSEPORT`, which only the two of them set).
+/// On port 0 the option is set once bound, so that the kernel chooses
+/// the port as for any other socket; on a held port (a restart), before.
 fn bind_node(netns: Option<&Path>, addr: SocketAddr) -> std::io::Result<TcpListener> {
-    in_netns(netns, || crate::server::listener::bind_sharing(addr, true))
+    in_netns(netns, || {
+        if addr.port() != 0 {
+            return crate::server::listener::bind_sharing(addr, true);
+        }
+        let listener = crate::server::listener::bind(addr)?;
+        socket2::SockRef::from(&listener).set_reuse_port(true)?;
+        Ok(listener)
+    })
 }
 
 /// A socket bound to `addr` that never listens, so that the port is
