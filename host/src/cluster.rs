@@ -425,11 +425,7 @@ fn bind_node(netns: Option<&Path>, addr: SocketAddr) -> std::io::Result<TcpListe
 /// listener ([`bind_node`]: with `SO_REUSEPORT`, as this one).
 fn hold_port(netns: Option<&Path>, addr: SocketAddr) -> std::io::Result<socket2::Socket> {
     in_netns(netns, || {
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
+        let socket = crate::server::listener::tcp_socket(addr)?;
         socket.set_reuse_port(true)?;
         socket.bind(&addr.into())?;
         Ok(socket)

@@ -137,11 +137,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 /// port may then be shared with a socket that holds it (the local
 /// cluster's, [`crate::cluster`]).
 pub fn bind_sharing(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
+    let socket = tcp_socket(addr)?;
     socket.set_reuse_address(true)?;
     if reuse_port {
         socket.set_reuse_port(true)?;
@@ -149,6 +145,15 @@ pub fn bind_sharing(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     Ok(socket.into())
+}
+
+/// A TCP socket (close-on-exec) of `addr`'s family, not yet bound.
+pub fn tcp_socket(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
 }
 
 /// Raise the soft open-file limit to the hard one; the soft limit after.
