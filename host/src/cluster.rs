@@ -174,19 +174,12 @@ impl LocalCluster {
             secret: secret.clone(),
             ca_file: issued.ca_file.clone(),
         };
-        let holds: Vec<socket2::Socket> = specs
-            .iter()
-            .zip(&addrs)
-            .map(|(spec, addr)| hold_port(spec.netns.as_deref(), *addr))
-            .collect::<std::io::Result<_>>()
-            .context("holding the nodes' ports")?;
-        for (((((name, addr), listener), spec), files), hold) in names
+        for ((((name, addr), listener), spec), files) in names
             .iter()
             .zip(&addrs)
             .zip(&listeners)
             .zip(specs)
             .zip(&issued.nodes)
-            .zip(holds)
         {
             let dir = root.join(name);
             std::fs::create_dir_all(&dir)?;
@@ -243,7 +236,8 @@ impl LocalCluster {
                 daemon_args: spec.daemon_args.clone(),
                 launcher: spec.launcher.clone(),
                 child: Some(child),
-                _port: hold,
+                _port: hold_port(spec.netns.as_deref(), *addr)
+                    .with_context(|| format!("holding node {name}'s port"))?,
             });
         }
         drop(listeners); // the children hold them now
