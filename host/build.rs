@@ -90,4 +90,8 @@ fn main() {
         "cargo:rustc-env=AUTOCOLLECT_PLUGIN_DIR={}",
         out_dir.display()
     );
+    println!(
+        "cargo:rustc-env=AUTOCOLLECT_PLUGIN_TARGET_DIR={}",
+        target_dir.display()
+    );
 }

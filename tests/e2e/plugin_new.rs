@@ -54,12 +54,12 @@ async fn runs_and_collects(wasm: &Path) {
 async fn a_new_rust_collector_and_uploader_build_and_run_outside_the_repository() {
     let dir = tempfile::tempdir().unwrap();
     // The target directory this repository's plugins were built in (by
-    // host/build.rs and .ci/test; `build_output`'s directory only holds
-    // copies): the project's Cargo.lock pins the versions they were built
-    // with, so the SDK's dependencies (wit-bindgen and what it uses) are
-    // not compiled again. The project, its vendored SDK and its lock are
-    // still its own, outside the repository.
-    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasm-plugins");
+    // host/build.rs and .ci/test): the project's Cargo.lock pins the
+    // versions they were built with, so the SDK's dependencies
+    // (wit-bindgen and what it uses) are not compiled again. The project,
+    // its vendored SDK and its lock are still its own, outside the
+    // repository.
+    let target = autocollect::plugin::builtin::plugins_target_dir();
     assert!(
         target
             .join("wasm32-wasip2/release/mock_collector.wasm")
@@ -74,7 +74,7 @@ async fn a_new_rust_collector_and_uploader_build_and_run_outside_the_repository(
             .exists()
     );
     let lock = std::fs::read_to_string(collector.join("Cargo.lock")).expect("a Cargo.lock");
-    build(&collector, &[("CARGO_TARGET_DIR", &target)]);
+    build(&collector, &[("CARGO_TARGET_DIR", target)]);
     assert_eq!(
         std::fs::read_to_string(collector.join("Cargo.lock")).unwrap(),
         lock,
@@ -84,7 +84,7 @@ async fn a_new_rust_collector_and_uploader_build_and_run_outside_the_repository(
 
     let uploader = new(dir.path(), "my-uploader", &["--uploader"]).await;
     let lock = std::fs::read_to_string(uploader.join("Cargo.lock")).expect("a Cargo.lock");
-    build(&uploader, &[("CARGO_TARGET_DIR", &target)]);
+    build(&uploader, &[("CARGO_TARGET_DIR", target)]);
     assert_eq!(
         std::fs::read_to_string(uploader.join("Cargo.lock")).unwrap(),
         lock

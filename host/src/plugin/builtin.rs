@@ -43,3 +43,10 @@ pub fn names() -> Vec<&'static str> {
 pub fn build_output(file_stem: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("AUTOCOLLECT_PLUGIN_DIR")).join(format!("{file_stem}.wasm"))
 }
+
+/// The target directory the build script built `plugins/` in (where
+/// `build_output`'s files were copied from), with the dependencies of
+/// every plugin compiled. Only meaningful on the machine that built us.
+pub fn plugins_target_dir() -> &'static std::path::Path {
+    std::path::Path::new(env!("AUTOCOLLECT_PLUGIN_TARGET_DIR"))
+}
