@@ -8,6 +8,13 @@
 //! has not been seen in the replay window, and the signature matches. A
 //! captured request can therefore not be replayed (same nonce), nor
 //! altered (signature), nor held back and sent later (timestamp).
+//!
+//! A session ([`crate::protocol`]) is one connection that outlives its
+//! opening request: the coordinator's commands on it are lines, each
+//! signed too ([`LineSigner`], [`LineVerifier`]), bound to the signed
+//! request that opened the session (its nonce) and numbered from 1, so a
+//! line cannot be forged, altered, replayed, reordered or moved to
+//! another session, on plain TCP as over TLS.
 
 use crate::hex;
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -88,7 +95,7 @@ fn signature(
     nonce: &str,
     body: &[u8],
 ) -> [u8; 32] {
-    let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).expect("HMAC takes any key");
+    let mut mac = keyed(secret);
     let body_digest = hex(&Sha256::digest(body));
     // Each field on its own line; none of them can hold a newline.
     for part in [
@@ -104,6 +111,93 @@ fn signature(
         mac.update(b"\n");
     }
     mac.finalize().into_bytes().into()
+}
+
+/// The signature of session command number `seq` (`json`) in the
+/// session opened by the request signed with `open_nonce`.
+fn line_signature(key: &HmacSha256, open_nonce: &str, seq: u64, json: &str) -> [u8; 32] {
+    let mut mac = key.clone();
+    for part in ["autocollect-session-v1", open_nonce, &seq.to_string(), json] {
+        mac.update(part.as_bytes());
+        mac.update(b"\n");
+    }
+    mac.finalize().into_bytes().into()
+}
+
+fn keyed(secret: &str) -> HmacSha256 {
+    HmacSha256::new_from_slice(secret.as_bytes()).expect("HMAC takes any key")
+}
+
+/// The nonce of a request signed by [`sign`] (what its session's lines
+/// are bound to).
+pub fn nonce_of(signed: &[(HeaderName, HeaderValue)]) -> &str {
+    signed
+        .iter()
+        .find(|(name, _)| *name == NONCE_HEADER)
+        .and_then(|(_, value)| value.to_str().ok())
+        .expect("sign() sets a nonce")
+}
+
+/// Signs the coordinator's command lines on one session: `SEQ MAC JSON`.
+pub struct LineSigner {
+    key: HmacSha256,
+    open_nonce: String,
+    next: u64,
+}
+
+impl LineSigner {
+    /// For the session opened by a request signed with `open_nonce`.
+    pub fn new(secret: &str, open_nonce: &str) -> LineSigner {
+        LineSigner {
+            key: keyed(secret),
+            open_nonce: open_nonce.to_string(),
+            next: 1,
+        }
+    }
+
+    /// The next line (ending in `\n`) carrying `json`, which holds no
+    /// newline (compact JSON).
+    pub fn line(&mut self, json: &str) -> String {
+        debug_assert!(!json.contains('\n'));
+        let seq = self.next;
+        self.next += 1;
+        let mac = line_signature(&self.key, &self.open_nonce, seq, json);
+        format!("{seq} {} {json}\n", hex(&mac))
+    }
+}
+
+/// Checks the command lines of one session, in order.
+pub struct LineVerifier {
+    key: HmacSha256,
+    open_nonce: String,
+    next: u64,
+}
+
+impl LineVerifier {
+    /// The JSON of `line` (without its newline) if it is the session's
+    /// next command, genuine.
+    pub fn verify<'a>(&mut self, line: &'a str) -> Result<&'a str, PeerAuthError> {
+        let mut parts = line.splitn(3, ' ');
+        let (Some(seq), Some(mac), Some(json)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(PeerAuthError::Malformed("session command"));
+        };
+        let seq: u64 = seq
+            .parse()
+            .map_err(|_| PeerAuthError::Malformed("session command number"))?;
+        let given = unhex32(mac).ok_or(PeerAuthError::Malformed("signature"))?;
+        let expected = line_signature(&self.key, &self.open_nonce, seq, json);
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(&expected[..], &given[..])) {
+            return Err(PeerAuthError::BadSignature);
+        }
+        if seq != self.next {
+            return Err(PeerAuthError::OutOfOrder {
+                got: seq,
+                expected: self.next,
+            });
+        }
+        self.next += 1;
+        Ok(json)
+    }
 }
 
 /// Why a node-to-node request was refused.
@@ -126,6 +220,8 @@ pub enum PeerAuthError {
     BadSignature,
     #[error("too many node-to-node requests in the replay window")]
     Overloaded,
+    #[error("session command {got} came where {expected} was due (replayed or dropped)")]
+    OutOfOrder { got: u64, expected: u64 },
 }
 
 /// Checks signed requests for one node.
@@ -160,6 +256,16 @@ impl PeerVerifier {
             secret: secret.to_string(),
             nodes: nodes.into_iter().collect(),
             nonces: Mutex::default(),
+        }
+    }
+
+    /// The checker of the command lines of the session opened by a
+    /// request, genuine, signed with `open_nonce`.
+    pub fn session_lines(&self, open_nonce: &str) -> LineVerifier {
+        LineVerifier {
+            key: keyed(&self.secret),
+            open_nonce: open_nonce.to_string(),
+            next: 1,
         }
     }
 
@@ -362,5 +468,50 @@ mod tests {
         );
         v.nonces.lock().unwrap().prune(now + 120);
         assert!(v.nonces.lock().unwrap().seen.is_empty());
+    }
+
+    #[test]
+    fn session_lines_pass_once_in_order_and_only_in_their_session() {
+        let v = verifier();
+        let nonce = "0123456789abcdef0123456789abcdef";
+        let mut signer = LineSigner::new(SECRET, nonce);
+        let first = signer.line(r#"{"command":"ping"}"#);
+        let second = signer.line(r#"{"command":"cancel"}"#);
+        let line = |l: &str| l.trim_end().to_string();
+
+        let mut lines = v.session_lines(nonce);
+        assert_eq!(lines.verify(&line(&first)), Ok(r#"{"command":"ping"}"#));
+        // Replayed, or the next one dropped: refused.
+        assert_eq!(
+            lines.verify(&line(&first)),
+            Err(PeerAuthError::OutOfOrder {
+                got: 1,
+                expected: 2
+            })
+        );
+        assert_eq!(lines.verify(&line(&second)), Ok(r#"{"command":"cancel"}"#));
+
+        // Another session (another opening nonce) takes none of them.
+        let mut other = v.session_lines("ffeeddccbbaa99887766554433221100");
+        assert_eq!(
+            other.verify(&line(&first)),
+            Err(PeerAuthError::BadSignature)
+        );
+        // Altered, or signed with another secret, or not a line at all.
+        let mut lines = v.session_lines(nonce);
+        let altered = line(&first).replace("ping", "pong");
+        assert_eq!(lines.verify(&altered), Err(PeerAuthError::BadSignature));
+        let forged = LineSigner::new("another secret!!", nonce).line(r#"{"command":"ping"}"#);
+        assert_eq!(
+            lines.verify(&line(&forged)),
+            Err(PeerAuthError::BadSignature)
+        );
+        assert!(matches!(
+            lines.verify("hello"),
+            Err(PeerAuthError::Malformed(_))
+        ));
+        let renumbered = line(&first).replacen('1', "2", 1);
+        assert_eq!(lines.verify(&renumbered), Err(PeerAuthError::BadSignature));
+        assert_eq!(lines.verify(&line(&first)), Ok(r#"{"command":"ping"}"#));
     }
 }

@@ -1,30 +1,46 @@
 //! The node-to-node protocol, shared by [`crate::node`] (server side) and
 //! [`crate::coordinator`] (client side).
 //!
-//! A coordinator opens a **session** on every node of the cluster
-//! (`POST /internal/v1/sessions`). The response is a stream of
-//! newline-delimited JSON [`NodeEvent`]s that stays open for the whole
-//! task. The session is at once:
+//! A coordinator opens a **session** on every node of the cluster: a
+//! signed `POST /internal/v1/sessions` over HTTP/1.1 that asks to upgrade
+//! the connection to [`SESSION_PROTOCOL`]. A node that takes the session
+//! answers `101 Switching Protocols`, and from then on the connection is
+//! the session's alone, for the whole task, and carries lines both ways:
+//!
+//! - node to coordinator: [`NodeEvent`]s as newline-delimited JSON, with a
+//!   heartbeat every interval;
+//! - coordinator to node: [`SessionCommand`]s, each signed and numbered
+//!   ([`crate::peer_auth::LineSigner`]): `job` starts the collector,
+//!   `upload` uploads what it collected (the coordinator sends it when a
+//!   cluster-wide upload slot is free), `cancel` stops whatever runs,
+//!   `ping` (every heartbeat interval) says the coordinator is still
+//!   there, and `close` ends the session. A command the node cannot carry
+//!   out is answered with a [`NodeEvent::Refused`] line.
+//!
+//! The session is at once:
 //!
 //! - the cluster-wide lock: a node holds one session at a time and answers
 //!   `409` to a second one, so two collections can never overlap;
 //! - the link: when the coordinator's connection goes away, the node
 //!   cancels its job and cleans up; when the node goes away, the
-//!   coordinator sees the stream end (or heartbeats stop);
+//!   coordinator sees the stream end (or heartbeats stop). A node that
+//!   hears nothing from its coordinator for the session's lease (three
+//!   intervals) lets go of the session and stops its job, so a
+//!   coordinator that hangs or is cut off never holds the cluster's lock
+//!   for long;
 //! - the only channel from node to coordinator: nodes never call the
 //!   coordinator, so no request can wait on another in a cycle.
 //!
-//! Commands go the other way as short requests on the session:
-//! `POST /internal/v1/sessions/{task}/job` starts the collector,
-//! `POST /internal/v1/sessions/{task}/upload` uploads what it collected
-//! (the coordinator sends it when a cluster-wide upload slot is free),
-//! `POST /internal/v1/sessions/{task}/cancel` stops whatever runs, and
-//! `POST /internal/v1/sessions/{task}/close` ends the session.
-//! `POST /internal/v1/sessions/{task}/ping`, sent every heartbeat
-//! interval, tells the node the coordinator is still there: a node that
-//! hears nothing from its coordinator for the session's lease (three
-//! intervals) lets go of the session and stops its job, so a coordinator
-//! that hangs or is cut off never holds the cluster's lock for long.
+//! A connection per node, and nothing else held for it: a coordinator of
+//! 10,000 nodes holds 10,000 sockets with a line buffer each, not an
+//! HTTP/2 connection's buffers and tables (`docs/DESIGN.md`, "Known
+//! limits"). The protocol's name carries its version: a node that speaks
+//! another answers `426` naming its own, and an older node that does not
+//! upgrade at all is told apart by its answer; either way the start says
+//! which node to upgrade.
+//!
+//! Other node-to-node requests (forwarded status, cancel and events,
+//! settings) are short HTTP/2 requests.
 //!
 //! Every call has deadlines in both directions: the coordinator gives up
 //! on a node that does not answer within `peer_timeout_ms`, and a node
@@ -164,12 +180,49 @@ pub struct LowDisk {
     pub message: String,
 }
 
-/// Body of `POST /internal/v1/sessions/{task}/job`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct StartJob {
-    #[serde(default)]
-    pub parameters: CollectParameters,
+/// The protocol a session connection is upgraded to (`Upgrade:` header).
+pub const SESSION_PROTOCOL: &str = "autocollect-session/1";
+
+/// A coordinator's command on a session connection (one signed line).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "camelCase", deny_unknown_fields)]
+pub enum SessionCommand {
+    /// Start the collector.
+    Job {
+        #[serde(default)]
+        parameters: CollectParameters,
+    },
+    /// Upload what was collected.
+    #[serde(rename_all = "camelCase")]
+    Upload {
+        /// `https://HOST/CUSTOMER/[TICKET/]`; the node appends the file
+        /// name.
+        base_url: String,
+        /// The start request's `uploadProxy`
+        /// (`http://[user:pass@]host:port`); without it the node uses its
+        /// own `[upload] proxy`, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        proxy: Option<String>,
+    },
+    /// Stop whatever runs, and remove what it made.
+    Cancel,
+    /// The coordinator is still there (renews the session's lease).
+    Ping,
+    /// The task is over: let go of the session.
+    Close,
+}
+
+impl SessionCommand {
+    /// The command's name, as the protocol spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SessionCommand::Job { .. } => "job",
+            SessionCommand::Upload { .. } => "upload",
+            SessionCommand::Cancel => "cancel",
+            SessionCommand::Ping => "ping",
+            SessionCommand::Close => "close",
+        }
+    }
 }
 
 /// What the start request asks of every node's collection (Couchbase's
@@ -294,18 +347,6 @@ impl CollectParameters {
     }
 }
 
-/// Body of `POST /internal/v1/sessions/{task}/upload`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct StartUpload {
-    /// `https://HOST/CUSTOMER/[TICKET/]`; the node appends the file name.
-    pub base_url: String,
-    /// The start request's `uploadProxy` (`http://[user:pass@]host:port`);
-    /// without it the node uses its own `[upload] proxy`, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub proxy: Option<String>,
-}
-
 /// Answer of a node that already holds a session (HTTP 409).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -393,6 +434,9 @@ pub enum NodeEvent {
     },
     /// The job was cancelled and its output removed.
     Cancelled,
+    /// The node did not carry out the coordinator's `command` (`job`,
+    /// `upload`), and says why.
+    Refused { command: String, message: String },
 }
 
 impl NodeEvent {
@@ -436,7 +480,7 @@ pub(crate) mod tests {
             format!("{p:#?}"),
             format!(
                 "{:?}",
-                StartJob {
+                SessionCommand::Job {
                     parameters: p.clone()
                 }
             ),
@@ -450,13 +494,16 @@ pub(crate) mod tests {
     #[test]
     fn the_password_travels_in_the_job_command_and_reaches_the_collector() {
         let p = secret_parameters();
-        let wire = serde_json::to_value(StartJob {
+        let wire = serde_json::to_value(SessionCommand::Job {
             parameters: p.clone(),
         })
         .unwrap();
+        assert_eq!(wire["command"], "job");
         assert_eq!(wire["parameters"]["encryptionPassword"], "hunter2-zip");
-        let back: StartJob = serde_json::from_value(wire).unwrap();
-        assert_eq!(back.parameters, p);
+        let SessionCommand::Job { parameters: back } = serde_json::from_value(wire).unwrap() else {
+            panic!("a job command");
+        };
+        assert_eq!(back, p);
         assert!(
             p.plugin_parameters()
                 .contains(&("encryption-password".to_string(), "hunter2-zip".to_string()))

@@ -206,12 +206,13 @@ async fn accept(
             let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
                 app.clone().oneshot(request.map(axum::body::Body::new))
             });
-            // Other nodes speak HTTP/2 (prior knowledge, as over plain
-            // HTTP between real nodes); HTTP/1.1 is served too.
+            // As a real node serves plain HTTP: HTTP/2 for short
+            // requests (prior knowledge), HTTP/1.1 for sessions, whose
+            // connections are upgraded.
             let builder =
                 hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            let connection =
-                builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let connection = builder
+                .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service);
             tokio::select! {
                 _ = connection => {}
                 _ = stop.cancelled() => {}

@@ -6,23 +6,25 @@
 //! coordinator a parse per line, not a task version per line. One that
 //! never ends its phase is failed at the coordinator's limit for it.
 //!
-//! The fake nodes here answer the coordinator's node-to-node requests
-//! themselves (plain HTTP/2, as the coordinator speaks to nodes when TLS
-//! is off), with the events each test scripts.
+//! The fake nodes here take the coordinator's sessions themselves (plain
+//! HTTP/1.1 upgraded to the session protocol, as when TLS is off), and
+//! answer its commands with the events each test scripts.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use autocollect::config::TlsSetting;
 use autocollect::coordinator::task::{NodeState, TaskState, TaskStatus};
-use autocollect::protocol::NodeEvent;
+use autocollect::protocol::{NodeEvent, SESSION_PROTOCOL, SessionCommand};
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::{Request, State};
 use axum::routing::{get, post};
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::support::*;
@@ -33,8 +35,6 @@ struct Fake {
     script: Arc<Vec<NodeEvent>>,
     /// What it sends once it is told to upload.
     upload_script: Arc<Vec<NodeEvent>>,
-    /// The open session's stream.
-    stream: Arc<Mutex<Option<mpsc::UnboundedSender<NodeEvent>>>>,
     /// `cancel` commands received.
     cancels: Arc<AtomicUsize>,
 }
@@ -53,13 +53,11 @@ async fn fake_uploading_node(
     let fake = Fake {
         script: Arc::new(script),
         upload_script: Arc::new(upload_script),
-        stream: Arc::default(),
         cancels: Arc::default(),
     };
     let cancels = fake.cancels.clone();
     let app = Router::new()
         .route("/internal/v1/sessions", post(open_session))
-        .route("/internal/v1/sessions/{task}/{verb}", post(command))
         .route("/health", get(|| async { "{}" }))
         .with_state(fake);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -68,49 +66,57 @@ async fn fake_uploading_node(
     (addr, cancels)
 }
 
-/// The session: a stream of event lines, a heartbeat every 100 ms (so the
-/// node is never lost for silence), and the script once the job starts.
-async fn open_session(State(fake): State<Fake>) -> axum::response::Response {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let _ = tx.send(NodeEvent::Heartbeat);
-    *fake.stream.lock().unwrap() = Some(tx.clone());
+/// The session: the connection upgraded, a heartbeat every 100 ms (so
+/// the node is never lost for silence), and a script when a command asks
+/// for one. Command lines are read without checking their signatures.
+async fn open_session(State(fake): State<Fake>, mut request: Request) -> axum::response::Response {
+    let upgrade = request
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+        .expect("the coordinator opens sessions over HTTP/1.1");
     tokio::spawn(async move {
-        while tx.send(NodeEvent::Heartbeat).is_ok() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let connection = hyper_util::rt::TokioIo::new(upgrade.await.unwrap());
+        let (read, mut write) = tokio::io::split(connection);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let beat = tx.clone();
+        tokio::spawn(async move {
+            while beat.send(NodeEvent::Heartbeat).is_ok() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        tokio::spawn(async move {
+            while let Some(event) = rx.recv().await {
+                let line = serde_json::to_string(&event).unwrap() + "\n";
+                if write.write_all(line.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut lines =
+            tokio_util::codec::FramedRead::new(read, tokio_util::codec::LinesCodec::new());
+        while let Some(Ok(line)) = lines.next().await {
+            let json = line.splitn(3, ' ').nth(2).unwrap_or_default();
+            let script = match serde_json::from_str(json) {
+                Ok(SessionCommand::Job { .. }) => &fake.script,
+                Ok(SessionCommand::Upload { .. }) => &fake.upload_script,
+                Ok(SessionCommand::Cancel) => {
+                    fake.cancels.fetch_add(1, Ordering::SeqCst);
+                    continue;
+                }
+                Ok(SessionCommand::Close) => return,
+                _ => continue,
+            };
+            for event in script.iter() {
+                let _ = tx.send(event.clone());
+            }
         }
-    });
-    let lines = futures::stream::poll_fn(move |cx| {
-        rx.poll_recv(cx).map(|event| {
-            event.map(|e| {
-                let line = serde_json::to_string(&e).unwrap() + "\n";
-                Ok::<_, Infallible>(Bytes::from(line))
-            })
-        })
     });
     axum::response::Response::builder()
-        .header("content-type", "application/x-ndjson")
-        .body(Body::from_stream(lines))
+        .status(101)
+        .header("connection", "upgrade")
+        .header("upgrade", SESSION_PROTOCOL)
+        .body(Body::empty())
         .unwrap()
-}
-
-async fn command(
-    State(fake): State<Fake>,
-    Path((_task, verb)): Path<(String, String)>,
-) -> axum::Json<serde_json::Value> {
-    let script = match verb.as_str() {
-        "job" => Some(&fake.script),
-        "upload" => Some(&fake.upload_script),
-        _ => None,
-    };
-    if let (Some(script), Some(stream)) = (script, fake.stream.lock().unwrap().as_ref()) {
-        for event in script.iter() {
-            let _ = stream.send(event.clone());
-        }
-    }
-    if verb == "cancel" {
-        fake.cancels.fetch_add(1, Ordering::SeqCst);
-    }
-    axum::Json(serde_json::json!({}))
 }
 
 fn started() -> NodeEvent {
@@ -341,4 +347,59 @@ async fn a_node_that_never_ends_its_phase_is_failed_at_the_coordinators_limit() 
         )
     );
     assert_eq!(stuck_cancels.load(Ordering::SeqCst), 1);
+}
+
+/// A node that does not carry out a command says why on its session,
+/// and the coordinator fails it with that reason. A node of an older
+/// version, which answers a session with its event stream instead of
+/// switching protocols, is failed with what to do about it.
+#[tokio::test]
+async fn a_refused_job_and_an_older_node_fail_with_the_reason() {
+    let refusal = NodeEvent::Refused {
+        command: "job".into(),
+        message: "logDir: not an allowed directory on this node".into(),
+    };
+    let (refusing, cancels) = fake_node(vec![refusal]).await;
+    let app = Router::new().route(
+        "/internal/v1/sessions",
+        post(|| async {
+            let line = Bytes::from_static(b"{\"event\":\"heartbeat\"}\n");
+            axum::response::Response::builder()
+                .header("content-type", "application/x-ndjson")
+                .body(Body::from_stream(futures::stream::iter([Ok::<
+                    _,
+                    Infallible,
+                >(
+                    line
+                )])))
+                .unwrap()
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let older = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let c = with_fakes(&[("refusing", refusing), ("older", older)]).await;
+
+    let task = collect_once(&c.admin("n1")).await;
+    assert_eq!(task.per_node["n1"].status, NodeState::Collected);
+    let refusing = &task.per_node["refusing"];
+    assert_eq!(refusing.status, NodeState::Failed, "{refusing:?}");
+    assert_eq!(
+        refusing.collection_output.as_deref(),
+        Some(
+            "could not start the job: refusing refused `job`: \
+             logDir: not an allowed directory on this node"
+        )
+    );
+    assert_eq!(cancels.load(Ordering::SeqCst), 0);
+    let older = &task.per_node["older"];
+    assert_eq!(older.status, NodeState::Failed, "{older:?}");
+    assert_eq!(
+        older.collection_output.as_deref(),
+        Some(
+            "older does not speak this node's session protocol (autocollect-session/1): \
+             it answered 200 OK without switching protocols (an older version?); \
+             run the same autocollect version on every node"
+        )
+    );
 }

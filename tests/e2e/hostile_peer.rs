@@ -47,14 +47,6 @@ async fn send(
     }
     let response = request.send().await.unwrap();
     let status = response.status();
-    // A session answers with a stream that never ends: do not read it.
-    let streaming = response
-        .headers()
-        .get("content-type")
-        .is_some_and(|t| t == "application/x-ndjson");
-    if streaming {
-        return (status, Value::Null);
-    }
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
@@ -115,11 +107,22 @@ async fn a_task_id_from_a_peer_is_never_used_as_a_path() {
             "{message}"
         );
     }
-    for bad in ["..%2F..%2Fvictim", "%2Ftmp%2Fvictim", "abc"] {
-        let path = format!("/internal/v1/sessions/{bad}/job");
-        let (status, body) = signed(&c, "n2", "n1", Method::POST, &path, &json!({})).await;
+    for bad in ["../../victim", "/tmp/victim", "abc"] {
+        let (status, body) = signed(
+            &c,
+            "n2",
+            "n1",
+            Method::POST,
+            "/internal/v1/tasks/cancel",
+            &json!({"taskId": bad}),
+        )
+        .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
-        assert!(body["taskId"].is_string(), "{body}");
+        let message = body["_"].as_str().unwrap();
+        assert!(
+            message.contains("a task id is 32 lowercase hexadecimal digits"),
+            "{message}"
+        );
     }
     assert_eq!(
         std::fs::read_to_string(victim.path().join("keep.me")).unwrap(),
@@ -193,11 +196,12 @@ async fn a_session_must_be_asked_for_by_its_own_coordinator() {
 #[tokio::test]
 async fn a_captured_request_cannot_be_replayed_altered_or_sent_late() {
     let c = cluster(&["n1", "n2"], |_| {}).await;
-    let path = format!("/internal/v1/sessions/{A_TASK}/cancel");
+    let path = "/internal/v1/tasks/cancel".to_string();
+    let body = serde_json::to_vec(&json!({"taskId": A_TASK})).unwrap();
     let now = peer_auth::unix_now();
     let nonce = "00112233445566778899aabbccddeeff";
-    let captured = peer_auth::sign_at(&c.secret, "n1", &Method::POST, &path, b"", now, nonce);
-    // The genuine request: no such session, but it passes the checks.
+    let captured = peer_auth::sign_at(&c.secret, "n1", &Method::POST, &path, &body, now, nonce);
+    // The genuine request: no such task, but it passes the checks.
     let (status, _) = send(
         &c,
         "n2",
@@ -205,48 +209,40 @@ async fn a_captured_request_cannot_be_replayed_altered_or_sent_late() {
         Method::POST,
         &path,
         captured.clone(),
-        vec![],
+        body.clone(),
     )
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    let (status, body) = send(
+    let (status, answer) = send(
         &c,
         "n2",
         Some("n1"),
         Method::POST,
         &path,
         captured.clone(),
-        vec![],
+        body.clone(),
     )
     .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(
-        body,
+        answer,
         json!({"_": "replayed request (its nonce was already used)"})
     );
-    // The same signature on another path, or with a body, is refused.
-    let other = format!("/internal/v1/sessions/{A_TASK}/close");
+    // The same signature on another path, or with another body, is
+    // refused.
     let (status, _) = send(
         &c,
         "n2",
         Some("n1"),
         Method::POST,
-        &other,
+        "/internal/v1/settings",
         captured.clone(),
-        vec![],
+        body.clone(),
     )
     .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let (status, _) = send(
-        &c,
-        "n2",
-        Some("n1"),
-        Method::POST,
-        &path,
-        captured,
-        b"{}".to_vec(),
-    )
-    .await;
+    let other = serde_json::to_vec(&json!({"taskId": "ffffffffffffffffffffffffffffffff"})).unwrap();
+    let (status, _) = send(&c, "n2", Some("n1"), Method::POST, &path, captured, other).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     // A request signed two minutes ago is too old, whatever its nonce.
     let late = peer_auth::sign_at(
@@ -254,18 +250,18 @@ async fn a_captured_request_cannot_be_replayed_altered_or_sent_late() {
         "n1",
         &Method::POST,
         &path,
-        b"",
+        &body,
         now - 120,
         "ffeeddccbbaa99887766554433221100",
     );
-    let (status, body) = send(&c, "n2", Some("n1"), Method::POST, &path, late, vec![]).await;
+    let (status, answer) = send(&c, "n2", Some("n1"), Method::POST, &path, late, body).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(
-        body["_"]
+        answer["_"]
             .as_str()
             .unwrap()
             .contains("off this node's clock"),
-        "{body}"
+        "{answer}"
     );
 }
 
@@ -492,4 +488,127 @@ async fn a_node_cut_off_from_its_coordinator_lets_go_of_its_lock() {
         "{n2:?}"
     );
     admin.cancel().await.unwrap();
+}
+
+/// Open a session on `node` as coordinator `n1` by hand (plain HTTP/1.1,
+/// upgraded): the connection, and the opening request's nonce that its
+/// command lines are bound to.
+async fn session_by_hand(
+    c: &TestCluster,
+    node: &str,
+    task: &str,
+) -> (tokio::net::TcpStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let path = "/internal/v1/sessions";
+    let body = serde_json::to_vec(&json!({"taskId": task, "coordinator": "n1"})).unwrap();
+    let signed = peer_auth::sign(&c.secret, "n1", &Method::POST, path, &body);
+    let nonce = peer_auth::nonce_of(&signed).to_string();
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nhost: {node}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: upgrade\r\nupgrade: {}\r\n",
+        body.len(),
+        autocollect::protocol::SESSION_PROTOCOL
+    );
+    for (name, value) in signed {
+        head.push_str(&format!("{name}: {}\r\n", value.to_str().unwrap()));
+    }
+    head.push_str("\r\n");
+    let mut stream = tokio::net::TcpStream::connect(c.node(node).addr)
+        .await
+        .unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body).await.unwrap();
+    // The answer's head, byte by byte so that no event line is taken.
+    let mut answer = Vec::new();
+    while !answer.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "{answer:?}");
+        answer.push(byte[0]);
+    }
+    let answer = String::from_utf8(answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 101 "), "{answer}");
+    (stream, nonce)
+}
+
+/// Read `stream` to its end (the node closed the session), within the
+/// test's patience; returns what came.
+async fn until_closed(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut all = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut all))
+        .await
+        .expect("the node closes the session")
+        .unwrap();
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+/// A session's commands are lines on its own connection, each signed and
+/// numbered: one that is forged, replayed or out of order ends the
+/// session there (the node lets go of it, and runs nothing it asked).
+#[tokio::test]
+async fn a_forged_or_replayed_session_command_ends_the_session() {
+    use tokio::io::AsyncWriteExt;
+    let c = cluster(&["n1", "n2"], |config| {
+        config.tls = Some(autocollect::config::TlsSetting::Off);
+    })
+    .await;
+    let n2 = c.admin("n2");
+    let ping = r#"{"command":"ping"}"#;
+    let job = r#"{"command":"job","parameters":{}}"#;
+
+    // A genuine ping passes; the same line again is a replay.
+    let (mut stream, nonce) = session_by_hand(&c, "n2", A_TASK).await;
+    assert_eq!(n2.health().await.unwrap()["session"], A_TASK);
+    let mut signer = peer_auth::LineSigner::new(&c.secret, &nonce);
+    let line = signer.line(ping);
+    stream.write_all(line.as_bytes()).await.unwrap();
+    stream.write_all(line.as_bytes()).await.unwrap();
+    let said = until_closed(&mut stream).await;
+    assert!(said.contains(r#"{"event":"heartbeat"}"#), "{said}");
+    assert_eq!(n2.wait_idle(10.0).await.unwrap()["session"], Value::Null);
+
+    // A job signed with another secret, or with another session's nonce,
+    // or unsigned: the session ends, and no job ever starts.
+    let forgeries = [
+        peer_auth::LineSigner::new("not the cluster secret", &nonce).line(job),
+        peer_auth::LineSigner::new(&c.secret, "00112233445566778899aabbccddeeff").line(job),
+        format!("{job}\n"),
+    ];
+    for forged in forgeries {
+        let task = format!("{:032x}", rand::random::<u128>());
+        let (mut stream, _) = session_by_hand(&c, "n2", &task).await;
+        stream.write_all(forged.as_bytes()).await.unwrap();
+        let said = until_closed(&mut stream).await;
+        assert!(!said.contains("started"), "{forged}: {said}");
+        assert_eq!(n2.wait_idle(10.0).await.unwrap()["session"], Value::Null);
+        assert!(!job_dir(&c, "n2", &task).exists(), "{forged}");
+    }
+}
+
+/// A session request that does not ask for this version's session
+/// protocol (an older or newer coordinator) is refused, naming the one
+/// this node speaks; nothing is held.
+#[tokio::test]
+async fn a_session_in_another_protocol_is_refused_with_the_one_this_node_speaks() {
+    let c = cluster(&["n1", "n2"], |_| {}).await;
+    let (status, body) = signed(
+        &c,
+        "n2",
+        "n1",
+        Method::POST,
+        "/internal/v1/sessions",
+        &json!({"taskId": A_TASK, "coordinator": "n1"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UPGRADE_REQUIRED, "{body}");
+    let message = body["_"].as_str().unwrap();
+    assert!(
+        message.contains("autocollect-session/1")
+            && message.contains("run the same autocollect version on every node"),
+        "{message}"
+    );
+    assert_eq!(
+        c.admin("n2").health().await.unwrap()["session"],
+        Value::Null
+    );
 }

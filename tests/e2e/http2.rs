@@ -1,6 +1,6 @@
-//! Node-to-node HTTP/2: a coordinator keeps one connection per node for
-//! a whole collection (sessions, commands and pings are its streams);
-//! HTTP/2 is for nodes only (public requests over it are refused, a
+//! Node-to-node connections: a coordinator keeps one connection per node
+//! for a whole collection (the session's, which carries its commands and
+//! pings too), and none after it; HTTP/2 is for nodes only (public requests over it are refused, a
 //! browser or curl offering `h2` gets HTTP/1.1), and an idle HTTP/2
 //! connection is closed like an idle HTTP/1.1 one.
 
@@ -70,26 +70,31 @@ fn node_client(c: &TestCluster, node: &str) -> reqwest::Client {
 #[tokio::test]
 async fn a_coordinator_keeps_one_connection_per_node_for_a_whole_collection() {
     // Collecting takes long enough for pings (every 500 ms here) to run
-    // beside the session streams and the commands.
+    // beside the events and the commands.
     let c = cluster(&["n1", "n2", "n3"], |config| {
         set_option(config, "delay-ms", 1500)
     })
     .await;
     let admin = c.admin("n1");
-    let task = collect_once(&admin).await;
-    assert_eq!(task.status, TaskState::Completed, "{task:?}");
-    assert!(
-        task.per_node
-            .values()
-            .all(|n| n.status == NodeState::Collected),
-        "{task:?}"
-    );
+    let started = admin.start("all").await.unwrap();
+    wait_for(&admin, |t| all_nodes(t, NodeState::Started)).await;
     let coordinator = c.node("n1").pid().unwrap();
     for node in ["n1", "n2", "n3"] {
         assert_eq!(
             connections_to(coordinator, c.node(node).addr.port()),
             1,
-            "connections from n1 to {node}"
+            "connections from n1 to {node} while it collects"
+        );
+    }
+    let task = wait_for_end(&admin, &started.task_id).await;
+    assert_eq!(task.status, TaskState::Completed, "{task:?}");
+    assert!(all_nodes(&task, NodeState::Collected), "{task:?}");
+    // Each session was closed before the task ended: nothing is left.
+    for node in ["n1", "n2", "n3"] {
+        assert_eq!(
+            connections_to(coordinator, c.node(node).addr.port()),
+            0,
+            "connections from n1 to {node} after the task"
         );
     }
 }

@@ -36,9 +36,13 @@ async fn signed_as(
     node: &str,
     signer: &str,
 ) -> Result<(StatusCode, Value), reqwest::Error> {
-    let path = format!("/internal/v1/sessions/{A_TASK}/cancel");
-    let headers = peer_auth::sign(&c.secret, signer, &Method::POST, &path, b"");
-    let mut request = client.post(format!("{}{path}", c.node(node).url()));
+    let path = "/internal/v1/tasks/cancel";
+    let body = serde_json::to_vec(&json!({ "taskId": A_TASK })).unwrap();
+    let headers = peer_auth::sign(&c.secret, signer, &Method::POST, path, &body);
+    let mut request = client
+        .post(format!("{}{path}", c.node(node).url()))
+        .header("content-type", "application/json")
+        .body(body);
     for (k, v) in headers {
         request = request.header(k, v);
     }
@@ -52,8 +56,8 @@ async fn a_node_is_its_certificate_and_cannot_speak_for_another() {
     // Each node on its own address, so each certificate names one node.
     let c = cluster_on(&[on("n1", 1), on("n2", 2), on("n3", 3)], |_| {}).await;
 
-    // n1 signing as n1 with its own certificate: accepted (there is no
-    // such session, which is the answer to a genuine request).
+    // n1 signing as n1 with its own certificate: accepted (n2 has no such
+    // task, which is the answer to a genuine request).
     let as_n1 = c.http_client(Some("n1"));
     let (status, _) = signed_as(&c, &as_n1, "n2", "n1").await.unwrap();
     assert_eq!(status, StatusCode::NOT_FOUND);

@@ -7,9 +7,9 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{FromRequestParts, Path, Query, Request, State};
+use axum::extract::{FromRequestParts, Query, Request, State};
+use axum::http::StatusCode;
 use axum::http::request::Parts;
-use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,13 +18,10 @@ use serde::Deserialize;
 
 use super::public::{StatusQuery, local_status};
 use super::{ApiError, AppState};
-use crate::node::{OpenError, StartJobError};
 use crate::protocol::{
-    CANCEL_TASK_PATH, LATEST_TASK_PATH, LowDisk, OpenSession, SESSIONS_PATH, SETTINGS_PATH,
-    StartJob, StartUpload, TASK_EVENTS_PATH, TaskId,
+    CANCEL_TASK_PATH, LATEST_TASK_PATH, SESSIONS_PATH, SETTINGS_PATH, TASK_EVENTS_PATH, TaskId,
 };
 use crate::settings::ClusterSettings;
-use crate::upload::{Destination, Proxy};
 
 const CANCEL_WAIT: Duration = Duration::from_secs(10);
 /// Largest node-to-node request body.
@@ -32,21 +29,7 @@ const MAX_BODY: usize = 1 << 20;
 
 pub fn router(state: AppState) -> Router<AppState> {
     Router::new()
-        .route(SESSIONS_PATH, post(open_session))
-        .route(&format!("{SESSIONS_PATH}/{{task}}/job"), post(start_job))
-        .route(
-            &format!("{SESSIONS_PATH}/{{task}}/upload"),
-            post(start_upload),
-        )
-        .route(
-            &format!("{SESSIONS_PATH}/{{task}}/cancel"),
-            post(cancel_job),
-        )
-        .route(
-            &format!("{SESSIONS_PATH}/{{task}}/close"),
-            post(close_session),
-        )
-        .route(&format!("{SESSIONS_PATH}/{{task}}/ping"), post(ping))
+        .route(SESSIONS_PATH, post(super::session::open_session))
         .route(LATEST_TASK_PATH, get(latest_task))
         .route(CANCEL_TASK_PATH, post(cancel_task))
         .route(SETTINGS_PATH, post(set_settings))
@@ -113,21 +96,6 @@ impl FromRequestParts<AppState> for Peer {
     }
 }
 
-/// A task id from the path, checked before anything touches the disk.
-pub struct Task(TaskId);
-
-impl FromRequestParts<AppState> for Task {
-    type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let Path(task) = Path::<String>::from_request_parts(parts, state)
-            .await
-            .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, "taskId", e.body_text()))?;
-        TaskId::parse(&task)
-            .map(Task)
-            .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, "taskId", e))
-    }
-}
-
 /// Another node changed the cluster settings: keep our copy in step.
 async fn set_settings(
     State(state): State<AppState>,
@@ -152,135 +120,9 @@ async fn set_settings(
     Ok(StatusCode::OK)
 }
 
-fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(super) fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::general(StatusCode::BAD_REQUEST, format!("Malformed body: {e}")))
-}
-
-async fn open_session(
-    State(state): State<AppState>,
-    Peer(signer): Peer,
-    body: bytes::Bytes,
-) -> Response {
-    let request: OpenSession = match json_body(&body) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    // Only the node that asks may be the session's coordinator (and it is
-    // a node of the cluster: its signature says so).
-    if request.coordinator != signer {
-        return ApiError::field(
-            StatusCode::BAD_REQUEST,
-            "coordinator",
-            format!(
-                "the session's coordinator must be the node that asks ({signer}), not {:?}",
-                request.coordinator
-            ),
-        )
-        .into_response();
-    }
-    match state.node.open_session(request) {
-        Ok(stream) => (
-            [(header::CONTENT_TYPE, "application/x-ndjson")],
-            Body::from_stream(stream),
-        )
-            .into_response(),
-        Err(OpenError::Busy(busy)) => (StatusCode::CONFLICT, Json(busy)).into_response(),
-        Err(OpenError::LowDisk(message)) => {
-            (StatusCode::INSUFFICIENT_STORAGE, Json(LowDisk { message })).into_response()
-        }
-    }
-}
-
-fn job_error(e: StartJobError) -> ApiError {
-    let status = match e {
-        StartJobError::NoSession(_) => StatusCode::NOT_FOUND,
-        StartJobError::AlreadyStarted(_) | StartJobError::NothingToUpload(_) => {
-            StatusCode::CONFLICT
-        }
-    };
-    ApiError::general(status, e.to_string())
-}
-
-async fn start_job(
-    State(state): State<AppState>,
-    _: Peer,
-    Task(task): Task,
-    body: bytes::Bytes,
-) -> Result<StatusCode, ApiError> {
-    let request: StartJob = json_body(&body)?;
-    // The coordinator checked these against its configuration; this node
-    // checks them against its own before using them.
-    let mut errors = std::collections::BTreeMap::new();
-    super::public::check_collect_parameters(&state, &request.parameters, &mut errors);
-    if !errors.is_empty() {
-        return Err(ApiError::fields(StatusCode::BAD_REQUEST, errors));
-    }
-    state
-        .node
-        .start_job(&task, request.parameters)
-        .map_err(job_error)?;
-    Ok(StatusCode::ACCEPTED)
-}
-
-async fn start_upload(
-    State(state): State<AppState>,
-    _: Peer,
-    Task(task): Task,
-    body: bytes::Bytes,
-) -> Result<StatusCode, ApiError> {
-    let request: StartUpload = json_body(&body)?;
-    let destination = Destination {
-        base_url: request.base_url,
-    };
-    if let Err(e) = crate::upload::Origin::of(&destination.base_url) {
-        return Err(ApiError::field(StatusCode::BAD_REQUEST, "baseUrl", e));
-    }
-    let proxy = match request.proxy.as_deref().map(Proxy::parse).transpose() {
-        Ok(p) => p,
-        Err(e) => return Err(ApiError::field(StatusCode::BAD_REQUEST, "proxy", e)),
-    };
-    state
-        .node
-        .start_upload(&task, destination, proxy)
-        .map_err(job_error)?;
-    Ok(StatusCode::ACCEPTED)
-}
-
-/// `ok` if this node held a session for `task`, else 404.
-fn in_session(held: bool, task: &TaskId, ok: StatusCode) -> Result<StatusCode, ApiError> {
-    if held {
-        Ok(ok)
-    } else {
-        Err(ApiError::general(
-            StatusCode::NOT_FOUND,
-            format!("no session for task {task} on this node"),
-        ))
-    }
-}
-
-async fn cancel_job(
-    State(state): State<AppState>,
-    _: Peer,
-    Task(task): Task,
-) -> Result<StatusCode, ApiError> {
-    in_session(state.node.cancel_job(&task), &task, StatusCode::ACCEPTED)
-}
-
-async fn close_session(
-    State(state): State<AppState>,
-    _: Peer,
-    Task(task): Task,
-) -> Result<StatusCode, ApiError> {
-    in_session(state.node.close_session(&task), &task, StatusCode::OK)
-}
-
-async fn ping(
-    State(state): State<AppState>,
-    _: Peer,
-    Task(task): Task,
-) -> Result<StatusCode, ApiError> {
-    in_session(state.node.ping(&task), &task, StatusCode::OK)
 }
 
 /// Status asked by another node on behalf of its user: never forwarded

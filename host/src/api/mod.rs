@@ -13,6 +13,7 @@ mod internal;
 mod openapi;
 mod params;
 mod public;
+mod session;
 mod ui;
 
 use std::net::SocketAddr;

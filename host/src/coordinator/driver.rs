@@ -10,10 +10,11 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
 use super::TaskCtx;
-use super::peers::{PeerError, SessionEvents, secs};
+use super::peers::{PeerError, secs};
+use super::session::{Session, SessionCommands};
 use super::task::{NodeState, NodeStatus};
 use crate::config::PhaseLimits;
-use crate::protocol::NodeEvent;
+use crate::protocol::{NodeEvent, SessionCommand};
 
 /// How long a node has to confirm a cancel before we stop waiting. A node
 /// confirms once its job has stopped, including the programs it started,
@@ -59,6 +60,12 @@ impl Phase {
         use NodeState as S;
         match (self, event) {
             (_, E::Heartbeat | E::Cancelled) => true,
+            (Phase::Collect, E::Refused { command, .. }) => {
+                state == S::Starting && command.as_str() == "job"
+            }
+            (Phase::Upload, E::Refused { command, .. }) => {
+                state == S::StartingUpload && command.as_str() == "upload"
+            }
             (Phase::Collect, E::Started { .. }) => state == S::Starting,
             (Phase::Collect, E::Progress { .. }) => state == S::Started,
             (Phase::Collect, E::Collected { .. } | E::Failed { .. }) => {
@@ -88,29 +95,31 @@ struct Driver {
     node: String,
 }
 
-/// Returns the session stream so the caller can hold it (the node's slot)
-/// until the whole task ends.
-pub(super) async fn drive(
-    ctx: Arc<TaskCtx>,
-    node: String,
-    mut session: SessionEvents,
-) -> SessionEvents {
-    let driver = Driver { ctx, node };
+/// Returns the session so the caller can hold it (the node's slot) until
+/// the whole task ends.
+pub(super) async fn drive(ctx: Arc<TaskCtx>, mut session: Session) -> Session {
+    let driver = Driver {
+        ctx,
+        node: session.node().to_string(),
+    };
     driver.run(&mut session).await;
     session
 }
 
 impl Driver {
-    async fn run(&self, session: &mut SessionEvents) {
+    async fn run(&self, session: &mut Session) {
         let ctx = &self.ctx;
-        let peers = &ctx.coordinator.peers;
+        // Shared with the pings (a `&Session` is not `Sync`: its reading
+        // half is the driver's alone).
+        let commands = session.commands().clone();
 
-        let Some(permit) = self.slot(&ctx.collect_slots).await else {
+        let Some(permit) = self.slot(&commands, &ctx.collect_slots).await else {
             return;
         };
-        let started = peers
-            .start_job(&self.node, &ctx.task_id, &ctx.collect)
-            .await;
+        let job = SessionCommand::Job {
+            parameters: ctx.collect.clone(),
+        };
+        let started = commands.send(&job).await;
         if let Some(state) = self.command_failed(started, "could not start the job") {
             return self.set(NodeStatus::failed(None, state));
         }
@@ -123,17 +132,14 @@ impl Driver {
             return;
         };
         self.set_state(NodeState::StartingUpload);
-        let Some(_permit) = self.slot(&ctx.upload_slots).await else {
+        let Some(_permit) = self.slot(&commands, &ctx.upload_slots).await else {
             return;
         };
-        let started = peers
-            .start_upload(
-                &self.node,
-                &ctx.task_id,
-                &destination.base_url,
-                ctx.upload_proxy.as_ref(),
-            )
-            .await;
+        let upload = SessionCommand::Upload {
+            base_url: destination.base_url.clone(),
+            proxy: ctx.upload_proxy.as_ref().map(|p| p.given.clone()),
+        };
+        let started = commands.send(&upload).await;
         if let Some(reason) = self.command_failed(started, "could not start the upload") {
             self.update(NodeEvent::UploadFailed {
                 url: destination.base_url.clone(),
@@ -148,40 +154,38 @@ impl Driver {
     /// Wait for a slot of `slots`, unless the task is cancelled first:
     /// then the node drops what it holds (a collected artifact waiting for
     /// its upload), is marked cancelled, and `None` is returned.
-    async fn slot<'a>(&self, slots: &'a Semaphore) -> Option<SemaphorePermit<'a>> {
+    async fn slot<'a>(
+        &self,
+        commands: &SessionCommands,
+        slots: &'a Semaphore,
+    ) -> Option<SemaphorePermit<'a>> {
         let ctx = &self.ctx;
         let permit = tokio::select! {
             permit = slots.acquire() => permit.ok(),
             _ = ctx.cancel.cancelled() => None,
         };
         if permit.is_none() || ctx.cancel.is_cancelled() {
-            self.send_cancel().await;
+            self.send_cancel(commands).await;
             self.set_state(NodeState::Cancelled);
             return None;
         }
         permit
     }
 
-    /// A command's error as a reason, or `None` if it was accepted.
+    /// A command's error as a reason, or `None` if it went out. (Whether
+    /// the node carries it out, it says on the session: the command's
+    /// first event, or a `refused`.)
     fn command_failed(&self, result: Result<(), PeerError>, what: &str) -> Option<String> {
-        result.err().map(|e| match e.status() {
-            // The node let go of the session: we were silent past its
-            // lease (this process was stalled), or it restarted.
-            Some(reqwest::StatusCode::NOT_FOUND) => format!(
-                "{what}: {} no longer holds this task's session (it lets go of a coordinator it has not heard from for {})",
-                self.node,
-                secs(self.ctx.coordinator.lease())
-            ),
-            _ => format!("{what}: {e}"),
-        })
+        result.err().map(|e| format!("{what}: {e}"))
     }
 
     /// Apply the node's events until one ends `phase` (or contact is
     /// lost, or a cancel is confirmed, or the node breaks the protocol,
     /// or the phase outlasts its limit). Returns the node's state after
     /// the phase.
-    async fn follow(&self, session: &mut SessionEvents, phase: Phase) -> Option<NodeState> {
+    async fn follow(&self, session: &mut Session, phase: Phase) -> Option<NodeState> {
         let ctx = &self.ctx;
+        let commands = session.commands().clone();
         let (limit, setting) = phase.limit(&ctx.coordinator.phase_limits);
         let phase_deadline = Instant::now() + limit;
         // A live node sends a heartbeat every interval; three missed is dead.
@@ -201,7 +205,7 @@ impl Driver {
             let next = tokio::select! {
                 next = tokio::time::timeout(wait, session.next()) => next,
                 _ = ctx.cancel.cancelled(), if cancel_deadline.is_none() => {
-                    self.send_cancel().await;
+                    self.send_cancel(&commands).await;
                     cancel_deadline = Some(Instant::now() + CANCEL_CONFIRM);
                     continue;
                 }
@@ -216,7 +220,7 @@ impl Driver {
                         secs(limit)
                     );
                     tracing::warn!(task = %ctx.task_id, node = %self.node, "{why}");
-                    self.send_cancel().await;
+                    self.send_cancel(&commands).await;
                     return Some(self.fail(matches!(phase, Phase::Upload), why));
                 }
             };
@@ -232,7 +236,15 @@ impl Driver {
             };
             let lost = match next {
                 Ok(Some(Ok(event))) if !phase.allows(state, &event) => {
-                    return Some(self.broke_protocol(phase, state, &event).await);
+                    return Some(self.broke_protocol(&commands, phase, state, &event).await);
+                }
+                Ok(Some(Ok(NodeEvent::Refused { command, message }))) => {
+                    let what = match phase {
+                        Phase::Collect => "could not start the job",
+                        Phase::Upload => "could not start the upload",
+                    };
+                    let why = format!("{what}: {} refused `{command}`: {message}", self.node);
+                    return Some(self.fail(matches!(phase, Phase::Upload), why));
                 }
                 Ok(Some(Ok(event))) => {
                     let due = progress_applied.is_none_or(|t| t.elapsed() >= PROGRESS_MIN);
@@ -286,7 +298,13 @@ impl Driver {
     /// The node sent `event`, which its `state` in `phase` does not allow:
     /// it fails (its upload, in the upload phase) with the reason, and is
     /// told to stop what it runs. Nothing of the event is applied.
-    async fn broke_protocol(&self, phase: Phase, state: NodeState, event: &NodeEvent) -> NodeState {
+    async fn broke_protocol(
+        &self,
+        commands: &SessionCommands,
+        phase: Phase,
+        state: NodeState,
+        event: &NodeEvent,
+    ) -> NodeState {
         let ctx = &self.ctx;
         let why = format!(
             "{} broke the node-to-node protocol: it sent `{}` while `{}`",
@@ -295,21 +313,15 @@ impl Driver {
             state.as_str()
         );
         tracing::warn!(task = %ctx.task_id, node = %self.node, "{why}");
-        self.send_cancel().await;
+        self.send_cancel(commands).await;
         self.fail(matches!(phase, Phase::Upload), why)
     }
 
     /// Ask the node to stop whatever it runs (a failure is logged: the
     /// job dies with the session anyway).
-    async fn send_cancel(&self) {
-        let ctx = &self.ctx;
-        if let Err(e) = ctx
-            .coordinator
-            .peers
-            .cancel_job(&self.node, &ctx.task_id)
-            .await
-        {
-            tracing::warn!(task = %ctx.task_id, node = %self.node, "cancel request failed: {e}");
+    async fn send_cancel(&self, commands: &SessionCommands) {
+        if let Err(e) = commands.send(&SessionCommand::Cancel).await {
+            tracing::warn!(task = %self.ctx.task_id, node = %self.node, "cancel request failed: {e}");
         }
     }
 

@@ -22,6 +22,7 @@ mod driver;
 pub mod events;
 pub mod peers;
 pub mod runtime;
+pub mod session;
 mod store;
 pub mod task;
 
@@ -35,12 +36,21 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{CoordinatorSettings, PhaseLimits};
 use crate::protocol::{CollectParameters, OpenSession, TaskId};
 use crate::upload::{self, Destination, Proxy, UploadPolicy};
-use peers::{PeerError, Peers, SessionEvents};
+use peers::{PeerError, Peers};
+use session::{Session, SessionCommands};
 use store::TaskStore;
 use task::{NodeState, NodeStatus, TaskState, TaskStatus};
 
 /// Most session closes in flight at once at a task's end.
 const CLOSES_IN_FLIGHT: usize = 512;
+/// Most session opens in flight at once at a task's start. An open holds
+/// an HTTP client connection's buffers and channels (about 21 KiB) until
+/// its node answers: ten thousand at once were two thirds of a
+/// coordinator's peak memory, with no start the faster for it. A node
+/// that does not answer holds its place for the peer timeout, so more
+/// than this many hung nodes make a start take a peer timeout more per
+/// this many.
+const OPENS_IN_FLIGHT: usize = 1024;
 
 /// Which nodes to collect from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,21 +224,19 @@ impl Coordinator {
         self.heartbeat() * 3 + Duration::from_secs(1)
     }
 
-    /// Close task `task_id`'s sessions on `nodes`: a node hears at once
-    /// that the task ended and releases its slot. At most
+    /// Close task `task_id`'s `sessions`: a node hears at once that the
+    /// task ended, releases its slot, then closes the connection. At most
     /// [`CLOSES_IN_FLIGHT`] at a time (ten thousand at once were 50 MiB of
     /// a coordinator's peak memory), and all within one peer timeout, as
-    /// when they all went at once: a close that has not gone out by then
-    /// is left to the session stream's drop, which the node sees as its
-    /// stream reset at the latest when it next writes to it (a heartbeat).
-    async fn close_sessions(&self, task_id: &TaskId, nodes: impl Iterator<Item = &String>) {
+    /// when they all went at once: a session not closed by then is
+    /// dropped, its connection closed, which a node takes as the end of
+    /// its session too.
+    async fn close_sessions(&self, task_id: &TaskId, sessions: Vec<Session>) {
         use futures::StreamExt;
-        // Owned names: with closures over `&String`, the spawned task's
-        // future is not general enough over lifetimes for the compiler.
-        let nodes: Vec<String> = nodes.cloned().collect();
-        let closes = futures::stream::iter(nodes)
-            .map(|node| async move {
-                if let Err(e) = self.peers.close_session(&node, task_id).await {
+        let closes = futures::stream::iter(sessions)
+            .map(|session| async move {
+                let node = session.node().to_string();
+                if let Err(e) = session.close().await {
                     tracing::debug!(%node, "closing session: {e}");
                 }
             })
@@ -291,36 +299,47 @@ impl Coordinator {
 
         let task_id = TaskId::random();
         // Every node answers within the peer timeout, or is reported as
-        // not answering: a hung node never holds up the start. Each node
-        // hears from us every heartbeat interval from the moment its
-        // session opens (its lease runs from then), until the task ends.
+        // not answering: a hung node holds up the start no longer than
+        // that ([`OPENS_IN_FLIGHT`] aside). Each node hears from us every
+        // heartbeat interval from the moment its session opens (its lease
+        // runs from then), until the task ends.
         let pings = CancellationToken::new();
         let refused = pings.clone().drop_guard();
         let collects: BTreeSet<&String> = chosen.iter().collect();
-        let opened = futures::future::join_all(self.peers.names().map(|node| {
-            let open = OpenSession {
-                task_id: task_id.clone(),
-                coordinator: self.me.clone(),
-                lease_ms: Some(self.lease().as_millis() as u64),
-                collects: collects.contains(node),
-            };
-            let pings = pings.clone();
-            async move {
-                let opened = self.peers.open_session(node, &open).await;
-                if opened.is_ok() {
-                    tokio::spawn(ping_until(
-                        self.clone(),
-                        node.clone(),
-                        open.task_id.clone(),
-                        pings,
-                    ));
+        // Owned names: with closures over `&String`, the future is not
+        // general enough over lifetimes to be spawned.
+        let nodes: Vec<(String, bool)> = self
+            .peers
+            .names()
+            .map(|node| (node.clone(), collects.contains(node)))
+            .collect();
+        use futures::StreamExt;
+        let opened: Vec<_> = futures::stream::iter(nodes)
+            .map(|(node, collects)| {
+                let open = OpenSession {
+                    task_id: task_id.clone(),
+                    coordinator: self.me.clone(),
+                    lease_ms: Some(self.lease().as_millis() as u64),
+                    collects,
+                };
+                let pings = pings.clone();
+                async move {
+                    let opened = self.peers.open_session(&node, &open).await;
+                    if let Ok(session) = &opened {
+                        tokio::spawn(ping_until(
+                            session.commands().clone(),
+                            self.heartbeat(),
+                            pings,
+                        ));
+                    }
+                    (node, opened)
                 }
-                (node.clone(), opened)
-            }
-        }))
-        .await;
+            })
+            .buffer_unordered(OPENS_IN_FLIGHT)
+            .collect()
+            .await;
 
-        let mut sessions: BTreeMap<String, SessionEvents> = BTreeMap::new();
+        let mut sessions: BTreeMap<String, Session> = BTreeMap::new();
         let mut unreachable: BTreeMap<String, String> = BTreeMap::new();
         let mut cannot_collect = Vec::new();
         let mut busy = false;
@@ -346,9 +365,8 @@ impl Coordinator {
             // so no node still holds this start when its caller hears
             // (dropping a session releases it too, but only once the node
             // notices the closed connection).
-            let opened: Vec<String> = sessions.keys().cloned().collect();
-            drop(sessions);
-            self.close_sessions(&task_id, opened.iter()).await;
+            self.close_sessions(&task_id, sessions.into_values().collect())
+                .await;
             if busy {
                 return Err(StartError::AlreadyRunning);
             }
@@ -542,58 +560,61 @@ impl Coordinator {
 }
 
 /// Drive every chosen node to a final state, then end the task and release
-/// every session (the cluster lock) by dropping them.
+/// every session (the cluster lock).
 async fn run_task(
     ctx: Arc<TaskCtx>,
     chosen: Vec<String>,
-    mut sessions: BTreeMap<String, SessionEvents>,
+    mut sessions: BTreeMap<String, Session>,
     ended: watch::Sender<bool>,
     pings: CancellationToken,
 ) {
-    let holders: Vec<String> = sessions.keys().cloned().collect();
     let mut drivers = Vec::new();
     for node in &chosen {
         if let Some(session) = sessions.remove(node) {
-            drivers.push(tokio::spawn(driver::drive(
-                ctx.clone(),
-                node.clone(),
-                session,
-            )));
+            drivers.push(tokio::spawn(driver::drive(ctx.clone(), session)));
         }
     }
     let idle = CancellationToken::new();
     // Nodes not chosen only hold the lock: keep reading their heartbeats
-    // so their streams never stall, until the task ends.
-    for (node, mut session) in sessions {
-        let idle = idle.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = idle.cancelled() => {}
-                _ = async { while let Some(Ok(_)) = session.next().await {} } => {
-                    tracing::debug!(%node, "idle session ended early");
+    // so their connections never stall, until the task ends.
+    let holders: Vec<_> = sessions
+        .into_values()
+        .map(|mut session| {
+            let idle = idle.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = idle.cancelled() => {}
+                    _ = async { while let Some(Ok(_)) = session.next().await {} } => {
+                        tracing::debug!(node = %session.node(), "idle session ended early");
+                    }
                 }
-            }
-        });
-    }
-    let mut streams = Vec::new();
+                session
+            })
+        })
+        .collect();
+    let mut ended_sessions = Vec::new();
     for d in drivers {
         match d.await {
-            Ok(stream) => streams.push(stream),
+            Ok(session) => ended_sessions.push(session),
             Err(e) => tracing::error!(task = %ctx.task_id, "node driver failed: {e}"),
+        }
+    }
+    idle.cancel();
+    for holder in holders {
+        match holder.await {
+            Ok(session) => ended_sessions.push(session),
+            Err(e) => tracing::error!(task = %ctx.task_id, "idle session failed: {e}"),
         }
     }
 
     // Release every node's slot before reporting the end, so that a start
     // following our "completed" is never refused by a node still holding
-    // this task. (Dropping the streams would release them too, but only
-    // once each node notices the closed connection.)
+    // this task.
     let coordinator = &ctx.coordinator;
-    coordinator
-        .close_sessions(&ctx.task_id, holders.iter())
-        .await;
-    idle.cancel();
     pings.cancel();
-    drop(streams);
+    coordinator
+        .close_sessions(&ctx.task_id, ended_sessions)
+        .await;
 
     let state = if ctx.cancel.is_cancelled() {
         TaskState::Cancelled
@@ -619,16 +640,10 @@ async fn run_task(
     tracing::info!(task = %ctx.task_id, status = state.as_str(), "collection ended");
 }
 
-/// Ping `node` every heartbeat interval until `done`: one ping at a time,
-/// each bounded by the peer timeout, so a hung node costs one request.
-async fn ping_until(
-    coordinator: Arc<Coordinator>,
-    node: String,
-    task_id: TaskId,
-    done: CancellationToken,
-) {
-    let peers = &coordinator.peers;
-    let mut every = tokio::time::interval(coordinator.heartbeat());
+/// Ping a session's node every heartbeat interval until `done`: one
+/// ping at a time, each bounded by the peer timeout.
+async fn ping_until(commands: SessionCommands, every: Duration, done: CancellationToken) {
+    let mut every = tokio::time::interval(every);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     every.tick().await; // the first tick is now: the session just opened
     loop {
@@ -638,9 +653,10 @@ async fn ping_until(
         }
         tokio::select! {
             _ = done.cancelled() => return,
-            result = peers.ping(&node, &task_id) => {
+            result = commands.send(&crate::protocol::SessionCommand::Ping) => {
                 if let Err(e) = result {
-                    tracing::debug!(task = %task_id, %node, "ping: {e}");
+                    tracing::debug!("ping: {e}");
+                    return;
                 }
             }
         }

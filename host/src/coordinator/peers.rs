@@ -11,23 +11,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::StreamExt;
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
-use tokio_util::codec::{FramedRead, LinesCodec};
-use tokio_util::io::StreamReader;
 
+use super::session::Session;
 use crate::protocol::{
-    Busy, CANCEL_TASK_PATH, CollectParameters, LATEST_TASK_PATH, LowDisk, NodeEvent, OpenSession,
-    SESSIONS_PATH, SETTINGS_PATH, StartJob, StartUpload,
+    Busy, CANCEL_TASK_PATH, LATEST_TASK_PATH, LowDisk, OpenSession, SESSION_PROTOCOL,
+    SESSIONS_PATH, SETTINGS_PATH,
 };
 use crate::tls::TlsContext;
-use crate::upload::Proxy;
 
-/// Longest event line accepted from a node.
-const MAX_EVENT_LINE: usize = 1 << 20;
-/// What a session's line buffer starts with (not the default 8 KiB).
-const EVENT_BUFFER: usize = 512;
 /// Longest error body read from a node.
 const MAX_ERROR_BODY: usize = 16 * 1024;
 /// Pooled connections are dropped after this long unused: shorter than
@@ -60,6 +54,11 @@ pub enum PeerError {
     },
     #[error("{0} is not a node of this cluster")]
     UnknownNode(String),
+    #[error(
+        "{node} does not speak this node's session protocol ({SESSION_PROTOCOL}): {what}; \
+         run the same autocollect version on every node"
+    )]
+    OtherVersion { node: String, what: String },
 }
 
 impl PeerError {
@@ -90,8 +89,8 @@ pub fn secs(d: Duration) -> String {
 /// Addresses of the cluster's nodes, this node's name and the secret
 /// that signs every request.
 pub struct Peers {
-    /// The HTTP client and the TLS generation it was built for.
-    client: std::sync::Mutex<(u64, reqwest::Client)>,
+    /// The HTTP clients and the TLS generation they were built for.
+    clients: std::sync::Mutex<Clients>,
     tls: Option<Arc<TlsContext>>,
     secret: String,
     me: String,
@@ -100,28 +99,15 @@ pub struct Peers {
     timeout: Duration,
 }
 
-/// A node's event stream for one session. Dropping it ends the session.
-pub struct SessionEvents {
-    node: String,
-    lines: Box<dyn Stream<Item = Result<String, String>> + Send + Unpin>,
-}
-
-impl SessionEvents {
-    /// The next event; `None` when the node closed the stream. An error
-    /// says, in the node's name, what broke.
-    pub async fn next(&mut self) -> Option<Result<NodeEvent, String>> {
-        let line = self.lines.next().await?;
-        Some(match line {
-            Ok(l) => serde_json::from_str(&l).map_err(|e| {
-                format!(
-                    "{} sent an event this node does not understand ({e}): {:?}",
-                    self.node,
-                    l.chars().take(200).collect::<String>()
-                )
-            }),
-            Err(e) => Err(format!("the connection to {} broke: {e}", self.node)),
-        })
-    }
+/// The clients a node's requests to other nodes go out on.
+#[derive(Clone)]
+struct Clients {
+    /// The TLS generation they were built for.
+    generation: u64,
+    /// HTTP/2, for short requests: one pooled connection per node.
+    requests: reqwest::Client,
+    /// HTTP/1.1, for sessions: each upgraded to a connection of its own.
+    sessions: reqwest::Client,
 }
 
 impl Peers {
@@ -135,9 +121,9 @@ impl Peers {
         connect_timeout: Duration,
         timeout: Duration,
     ) -> anyhow::Result<Peers> {
-        let (generation, client) = build_client(tls.as_deref(), connect_timeout)?;
+        let clients = build_clients(tls.as_deref(), connect_timeout)?;
         Ok(Peers {
-            client: std::sync::Mutex::new((generation, client)),
+            clients: std::sync::Mutex::new(clients),
             tls,
             secret: secret.to_string(),
             me: me.to_string(),
@@ -165,22 +151,22 @@ impl Peers {
         self.timeout
     }
 
-    /// The client for the current TLS configuration (rebuilt after a
-    /// SIGHUP reload; requests in flight keep the one they started with).
-    fn client(&self) -> reqwest::Client {
-        let mut current = self.client.lock().unwrap();
+    /// The clients for the current TLS configuration (rebuilt after a
+    /// SIGHUP reload; requests in flight keep the ones they started with).
+    fn clients(&self) -> Clients {
+        let mut current = self.clients.lock().unwrap();
         if let Some(tls) = &self.tls
-            && tls.client_config().1 != current.0
+            && tls.client_config().1 != current.generation
         {
-            match build_client(Some(tls), self.connect_timeout) {
+            match build_clients(Some(tls), self.connect_timeout) {
                 Ok(fresh) => *current = fresh,
                 Err(e) => tracing::error!("keeping the previous client for other nodes: {e:#}"),
             }
         }
-        current.1.clone()
+        current.clone()
     }
 
-    /// A signed request to `node`.
+    /// A signed request to `node`, over HTTP/2.
     fn request(
         &self,
         method: Method,
@@ -188,15 +174,28 @@ impl Peers {
         path_and_query: &str,
         body: Option<Vec<u8>>,
     ) -> Result<reqwest::RequestBuilder, PeerError> {
+        let client = self.clients().requests;
+        self.signed(&client, method, node, path_and_query, body)
+            .map(|(request, _nonce)| request)
+    }
+
+    /// A request to `node` on `client`, signed; and its nonce.
+    fn signed(
+        &self,
+        client: &reqwest::Client,
+        method: Method,
+        node: &str,
+        path_and_query: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(reqwest::RequestBuilder, String), PeerError> {
         let address = self
             .address(node)
             .ok_or_else(|| PeerError::UnknownNode(node.to_string()))?;
         let body = body.unwrap_or_default();
         let signed = crate::peer_auth::sign(&self.secret, &self.me, &method, path_and_query, &body);
+        let nonce = crate::peer_auth::nonce_of(&signed).to_string();
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let mut request = self
-            .client()
-            .request(method, format!("{scheme}://{address}{path_and_query}"));
+        let mut request = client.request(method, format!("{scheme}://{address}{path_and_query}"));
         for (name, value) in signed {
             request = request.header(name, value);
         }
@@ -205,7 +204,7 @@ impl Peers {
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(body);
         }
-        Ok(request)
+        Ok((request, nonce))
     }
 
     fn json<T: Serialize>(
@@ -218,97 +217,88 @@ impl Peers {
         self.request(Method::POST, node, path, Some(body))
     }
 
-    /// Open a session: the node's slot is ours until the stream is dropped.
-    /// The node must answer within the peer timeout.
-    pub async fn open_session(
-        &self,
-        node: &str,
-        req: &OpenSession,
-    ) -> Result<SessionEvents, PeerError> {
-        let request = self.json(node, SESSIONS_PATH, req)?;
-        let response = match tokio::time::timeout(self.timeout, request.send()).await {
-            Ok(sent) => sent.map_err(|e| self.transport(node, e))?,
+    /// Open a session: the node's slot is ours until the session is
+    /// dropped or closed. The node must answer, and the connection be
+    /// upgraded, within the peer timeout.
+    pub async fn open_session(&self, node: &str, req: &OpenSession) -> Result<Session, PeerError> {
+        let body = serde_json::to_vec(req).expect("protocol types serialize");
+        let client = self.clients().sessions;
+        let (request, nonce) =
+            self.signed(&client, Method::POST, node, SESSIONS_PATH, Some(body))?;
+        let request = request
+            .header(reqwest::header::CONNECTION, "upgrade")
+            .header(reqwest::header::UPGRADE, SESSION_PROTOCOL);
+        let opened = async {
+            let response = request.send().await.map_err(|e| self.transport(node, e))?;
+            self.upgraded(node, response).await
+        };
+        let connection = match tokio::time::timeout(self.timeout, opened).await {
+            Ok(opened) => opened?,
             Err(_) => return Err(self.no_answer(node)),
         };
+        Ok(Session::new(
+            node,
+            connection,
+            &self.secret,
+            &nonce,
+            self.timeout,
+        ))
+    }
+
+    /// The connection of a session the node took, or why it did not.
+    async fn upgraded(
+        &self,
+        node: &str,
+        response: reqwest::Response,
+    ) -> Result<reqwest::Upgraded, PeerError> {
+        let other_version = |what: String| PeerError::OtherVersion {
+            node: node.to_string(),
+            what,
+        };
+        let upgrade = response
+            .headers()
+            .get(reqwest::header::UPGRADE)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
         match response.status() {
-            StatusCode::OK => {}
+            StatusCode::SWITCHING_PROTOCOLS if upgrade.as_deref() == Some(SESSION_PROTOCOL) => {
+                response.upgrade().await.map_err(|e| PeerError::Broken {
+                    node: node.to_string(),
+                    reason: crate::client::error_chain(&e),
+                })
+            }
+            StatusCode::SWITCHING_PROTOCOLS => Err(other_version(format!(
+                "it switched to {}",
+                upgrade.as_deref().unwrap_or("no named protocol")
+            ))),
+            StatusCode::UPGRADE_REQUIRED => Err(other_version(format!(
+                "it speaks {}",
+                upgrade.as_deref().unwrap_or("another one")
+            ))),
             StatusCode::CONFLICT => {
                 let busy = self
                     .read_json::<Busy>(node, response, MAX_SMALL_ANSWER)
                     .await?;
-                return Err(PeerError::Busy {
+                Err(PeerError::Busy {
                     node: node.to_string(),
                     busy,
-                });
+                })
             }
             StatusCode::INSUFFICIENT_STORAGE => {
                 let low = self
                     .read_json::<LowDisk>(node, response, MAX_SMALL_ANSWER)
                     .await?;
-                return Err(PeerError::LowDisk {
+                Err(PeerError::LowDisk {
                     node: node.to_string(),
                     message: low.message,
-                });
+                })
             }
-            status => return Err(self.rejected(node, status, response).await),
+            // A node from before sessions were upgraded answers with its
+            // event stream instead.
+            status if status.is_success() => Err(other_version(format!(
+                "it answered {status} without switching protocols (an older version?)"
+            ))),
+            status => Err(self.rejected(node, status, response).await),
         }
-        let bytes = response
-            .bytes_stream()
-            .map_err(|e| std::io::Error::other(innermost(&e)));
-        // Event lines are short: a small buffer to start with (it grows
-        // for a long one), as a coordinator holds one per node.
-        let lines = FramedRead::with_capacity(
-            StreamReader::new(bytes),
-            LinesCodec::new_with_max_length(MAX_EVENT_LINE),
-            EVENT_BUFFER,
-        )
-        .map_err(|e| e.to_string());
-        Ok(SessionEvents {
-            node: node.to_string(),
-            lines: Box::new(lines),
-        })
-    }
-
-    pub async fn start_job(
-        &self,
-        node: &str,
-        task_id: &str,
-        parameters: &CollectParameters,
-    ) -> Result<(), PeerError> {
-        let path = format!("{SESSIONS_PATH}/{task_id}/job");
-        let body = StartJob {
-            parameters: parameters.clone(),
-        };
-        self.command(node, self.json(node, &path, &body)?)
-            .await
-            .map(drop)
-    }
-
-    /// Upload what the node collected to `base_url` + its file name.
-    pub async fn start_upload(
-        &self,
-        node: &str,
-        task_id: &str,
-        base_url: &str,
-        proxy: Option<&Proxy>,
-    ) -> Result<(), PeerError> {
-        let path = format!("{SESSIONS_PATH}/{task_id}/upload");
-        let body = StartUpload {
-            base_url: base_url.to_string(),
-            proxy: proxy.map(|p| p.given.clone()),
-        };
-        self.command(node, self.json(node, &path, &body)?)
-            .await
-            .map(drop)
-    }
-
-    /// End a session: the node releases its slot (cancelling any job).
-    pub async fn close_session(&self, node: &str, task_id: &str) -> Result<(), PeerError> {
-        self.session_command(node, task_id, "close").await
-    }
-
-    pub async fn cancel_job(&self, node: &str, task_id: &str) -> Result<(), PeerError> {
-        self.session_command(node, task_id, "cancel").await
     }
 
     /// Whether `node` answers its `/health` within `deadline` (for
@@ -321,22 +311,6 @@ impl Peers {
                 .is_ok(),
             Err(_) => false,
         }
-    }
-
-    /// Tell the node we are still here (renews the session's lease).
-    pub async fn ping(&self, node: &str, task_id: &str) -> Result<(), PeerError> {
-        self.session_command(node, task_id, "ping").await
-    }
-
-    async fn session_command(
-        &self,
-        node: &str,
-        task_id: &str,
-        verb: &str,
-    ) -> Result<(), PeerError> {
-        let path = format!("{SESSIONS_PATH}/{task_id}/{verb}");
-        let request = self.request(Method::POST, node, &path, None)?;
-        self.command(node, request).await.map(drop)
     }
 
     /// The latest task as the coordinator `node` sees it (status forwarded
@@ -573,29 +547,38 @@ impl Peers {
     }
 }
 
-/// A client for node-to-node requests, and the TLS generation it uses.
-fn build_client(
-    tls: Option<&TlsContext>,
-    connect_timeout: Duration,
-) -> anyhow::Result<(u64, reqwest::Client)> {
-    // HTTP/2 only: one connection per node carries the session stream,
-    // commands and pings as streams (HTTP/1.1 needs a connection for each
-    // request in flight). Over TLS the connection negotiates
+/// The clients for node-to-node requests and sessions.
+fn build_clients(tls: Option<&TlsContext>, connect_timeout: Duration) -> anyhow::Result<Clients> {
+    let builder = || {
+        reqwest::Client::builder()
+            .connect_timeout(connect_timeout)
+            .pool_idle_timeout(POOL_IDLE)
+            .tcp_nodelay(true)
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+    };
+    // Short requests: HTTP/2 only, so that requests in flight at once to
+    // a node share one connection. Over TLS the connection negotiates
     // `tls::PEER_ALPN`; over plain HTTP it starts with HTTP/2's preface.
-    let mut builder = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .connect_timeout(connect_timeout)
-        .pool_idle_timeout(POOL_IDLE)
-        .tcp_nodelay(true)
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none());
+    let mut requests = builder().http2_prior_knowledge();
+    // Sessions: HTTP/1.1, whose connection the node upgrades to the
+    // session's own (an HTTP/2 connection would hold its buffers and
+    // tables for the whole task, 38 KiB a node).
+    let mut sessions = builder().http1_only().pool_max_idle_per_host(0);
     let mut generation = 0;
     if let Some(tls) = tls {
         let (config, g) = tls.client_config();
         generation = g;
-        builder = builder.use_preconfigured_tls((*config).clone());
+        requests = requests.use_preconfigured_tls((*config).clone());
+        let mut http1 = (*config).clone();
+        http1.alpn_protocols = vec![b"http/1.1".to_vec()];
+        sessions = sessions.use_preconfigured_tls(http1);
     }
-    Ok((generation, builder.build()?))
+    Ok(Clients {
+        generation,
+        requests: requests.build()?,
+        sessions: sessions.build()?,
+    })
 }
 
 /// The message of a field-keyed JSON error (`{"_": "..."}`), else the
@@ -615,18 +598,6 @@ fn error_message(body: &[u8]) -> String {
             .join("; "),
         Err(_) => String::from_utf8_lossy(body).trim().to_string(),
     }
-}
-
-/// The deepest cause of `e`: what actually happened ("connection closed
-/// before message completed"), not "error decoding response body".
-fn innermost(e: &reqwest::Error) -> String {
-    let mut message = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        message = s.to_string();
-        source = s.source();
-    }
-    message
 }
 
 fn io_kind(e: &reqwest::Error) -> Option<std::io::ErrorKind> {
@@ -668,7 +639,10 @@ mod tests {
             Duration::from_secs(1),
         )
         .unwrap();
-        let e = peers.cancel_job("n9", "t").await.unwrap_err();
+        let e = peers
+            .push_settings("n9", &Default::default())
+            .await
+            .unwrap_err();
         assert_eq!(e.to_string(), "n9 is not a node of this cluster");
     }
 }

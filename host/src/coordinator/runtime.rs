@@ -6,8 +6,8 @@
 //! worth of that queued every status request behind it: single answers
 //! took up to half a second while the jobs started (`BENCHMARKS.md`,
 //! "The coordinator on its own threads"). So a start, and everything it
-//! spawns (the sessions, pings, drivers, and the HTTP/2 connections to
-//! the nodes), runs here instead, and the API's threads stay free to
+//! spawns (the sessions and their connections, pings and drivers), runs
+//! here instead, and the API's threads stay free to
 //! answer.
 //!
 //! Half the cores, at least one: the rest serve the API and run this

@@ -281,7 +281,8 @@ impl TaskStatus {
         let entry = self.per_node.get_mut(node)?;
         let before = entry.status;
         match event {
-            NodeEvent::Heartbeat => {}
+            // Handled by the driver, which says what was refused.
+            NodeEvent::Heartbeat | NodeEvent::Refused { .. } => {}
             NodeEvent::Started { plugin } => {
                 entry.status = NodeState::Started;
                 entry.plugins.extend(plugin.clone());

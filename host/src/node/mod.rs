@@ -33,7 +33,7 @@ use crate::upload::{Destination, Proxy, UploadPolicy};
 use storage::{Kept, Storage};
 
 pub use plugins::{ActivePlugins, PluginSet};
-pub use stream::SessionStream;
+pub use stream::{SessionStream, event_line};
 
 /// How this node runs the plugin of one role.
 pub struct Role<P> {
@@ -259,7 +259,13 @@ impl NodeService {
         });
         self.idle.send_replace(false);
         tokio::spawn(self.clone().watch_lease(id));
-        Ok(SessionStream::new(self.clone(), id, rx, self.heartbeat))
+        Ok(SessionStream::new(
+            self.clone(),
+            id,
+            rx,
+            self.heartbeat,
+            lease,
+        ))
     }
 
     /// End session `id` when its coordinator falls silent for its lease.

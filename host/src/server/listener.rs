@@ -18,10 +18,13 @@
 //!   task and must finish within the header timeout; each connection
 //!   takes the server config current when it opened (a SIGHUP reload
 //!   affects new connections only).
-//! - **HTTP/2 between nodes only.** A node connects to another with HTTP/2
-//!   (over TLS it negotiates [`crate::tls::PEER_ALPN`]; over plain HTTP
-//!   it starts with HTTP/2's preface), so one connection carries a node's
-//!   session stream, commands and pings. An HTTP/2 connection is served
+//! - **HTTP/2 between nodes only.** A node sends its short requests to
+//!   another with HTTP/2 (over TLS it negotiates
+//!   [`crate::tls::PEER_ALPN`]; over plain HTTP it starts with HTTP/2's
+//!   preface), so they share one connection. A session is the exception:
+//!   its HTTP/1.1 request's connection is upgraded to the session's own
+//!   ([`crate::protocol`]), and leaves the accounting here once it is (a
+//!   node holds one session at a time). An HTTP/2 connection is served
 //!   node-to-node routes and `/health` only (anything else is answered
 //!   421): the public API stays one request per connection, as the caps
 //!   above count it. With mutual TLS, a client that asks for HTTP/2
@@ -543,7 +546,9 @@ impl Connection {
             Protocol::Http2 => builder.http2_only(),
             Protocol::Detect => builder,
         };
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        // A session's connection is upgraded (`api::session`): it then
+        // leaves this accounting, bounded by the session instead.
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
         tokio::pin!(connection);
         tokio::select! {
             result = &mut connection => {
