@@ -171,6 +171,8 @@ pub struct Metrics {
     pub auth_failures: Counter,
     throttled: [Counter; 3],
     pub connections_open: Gauge,
+    /// `[full, resumed]`.
+    tls_handshakes: [Counter; 2],
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -186,6 +188,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     auth_failures: Counter::default(),
     throttled: Default::default(),
     connections_open: Gauge::default(),
+    tls_handshakes: Default::default(),
 });
 
 /// This process's metrics.
@@ -214,6 +217,12 @@ impl Metrics {
 
     pub fn throttled(&self, why: Throttle) {
         self.throttled[why as usize].inc();
+    }
+
+    /// A TLS handshake the listener completed: a full one, or one that
+    /// resumed an earlier session (a ticket).
+    pub fn tls_handshake(&self, resumed: bool) {
+        self.tls_handshakes[usize::from(resumed)].inc();
     }
 
     /// Every metric in Prometheus' text format.
@@ -319,6 +328,17 @@ impl Metrics {
             "autocollect_throttled_requests_total",
             "Requests refused with 429 or 503 before they were served, by reason.",
             &labelled(&throttled),
+        );
+        counter(
+            "autocollect_tls_handshakes_total",
+            "TLS handshakes the listener completed, full or resumed from a session ticket.",
+            &labelled(&[
+                ("{kind=\"full\"}".to_string(), self.tls_handshakes[0].get()),
+                (
+                    "{kind=\"resumed\"}".to_string(),
+                    self.tls_handshakes[1].get(),
+                ),
+            ]),
         );
         let _ = writeln!(
             out,

@@ -370,7 +370,7 @@ pub struct PluginRef {
     pub wit_version: Option<String>,
 }
 
-/// One line of a session stream.
+/// One line of a session's events (node to coordinator).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "camelCase")]
 pub enum NodeEvent {

@@ -1,5 +1,5 @@
 //! A node in hostile hands (or a buggy one), as its coordinator sees it:
-//! the events on its session stream are checked against the protocol.
+//! the events on its session are checked against the protocol.
 //! A node cannot move its state back, report what its phase cannot have
 //! done, or grow the task by repeating itself: it is failed, with the
 //! reason, and told to stop. One that floods progress costs the
@@ -84,7 +84,7 @@ async fn open_session(State(fake): State<Fake>, mut request: Request) -> axum::r
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
-        tokio::spawn(async move {
+        let writer = tokio::spawn(async move {
             while let Some(event) = rx.recv().await {
                 let line = serde_json::to_string(&event).unwrap() + "\n";
                 if write.write_all(line.as_bytes()).await.is_err() {
@@ -92,6 +92,9 @@ async fn open_session(State(fake): State<Fake>, mut request: Request) -> axum::r
                 }
             }
         });
+        // Whatever ends the session (`close`, the coordinator gone), the
+        // connection closes with both its halves.
+        let _writer = AbortOnDrop(writer);
         let mut lines =
             tokio_util::codec::FramedRead::new(read, tokio_util::codec::LinesCodec::new());
         while let Some(Ok(line)) = lines.next().await {
@@ -117,6 +120,15 @@ async fn open_session(State(fake): State<Fake>, mut request: Request) -> axum::r
         .header("upgrade", SESSION_PROTOCOL)
         .body(Body::empty())
         .unwrap()
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn started() -> NodeEvent {

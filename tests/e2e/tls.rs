@@ -376,3 +376,34 @@ async fn certs_init_makes_a_ca_and_node_certificates_with_private_keys_kept_priv
     assert_eq!(run.code, 1);
     assert!(run.stderr.contains("expected NAME=HOST"), "{}", run.stderr);
 }
+
+/// A coordinator opens a connection to every node per task (the task's
+/// session). From its second task on, the TLS handshakes resume from
+/// session tickets instead of verifying and signing with certificates
+/// again: each node counts them in its metrics.
+#[tokio::test]
+async fn a_coordinators_next_task_resumes_its_tls_sessions_with_every_node() {
+    let c = cluster_on(&[on("n1", 1), on("n2", 2), on("n3", 3)], |_| {}).await;
+    let admin = c.admin("n1");
+    for _ in 0..2 {
+        let task = collect_once(&admin).await;
+        assert!(all_nodes(&task, NodeState::Collected), "{task:?}");
+    }
+    for node in ["n2", "n3"] {
+        let (status, body) = c
+            .reader(node)
+            .request(Method::GET, "/metrics", None, true)
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK);
+        let text = body.as_str().unwrap();
+        let resumed = text
+            .lines()
+            .find_map(|l| l.strip_prefix("autocollect_tls_handshakes_total{kind=\"resumed\"} "))
+            .unwrap_or_else(|| panic!("{node}: no resumed handshakes counted in\n{text}"));
+        assert!(
+            resumed.parse::<u64>().unwrap() >= 1,
+            "{node}: the second task's session did not resume:\n{text}"
+        );
+    }
+}

@@ -436,6 +436,9 @@ impl Connection {
         match accepted {
             Ok(Some(stream)) => {
                 let session = stream.get_ref().1;
+                crate::metrics::global().tls_handshake(
+                    session.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+                );
                 let cert = session
                     .peer_certificates()
                     .and_then(|chain| chain.first())

@@ -276,7 +276,7 @@ pub async fn serve(
         max_connections = limits.max_connections, peer_reserved = limits.peer_reserved,
         header_timeout = ?limits.header_timeout, "listening");
 
-    // Not a graceful shutdown: session streams never end by themselves,
+    // Not a graceful shutdown: sessions never end by themselves,
     // so we stop serving, then cancel and clean up.
     tokio::select! {
         _ = listener::serve(listener, app, limits, state.tls.clone(), std::future::pending()) => {}

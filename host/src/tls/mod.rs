@@ -167,9 +167,15 @@ pub fn public_roots() -> RootCertStore {
 /// The ALPN protocol a node asks for when it connects to another node:
 /// HTTP/2, under a name of our own, so that only nodes negotiate it (a
 /// public client offering `h2` still gets HTTP/1.1). One connection then
-/// carries a node's session stream, its commands and pings
-/// ([`crate::server::listener`] serves only node-to-node routes on it).
+/// carries a node's short requests to another (forwarded status, cancel
+/// and events, settings); [`crate::server::listener`] serves only
+/// node-to-node routes on it. Sessions go over `http/1.1`, upgraded.
 pub const PEER_ALPN: &[u8] = b"autocollect-peer/h2";
+
+/// How many nodes a node's client keeps a TLS session ticket for.
+const REMEMBERED_NODES: usize = 16_384;
+/// rustls's client cache counts 8 ticket slots per server.
+const TICKETS_PER_NODE_SLOTS: usize = 8;
 
 /// What the `[tls]` files make, at one moment.
 struct Loaded {
@@ -270,6 +276,16 @@ fn build(files: &TlsFiles) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>)> {
     // Other nodes negotiate HTTP/2 under a name of ours; every other
     // client (browsers, curl, couchbase-cli) gets HTTP/1.1.
     server.alpn_protocols = vec![PEER_ALPN.to_vec(), b"http/1.1".to_vec()];
+    // Resumption, for a coordinator's sessions: a new connection to
+    // each node per task. Tickets the clients keep, sealed with keys made
+    // here (in memory only, rotated every 6 hours, new with each reload,
+    // so a reload's new CA or certificate is never bypassed), rather than
+    // a server-side cache that other clients' connections empty. One
+    // ticket per connection: a coordinator uses one per connection, so it
+    // keeps one per node.
+    server.ticketer = rustls::crypto::ring::Ticketer::new()
+        .map_err(|e| anyhow!("making TLS session ticket keys: {e}"))?;
+    server.send_tls13_tickets = 1;
 
     let roots = match &files.ca_file {
         Some(path) => read_roots(path)?,
@@ -281,6 +297,12 @@ fn build(files: &TlsFiles) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>)> {
         .with_client_auth_cert(chain, key)
         .map_err(|e| anyhow!("cert_file {}: {e}", files.cert_file.display()))?;
     client.alpn_protocols = vec![PEER_ALPN.to_vec()];
+    // A ticket for every node of a large cluster (rustls's default
+    // remembers 32 servers, first in first out: at 128 nodes every
+    // session's connection made a full handshake). About a kilobyte per
+    // node remembered.
+    client.resumption =
+        rustls::client::Resumption::in_memory_sessions(REMEMBERED_NODES * TICKETS_PER_NODE_SLOTS);
     Ok((Arc::new(server), Arc::new(client)))
 }
 
