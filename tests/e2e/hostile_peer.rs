@@ -52,6 +52,17 @@ async fn send(
 
 const A_TASK: &str = "0123456789abcdef0123456789abcdef";
 
+/// A session request from n1 to n2, signed, for `task` with
+/// `coordinator` as its coordinator, as a plain request (no upgrade).
+async fn n1_asks_n2_for_a_session(
+    c: &TestCluster,
+    task: &str,
+    coordinator: &str,
+) -> (StatusCode, Value) {
+    let body = json!({"taskId": task, "coordinator": coordinator});
+    signed(c, "n2", "n1", Method::POST, "/internal/v1/sessions", &body).await
+}
+
 /// The latest task `node` coordinated itself (the node-to-node view,
 /// never forwarded), once `done` holds for it; long-polled.
 async fn own_task_of(
@@ -91,15 +102,7 @@ async fn a_task_id_from_a_peer_is_never_used_as_a_path() {
         "t1",
         "0123456789ABCDEF0123456789ABCDEF",
     ] {
-        let (status, body) = signed(
-            &c,
-            "n2",
-            "n1",
-            Method::POST,
-            "/internal/v1/sessions",
-            &json!({"taskId": bad, "coordinator": "n1"}),
-        )
-        .await;
+        let (status, body) = n1_asks_n2_for_a_session(&c, bad, "n1").await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
         let message = body["_"].as_str().unwrap();
         assert!(
@@ -154,17 +157,8 @@ async fn a_peers_wait_on_the_events_route_is_checked_before_use() {
 #[tokio::test]
 async fn a_session_must_be_asked_for_by_its_own_coordinator() {
     let c = cluster(&["n1", "n2"], |_| {}).await;
-    let open = |coordinator: &str| json!({"taskId": A_TASK, "coordinator": coordinator});
     for coordinator in ["evil", "n2"] {
-        let (status, body) = signed(
-            &c,
-            "n2",
-            "n1",
-            Method::POST,
-            "/internal/v1/sessions",
-            &open(coordinator),
-        )
-        .await;
+        let (status, body) = n1_asks_n2_for_a_session(&c, A_TASK, coordinator).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
         assert!(body["coordinator"].is_string(), "{body}");
     }
@@ -174,7 +168,7 @@ async fn a_session_must_be_asked_for_by_its_own_coordinator() {
         "evil",
         Method::POST,
         "/internal/v1/sessions",
-        &open("evil"),
+        &json!({"taskId": A_TASK, "coordinator": "evil"}),
     )
     .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
@@ -591,15 +585,7 @@ async fn a_forged_or_replayed_session_command_ends_the_session() {
 #[tokio::test]
 async fn a_session_in_another_protocol_is_refused_with_the_one_this_node_speaks() {
     let c = cluster(&["n1", "n2"], |_| {}).await;
-    let (status, body) = signed(
-        &c,
-        "n2",
-        "n1",
-        Method::POST,
-        "/internal/v1/sessions",
-        &json!({"taskId": A_TASK, "coordinator": "n1"}),
-    )
-    .await;
+    let (status, body) = n1_asks_n2_for_a_session(&c, A_TASK, "n1").await;
     assert_eq!(status, StatusCode::UPGRADE_REQUIRED, "{body}");
     let message = body["_"].as_str().unwrap();
     assert!(
