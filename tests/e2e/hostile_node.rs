@@ -415,3 +415,112 @@ async fn a_refused_job_and_an_older_node_fail_with_the_reason() {
         )
     );
 }
+
+/// How much a chatty node sent, and whether a write of it ever waited a
+/// second (its coordinator was not reading).
+struct Chatter {
+    sent: Arc<AtomicUsize>,
+    blocked: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A node that sends a 32 KiB heartbeat line every millisecond from the
+/// moment its session opens until it closes, and collects at once when
+/// told to. Its coordinator must read all of it: what it leaves unread
+/// backs up in the connection within a second, and a real node that
+/// cannot write for a lease lets go of its lock.
+async fn chatty_node() -> (SocketAddr, Chatter) {
+    let chatter = Chatter {
+        sent: Arc::default(),
+        blocked: Arc::default(),
+    };
+    let (sent, blocked) = (chatter.sent.clone(), chatter.blocked.clone());
+    let app = Router::new().route(
+        "/internal/v1/sessions",
+        post(move |mut request: Request| {
+            let (sent, blocked) = (sent.clone(), blocked.clone());
+            async move {
+                let upgrade = request
+                    .extensions_mut()
+                    .remove::<hyper::upgrade::OnUpgrade>()
+                    .expect("HTTP/1.1");
+                tokio::spawn(async move {
+                    let connection = hyper_util::rt::TokioIo::new(upgrade.await.unwrap());
+                    let (read, mut write) = tokio::io::split(connection);
+                    let (tx, mut rx) = mpsc::unbounded_channel::<NodeEvent>();
+                    let padding = "x".repeat(32 << 10);
+                    let chatter = tokio::spawn(async move {
+                        loop {
+                            let mut lines = String::new();
+                            while let Ok(event) = rx.try_recv() {
+                                lines += &(serde_json::to_string(&event).unwrap() + "\n");
+                            }
+                            lines +=
+                                &format!("{{\"event\":\"heartbeat\",\"padding\":\"{padding}\"}}\n");
+                            let write = write.write_all(lines.as_bytes());
+                            match tokio::time::timeout(Duration::from_secs(1), write).await {
+                                Ok(Ok(())) => sent.fetch_add(lines.len(), Ordering::SeqCst),
+                                Ok(Err(_)) => return,
+                                Err(_) => return blocked.store(true, Ordering::SeqCst),
+                            };
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    });
+                    let _chatter = AbortOnDrop(chatter);
+                    let mut lines = tokio_util::codec::FramedRead::new(
+                        read,
+                        tokio_util::codec::LinesCodec::new(),
+                    );
+                    while let Some(Ok(line)) = lines.next().await {
+                        let json = line.splitn(3, ' ').nth(2).unwrap_or_default();
+                        match serde_json::from_str(json) {
+                            Ok(SessionCommand::Job { .. }) => {
+                                let _ = tx.send(started());
+                                let _ = tx.send(collected());
+                            }
+                            Ok(SessionCommand::Close) => return,
+                            _ => {}
+                        }
+                    }
+                });
+                axum::response::Response::builder()
+                    .status(101)
+                    .header("connection", "upgrade")
+                    .header("upgrade", SESSION_PROTOCOL)
+                    .body(Body::empty())
+                    .unwrap()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, chatter)
+}
+
+/// A session is read for the whole task: while its node waits for a
+/// collection slot (one at a time here, behind a real node's 3 s
+/// collection), and once its node is done while another still collects.
+/// Unread, the chatty node's lines fill the connection within a second.
+#[tokio::test]
+async fn a_session_is_read_while_its_node_waits_for_a_slot_and_once_it_is_done() {
+    let (chatty, chatter) = chatty_node().await;
+    let c = cluster(&["n1"], |config| {
+        config.tls = Some(TlsSetting::Off);
+        config.coordinator.collection_concurrency = 1;
+        set_option(config, "delay-ms", 3_000i64);
+        config.nodes.insert("chatty".into(), chatty.to_string());
+    })
+    .await;
+    let task = collect_once(&c.admin("n1")).await;
+    assert_eq!(task.status, TaskState::Completed, "{task:?}");
+    assert!(all_nodes(&task, NodeState::Collected), "{task:?}");
+    assert!(
+        !chatter.blocked.load(Ordering::SeqCst),
+        "the coordinator stopped reading the chatty node's session"
+    );
+    let sent = chatter.sent.load(Ordering::SeqCst);
+    assert!(
+        sent > 16 << 20,
+        "only {sent} bytes sent: the test proved nothing"
+    );
+}

@@ -113,7 +113,7 @@ impl Driver {
         // half is the driver's alone).
         let commands = session.commands().clone();
 
-        let Some(permit) = self.slot(&commands, &ctx.collect_slots).await else {
+        let Some(permit) = self.slot(session, Phase::Collect, &ctx.collect_slots).await else {
             return;
         };
         let job = SessionCommand::Job {
@@ -132,7 +132,7 @@ impl Driver {
             return;
         };
         self.set_state(NodeState::StartingUpload);
-        let Some(_permit) = self.slot(&commands, &ctx.upload_slots).await else {
+        let Some(_permit) = self.slot(session, Phase::Upload, &ctx.upload_slots).await else {
             return;
         };
         let upload = SessionCommand::Upload {
@@ -153,19 +153,44 @@ impl Driver {
 
     /// Wait for a slot of `slots`, unless the task is cancelled first:
     /// then the node drops what it holds (a collected artifact waiting for
-    /// its upload), is marked cancelled, and `None` is returned.
+    /// its upload), is marked cancelled, and `None` is returned. The
+    /// session is read meanwhile (a wait can last hours with
+    /// `collection_concurrency`): the node's heartbeats must never back
+    /// up in the connection, or the node, unable to write for a lease,
+    /// would let go of its lock. A node lost meanwhile is failed, and
+    /// `None` is returned.
     async fn slot<'a>(
         &self,
-        commands: &SessionCommands,
+        session: &mut Session,
+        phase: Phase,
         slots: &'a Semaphore,
     ) -> Option<SemaphorePermit<'a>> {
         let ctx = &self.ctx;
-        let permit = tokio::select! {
-            permit = slots.acquire() => permit.ok(),
-            _ = ctx.cancel.cancelled() => None,
+        let commands = session.commands().clone();
+        let acquire = slots.acquire();
+        tokio::pin!(acquire);
+        let permit = loop {
+            tokio::select! {
+                permit = &mut acquire => break permit.ok(),
+                _ = ctx.cancel.cancelled() => break None,
+                line = session.next() => {
+                    let lost = match line {
+                        Some(Ok(NodeEvent::Heartbeat)) => continue,
+                        Some(Ok(event)) => {
+                            let state = ctx.coordinator.node_state(&ctx.task_id, &self.node)?;
+                            self.broke_protocol(&commands, phase, state, &event).await;
+                            return None;
+                        }
+                        Some(Err(e)) => format!("lost contact with {}: {e}", self.node),
+                        None => format!("lost contact with {}: the connection closed", self.node),
+                    };
+                    self.lost(lost, false);
+                    return None;
+                }
+            }
         };
         if permit.is_none() || ctx.cancel.is_cancelled() {
-            self.send_cancel(commands).await;
+            self.send_cancel(&commands).await;
             self.set_state(NodeState::Cancelled);
             return None;
         }

@@ -568,42 +568,34 @@ async fn run_task(
     ended: watch::Sender<bool>,
     pings: CancellationToken,
 ) {
-    let mut drivers = Vec::new();
+    use futures::StreamExt;
+    let mut drivers = futures::stream::FuturesUnordered::new();
     for node in &chosen {
         if let Some(session) = sessions.remove(node) {
             drivers.push(tokio::spawn(driver::drive(ctx.clone(), session)));
         }
     }
-    let idle = CancellationToken::new();
-    // Nodes not chosen only hold the lock: keep reading their heartbeats
-    // so their connections never stall, until the task ends.
-    let holders: Vec<_> = sessions
+    // A session with nothing more to do in the task (its node was not
+    // chosen, or its driver is done) is still read until the task ends:
+    // its node's heartbeats must never back up in the connection, or the
+    // node, unable to write for a lease, would let go of its lock.
+    let done = CancellationToken::new();
+    let mut holders: Vec<_> = sessions
         .into_values()
-        .map(|mut session| {
-            let idle = idle.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = idle.cancelled() => {}
-                    _ = async { while let Some(Ok(_)) = session.next().await {} } => {
-                        tracing::debug!(node = %session.node(), "idle session ended early");
-                    }
-                }
-                session
-            })
-        })
+        .map(|session| tokio::spawn(hold(session, done.clone())))
         .collect();
-    let mut ended_sessions = Vec::new();
-    for d in drivers {
-        match d.await {
-            Ok(session) => ended_sessions.push(session),
+    while let Some(driven) = drivers.next().await {
+        match driven {
+            Ok(session) => holders.push(tokio::spawn(hold(session, done.clone()))),
             Err(e) => tracing::error!(task = %ctx.task_id, "node driver failed: {e}"),
         }
     }
-    idle.cancel();
+    done.cancel();
+    let mut ended_sessions = Vec::new();
     for holder in holders {
         match holder.await {
             Ok(session) => ended_sessions.push(session),
-            Err(e) => tracing::error!(task = %ctx.task_id, "idle session failed: {e}"),
+            Err(e) => tracing::error!(task = %ctx.task_id, "session holder failed: {e}"),
         }
     }
 
@@ -638,6 +630,18 @@ async fn run_task(
     }
     let _ = ended.send(true);
     tracing::info!(task = %ctx.task_id, status = state.as_str(), "collection ended");
+}
+
+/// Read `session`'s lines (and drop them) until `done`, then give it
+/// back to be closed.
+async fn hold(mut session: Session, done: CancellationToken) -> Session {
+    tokio::select! {
+        _ = done.cancelled() => {}
+        _ = async { while let Some(Ok(_)) = session.next().await {} } => {
+            tracing::debug!(node = %session.node(), "a session ended before its task");
+        }
+    }
+    session
 }
 
 /// Ping a session's node every heartbeat interval until `done`: one
