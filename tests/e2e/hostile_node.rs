@@ -66,16 +66,49 @@ async fn fake_uploading_node(
     (addr, cancels)
 }
 
-/// The session: the connection upgraded, a heartbeat every 100 ms (so
-/// the node is never lost for silence), and a script when a command asks
-/// for one. Command lines are read without checking their signatures.
-async fn open_session(State(fake): State<Fake>, mut request: Request) -> axum::response::Response {
+/// A session's connection, as a fake node holds it once upgraded.
+type SessionIo = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+
+/// Take the session `request` asks for: answer `101`, and hand the
+/// connection, once upgraded, to `serve`.
+fn take_session<F, Fut>(mut request: Request, serve: F) -> axum::response::Response
+where
+    F: FnOnce(SessionIo) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     let upgrade = request
         .extensions_mut()
         .remove::<hyper::upgrade::OnUpgrade>()
         .expect("the coordinator opens sessions over HTTP/1.1");
     tokio::spawn(async move {
-        let connection = hyper_util::rt::TokioIo::new(upgrade.await.unwrap());
+        serve(hyper_util::rt::TokioIo::new(upgrade.await.unwrap())).await;
+    });
+    axum::response::Response::builder()
+        .status(101)
+        .header("connection", "upgrade")
+        .header("upgrade", SESSION_PROTOCOL)
+        .body(Body::empty())
+        .unwrap()
+}
+
+/// The coordinator's commands on a session, read without checking their
+/// signatures (`SEQ MAC JSON` lines); lines that are not one are skipped.
+fn commands(
+    read: tokio::io::ReadHalf<SessionIo>,
+) -> impl futures::Stream<Item = SessionCommand> + Unpin {
+    let parse = |line: Result<String, _>| {
+        let line: String = line.ok()?;
+        serde_json::from_str(line.splitn(3, ' ').nth(2)?).ok()
+    };
+    tokio_util::codec::FramedRead::new(read, tokio_util::codec::LinesCodec::new())
+        .filter_map(move |line| futures::future::ready(parse(line)))
+}
+
+/// The session: the connection upgraded, a heartbeat every 100 ms (so
+/// the node is never lost for silence), and a script when a command asks
+/// for one. Command lines are read without checking their signatures.
+async fn open_session(State(fake): State<Fake>, request: Request) -> axum::response::Response {
+    take_session(request, |connection| async move {
         let (read, mut write) = tokio::io::split(connection);
         let (tx, mut rx) = mpsc::unbounded_channel();
         let beat = tx.clone();
@@ -95,31 +128,23 @@ async fn open_session(State(fake): State<Fake>, mut request: Request) -> axum::r
         // Whatever ends the session (`close`, the coordinator gone), the
         // connection closes with both its halves.
         let _writer = AbortOnDrop(writer);
-        let mut lines =
-            tokio_util::codec::FramedRead::new(read, tokio_util::codec::LinesCodec::new());
-        while let Some(Ok(line)) = lines.next().await {
-            let json = line.splitn(3, ' ').nth(2).unwrap_or_default();
-            let script = match serde_json::from_str(json) {
-                Ok(SessionCommand::Job { .. }) => &fake.script,
-                Ok(SessionCommand::Upload { .. }) => &fake.upload_script,
-                Ok(SessionCommand::Cancel) => {
+        let mut commands = commands(read);
+        while let Some(command) = commands.next().await {
+            let script = match command {
+                SessionCommand::Job { .. } => &fake.script,
+                SessionCommand::Upload { .. } => &fake.upload_script,
+                SessionCommand::Cancel => {
                     fake.cancels.fetch_add(1, Ordering::SeqCst);
                     continue;
                 }
-                Ok(SessionCommand::Close) => return,
-                _ => continue,
+                SessionCommand::Close => return,
+                SessionCommand::Ping => continue,
             };
             for event in script.iter() {
                 let _ = tx.send(event.clone());
             }
         }
-    });
-    axum::response::Response::builder()
-        .status(101)
-        .header("connection", "upgrade")
-        .header("upgrade", SESSION_PROTOCOL)
-        .body(Body::empty())
-        .unwrap()
+    })
 }
 
 /// Aborts a task when dropped.
@@ -436,15 +461,10 @@ async fn chatty_node() -> (SocketAddr, Chatter) {
     let (sent, blocked) = (chatter.sent.clone(), chatter.blocked.clone());
     let app = Router::new().route(
         "/internal/v1/sessions",
-        post(move |mut request: Request| {
+        post(move |request: Request| {
             let (sent, blocked) = (sent.clone(), blocked.clone());
             async move {
-                let upgrade = request
-                    .extensions_mut()
-                    .remove::<hyper::upgrade::OnUpgrade>()
-                    .expect("HTTP/1.1");
-                tokio::spawn(async move {
-                    let connection = hyper_util::rt::TokioIo::new(upgrade.await.unwrap());
+                take_session(request, |connection| async move {
                     let (read, mut write) = tokio::io::split(connection);
                     let (tx, mut rx) = mpsc::unbounded_channel::<NodeEvent>();
                     let padding = "x".repeat(32 << 10);
@@ -466,28 +486,18 @@ async fn chatty_node() -> (SocketAddr, Chatter) {
                         }
                     });
                     let _chatter = AbortOnDrop(chatter);
-                    let mut lines = tokio_util::codec::FramedRead::new(
-                        read,
-                        tokio_util::codec::LinesCodec::new(),
-                    );
-                    while let Some(Ok(line)) = lines.next().await {
-                        let json = line.splitn(3, ' ').nth(2).unwrap_or_default();
-                        match serde_json::from_str(json) {
-                            Ok(SessionCommand::Job { .. }) => {
+                    let mut commands = commands(read);
+                    while let Some(command) = commands.next().await {
+                        match command {
+                            SessionCommand::Job { .. } => {
                                 let _ = tx.send(started());
                                 let _ = tx.send(collected());
                             }
-                            Ok(SessionCommand::Close) => return,
+                            SessionCommand::Close => return,
                             _ => {}
                         }
                     }
-                });
-                axum::response::Response::builder()
-                    .status(101)
-                    .header("connection", "upgrade")
-                    .header("upgrade", SESSION_PROTOCOL)
-                    .body(Body::empty())
-                    .unwrap()
+                })
             }
         }),
     );
