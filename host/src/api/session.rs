@@ -27,7 +27,7 @@ use futures::StreamExt;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
-use tokio_util::codec::{FramedRead, LinesCodec};
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
 use super::internal::{Peer, json_body};
 use super::{ApiError, AppState};
@@ -84,6 +84,8 @@ pub(super) async fn open_session(
     let asked = headers
         .get(header::UPGRADE)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    // Without a connection to upgrade (HTTP/2), whatever it named.
+    let asked = asked.filter(|_| upgrade.is_some());
     let (Some(upgrade), Some(SESSION_PROTOCOL)) = (upgrade, asked.as_deref()) else {
         return other_version(&signer, asked.as_deref());
     };
@@ -119,7 +121,7 @@ fn other_version(signer: &str, asked: Option<&str>) -> Response {
     let message = format!(
         "this node opens sessions over HTTP/1.1 upgraded to {SESSION_PROTOCOL}, and {signer} \
          asked for {}: run the same autocollect version on every node",
-        asked.unwrap_or("none (over HTTP/2, or without an Upgrade header)")
+        asked.unwrap_or("none (over HTTP/2, or without an `Upgrade` header)")
     );
     let mut response = ApiError::general(StatusCode::UPGRADE_REQUIRED, message).into_response();
     response
@@ -186,8 +188,14 @@ async fn serve(
                         break;
                     }
                 },
-                Some(Err(e)) => {
-                    state.log_refusal(&format!("session of task {task} ended: {e}"));
+                Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+                    state.log_refusal(&format!(
+                        "session of task {task} ended: a command line over {MAX_COMMAND_LINE} bytes"
+                    ));
+                    break;
+                }
+                Some(Err(LinesCodecError::Io(e))) => {
+                    tracing::debug!(%task, "reading the coordinator's commands: {e}");
                     break;
                 }
                 None => {
