@@ -2,9 +2,9 @@
 //!
 //! Every request is signed ([`crate::peer_auth`]) and bounded: a TCP
 //! connection within `connect_timeout`, an answer within `peer_timeout`
-//! (a session's stream then lives as long as the task, watched by the
-//! driver's heartbeat check). Errors name the node and say what happened
-//! in an operator's words.
+//! (a session's upgraded connection, [`super::session`], then lives as
+//! long as the task, watched by the driver's heartbeat check). Errors
+//! name the node and say what happened in an operator's words.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
