@@ -115,9 +115,11 @@ fn signature(
 
 /// The signature of session command number `seq` (`json`) in the
 /// session opened by the request signed with `open_nonce`.
-fn line_signature(key: &HmacSha256, open_nonce: &str, seq: u64, json: &str) -> [u8; 32] {
+/// `seq` is the number as the line writes it, so that no other spelling
+/// of it (`01`, `+1`) passes with the same signature.
+fn line_signature(key: &HmacSha256, open_nonce: &str, seq: &str, json: &str) -> [u8; 32] {
     let mut mac = key.clone();
-    for part in ["autocollect-session-v1", open_nonce, &seq.to_string(), json] {
+    for part in ["autocollect-session-v1", open_nonce, seq, json] {
         mac.update(part.as_bytes());
         mac.update(b"\n");
     }
@@ -159,9 +161,9 @@ impl LineSigner {
     /// newline (compact JSON).
     pub fn line(&mut self, json: &str) -> String {
         debug_assert!(!json.contains('\n'));
-        let seq = self.next;
+        let seq = self.next.to_string();
         self.next += 1;
-        let mac = line_signature(&self.key, &self.open_nonce, seq, json);
+        let mac = line_signature(&self.key, &self.open_nonce, &seq, json);
         format!("{seq} {} {json}\n", hex(&mac))
     }
 }
@@ -181,14 +183,14 @@ impl LineVerifier {
         let (Some(seq), Some(mac), Some(json)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(PeerAuthError::Malformed("session command"));
         };
-        let seq: u64 = seq
-            .parse()
-            .map_err(|_| PeerAuthError::Malformed("session command number"))?;
         let given = unhex32(mac).ok_or(PeerAuthError::Malformed("signature"))?;
         let expected = line_signature(&self.key, &self.open_nonce, seq, json);
         if !bool::from(subtle::ConstantTimeEq::ct_eq(&expected[..], &given[..])) {
             return Err(PeerAuthError::BadSignature);
         }
+        let seq: u64 = seq
+            .parse()
+            .map_err(|_| PeerAuthError::Malformed("session command number"))?;
         if seq != self.next {
             return Err(PeerAuthError::OutOfOrder {
                 got: seq,
@@ -512,6 +514,11 @@ mod tests {
         ));
         let renumbered = line(&first).replacen('1', "2", 1);
         assert_eq!(lines.verify(&renumbered), Err(PeerAuthError::BadSignature));
+        // The same number spelt otherwise is another line.
+        for spelt in ["01", "+1"] {
+            let respelt = line(&first).replacen('1', spelt, 1);
+            assert_eq!(lines.verify(&respelt), Err(PeerAuthError::BadSignature));
+        }
         assert_eq!(lines.verify(&line(&first)), Ok(r#"{"command":"ping"}"#));
     }
 }
