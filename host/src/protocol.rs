@@ -180,6 +180,24 @@ pub struct LowDisk {
     pub message: String,
 }
 
+/// Field-keyed errors (`{"field": "why"}`, `_` for the whole request) as
+/// one line: `why; field: why`. How a node's refusal reads to its
+/// coordinator, whether it came as an HTTP error body or a `refused`
+/// event.
+pub fn field_errors_message(errors: &std::collections::BTreeMap<String, String>) -> String {
+    errors
+        .iter()
+        .map(|(k, v)| {
+            if k == "_" {
+                v.clone()
+            } else {
+                format!("{k}: {v}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// The protocol a session connection is upgraded to (`Upgrade:` header).
 pub const SESSION_PROTOCOL: &str = "autocollect-session/1";
 

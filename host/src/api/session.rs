@@ -259,7 +259,7 @@ fn carry_out(
             let mut errors = BTreeMap::new();
             super::public::check_collect_parameters(state, &parameters, &mut errors);
             if !errors.is_empty() {
-                return refused(fields(&errors));
+                return refused(crate::protocol::field_errors_message(&errors));
             }
             match node.start_job(task, parameters) {
                 Ok(()) => Ok(Next::Go),
@@ -295,13 +295,4 @@ fn refused_by(
             refused(e.to_string())
         }
     }
-}
-
-/// Field errors as one message: `field: why; other: why`.
-fn fields(errors: &BTreeMap<String, String>) -> String {
-    errors
-        .iter()
-        .map(|(k, v)| format!("{k}: {v}"))
-        .collect::<Vec<_>>()
-        .join("; ")
 }

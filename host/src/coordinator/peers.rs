@@ -585,17 +585,7 @@ fn build_clients(tls: Option<&TlsContext>, connect_timeout: Duration) -> anyhow:
 /// body as text.
 fn error_message(body: &[u8]) -> String {
     match serde_json::from_slice::<BTreeMap<String, String>>(body) {
-        Ok(fields) => fields
-            .iter()
-            .map(|(k, v)| {
-                if k == "_" {
-                    v.clone()
-                } else {
-                    format!("{k}: {v}")
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("; "),
+        Ok(fields) => crate::protocol::field_errors_message(&fields),
         Err(_) => String::from_utf8_lossy(body).trim().to_string(),
     }
 }
