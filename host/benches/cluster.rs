@@ -9,14 +9,17 @@
 //!
 //! `cargo bench -p autocollect --bench cluster`; `CLUSTER_BENCH=large`
 //! runs only the 32-, 64- and 128-node rows (`CLUSTER_BENCH=small` only
-//! the 3-node ones); `CLUSTER_BENCH_CPU=1` adds the daemons' CPU time
-//! during the timed collections, by thread.
+//! the 3-node ones, `CLUSTER_BENCH=N` only an N-node row, as for a
+//! profile); `CLUSTER_BENCH_RUNS` sets the number of timed collections of
+//! the large rows; `CLUSTER_BENCH_CPU=1` adds the daemons' CPU time
+//! during the timed collections, by thread; `CLUSTER_BENCH_PERF_CTL`
+//! lets `perf record` sample only those (see [`Profiler`]).
 
 mod common;
 
 use std::time::Duration;
 
-use autocollect::cluster::LocalCluster;
+use autocollect::cluster::{LocalCluster, NodeSpec};
 use autocollect::config::TlsSetting;
 use common::*;
 
@@ -27,13 +30,22 @@ fn main() -> anyhow::Result<()> {
     let which = std::env::var("CLUSTER_BENCH").unwrap_or_default();
     rt.block_on(async {
         println!("cluster on {} (open-file limit {fds})", machine());
-        if which != "large" {
+        let one_size = which.parse::<usize>().ok();
+        if which != "large" && one_size.is_none() {
             small().await?;
         }
-        if which != "small" {
-            bench(32, 20, Duration::from_millis(200), true).await?;
-            bench(64, 10, Duration::from_millis(150), true).await?;
-            bench(128, 10, Duration::from_millis(150), true).await?;
+        let runs = |default: usize| {
+            std::env::var("CLUSTER_BENCH_RUNS")
+                .ok()
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(default)
+        };
+        if let Some(size) = one_size {
+            bench(size, runs(10), Duration::from_millis(150), true).await?;
+        } else if which != "small" {
+            bench(32, runs(20), Duration::from_millis(200), true).await?;
+            bench(64, runs(10), Duration::from_millis(150), true).await?;
+            bench(128, runs(10), Duration::from_millis(150), true).await?;
         }
         Ok(())
     })
@@ -54,15 +66,25 @@ async fn small() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A cluster of `size` nodes, over TLS or plain HTTP. Every cluster of
-/// the run shares one compiled-plugin cache, so that only the first
-/// compiles the plugins (each daemon would otherwise compile them at its
-/// start, before the timed collections but on the same cores).
+/// A cluster of `size` nodes, over TLS or plain HTTP, each node on an
+/// address of its own (127.0.0.1, 127.0.0.2, ...), as each node of a real
+/// cluster is on a host of its own. (A client keeps TLS session tickets
+/// by host name, so nodes sharing one address would be offered each
+/// other's tickets, and a coordinator's session would never resume.)
+/// Every cluster of the run shares one compiled-plugin cache, so that
+/// only the first compiles the plugins (each daemon would otherwise
+/// compile them at its start, before the timed collections but on the
+/// same cores).
 async fn launch(tmp: &std::path::Path, size: usize, tls: bool) -> anyhow::Result<LocalCluster> {
-    let names: Vec<String> = (1..=size).map(|i| format!("n{i}")).collect();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let specs: Vec<NodeSpec> = (1..=size)
+        .map(|i| {
+            let mut spec = NodeSpec::loopback(&format!("n{i}"));
+            spec.ip = std::net::Ipv4Addr::new(127, 0, (i / 250) as u8, (i % 250) as u8).into();
+            spec
+        })
+        .collect();
     let cache = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-plugin-cache");
-    LocalCluster::launch(&daemon_exe(), tmp, &names, |config| {
+    LocalCluster::launch_on(&daemon_exe(), tmp, &specs, |config| {
         config.plugin_cache_dir = Some(cache.clone());
         if !tls {
             config.tls = Some(TlsSetting::Off);
@@ -93,13 +115,19 @@ async fn bench(size: usize, runs: usize, target: Duration, tls: bool) -> anyhow:
             .collect::<Vec<_>>()
     };
     let idle = rss("VmRSS");
+    let handshakes_before = handshakes(&cluster).await?;
 
     let mut samples = Vec::with_capacity(runs);
     let mut cpu = CpuByThread::default();
     let account = std::env::var_os("CLUSTER_BENCH_CPU").is_some();
+    let mut profiler = Profiler::from_env()?;
     for run in 0..runs + 2 {
         let before = (account && run >= 2).then(|| CpuByThread::read(&pids));
+        if run >= 2 {
+            profiler.set(true)?;
+        }
         let elapsed = timed_collection(&admin).await?;
+        profiler.set(false)?;
         if let Some(before) = before {
             cpu.add_since(&before, &CpuByThread::read(&pids), pids[0]);
         }
@@ -114,6 +142,12 @@ async fn bench(size: usize, runs: usize, target: Duration, tls: bool) -> anyhow:
     let s = Samples::new(samples);
     if account {
         cpu.print(size, runs);
+        let after = handshakes(&cluster).await?;
+        println!(
+            "          TLS handshakes on the other nodes, per node per collection (timed or not): {:.2} full, {:.2} resumed",
+            (after.0 - handshakes_before.0) as f64 / ((runs + 2) * (size - 1)) as f64,
+            (after.1 - handshakes_before.1) as f64 / ((runs + 2) * (size - 1)) as f64,
+        );
     }
     let peak = rss("VmHWM");
     println!(
@@ -148,6 +182,28 @@ async fn bench(size: usize, runs: usize, target: Duration, tls: bool) -> anyhow:
         mib(peak.iter().sum()),
     );
     Ok(())
+}
+
+/// Full and resumed TLS handshakes so far, summed over every node but
+/// the coordinating one (`autocollect_tls_handshakes_total`).
+async fn handshakes(cluster: &LocalCluster) -> anyhow::Result<(u64, u64)> {
+    let mut sum = (0, 0);
+    for node in &cluster.nodes[1..] {
+        let (_, body) = cluster
+            .reader(&node.name)
+            .request(reqwest::Method::GET, "/metrics", None, true)
+            .await?;
+        let text = body.as_str().unwrap_or_default();
+        let count = |kind: &str| {
+            let prefix = format!("autocollect_tls_handshakes_total{{kind=\"{kind}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&prefix)?.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        sum.0 += count("full");
+        sum.1 += count("resumed");
+    }
+    Ok(sum)
 }
 
 /// CPU time of the daemons by thread name (digits dropped), summed over
@@ -252,5 +308,37 @@ impl CpuByThread {
                 100.0 * *ns as f64 / all.max(1) as f64
             );
         }
+    }
+}
+
+/// `perf record --control fifo:CTL,ACK -D -1 ...` with
+/// `CLUSTER_BENCH_PERF_CTL=CTL,ACK`: perf samples the timed collections
+/// only, not the launches, the idle waits or this bench's reading of
+/// `/proc` between them.
+struct Profiler(Option<(std::fs::File, std::io::BufReader<std::fs::File>)>);
+
+impl Profiler {
+    fn from_env() -> anyhow::Result<Profiler> {
+        let Ok(fifos) = std::env::var("CLUSTER_BENCH_PERF_CTL") else {
+            return Ok(Profiler(None));
+        };
+        let (ctl, ack) = fifos
+            .split_once(',')
+            .ok_or_else(|| anyhow::anyhow!("CLUSTER_BENCH_PERF_CTL: expected CTL,ACK"))?;
+        let ctl = std::fs::OpenOptions::new().write(true).open(ctl)?;
+        let ack = std::io::BufReader::new(std::fs::File::open(ack)?);
+        Ok(Profiler(Some((ctl, ack))))
+    }
+
+    /// Enable or disable perf's events, once perf has acknowledged.
+    fn set(&mut self, on: bool) -> anyhow::Result<()> {
+        use std::io::{BufRead, Write};
+        let Some((ctl, ack)) = &mut self.0 else {
+            return Ok(());
+        };
+        ctl.write_all(if on { b"enable\n" } else { b"disable\n" })?;
+        let mut line = String::new();
+        ack.read_line(&mut line)?;
+        Ok(())
     }
 }

@@ -133,7 +133,11 @@ pub async fn timed_collection(admin: &autocollect::client::ApiClient) -> anyhow:
     Ok(elapsed)
 }
 
-/// The `autocollect` binary cargo built for this bench.
+/// The `autocollect` binary cargo built for this bench, or the one
+/// `AUTOCOLLECT_BENCH_DAEMON` names: to compare two builds in one sitting
+/// (this machine's speed drifts by a fifth over an hour), alternating.
 pub fn daemon_exe() -> std::path::PathBuf {
-    env!("CARGO_BIN_EXE_autocollect").into()
+    std::env::var_os("AUTOCOLLECT_BENCH_DAEMON")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_autocollect").into())
 }
