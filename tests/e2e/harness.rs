@@ -158,3 +158,37 @@ async fn the_http_uploader_sends_a_file_to_a_real_https_server() {
     assert_eq!(report.progress.last().unwrap().done, 300_000);
     assert_eq!(report.plugin.role, "uploader");
 }
+
+/// The mock's zip, small (put together in memory, one write) and large
+/// (streamed in 64 KiB chunks): either way a valid zip of the size the
+/// plugin reported, holding its entries whole.
+#[tokio::test]
+async fn the_mock_writes_a_whole_zip_in_memory_or_streamed() {
+    for size in [0u64, 3 << 20] {
+        let report = Collection::new("builtin:mock-collector")
+            .option("output", "hello from the mock\n")
+            .option("artifact-size", size.to_string())
+            .run()
+            .await
+            .unwrap();
+        let collected = report.outcome.as_ref().expect("collected");
+        let path = &report.artifacts[0];
+        let on_disk = std::fs::metadata(path).unwrap().len();
+        assert_eq!(collected.artifacts[0].size, on_disk, "size {size}");
+        assert_eq!(
+            crate::support::zip_member(path, "output.txt"),
+            "hello from the mock\n"
+        );
+        assert!(crate::support::zip_member(path, "mock-run.txt").contains("node="));
+        let mut zip = zip::ZipArchive::new(std::fs::File::open(path).unwrap()).unwrap();
+        let payload = zip.by_name("payload.bin").map(|e| e.size()).ok();
+        match size {
+            0 => assert_eq!(payload, None),
+            _ => {
+                let payload = payload.expect("a payload entry");
+                assert!(on_disk.abs_diff(size) < 1024, "{on_disk} for {size}");
+                assert!(payload > size - 1024, "{payload} for {size}");
+            }
+        }
+    }
+}

@@ -34,7 +34,7 @@ use autocollect_sdk::{
     Artifact, CollectOutcome, CollectRequest, Collector, Context, Error, Options, progress,
 };
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Cursor, Seek, Write};
 use std::time::{Duration, Instant, SystemTime};
 
 struct MockCollector;
@@ -146,6 +146,11 @@ fn pretend_to_work(delay: Duration) {
 /// Write a zip holding `output.txt` and, if `artifact_size` asks for more,
 /// `payload.bin` of incompressible bytes, streamed in 64 KiB chunks. With
 /// a `password`, every entry is AES-256 encrypted.
+///
+/// A zip of up to [`IN_MEMORY`] bytes is put together in memory and
+/// written with one call: the zip writer seeks back to fill in each
+/// entry's sizes, and through a file every seek is a flush, so a
+/// few-hundred-byte zip would otherwise take a dozen host calls.
 fn write_zip(
     path: &str,
     output: &str,
@@ -153,9 +158,39 @@ fn write_zip(
     artifact_size: u64,
     password: Option<&str>,
 ) -> std::io::Result<u64> {
+    let mut file = File::create(path)?;
+    if artifact_size <= IN_MEMORY {
+        let zip = Cursor::new(Vec::new());
+        let bytes = write_entries(zip, output, run, artifact_size, password)?.into_inner();
+        file.write_all(&bytes)?;
+        return Ok(bytes.len() as u64);
+    }
+    let mut inner = write_entries(
+        BufWriter::with_capacity(1 << 16, file),
+        output,
+        run,
+        artifact_size,
+        password,
+    )?;
+    inner.flush()?;
+    let file = inner.into_inner().map_err(|e| e.into_error())?;
+    Ok(file.metadata()?.len())
+}
+
+/// Zips of at most this size are assembled in memory.
+const IN_MEMORY: u64 = 1 << 20;
+
+/// The zip's entries, written to `out`; `out` back when the zip is
+/// complete.
+fn write_entries<W: Write + Seek>(
+    out: W,
+    output: &str,
+    run: &str,
+    artifact_size: u64,
+    password: Option<&str>,
+) -> std::io::Result<W> {
     use zip::write::SimpleFileOptions;
-    let file = File::create(path)?;
-    let mut zip = zip::ZipWriter::new(BufWriter::with_capacity(1 << 16, file));
+    let mut zip = zip::ZipWriter::new(out);
     let stored = SimpleFileOptions::default()
         .compression_method(zip::CompressionMethod::Stored)
         .large_file(artifact_size >= u32::MAX as u64);
@@ -182,10 +217,7 @@ fn write_zip(
             left -= n as u64;
         }
     }
-    let mut inner = zip.finish().map_err(zip_err)?;
-    inner.flush()?;
-    let file = inner.into_inner().map_err(|e| e.into_error())?;
-    Ok(file.metadata()?.len())
+    zip.finish().map_err(zip_err)
 }
 
 fn zip_err(e: zip::result::ZipError) -> std::io::Error {
