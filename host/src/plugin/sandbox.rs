@@ -302,11 +302,13 @@ pub fn new_store(
             })?;
     }
     if let Some(dir) = setup.artifact_dir {
+        // Reads of the artifact go through tokio's blocking pool, as every
+        // other file operation of a plugin does: the next read then runs
+        // while the last chunk is sent. Inline reads
+        // (`allow_blocking_current_thread`, which wasmtime-wasi takes when
+        // a directory is opened) halved a 1 GiB upload's throughput
+        // (BENCHMARKS.md, "Plugin file I/O and the blocking pool").
         wasi.preopened_dir(dir, GUEST_ARTIFACT_DIR, FsPerms::ReadOnly)?;
-        // Reads of the artifact (64 KiB at most each, from the page cache
-        // as a rule) run inline instead of each going through the blocking
-        // pool: that handoff halved upload throughput.
-        wasi.allow_blocking_current_thread(true);
     }
     let outbound = OutboundPolicy {
         allowed: setup.http_origin,
