@@ -276,13 +276,26 @@ pub async fn serve(
         max_connections = limits.max_connections, peer_reserved = limits.peer_reserved,
         header_timeout = ?limits.header_timeout, "listening");
 
+    // The accept loop runs on the runtime's threads, not on this one (the
+    // process's main thread, outside the runtime): a connection it
+    // accepts then starts on the thread that accepted it, instead of each
+    // waking a runtime thread from outside.
+    let serving = tokio::spawn(listener::serve(
+        listener,
+        app,
+        limits,
+        state.tls.clone(),
+        std::future::pending(),
+    ));
+    let mut serving = tokio_util::task::AbortOnDropHandle::new(serving);
     // Not a graceful shutdown: sessions never end by themselves,
     // so we stop serving, then cancel and clean up.
     tokio::select! {
-        _ = listener::serve(listener, app, limits, state.tls.clone(), std::future::pending()) => {}
+        _ = &mut serving => {}
         _ = reload_on_hangup(state.reloader.clone()) => {}
         signal = termination() => tracing::info!("{signal}: shutting down"),
     }
+    drop(serving);
     state.coordinator.shutdown(SHUTDOWN_GRACE).await;
     // The job's programs get their two grace periods (stdin closed, then
     // SIGTERM) before SIGKILL: never exit in the middle of that.
