@@ -302,13 +302,18 @@ pub fn new_store(
             })?;
     }
     if let Some(dir) = setup.artifact_dir {
-        // Reads of the artifact go through tokio's blocking pool, as every
-        // other file operation of a plugin does: the next read then runs
-        // while the last chunk is sent. Inline reads
-        // (`allow_blocking_current_thread`, which wasmtime-wasi takes when
-        // a directory is opened) halved a 1 GiB upload's throughput
-        // (BENCHMARKS.md, "Plugin file I/O and the blocking pool").
         wasi.preopened_dir(dir, GUEST_ARTIFACT_DIR, FsPerms::ReadOnly)?;
+        // Reads of the artifact (64 KiB at most each, from the page cache
+        // as a rule) run inline instead of each going through the blocking
+        // pool: that handoff halved upload throughput (BENCHMARKS.md, "An
+        // upload's reads, inline"). wasmtime-wasi reads this setting
+        // twice: for a preopened directory's own operations when it is
+        // preopened (this one's were, so they stay on the pool), and for
+        // every file the plugin opens at the moment it opens it. So it
+        // applies to the uploader's files: its artifact, a regular file
+        // the host staged alone in a directory of its own. A collector,
+        // whose directories hold what its programs made, never gets it.
+        wasi.allow_blocking_current_thread(true);
     }
     let outbound = OutboundPolicy {
         allowed: setup.http_origin,
