@@ -104,16 +104,20 @@ pub(super) async fn collect(
     crate::metrics::global()
         .collection_seconds
         .observe(wall_time);
-    drop(watch);
 
     let storage = node.storage.clone();
     let task = task_id.clone();
     let log_dir = parameters.log_dir.clone();
-    let breached = breach.reason();
     let manifest_node = node.clone();
     // One event per job: its size does not matter.
     #[allow(clippy::result_large_err)]
     let event = tokio::task::spawn_blocking(move || {
+        // Ending the watch waits for the watcher thread to let go of the
+        // job, which may be in the middle of walking a large tree: off
+        // the runtime's threads. A breach is reported before this returns
+        // or never, so it is read after.
+        drop(watch);
+        let breached = breach.reason();
         storage.remove_tmp(&task, &dirs);
         let outcome = match (result, breached) {
             (_, Some(reason)) => Err(NodeEvent::Failed {
