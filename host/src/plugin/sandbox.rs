@@ -306,13 +306,14 @@ pub fn new_store(
         // Reads of the artifact (64 KiB at most each, from the page cache
         // as a rule) run inline instead of each going through the blocking
         // pool: that handoff halved upload throughput (BENCHMARKS.md, "An
-        // upload's reads, inline"). wasmtime-wasi reads this setting
-        // twice: for a preopened directory's own operations when it is
-        // preopened (this one's were, so they stay on the pool), and for
-        // every file the plugin opens at the moment it opens it. So it
-        // applies to the uploader's files: its artifact, a regular file
-        // the host staged alone in a directory of its own. A collector,
-        // whose directories hold what its programs made, never gets it.
+        // upload's reads, inline"). wasmtime-wasi reads this setting at
+        // two moments: when a directory is preopened, for that
+        // directory's own operations (this one was preopened before the
+        // setting, so they go through the pool), and when the plugin
+        // opens a file, for that file. So it applies to the uploader's
+        // files: its artifact, a regular file the host staged alone in a
+        // directory of its own. A collector, whose directories hold what
+        // its programs made, never gets it.
         wasi.allow_blocking_current_thread(true);
     }
     let outbound = OutboundPolicy {

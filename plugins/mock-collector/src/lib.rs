@@ -150,7 +150,8 @@ fn pretend_to_work(delay: Duration) {
 /// A zip of up to [`IN_MEMORY`] bytes is put together in memory and
 /// written with one call: the zip writer seeks back to fill in each
 /// entry's sizes, and through a file every seek is a flush, so a
-/// few-hundred-byte zip would otherwise take a dozen host calls.
+/// few-hundred-byte zip would otherwise take eight writes, each several
+/// host calls.
 fn write_zip(
     path: &str,
     output: &str,
