@@ -143,10 +143,11 @@ async fn bench(size: usize, runs: usize, target: Duration, tls: bool) -> anyhow:
     if account {
         cpu.print(size, runs);
         let after = handshakes(&cluster).await?;
+        let per = ((runs + 2) * (size - 1).max(1)) as f64;
         println!(
             "          TLS handshakes on the other nodes, per node per collection (timed or not): {:.2} full, {:.2} resumed",
-            (after.0 - handshakes_before.0) as f64 / ((runs + 2) * (size - 1)) as f64,
-            (after.1 - handshakes_before.1) as f64 / ((runs + 2) * (size - 1)) as f64,
+            (after.0 - handshakes_before.0) as f64 / per,
+            (after.1 - handshakes_before.1) as f64 / per,
         );
     }
     let peak = rss("VmHWM");
