@@ -289,9 +289,19 @@ pub async fn serve(
     ));
     let mut serving = tokio_util::task::AbortOnDropHandle::new(serving);
     // Not a graceful shutdown: sessions never end by themselves,
-    // so we stop serving, then cancel and clean up.
+    // so we stop serving, then cancel and clean up. The accept loop ends
+    // only by failing (a panic): the daemon then cleans up as for a
+    // signal, and exits with the failure, not with success.
+    let mut failed = None;
     tokio::select! {
-        _ = &mut serving => {}
+        ended = &mut serving => {
+            let why = match ended {
+                Err(e) => format!("the listener failed: {e}"),
+                Ok(()) => "the listener stopped".to_string(),
+            };
+            tracing::error!("{why}: shutting down");
+            failed = Some(why);
+        }
         _ = reload_on_hangup(state.reloader.clone()) => {}
         signal = termination() => tracing::info!("{signal}: shutting down"),
     }
@@ -302,7 +312,10 @@ pub async fn serve(
     let exec_stop = Duration::from_secs_f64(2.0 * config.collector.exec_grace_secs + 5.0);
     state.node.shutdown(SHUTDOWN_GRACE.max(exec_stop)).await;
     tracing::info!("stopped");
-    Ok(())
+    match failed {
+        Some(why) => Err(anyhow::anyhow!(why)),
+        None => Ok(()),
+    }
 }
 
 /// Allocations of 1 MiB or more (argon2's 19 MiB work areas) get their
