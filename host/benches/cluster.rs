@@ -30,6 +30,7 @@ fn main() -> anyhow::Result<()> {
     let which = std::env::var("CLUSTER_BENCH").unwrap_or_default();
     rt.block_on(async {
         println!("cluster on {} (open-file limit {fds})", machine());
+        println!("daemon: {}", daemon_exe().display());
         let one_size = which.parse::<usize>().ok();
         if which != "large" && one_size.is_none() {
             small().await?;

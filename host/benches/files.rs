@@ -30,6 +30,7 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or(1024);
     rt.block_on(async {
         println!("files on {}", machine());
+        println!("daemon: {}", daemon_exe().display());
         let tmp = tempfile::tempdir()?;
         let tree = tmp.path().join("logs");
         let bytes = generate(&tree, total_mib << 20)?;

@@ -38,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or(60);
     rt.block_on(async {
         println!("flood on {}", machine());
+        println!("daemon: {}", daemon_exe().display());
         autocollect::server::listener::raise_open_file_limit();
         sign_in_flood(Duration::from_secs(secs), false).await?;
         sign_in_flood(Duration::from_secs(secs), true).await?;

@@ -52,6 +52,7 @@ fn main() -> anyhow::Result<()> {
     let rt = runtime()?;
     rt.block_on(async {
         println!("scale on {} (open-file limit {fds})", machine());
+        println!("daemon: {}", daemon_exe().display());
         println!(
             "{:>6} | {:>9} {:>9} {:>9} | {:>10} | {:>10} | {:>22} | {:>22} | {:>18}",
             "nodes",

@@ -102,6 +102,7 @@ fn main() -> anyhow::Result<()> {
     let rt = runtime()?;
     rt.block_on(async {
         println!("upload on {}", machine());
+        println!("daemon: {}", daemon_exe().display());
         let dir = tempfile::tempdir()?;
         let server = serve(dir.path()).await?;
         if std::env::var("UPLOAD_BENCH").as_deref() != Ok("tls") {
