@@ -183,7 +183,7 @@ pub struct LowDisk {
 /// Field-keyed errors (`{"field": "why"}`, `_` for the whole request) as
 /// one line: `why; field: why`. How a node's refusal reads to its
 /// coordinator, whether it came as an HTTP error body or a `refused`
-/// event.
+/// event, and how the CLI shows an API error.
 pub fn field_errors_message(errors: &std::collections::BTreeMap<String, String>) -> String {
     errors
         .iter()

@@ -563,13 +563,11 @@ fn explain(e: ClientError) -> anyhow::Error {
             let fields = body
                 .as_object()
                 .map(|o| {
-                    o.iter()
-                        .map(|(k, v)| match k.as_str() {
-                            "_" => v.as_str().unwrap_or_default().to_string(),
-                            _ => format!("{k}: {}", v.as_str().unwrap_or_default()),
-                        })
-                        .collect::<Vec<_>>()
-                        .join("; ")
+                    let errors = o
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                        .collect();
+                    crate::protocol::field_errors_message(&errors)
                 })
                 .unwrap_or_else(|| body.to_string());
             anyhow::anyhow!("{fields} (HTTP {status})")
